@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` (the main job) and `make test` (the whole suite).
+# Both create .venv on first use: torch is pinned and installed first so that a CPU machine never pulls
+# the multi-GB CUDA wheels, then this package with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED := $(abspath ../shared)
+
+# Offline tokenizer files, when the shared folder is beside the repo (CI, this workplace).
+ifneq ($(wildcard $(SHARED)/tiktoken_cache),)
+export TIKTOKEN_CACHE_DIR ?= $(SHARED)/tiktoken_cache
+endif
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/generate.py
+
+clean:
+	rm -rf $(VENV) runs

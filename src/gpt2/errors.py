@@ -1,0 +1,9 @@
+"""One exception type for bad input (a missing file, a corrupt shard, a flag that makes no sense).
+
+Library code raises `UserError` with a one-line message naming the file or argument; the CLI prints it as
+`gpt2: error: ...` and exits with status 2 instead of showing a traceback from deep inside.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line by the CLI, never as a traceback."""

@@ -1,0 +1,410 @@
+"""GPT-2: the model, its config, and Hugging Face checkpoint I/O.
+
+Design decisions:
+- Parameter names follow the OpenAI/Hugging Face checkpoint (`transformer.h.0.attn.c_attn.weight`, ...), so
+  loading is a rename-free copy. HF stores `c_attn`, `c_proj`, `c_fc` as Conv1D (in, out); we use
+  `nn.Linear` (out, in) and transpose on the way in and out.
+- The token embedding is padded to a multiple of `vocab_pad_multiple` (50257 -> 50304) because matmuls with
+  a round dimension are markedly faster on GPUs. The padding rows are never an input (token ids < 50257) and
+  their logits are sliced off, so outputs are unchanged; `num_params()` does not count them and checkpoints
+  are written without them.
+- The model knows nothing of data, tokenizers or distributed training. It exposes `forward` (logits),
+  `hidden_states` (the final LayerNorm output, for reward/value heads) and an optional `KVCache` for
+  incremental decoding. Positions and attention masks can be given explicitly, which is what batched
+  generation with padding needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context window (number of learned positions)
+    vocab_size: int = 50257  # GPT-2 BPE vocabulary
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    vocab_pad_multiple: int = 64  # embedding rows are padded to this multiple (speed); outputs unchanged
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.vocab_pad_multiple)
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+
+# The four OpenAI sizes, plus a model small enough to train on a laptop CPU in minutes.
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "tiny": GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=128),
+}
+PRESETS["gpt2-124m"] = PRESETS["gpt2"]
+
+
+class KVCache:
+    """Pre-allocated keys/values for incremental decoding.
+
+    Columns are shared "slots" in time: every row of the batch writes its step-`t` key into column `t`.
+    `valid[b, s]` says whether slot `s` of row `b` holds a real token; padding slots are never attended to.
+    Positions are passed separately (`position_ids`), so a row's slots need not equal its positions.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.length = 0  # slots filled so far
+        self.max_len = max_len
+
+    def attn_mask(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """Record the validity of the next T slots and return the (B, 1, T, S_used) boolean mask: a query
+        sees valid keys at or before its own slot, and always itself (so no row is fully masked: padded
+        queries would otherwise give NaNs that leak through 0 * NaN in later layers)."""
+        B, T = new_valid.shape
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} slots > capacity {self.max_len}")
+        self.valid[:, start:end] = new_valid
+        q = torch.arange(start, end, device=new_valid.device)[:, None]  # (T, 1)
+        k = torch.arange(end, device=new_valid.device)[None, :]  # (1, S)
+        causal = k <= q  # (T, S)
+        mask = causal[None] & self.valid[:, None, :end]  # (B, T, S)
+        mask |= (k == q)[None]
+        return mask[:, None]  # (B, 1, T, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values for `layer`; return all keys/values so far."""
+        T = k.size(2)
+        start = self.length
+        self.k[layer, :, :, start:start + T] = k
+        self.v[layer, :, :, start:start + T] = v
+        return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
+
+    def advance(self, T: int) -> None:
+        """Called by the model after a forward pass has written T new slots."""
+        self.length += T
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (drop finished sequences)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.valid = self.valid[rows]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_scale = True  # GPT-2 init: scale residual projections by 1/sqrt(2 * n_layer)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            # Fast path (training, unpadded prompts): flash/efficient kernels with an implicit causal mask.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble heads side by side
+        return F.dropout(self.c_proj(y), dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_scale = True
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
+        return F.dropout(self.c_proj(x), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_scale", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, tied weights once, without the vocab padding rows (they are never used).
+        With `non_embedding`, position embeddings are excluded too (the count used for FLOP estimates)."""
+        n = sum(p.numel() for p in self.parameters())
+        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * hs * T."""
+        cfg = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def hidden_states(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm activations (B, T, n_embd).
+
+        idx: (B, T) token ids. position_ids: (B, T), default 0..T-1 (offset by the cache length).
+        attn_mask: (B, 1, T, S) boolean, True = may attend; None = plain causal. With `cache`, pass either
+        None (all T new tokens are real) or `cache.attn_mask(valid)` for padded input; the cache is advanced
+        by T slots after the forward pass.
+        """
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+            position_ids = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        tok = self.transformer.wte(idx)  # (B, T, C)
+        pos = self.transformer.wpe(position_ids)  # (B or 1, T, C)
+        x = self.transformer.drop(tok + pos)
+        if cache is not None and attn_mask is None:
+            # With a cache the causal mask must be explicit: SDPA's is_causal aligns a short query block
+            # with the *first* keys, not the last.
+            attn_mask = cache.attn_mask(torch.ones(B, T, dtype=torch.bool, device=idx.device))
+        for block in self.transformer.h:
+            x = block(x, attn_mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size); the padded vocabulary columns are sliced off."""
+        x = self.hidden_states(idx, position_ids, attn_mask, cache)
+        return self.lm_head(x)[..., : self.config.vocab_size]
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy; target -100 is ignored (prompt and padding positions)."""
+        logits = self(idx)  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    # ------------------------------------------------------------------ Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike, **overrides) -> GPT:
+        """Load a Hugging Face GPT-2 checkpoint: a local directory with `config.json` and
+        `model.safetensors` (or `pytorch_model.bin`), or a hub name such as "gpt2" (needs the network)."""
+        path = resolve_checkpoint_dir(name_or_dir)
+        config = replace(_config_from_hf(path / "config.json"), **overrides)
+        model = cls(config)
+        model.load_hf_state_dict(_read_hf_weights(path))
+        return model
+
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()}
+        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd.pop("lm_head.weight", None)  # tied to wte
+        own = self.state_dict()
+        expected = {k for k in own if k != "lm_head.weight"}
+        missing, unexpected = expected - sd.keys(), sd.keys() - expected
+        if missing or unexpected:
+            raise UserError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k.endswith(_CONV1D_WEIGHTS):
+                    v = v.t()
+                target = own[k]
+                if k == "transformer.wte.weight":
+                    target[: v.size(0)].copy_(v)
+                    target[v.size(0):].zero_()
+                    continue
+                if target.shape != v.shape:
+                    raise UserError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, model expects "
+                                    f"{tuple(target.shape)}")
+                target.copy_(v)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under HF names and layouts (Conv1D transposed, no vocab padding, lm_head tied)."""
+        out = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue
+            v = v.detach()
+            if k == "transformer.wte.weight":
+                v = v[: self.config.vocab_size]
+            if k.endswith(_CONV1D_WEIGHTS):
+                v = v.t()
+            out[k] = v.contiguous().cpu().clone()
+        return out
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel` loads.
+        Files are written under temporary names and renamed, so a crash never leaves half a checkpoint."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
+            tmp_weights = f.name
+        save_file(self.hf_state_dict(), tmp_weights, metadata={"format": "pt"})
+        os.replace(tmp_weights, out / "model.safetensors")
+        _atomic_write_text(out / "config.json", json.dumps(_config_to_hf(self.config), indent=2))
+
+
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _config_to_hf(config: GPTConfig) -> dict:
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+        "scale_attn_weights": True,
+        "gpt2_scratch": {"vocab_pad_multiple": config.vocab_pad_multiple},
+    }
+
+
+def _config_from_hf(path: Path) -> GPTConfig:
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{path}: model_type {hf.get('model_type')!r} is not gpt2")
+    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
+        raise UserError(f"{path}: n_inner={hf['n_inner']} is not supported (only 4 * n_embd)")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{path}: activation_function {hf['activation_function']!r} is not supported")
+    keys = {f.name for f in fields(GPTConfig)}
+    cfg = {
+        "block_size": hf.get("n_positions", 1024),
+        "vocab_size": hf.get("vocab_size", 50257),
+        "n_layer": hf.get("n_layer", 12),
+        "n_head": hf.get("n_head", 12),
+        "n_embd": hf.get("n_embd", 768),
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
+        **{k: v for k, v in hf.get("gpt2_scratch", {}).items() if k in keys},
+    }
+    return GPTConfig(**cfg)
+
+
+def resolve_checkpoint_dir(name_or_dir: str | os.PathLike) -> Path:
+    """A local checkpoint directory as is; otherwise a hub name downloaded with huggingface_hub."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        return path
+    if path.exists() or os.sep in str(name_or_dir) or str(name_or_dir).startswith("."):
+        raise UserError(f"model {name_or_dir!r}: not a checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_dir), allow_patterns=["config.json", "*.safetensors",
+                                                                        "pytorch_model.bin"]))
+    except Exception as e:
+        raise UserError(f"model {name_or_dir!r} is not a local directory and could not be downloaded from "
+                        f"the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    st, pt = path / "model.safetensors", path / "pytorch_model.bin"
+    try:
+        if st.exists():
+            from safetensors.torch import load_file
+
+            return load_file(str(st))
+        if pt.exists():
+            return torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read weights in {path}: {type(e).__name__}: {e}") from e
+    raise UserError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+
+
+def config_dict(config: GPTConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,47 @@
+"""Shared fixtures. Tests run on CPU, deterministic, and skip with a reason where ../shared is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+# Offline tokenizer: tiktoken reads its BPE files from here when set.
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _tokenizer_available() -> bool:
+    try:
+        import tiktoken
+
+        tiktoken.get_encoding("gpt2")
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def tokenizer_ok() -> None:
+    if not _tokenizer_available():
+        pytest.skip("GPT-2 tokenizer unavailable offline: set TIKTOKEN_CACHE_DIR (../shared/tiktoken_cache)")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
