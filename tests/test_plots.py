@@ -110,5 +110,5 @@ def test_long_runs_leave_the_initial_loss_spike_out_of_the_y_range():
     steps = list(range(200))
     loss = [11.0 if s < 5 else 3.0 for s in steps]
     top = _loss_ylim_top((steps, loss), ([0, 100, 199], [11.0, 3.2, 3.1]))
-    assert 3.2 < top < 4.5
+    assert 3.2 < top < 6.0  # far below the 11.0 at the start
     assert _loss_ylim_top((steps[:50], loss[:50]), ([], [])) is None
