@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import urllib.request
@@ -314,3 +315,46 @@ def run_hellaswag(cfg: HellaSwagConfig) -> dict[str, float]:
 
 register(Command("eval hellaswag", "HellaSwag accuracy (completion-style scoring, acc and acc_norm)",
                  HellaSwagConfig, run_hellaswag))
+
+
+@dataclass
+class ValLossConfig:
+    model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
+    data: str | None = arg(None, help="folder of token shards (from `gpt2 prepare ...`)", metavar="DIR")
+    split: str = arg("val", help="which shards to score", choices=["val", "train"])
+    tokens: int = arg(10_485_760, help="token budget (20 x 524288, build-nanogpt's); capped at one pass "
+                                       "over the split")
+    batch_size: int = arg(8, help="sequences per forward pass")
+    seq_len: int | None = arg(None, help="tokens per sequence (default: the model's context window)")
+    device: str = arg("auto", help="cpu, cuda, mps or auto")
+    dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
+                     choices=["auto", *DTYPES])
+
+
+def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    from gpt2.data.loader import ShardLoader
+
+    if not cfg.data:
+        raise UserError("give the shard folder: gpt2 eval val-loss --model M --data DIR")
+    if cfg.tokens < 1:
+        raise UserError("--tokens must be at least 1")
+    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype)
+    seq_len = cfg.seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context window ({model.config.block_size})")
+    loader = ShardLoader(cfg.data, cfg.split, cfg.batch_size, seq_len)
+    # never wrap into a second epoch: that would count tokens twice
+    steps = max(1, min(cfg.tokens // loader.window, loader.steps_per_epoch))
+    batches = (loader.next_batch() for _ in tqdm(range(steps), desc=f"{cfg.split} loss", unit="batch",
+                                                 dynamic_ncols=True))
+    loss = val_loss(model, batches, device, dtype)
+    n_tokens = steps * loader.window
+    print(f"{cfg.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {n_tokens} tokens "
+          f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}")
+    return {"val_loss": loss, "tokens": n_tokens}
+
+
+register(Command("eval val-loss", "mean next-token loss of a model on token shards", ValLossConfig,
+                 run_val_loss))
