@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "gpt2.plots",
     "gpt2.evaluate",
     "gpt2.data.alpaca",
+    "gpt2.train.finetune",
 ]
 
 
