@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "gpt2.generate",
     "gpt2.plots",
     "gpt2.evaluate",
+    "gpt2.train.pretrain",
 ]
 
 
