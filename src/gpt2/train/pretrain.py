@@ -10,6 +10,8 @@ Design decisions:
 - Batch size is given the way the seed states it, in tokens per optimizer step (`--global-batch 524288`);
   gradient accumulation follows from the micro batch, sequence length and number of processes, and must
   divide exactly: a silently rounded batch would change the recipe.
+- On CPU the loss is `gpt2.train.losses.gpt_loss_chunked` (same values and gradients as `GPT.loss`,
+  without materialising the (B*T, 50257) logits), which is most of the CPU speed-up in bench/train.py.
 - The task is thin: a rank-aware `ShardLoader` on the train split gives micro batches and its position
   (resume); evaluation is `gpt2.evaluate.val_loss` over a *fresh* val loader on a fixed token budget (the
   same tokens every time, shared out between ranks, averaged with an all-reduce) and optionally HellaSwag.
@@ -29,6 +31,7 @@ from gpt2.config import arg
 from gpt2.distributed import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT, PRESETS, GPTConfig
+from gpt2.train.losses import gpt_loss_chunked
 from gpt2.train.loop import TrainConfig, train
 
 
@@ -41,6 +44,8 @@ class PretrainConfig(TrainConfig):
     global_batch: int = arg(524_288, "tokens per optimizer step over all processes; must be a multiple of "
                                      "micro-batch x seq-len x processes")
     val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)")
+    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
     hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation")
     hellaswag_source: str | None = arg(None, "local HellaSwag jsonl instead of downloading the validation set")
     hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples")
@@ -98,6 +103,7 @@ class PretrainTask:
         from gpt2.data.shards import list_shards
 
         self.cfg, self.dist = cfg, dist
+        self.fused_loss = cfg.fused_loss if cfg.fused_loss is not None else dist.device.type == "cpu"
         self.loader = ShardLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
         self.has_val = bool(list_shards(cfg.data, "val"))
         if not self.has_val and cfg.eval_every and dist.is_main:
@@ -113,7 +119,7 @@ class PretrainTask:
 
     def loss(self, model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         x, y = batch
-        return model.loss(x, y), {}
+        return (gpt_loss_chunked(model, x, y) if self.fused_loss else model.loss(x, y)), {}
 
     def evaluate(self, model: GPT) -> dict[str, float]:
         from gpt2.evaluate import hellaswag_eval, val_loss
