@@ -111,13 +111,13 @@ def test_accuracy_matches_argmin_of_manual_losses(tiny):
     want_acc = 1.0
     want_norm = sum(ps == pm for ps, pm in zip(preds_sum, preds_mean)) / len(RECORDS)
     tiny.train()
-    for batch_size in (1, 2, 8):  # batching and padding change nothing
+    for batch_size in (1, 3):  # batching and padding change nothing
         got = hellaswag_eval(tiny, examples, batch_size=batch_size)
         assert got == {"acc": want_acc, "acc_norm": pytest.approx(want_norm), "n": len(RECORDS)}
     assert tiny.training  # mode restored
     tiny.eval()
     examples = [dict(ex, label=pm) for ex, pm in zip(RECORDS, preds_mean)]
-    got = hellaswag_eval(tiny, examples, batch_size=3)
+    got = hellaswag_eval(tiny, examples, batch_size=8)
     assert got["acc_norm"] == 1.0 and got["acc"] == pytest.approx(want_norm)
 
 

@@ -47,6 +47,7 @@ HELLASWAG_URLS = {
     split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
     for split in ("train", "val")
 }
+HELLASWAG_DIR = "data/hellaswag"  # where the downloaded file is cached (relative to the working directory)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -81,10 +82,10 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     count = 0
     try:
         for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            n = int((y != IGNORE_INDEX).sum())
+            n = int((y != IGNORE_INDEX).sum())  # before the move: no device sync when batches come from CPU
             if n == 0:
                 continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, autocast_dtype):
                 loss = core.loss(x, y)
             total += loss.double() * n
@@ -99,7 +100,7 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 # ---------------------------------------------------------------------------------------------- HellaSwag
 
 
-def download_hellaswag(split: str = "val", data_dir: str | os.PathLike = "data/hellaswag") -> Path:
+def download_hellaswag(split: str = "val", data_dir: str | os.PathLike = HELLASWAG_DIR) -> Path:
     """The path of the cached `hellaswag_{split}.jsonl`, downloading it first if it is not there."""
     if split not in HELLASWAG_URLS:
         raise UserError(f"--split {split!r}: HellaSwag splits with labels are {sorted(HELLASWAG_URLS)}")
@@ -162,7 +163,7 @@ def read_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[di
 
 
 def load_hellaswag(source: str | os.PathLike | None = None, split: str = "val",
-                   data_dir: str | os.PathLike = "data/hellaswag", limit: int | None = None) -> list[dict]:
+                   data_dir: str | os.PathLike = HELLASWAG_DIR, limit: int | None = None) -> list[dict]:
     """Records from `source` (a local jsonl) or, when None, the official file (downloaded and cached)."""
     return read_hellaswag(source if source is not None else download_hellaswag(split, data_dir), limit)
 
@@ -199,14 +200,15 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     lengths = valid.sum(1)  # (R,)
     pos = torch.arange(ids.size(1))[None]  # (1, T)
     scored = (pos >= (lengths - torch.tensor(n_end))[:, None]) & (pos < lengths[:, None])  # (R, T) ending tokens
+    # logits at t predict token t+1, so token t is scored from logits t-1; cross-entropy only at the scored
+    # positions (about a third), not over the whole (R, T, 50257) block in float32
+    sel = scored[:, 1:].to(device)  # (R, T-1)
     with autocast(device, autocast_dtype):
         logits = model(ids.to(device))  # (R, T, V)
-    # logits at t predict token t+1: score tokens 1..T-1
-    losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].to(device).flatten(),
-                             reduction="none").view(ids.size(0), -1).cpu()  # (R, T-1)
-    mask = scored[:, 1:].float()
-    total = (losses * mask).sum(1)
-    return total, total / mask.sum(1)
+    token_loss = F.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:].to(device)[sel], reduction="none")  # (N,)
+    row_of = torch.arange(ids.size(0), device=device)[:, None].expand_as(sel)[sel]  # (N,)
+    total = torch.zeros(ids.size(0), device=device).index_add_(0, row_of, token_loss).cpu()  # (R,)
+    return total, total / torch.tensor(n_end, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -292,7 +294,7 @@ class HellaSwagConfig:
     model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
     source: str | None = arg(None, help="local HellaSwag jsonl (official format) instead of downloading it")
     split: str = arg("val", help="which official file to download", choices=sorted(HELLASWAG_URLS))
-    data_dir: str = arg("data/hellaswag", help="folder the downloaded HellaSwag file is cached in")
+    data_dir: str = arg(HELLASWAG_DIR, help="folder the downloaded HellaSwag file is cached in")
     limit: int | None = arg(None, help="score only the first N examples")
     batch_size: int = arg(8, help="examples per forward pass (4 rows each)")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
