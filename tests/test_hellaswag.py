@@ -200,13 +200,13 @@ def test_download_is_cached(tmp_path, monkeypatch):
 
 
 def test_cli_eval_hellaswag(tmp_path, tiny, capsys):
-    tiny.save_pretrained(tmp_path / "model")
+    tiny.save_pretrained(tmp_path / "run" / "model")  # a training run directory's HF export
     src = write_jsonl(tmp_path / "hs.jsonl", RECORDS)
-    main(["eval", "hellaswag", "--model", str(tmp_path / "model"), "--source", str(src), "--limit", "4",
+    main(["eval", "hellaswag", "--model", str(tmp_path / "run"), "--source", str(src), "--limit", "4",
           "--device", "cpu", "--batch-size", "3"])
     out = capsys.readouterr().out
     want = hellaswag_eval(tiny, RECORDS[:4])
     assert f"4 examples  acc {want['acc']:.4f}  acc_norm {want['acc_norm']:.4f}" in out
     with pytest.raises(SystemExit):
-        main(["eval", "hellaswag", "--model", str(tmp_path / "model"), "--source", str(tmp_path / "x.jsonl")])
+        main(["eval", "hellaswag", "--model", str(tmp_path / "run"), "--source", str(tmp_path / "x.jsonl")])
     assert "x.jsonl" in capsys.readouterr().err

@@ -24,7 +24,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -59,13 +58,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """`torch.autocast` for `dtype` on `device`, or a no-op when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None) -> float:
@@ -74,6 +66,8 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     `device` defaults to the model's; batches are moved there. `autocast_dtype` (e.g. torch.bfloat16)
     runs the forward under autocast; the loss itself is always computed in float32.
     """
+    from gpt2.train.loop import autocast_context
+
     core = unwrap(model)
     device = torch.device(device) if device is not None else next(core.parameters()).device
     was_training = core.training
@@ -86,7 +80,7 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             if n == 0:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, autocast_dtype):
+            with autocast_context(device, autocast_dtype):
                 loss = core.loss(x, y)
             total += loss.double() * n
             count += n
@@ -194,6 +188,7 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     change nothing before them, and the mask keeps them out of the sums.
     """
     from gpt2.inference import pad_right
+    from gpt2.train.loop import autocast_context
 
     device = device or next(model.parameters()).device
     ids, valid = pad_right(list(rows))  # (R, T) each
@@ -203,7 +198,7 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     # logits at t predict token t+1, so token t is scored from logits t-1; cross-entropy only at the scored
     # positions (about a third), not over the whole (R, T, 50257) block in float32
     sel = scored[:, 1:].to(device)  # (R, T-1)
-    with autocast(device, autocast_dtype):
+    with autocast_context(device, autocast_dtype):
         logits = model(ids.to(device))  # (R, T, V)
     token_loss = F.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:].to(device)[sel], reduction="none")  # (N,)
     row_of = torch.arange(ids.size(0), device=device)[:, None].expand_as(sel)[sel]  # (N,)
@@ -260,33 +255,17 @@ def hellaswag_eval(model: nn.Module, examples: Sequence[dict], device: torch.dev
 
 # ---------------------------------------------------------------------------------------------- commands
 
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_model(name_or_dir: str) -> nn.Module:
-    """A GPT from a training run dir, an HF checkpoint dir or a hub name (via `gpt2.checkpoint.load_model`)."""
-    try:
-        from gpt2.checkpoint import load_model as load
-    except ImportError:  # the training branch's checkpoint module is not merged yet: HF dirs and hub names
-        from gpt2.model import GPT
-
-        load = GPT.from_pretrained
-    return load(name_or_dir)
-
-
-def autocast_dtype_for(name: str, device: torch.device) -> torch.dtype | None:
-    """--dtype -> the autocast dtype (None = plain float32); "auto" is bfloat16 on a GPU that supports it."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return DTYPES[name]
+DTYPES = ["auto", "bfloat16", "float32"]  # as the training loop's --dtype
 
 
 def _prepare(model_name: str, device_name: str, dtype_name: str) -> tuple[nn.Module, torch.device, torch.dtype | None]:
-    from gpt2.generate import pick_device
+    """The model on its device in eval mode, and the autocast dtype for `--dtype`."""
+    from gpt2.checkpoint import load_model
+    from gpt2.distributed import pick_device
+    from gpt2.train.loop import autocast_dtype
 
     device = pick_device(device_name)
-    model = load_model(model_name).to(device).eval()
-    return model, device, autocast_dtype_for(dtype_name, device)
+    return load_model(model_name, device).eval(), device, autocast_dtype(dtype_name, device)
 
 
 @dataclass
@@ -299,7 +278,7 @@ class HellaSwagConfig:
     batch_size: int = arg(8, help="examples per forward pass (4 rows each)")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
-                     choices=["auto", *DTYPES])
+                     choices=DTYPES)
 
 
 def run_hellaswag(cfg: HellaSwagConfig) -> dict[str, float]:
@@ -330,7 +309,7 @@ class ValLossConfig:
     seq_len: int | None = arg(None, help="tokens per sequence (default: the model's context window)")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
-                     choices=["auto", *DTYPES])
+                     choices=DTYPES)
 
 
 def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
