@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import urllib.error
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import gpt2.evaluate as ev
 from gpt2.cli import main
@@ -52,10 +55,14 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def make_tiny() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny()
 
 
 def manual_losses(model, example):
@@ -143,6 +150,36 @@ def test_ranks_score_disjoint_shares(tiny):
     assert [p["n"] for p in parts] == [3, 2]
     assert sum(p["acc"] * p["n"] for p in parts) == pytest.approx(full["acc"] * full["n"])
     assert sum(p["acc_norm"] * p["n"] for p in parts) == pytest.approx(full["acc_norm"] * full["n"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpt2.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed("cpu")
+    try:
+        result = hellaswag_eval(make_tiny(), RECORDS, rank=info.rank, world_size=info.world_size)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(result, f)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_return_the_global_accuracy(tmp_path, tiny):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "result")), nprocs=2, join=True)
+    full = hellaswag_eval(tiny, RECORDS)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert got == pytest.approx(full)
 
 
 def test_read_hellaswag_keeps_records_and_limit(tmp_path):
