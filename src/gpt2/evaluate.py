@@ -306,7 +306,7 @@ class ValLossConfig:
     tokens: int = arg(10_485_760, help="token budget (20 x 524288, build-nanogpt's); capped at one pass "
                                        "over the split")
     batch_size: int = arg(8, help="sequences per forward pass")
-    seq_len: int | None = arg(None, help="tokens per sequence (default: the model's context window)")
+    seq_len: int | None = arg(None, help="tokens per sequence; none = the model's context window")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
                      choices=DTYPES)
