@@ -187,3 +187,23 @@ def test_cli(source, docs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["prepare", "fineweb", "--source", str(source), "--shard-tokens", "0"])
     assert "--shard-tokens 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset, hub_id, prefix", [("fineweb", "HuggingFaceFW/fineweb", "fineweb"),
+                                                     ("fineweb-edu", "HuggingFaceFW/fineweb-edu", "fineweb_edu")])
+def test_hub_path_streams_the_sample(docs, tmp_path, monkeypatch, dataset, hub_id, prefix):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return ({"text": d, "id": f"<urn:{i}>", "dump": "CC-MAIN"} for i, d in enumerate(docs))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = fineweb.PrepareFinewebConfig(dataset=dataset, out=str(tmp_path / "hub"), shard_tokens=SHARD,
+                                       val_tokens=VAL, workers=1, max_docs=30)
+    summary = fineweb.run(cfg)
+    assert calls == [(hub_id, "sample-10BT", "train", True)]
+    assert summary["shards"][0] == f"{prefix}_val_000000.bin"
+    assert decode_bytes(stream(tmp_path / "hub").tolist()) == expected_text(docs[:30])

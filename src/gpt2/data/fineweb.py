@@ -59,7 +59,7 @@ class PrepareFinewebConfig:
     text_field: str = arg("text", "record field that holds the document text")
     shard_tokens: int = arg(100_000_000, "tokens per train shard")
     val_tokens: int = arg(10_000_000, "tokens in the validation shard (the first shard); 0 for none")
-    workers: int | None = arg(None, "tokenizer processes (default: all cores)")
+    workers: int | None = arg(None, "tokenizer processes; none means one per available core")
     max_docs: int | None = arg(None, "stop after this many documents (in total, across resumed runs)")
     max_tokens: int | None = arg(None, "stop after this many tokens (in total, across resumed runs)")
 
@@ -233,6 +233,14 @@ def save_progress(out: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def available_cpus() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _check(cfg: PrepareFinewebConfig) -> None:
     if cfg.shard_tokens < 1 or cfg.shard_tokens > 2**31 - 1:
         raise UserError(f"--shard-tokens {cfg.shard_tokens}: must be between 1 and 2147483647")
@@ -274,22 +282,26 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
     texts = iter_texts(records, cfg.text_field, cfg.source or hub_id, first_index=start_doc)
     budget = None if cfg.max_tokens is None else cfg.max_tokens - writer.tokens  # tokens this run may add
     exhausted = budget is None or budget > 0
-    t0, new_tokens = time.time(), 0
+    t0 = shown = time.time()
+    new_tokens = 0
     bar = tqdm(desc="tokenizing", unit=" docs", initial=start_doc, total=cfg.max_docs, dynamic_ncols=True,
                mininterval=0.5)
+    docs = tokenize_all(texts, cfg.workers or available_cpus()) if exhausted else (d for d in ())
     try:
-        for doc in tokenize_all(texts, cfg.workers or os.cpu_count() or 1) if exhausted else ():
+        for doc in docs:
             end = len(doc) if budget is None else min(len(doc), skip + budget - new_tokens)
             new_tokens += writer.add(doc, skip, end)
             skip = 0
             bar.update(1)
-            if bar.n % 256 == 0:
-                rate = new_tokens / max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{writer.tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+            if time.time() - shown > 0.5:
+                shown = time.time()
+                bar.set_postfix_str(f"{writer.tokens:,} tokens, {new_tokens / (shown - t0):,.0f} tokens/s",
+                                    refresh=False)
             if budget is not None and new_tokens == budget:  # --max-tokens reached
                 exhausted = False
                 break
     finally:
+        docs.close()  # stops the pool now, also on an error or a break
         bar.close()
     if cfg.max_docs is not None and writer.docs >= cfg.max_docs:
         exhausted = False
