@@ -37,7 +37,8 @@ from gpt2.errors import UserError
 class ShardLoader:
     """Batches of rank `rank` of `world_size` from the `split` ("train" or "val") shards in `data_dir`.
 
-    Attributes: `num_tokens` (tokens in the split), `steps_per_epoch` (batches per rank per epoch),
+    Attributes: `num_tokens` (tokens in the split), `window` (B*T, tokens per batch), `steps_per_epoch`
+    (batches per rank per epoch),
     `epoch` and `step` (position), `shards` (paths, in stream order)."""
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
