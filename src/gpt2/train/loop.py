@@ -57,8 +57,6 @@ from gpt2.checkpoint import (
 from gpt2.config import arg, to_dict
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
-from gpt2.evaluate import autocast as autocast_context
-from gpt2.evaluate import autocast_dtype_for as autocast_dtype
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -150,6 +148,22 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     ]
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=fused)
+
+
+def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--dtype` on this device; None = plain float32."""
+    if cfg_dtype == "float32":
+        return None
+    if cfg_dtype == "bfloat16":
+        return torch.bfloat16
+    if cfg_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    raise UserError(f"--dtype {cfg_dtype!r}: choose auto, bfloat16 or float32")
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` for `dtype` on `device`, or a no-op for None (float32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of the CUDA device name,

@@ -31,8 +31,8 @@ from gpt2.config import arg
 from gpt2.distributed import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT, PRESETS, GPTConfig
-from gpt2.train.losses import gpt_loss_chunked
 from gpt2.train.loop import TrainConfig, train
+from gpt2.train.losses import gpt_loss_chunked
 
 
 @dataclass
