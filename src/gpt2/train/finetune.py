@@ -11,6 +11,8 @@ Design decisions:
   batches; its (epoch, position) is the task state that checkpoints hold), laid out by
   `gpt2.data.alpaca.collate`, and the loss is `model.loss(input_ids, targets)`: mean cross-entropy over the
   batch's answer tokens (question and padding positions are -100). `answer_tokens` is logged per step.
+  On CPU the same loss is computed by `gpt2.train.losses.gpt_loss_chunked` (equal values and gradients,
+  without materialising the (B*T, 50257) logits), as pretraining does.
 - Length of the run: `--epochs` (2) x steps per epoch, where a step is `--grad-accum` micro batches of
   `--batch-size` examples on every rank; `--max-steps` overrides. Validation loss on the held-out split is
   computed at step 0, after every epoch (`--eval-every` defaults to the steps per epoch) and at the end. It
@@ -44,6 +46,7 @@ from gpt2.data.alpaca import (
 )
 from gpt2.errors import UserError
 from gpt2.train.loop import CHECKPOINT_FILE, TrainConfig, train
+from gpt2.train.losses import gpt_loss_chunked
 
 DEFAULT_PROMPTS = [
     "What are the places I can visit in New York?",
@@ -67,6 +70,8 @@ class FinetuneConfig(TrainConfig):
                                     "longer questions are cut from the left, or the example dropped")
     group_batches: int = arg(16, "length grouping: sort this many batches' worth of shuffled examples by "
                                  "length before cutting batches (more = less padding, less randomness)")
+    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
     sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS),
                                     help="questions answered before and after fine-tuning (RUN_DIR/samples.md)")
     sample_max_tokens: int = arg(128, "longest answer generated for samples.md")
@@ -98,8 +103,9 @@ class FinetuneTask:
     """Alpaca batches for the shared loop (see `gpt2.train.loop.Task`)."""
 
     def __init__(self, train_examples: list[Example], val_examples: list[Example], batch_size: int, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, group_batches: int = 16):
-        self.train_examples = train_examples
+                 seed: int = 0, rank: int = 0, world_size: int = 1, group_batches: int = 16,
+                 fused_loss: bool = False):
+        self.train_examples, self.fused_loss = train_examples, fused_loss
         self.batcher = LengthGroupedBatcher([len(q) + len(a) for q, a in train_examples], batch_size, seed=seed,
                                             rank=rank, world_size=world_size, group_batches=group_batches)
         # validation: fixed batches of similar length; rank r evaluates batches r, r+W, ...
@@ -117,7 +123,8 @@ class FinetuneTask:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
         input_ids, targets = batch
-        return model.loss(input_ids, targets), {"answer_tokens": (targets != -100).sum()}
+        loss = gpt_loss_chunked(model, input_ids, targets) if self.fused_loss else model.loss(input_ids, targets)
+        return loss, {"answer_tokens": (targets != -100).sum()}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.has_val:
@@ -240,7 +247,8 @@ def run(cfg: FinetuneConfig):
         model = load_model(cfg.init).to(dist.device)
         train_ex, val_ex = _load_examples(cfg, model.config.block_size, dist.is_main)
         task = FinetuneTask(train_ex, val_ex, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
-                            world_size=dist.world_size, group_batches=cfg.group_batches)
+                            world_size=dist.world_size, group_batches=cfg.group_batches,
+                            fused_loss=cfg.fused_loss if cfg.fused_loss is not None else dist.device.type == "cpu")
         steps_per_epoch = task.batches_per_epoch // cfg.grad_accum
         if steps_per_epoch < 1:
             raise UserError(f"one epoch is {task.batches_per_epoch} micro batches per rank, fewer than "
