@@ -107,6 +107,12 @@ def test_task_batches_and_validation_are_rank_aware():
         full = single.evaluate(model)["val_loss"]
         x, y = collate(examples[:5])
         torch.testing.assert_close(full, model.loss(x, y).item(), rtol=1e-5, atol=1e-6)
+    # the CPU loss (chunked, fused) is model.loss: mean over answer tokens only
+    batch = collate(examples[:4])
+    fused = FinetuneTask(examples, [], 2, fused_loss=True).loss(model, batch)
+    plain = FinetuneTask(examples, [], 2).loss(model, batch)
+    torch.testing.assert_close(fused[0], plain[0])
+    assert int(plain[1]["answer_tokens"]) == sum(len(a) for _, a in examples[:4])
     state = tasks[0].state_dict()
     x0 = tasks[0].next_batch()
     tasks[0].load_state_dict(state)

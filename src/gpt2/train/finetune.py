@@ -194,6 +194,13 @@ def render_samples(prompts: list[str], before: list[dict], after: list[dict] | N
     return "\n".join(lines)
 
 
+def samples_header(cfg: FinetuneConfig, done: int, max_steps: int, steps_per_epoch: int) -> str:
+    how = "greedy" if cfg.sample_temperature <= 0 else f"sampled at temperature {cfg.sample_temperature}"
+    return (f"Model `{cfg.init}` fine-tuned on `{cfg.data}`: {done} of {max_steps} steps "
+            f"({done / steps_per_epoch:.2f} epochs). Answers {how}, at most {cfg.sample_max_tokens} tokens; "
+            "each question is formatted with `gpt2.template.format_prompt`.")
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -256,22 +263,20 @@ def run(cfg: FinetuneConfig):
         max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every if cfg.eval_every is not None else steps_per_epoch if val_ex else 0
         loop_cfg = from_dict(TrainConfig, {**to_dict(cfg), "max_steps": max_steps, "eval_every": eval_every})
-        header = (f"Model: `{cfg.init}` fine-tuned on `{cfg.data}` for {max_steps} steps "
-                  f"({max_steps / steps_per_epoch:.2f} epochs); answers "
-                  f"{'greedy' if cfg.sample_temperature <= 0 else f'at temperature {cfg.sample_temperature}'}, "
-                  f"at most {cfg.sample_max_tokens} tokens.")
+
+        header = lambda done: samples_header(cfg, done, max_steps, steps_per_epoch)
         before = None
         if dist.is_main:
             print(f"finetune: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps per "
                   f"epoch on {dist.world_size} rank(s), {max_steps} steps", flush=True)
             before = before_answers(model, cfg, run_dir)
-            _write_text(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header))
+            _write_text(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
         result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
                        run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
-        if dist.is_main and result.step >= max_steps:
+        if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
             after = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature,
                                    cfg.seed)
-            text = render_samples(cfg.sample_prompts, before, after, header)
+            text = render_samples(cfg.sample_prompts, before, after, header(result.step))
             _write_text(run_dir / SAMPLES_FILE, text)
             print(text, flush=True)
         return result
