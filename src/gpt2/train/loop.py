@@ -465,13 +465,15 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                       "tokens_per_s": tok_per_s, "mfu": mfu, "time": now - t_start}
             record.update({k: v / dist.world_size for k, v in zip(keys, values[1:1 + len(keys)])})
             metrics.log(record)
-            bar.update(1)
             bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {tok_per_s:,.0f} tok/s"
                                 + (f" mfu {mfu:.1%}" if mfu is not None else ""), refresh=False)
+            bar.update(1)
 
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-                evaluate(done)
             signalled, timed_out = values[-1] > 0, values[-2] > 0
+            # Also evaluate where this session ends (the last step, --stop-at-step, --max-minutes), so the
+            # graph of every session ends with a val loss. Evaluation never touches training state.
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == end_step or timed_out):
+                evaluate(done)
             if done == end_step or signalled or timed_out or (cfg.save_every and done % cfg.save_every == 0):
                 save(done, time.perf_counter() - t_start)
             if signalled:
