@@ -117,3 +117,43 @@ def test_task_batches_and_validation_are_rank_aware():
     x0 = tasks[0].next_batch()
     tasks[0].load_state_dict(state)
     assert torch.equal(tasks[0].next_batch()[0], x0[0])
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: FinetuneConfig) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    run(cfg)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_with_accumulation(tokenizer_ok, tmp_path):
+    """2 gloo ranks x 1 micro batch == 1 process x 2 micro batches: rank r takes batches r, r+2, ... which
+    are exactly the single process's micro batches of each step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data, init = make_data(tmp_path, QA[:6], val_fraction=0.3), make_init(tmp_path, n_embd=16)
+    assert len(load_split(data, "train")) == 4
+    single = resume_cfg(tmp_path, data, init, "single", batch_size=1, grad_accum=2, sample_prompts=[])
+    run(single)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = resume_cfg(tmp_path, data, init, "ddp", batch_size=1, grad_accum=1, sample_prompts=[])
+    mp.spawn(_ddp_worker, args=(2, port, ddp), nprocs=2, join=True)
+
+    def lines(name, kind, key):
+        return [json.loads(x)[key] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                if json.loads(x)["kind"] == kind]
+
+    assert len(lines("ddp", "train", "loss")) == 4  # 2 steps per epoch on either setup
+    assert lines("ddp", "train", "loss") == pytest.approx(lines("single", "train", "loss"), abs=1e-5)
+    assert lines("ddp", "eval", "val_loss") == pytest.approx(lines("single", "eval", "val_loss"), abs=1e-5)
+    a = GPT.from_pretrained(tmp_path / "single" / "model").state_dict()
+    b = GPT.from_pretrained(tmp_path / "ddp" / "model").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
