@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 from gpt2.checkpoint import load_checkpoint, load_model
 from gpt2.cli import main
@@ -17,16 +18,6 @@ from gpt2.errors import UserError
 from gpt2.model import PRESETS, GPTConfig
 from gpt2.train.loop import TrainConfig
 from gpt2.train.pretrain import PRETRAIN_PRESETS, PretrainConfig, grad_accum_steps
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads waiting for each
-    other make steps several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 VOCAB = 256
 
