@@ -352,6 +352,8 @@ def prepare(cfg: PrepareAlpacaConfig) -> dict:
         raise UserError(f"--source {cfg.source}: no such file or folder")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError("--limit must be >= 1")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     from gpt2.data.sources import iter_records  # the datasets import is slow: only when needed
 
     records = iter_records(cfg.source, HUB_ID)

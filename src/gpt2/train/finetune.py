@@ -176,8 +176,9 @@ def answer_prompts(model: nn.Module, prompts: list[str], max_tokens: int, temper
 
 def _cell(text: str) -> str:
     """Text as one Markdown table cell."""
-    text = text.strip().replace("|", "\\|").replace("\n", "<br>")
-    return text or "*(empty)*"
+    if not text.strip():
+        return "*(whitespace only)*" if text else "*(empty)*"
+    return text.strip().replace("|", "\\|").replace("\n", "<br>")
 
 
 def render_samples(prompts: list[str], before: list[dict], after: list[dict] | None, header: str) -> str:
