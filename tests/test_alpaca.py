@@ -228,6 +228,8 @@ def test_prepare_reports_malformed_records(tokenizer_ok, tmp_path):
     assert m["malformed"] == {"empty output": 2, "instruction is not a string": 1, "missing output": 1}
     assert m["malformed_examples"] == {"empty output": [2, 5], "instruction is not a string": [3],
                                        "missing output": [1]}
+    m = prepare(PrepareAlpacaConfig(out=str(tmp_path / "out3"), source=str(src), val_fraction=0.0, limit=3))
+    assert (m["records"], m["valid"], m["malformed"]) == (3, 1, {"empty output": 1, "missing output": 1})
 
 
 def test_prepare_cli_errors_are_one_line(tmp_path, capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 from gpt2.data.alpaca import PrepareAlpacaConfig, collate, encode_example, load_split, prepare
 from gpt2.errors import UserError

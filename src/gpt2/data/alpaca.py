@@ -39,6 +39,7 @@ manifest is complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -339,13 +340,6 @@ def encode_records(records: Iterable[Any]) -> tuple[list[Example], int, Counter,
     return examples, n, malformed, where
 
 
-def _limited(records: Iterable[Any], limit: int | None) -> Iterator[Any]:
-    for i, r in enumerate(records):
-        if limit is not None and i >= limit:
-            return
-        yield r
-
-
 def prepare(cfg: PrepareAlpacaConfig) -> dict:
     """Read, validate, tokenize, split and write the data; returns the manifest."""
     if cfg.source is not None and not Path(cfg.source).exists():
@@ -356,8 +350,8 @@ def prepare(cfg: PrepareAlpacaConfig) -> dict:
         raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     from gpt2.data.sources import iter_records  # the datasets import is slow: only when needed
 
-    records = iter_records(cfg.source, HUB_ID)
-    examples, n_records, malformed, where = encode_records(_limited(records, cfg.limit))
+    records = itertools.islice(iter_records(cfg.source, HUB_ID), cfg.limit)  # limit None: all of them
+    examples, n_records, malformed, where = encode_records(records)
     if not examples:
         raise UserError(f"{cfg.source or HUB_ID}: no valid Alpaca records among {n_records} "
                         f"(malformed: {dict(malformed) or 'none'})")
