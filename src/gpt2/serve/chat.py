@@ -49,8 +49,8 @@ class ChatConfig:
 class ChatSession:
     """A conversation with a model: `reply(text)` streams the answer to `out` and remembers both turns."""
 
-    def __init__(self, model: GPT, cfg: ChatConfig, out: TextIO = sys.stdout):
-        self.model, self.cfg, self.out = model, cfg, out
+    def __init__(self, model: GPT, cfg: ChatConfig, out: TextIO | None = None):
+        self.model, self.cfg, self.out = model, cfg, out or sys.stdout
         self.temperature = cfg.temperature
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -114,9 +114,9 @@ class ChatSession:
         return True
 
 
-def interact(session: ChatSession, inp: TextIO = sys.stdin) -> None:
-    """Read messages and commands line by line until /quit or end of input."""
-    out = session.out
+def interact(session: ChatSession, inp: TextIO | None = None) -> None:
+    """Read messages and commands line by line (from stdin by default) until /quit or end of input."""
+    out, inp = session.out, inp or sys.stdin
     out.write(f"chatting with {session.cfg.model}; {HELP}\n")
     while True:
         out.write("> ")

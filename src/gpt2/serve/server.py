@@ -38,8 +38,9 @@ class ServeConfig:
     model: str = arg("gpt2", help="Hugging Face checkpoint directory (ours or OpenAI's) or a hub name")
     host: str = arg("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     port: int = arg(8000, help="TCP port")
-    api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' (default: $GPT2_API_KEY if set)")
-    model_name: str | None = arg(None, help="model id reported by /v1/models (default: the --model's name)")
+    api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on /v1 routes; "
+                                         "none = $GPT2_API_KEY if set")
+    model_name: str | None = arg(None, help="model id reported by /v1/models; none = the --model folder's name")
     max_batch_size: int = arg(16, help="sequences decoded together at most; more requests wait their turn")
     max_waiting: int = arg(256, help="queued requests beyond this are refused with 429")
     default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it")
