@@ -22,6 +22,8 @@ from gpt2.errors import UserError
 COMMAND_MODULES = [
     "gpt2.generate",
     "gpt2.data.fineweb",
+    "gpt2.plots",
+    "gpt2.evaluate",
 ]
 
 

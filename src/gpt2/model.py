@@ -259,19 +259,18 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size); the padded vocabulary columns are sliced off."""
         return self.logits(self.hidden_states(idx, position_ids, attn_mask, cache))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:
         """Project hidden states (..., n_embd) to vocabulary logits (..., vocab_size). Generation calls this
-        on the last position only: the 50304-wide head over a whole prompt would cost more than the prompt."""
-        if torch.is_grad_enabled() or hidden.device.type != "cpu":
+        on the last position only: the 50304-wide head over a whole prompt would cost more than the prompt.
+        `head_t` is an optional `head_weight_t()` copy, for a caller that projects many times with frozen
+        weights (decoding): few-row products run ~1.3x faster on CPU against the (n_embd, vocab) layout."""
+        if head_t is None:
             return self.lm_head(hidden)[..., : self.config.vocab_size]
-        # CPU inference: the same product with a contiguous (n_embd, vocab) copy of the tied weight, ~1.3x
-        # faster for few rows; the copy is rebuilt whenever the weight changes (its version counter moves).
-        w = self.lm_head.weight
-        key = (w.data_ptr(), w._version, w.dtype)
-        if getattr(self, "_head_t_key", None) != key:
-            self._head_t = w.detach().t().contiguous()  # (C, V_padded)
-            self._head_t_key = key
-        return (hidden @ self._head_t)[..., : self.config.vocab_size]
+        return (hidden @ head_t)[..., : self.config.vocab_size]
+
+    def head_weight_t(self) -> torch.Tensor:
+        """A contiguous (n_embd, padded_vocab) copy of the tied output weight; stale once the weights change."""
+        return self.lm_head.weight.detach().t().contiguous()
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; target -100 is ignored (prompt and padding positions)."""
