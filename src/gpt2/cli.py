@@ -21,6 +21,9 @@ from gpt2.errors import UserError
 # Modules that register commands, imported when the CLI starts.
 COMMAND_MODULES = [
     "gpt2.generate",
+    "gpt2.data.fineweb",
+    "gpt2.plots",
+    "gpt2.evaluate",
     "gpt2.serve.chat",
     "gpt2.serve.server",
 ]
