@@ -34,7 +34,7 @@ HELP = "commands: /temperature X (0 = greedy), /reset (forget the conversation),
 
 @dataclass
 class ChatConfig:
-    model: str = arg("gpt2", help="Hugging Face checkpoint directory (ours or OpenAI's) or a hub name")
+    model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory or hub name")
     prompt: str | None = arg(None, help="answer this one message, print the answer and exit (for scripts)")
     system: str | None = arg(None, help="a system message that opens the conversation")
     temperature: float = arg(0.7, help="sampling temperature; 0 = greedy (change with /temperature X)")

@@ -16,26 +16,28 @@ from pathlib import Path
 
 import torch
 
+from gpt2.checkpoint import load_model as load_checkpoint_model
 from gpt2.cli import Command, register
 from gpt2.config import arg
+from gpt2.distributed import pick_device
 from gpt2.errors import UserError
-from gpt2.generate import pick_device
 from gpt2.model import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(name_or_dir: str, device: str = "auto", dtype: str = "float32") -> GPT:
-    """A checkpoint (HF directory or hub name) on `device` in eval mode, weights cast to `dtype`."""
+    """A model (training run directory, checkpoint.pt, HF directory or hub name) on `device` in eval mode,
+    weights cast to `dtype`."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    model = GPT.from_pretrained(name_or_dir)
+    model = load_checkpoint_model(name_or_dir)
     return model.to(device=pick_device(device), dtype=DTYPES[dtype]).eval()
 
 
 @dataclass
 class ServeConfig:
-    model: str = arg("gpt2", help="Hugging Face checkpoint directory (ours or OpenAI's) or a hub name")
+    model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory or hub name")
     host: str = arg("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     port: int = arg(8000, help="TCP port")
     api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on /v1 routes; "
