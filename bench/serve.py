@@ -5,7 +5,7 @@ Starts `gpt2 serve` (a subprocess, 127.0.0.1 only) on a random-weight model of t
 (distinct prompts of `--prompt-tokens` tokens, `--max-tokens` new tokens, greedy), and the run stops by
 itself. With continuous batching the N clients' requests are decoded together, so aggregate tokens/s
 should grow with N; the ratio to the single-client figure is printed (target: >= 3x at 8 clients on CPU).
-The levels are measured in interleaved rounds and each level's best round counts, so a burst of load from
+The levels are measured in interleaved rounds and each level's median counts, so a burst of load from
 other processes on a shared machine does not decide the ratio.
 
     python bench/serve.py                      # 124M, 1 vs 8 clients
@@ -18,6 +18,7 @@ import argparse
 import concurrent.futures as cf
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,13 +87,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2", choices=sorted(PRESETS), help="model size (random weights)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrency levels; first = baseline")
-    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--requests", type=int, default=1, help="requests per client in each round")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads in the server")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="rounds of all concurrency levels, interleaved; the best rate of each level counts "
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of all concurrency levels, interleaved; each level's median rate counts "
                          "(a shared machine's load comes and goes)")
     args = ap.parse_args()
 
@@ -109,15 +110,17 @@ def main() -> None:
             print(f"model: {args.preset} ({n_params / 1e6:.0f}M params, random weights) on {args.device}; "
                   f"{args.requests} requests/client, {args.prompt_tokens}-token prompts, {args.max_tokens} new "
                   f"tokens, greedy")
-            best: dict[int, float] = {}
+            rates: dict[int, list[float]] = {c: [] for c in args.clients}
             for _ in range(args.repeats):
                 for clients in args.clients:
                     tokens, secs = run_load(url, clients, args)
-                    best[clients] = max(best.get(clients, 0.0), tokens / secs)
+                    rates[clients].append(tokens / secs)
                     print(f"{clients:3d} client(s): {tokens:5d} tokens in {secs:6.1f} s = {tokens / secs:7.1f} "
                           f"tokens/s", flush=True)
-            base = best[args.clients[0]]
-            print("best: " + ", ".join(f"{c} client(s) {r:.1f} tokens/s ({r / base:.2f}x)" for c, r in best.items()))
+            median = {c: statistics.median(r) for c, r in rates.items()}
+            base = median[args.clients[0]]
+            print("median: " + ", ".join(f"{c} client(s) {r:.1f} tokens/s ({r / base:.2f}x)"
+                                         for c, r in median.items()))
         finally:
             server.terminate()
             try:

@@ -11,6 +11,7 @@ Design decisions:
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def run(cfg: ServeConfig) -> None:
     app = create_app(Engine(model, max_batch_size=cfg.max_batch_size), model_name=name, api_key=api_key,
                      default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
                      max_waiting=cfg.max_waiting)
+    if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
           f"{'(API key required)' if api_key else ''}", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
