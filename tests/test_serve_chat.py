@@ -31,8 +31,8 @@ def test_prompt_mode_prints_the_answer(ckpt, capsys, tmp_path):
     # a training run directory (its HF export in RUN_DIR/model/) loads like the checkpoint itself
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "model").symlink_to(ckpt, target_is_directory=True)
-    main(["chat", "--model", str(tmp_path / "run"), "--prompt", "What is 2+2?", "--temperature", "0", "--max-tokens", "12",
-          "--device", "cpu"])
+    main(["chat", "--model", str(tmp_path / "run"), "--prompt", "What is 2+2?", "--temperature", "0",
+          "--max-tokens", "12", "--device", "cpu"])
     out = capsys.readouterr().out
     assert out == greedy_answer(ckpt, [{"role": "user", "content": "What is 2+2?"}], 12) + "\n"
 
