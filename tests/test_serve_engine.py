@@ -11,7 +11,7 @@ import torch
 from serve_helpers import one_torch_thread
 
 from gpt2.inference import generate, pad_right
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT, GPTConfig, KVCache
 from gpt2.serve.engine import Engine, SamplingParams
 from gpt2.serve.text import TextStream
 
@@ -69,8 +69,19 @@ def random_requests(n: int, seed: int, block: int):
     return prompts, max_tokens, steps
 
 
+class PoisonedCache(KVCache):
+    """KVCache memory is uninitialised: fill it with NaN to prove the engine never reads a slot it did not
+    write (a NaN value survives even a zero attention weight)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k.fill_(float("nan"))
+        self.v.fill_(float("nan"))
+
+
 @pytest.mark.parametrize("seed,max_batch", [(0, 3), (1, 8)])
-def test_batched_greedy_equals_one_at_a_time(model, seed, max_batch):
+def test_batched_greedy_equals_one_at_a_time(model, seed, max_batch, monkeypatch):
+    monkeypatch.setattr("gpt2.serve.engine.KVCache", PoisonedCache)
     prompts, max_tokens, steps = random_requests(10, seed, model.config.block_size)
     arrivals: dict = {}
     for i, (p, m, s) in enumerate(zip(prompts, max_tokens, steps)):

@@ -80,6 +80,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0  # decode steps run (for tests and stats)
+        # the same logits path as `generate_stream` (last position only; on CPU a transposed head copy,
+        # valid while serving because the weights never change), so outputs match it bit for bit
+        self.head_t = model.head_weight_t() if self.device.type == "cpu" else None
 
     # ------------------------------------------------------------------ public API
 
@@ -128,7 +131,7 @@ class Engine:
 
     # ------------------------------------------------------------------ one scheduling step
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> None:
         """Drop cancelled requests, admit waiting ones (prefill + first token), then decode one token for
         every running row in a single batched forward pass."""
@@ -174,14 +177,15 @@ class Engine:
         ids, valid = left_align(ids.to(self.device), mask.to(self.device))  # (b, T), real tokens end at T-1
         position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)  # (b, T)
         cache = KVCache(self.model.config, len(prompts), ids.size(1), device=self.device, dtype=self.dtype)
-        logits = self.model(ids, position_ids, cache.attn_mask(valid), cache)[:, -1]  # (b, V)
-        return cache, logits, mask.sum(1).to(self.device)
+        hidden = self.model.hidden_states(ids, position_ids, cache.attn_mask(valid), cache)  # (b, T, C)
+        return cache, self.model.logits(hidden[:, -1], self.head_t), mask.sum(1).to(self.device)
 
     def _decode(self) -> None:
         assert self.cache is not None
         if self.cache.length >= self.cache.max_len:
             self.cache = self._repack([self.cache])
-        logits = self.model(self.last_tokens[:, None], self.next_pos[:, None], None, self.cache)[:, -1]  # (B, V)
+        hidden = self.model.hidden_states(self.last_tokens[:, None], self.next_pos[:, None], None, self.cache)
+        logits = self.model.logits(hidden[:, -1], self.head_t)  # (B, V)
         self.next_pos = self.next_pos + 1
         tokens = self._sample(logits, self.rows)
         self.last_tokens = tokens
@@ -263,6 +267,10 @@ class Engine:
         cap = width + self.headroom
         total = sum(c.valid.size(0) for c in caches)
         out = KVCache(self.model.config, total, cap, device=self.device, dtype=self.dtype)
+        # KVCache memory starts uninitialised: zero the slots no row will write (masked, but NaN garbage
+        # would survive the 0-weight in attention: 0 * NaN = NaN)
+        out.k[:, :, :, :width] = 0
+        out.v[:, :, :, :width] = 0
         b = 0
         for c, (start, end) in zip(caches, spans):
             n, span = c.valid.size(0), end - start
