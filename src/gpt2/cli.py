@@ -21,7 +21,8 @@ from gpt2.errors import UserError
 # Modules that register commands, imported when the CLI starts.
 COMMAND_MODULES = [
     "gpt2.generate",
-    "gpt2.data.preferences", "gpt2.rlhf.dpo", "gpt2.rlhf.reward", "gpt2.rlhf.ppo",
+    "gpt2.data.alpaca",
+    "gpt2.data.preferences",
 ]
 
 
