@@ -10,7 +10,6 @@ import torch
 
 from gpt2.data.preferences import (
     MalformedPair,
-    collate,
     collate_pairs,
     load_pairs,
     split_pair,
@@ -66,10 +65,7 @@ def test_over_length_drops_oldest_turns_then_the_pair(tokenizer_ok):
         tokenize_record({"chosen": CHOSEN, "rejected": REJECTED}, max_len=len(last_only) + len(full["chosen"]) - 1)
 
 
-def test_collate_is_the_fine_tuning_layout():
-    ids, targets = collate([([1, 2, 3], [4, 5, EOT]), ([6], [7, EOT])])
-    assert ids.tolist() == [[1, 2, 3, 4, 5, EOT], [6, 7, EOT, 0, 0, 0]]
-    assert targets.tolist() == [[-100, -100, 4, 5, EOT, -100], [7, EOT, -100, -100, -100, -100]]
+def test_collate_pairs_is_the_fine_tuning_layout_chosen_rows_first():
     ids, targets = collate_pairs([{"prompt": [1, 2], "chosen": [3, EOT], "rejected": [4, 5, EOT]}])
     assert ids.tolist() == [[1, 2, 3, EOT, 0], [1, 2, 4, 5, EOT]]
     assert targets.tolist() == [[-100, 3, EOT, -100, -100], [-100, 4, 5, EOT, -100]]

@@ -6,7 +6,8 @@ Design decisions:
   turn before the final "\\n\\nAssistant:") and the two final answers. The prompt is rendered with the one
   fine-tuning template (`gpt2.template.format_chat`: the last Human turn is the instruction, earlier turns
   the input), and each answer is its text followed by `<|endoftext|>`, so a pair trains exactly like two
-  fine-tuning examples `(prompt_ids, answer_ids)` and batches use the fine-tuning layout (`collate`).
+  fine-tuning examples `(prompt_ids, answer_ids)` and batches use the fine-tuning layout
+  (`gpt2.data.alpaca.collate`: prompt and padding positions have target -100).
 - Malformed pairs are counted by reason and reported, never a crash mid-run: a dialogue that does not
   parse into Human/Assistant turns, one that does not end with an Assistant turn, chosen and rejected
   prompts that differ, identical answers (no preference signal), missing or non-string fields.
@@ -36,12 +37,12 @@ import torch
 
 from gpt2.cli import Command, register
 from gpt2.config import arg
+from gpt2.data.alpaca import collate
 from gpt2.errors import UserError
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, encode
 
 HUB_ID = "Anthropic/hh-rlhf"
-IGNORE = -100
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -113,22 +114,6 @@ def is_val(record: dict, val_fraction: float) -> bool:
 
 
 # ----------------------------------------------------------------------------- batches
-
-
-def collate(examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fine-tuning batch layout: `(question_ids, answer_ids)` rows -> (input_ids, targets), (N, T).
-
-    seq = question + answer, right-padded with token 0 to the longest row; targets[t] = seq[t + 1] where
-    t + 1 is an answer position, else -100 (question and padding positions are never scored).
-    """
-    T = max(len(q) + len(a) for q, a in examples)
-    input_ids = torch.zeros(len(examples), T, dtype=torch.long)
-    targets = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for i, (q, a) in enumerate(examples):
-        seq = q + a
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        targets[i, len(q) - 1: len(seq) - 1] = torch.tensor(a)
-    return input_ids, targets
 
 
 def collate_pairs(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,15 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return token_logprobs(logits, targets).sum(dim=1)
 
 
+def last_token_index(targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) targets -> (B,) index of each row's last real token (its final answer token, usually
+    `<|endoftext|>`): the last scored target position + 1. Reward and value heads read the hidden state
+    there, which right padding cannot reach (attention is causal)."""
+    T = targets.size(1)
+    scored = (targets != IGNORE).long() * torch.arange(1, T + 1, device=targets.device)  # 1-based positions
+    return scored.argmax(dim=1) + 1  # argmax finds the last scored position t (stored as t + 1)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over positions where mask is true (a 0-dim tensor; 0 if the mask is empty)."""
     mask = mask.to(x.dtype)
