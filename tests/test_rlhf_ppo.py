@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from gpt2.model import GPT, GPTConfig
@@ -14,6 +15,15 @@ from gpt2.tokenizer import EOT
 # A 16-token vocabulary: a random policy emits the rewarded token 1/16 of the time, so PPO has signal.
 SMALL = GPTConfig(block_size=32, vocab_size=16, n_layer=2, n_head=2, n_embd=32)
 TOKEN = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: on a busy 2-core machine a second thread costs far more in waiting than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fraction_of_token(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -44,15 +54,6 @@ def test_rollout_tensors_share_the_answer_mask():
 
 
 def test_ppo_raises_a_known_reward_with_bounded_kl():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
-    try:
-        _ppo_run_and_check()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _ppo_run_and_check():
     policy = GPT(SMALL)
     reference = copy.deepcopy(policy).eval()
     actor = ActorCritic(policy)
