@@ -21,6 +21,8 @@ from gpt2.errors import UserError
 # Modules that register commands, imported when the CLI starts.
 COMMAND_MODULES = [
     "gpt2.generate",
+    "gpt2.plots",
+    "gpt2.evaluate",
     "gpt2.data.alpaca",
     "gpt2.data.preferences",
 ]

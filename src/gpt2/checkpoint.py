@@ -1,0 +1,87 @@
+"""Training checkpoints: atomic save/load of the full training state, RNG capture, and `load_model`.
+
+Design decisions:
+- A run directory holds `checkpoint.pt` (everything needed to continue exactly: model, optimizer, step, each
+  rank's data position and RNG states, configs) and `model/` (the same weights in Hugging Face format, which
+  is what every other command loads).
+- Files are written under a temporary name and `os.replace`d, so a crash or a SIGKILL mid-write leaves the
+  previous checkpoint intact rather than half a file.
+- Exact resume needs every source of randomness: Python's `random`, NumPy's global generator, torch's CPU
+  generator and, when present, the CUDA generator of this process's device.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt2.errors import UserError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_DIR = "model"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """`torch.save` to a temporary file beside `path`, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict written by `save_checkpoint`, on CPU. Bad or missing files raise UserError naming them."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        # Our own file, holding NumPy RNG state and plain dicts: not loadable with weights_only.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None):
+    """A `GPT` from a training run directory (its `model/` export), a `checkpoint.pt` file, a Hugging Face
+    checkpoint directory, or a hub name such as "gpt2"."""
+    from gpt2.model import GPT, GPTConfig
+
+    p = Path(path)
+    if p.is_dir() and (p / MODEL_DIR / "config.json").is_file():
+        model = GPT.from_pretrained(p / MODEL_DIR)
+    elif p.is_file():
+        state = load_checkpoint(p)
+        if "model_config" not in state:
+            raise UserError(f"{p} holds no model config: not a checkpoint of a GPT training run")
+        model = GPT(GPTConfig(**state["model_config"]))
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise UserError(f"{p}: weights do not match its model config: {str(e).splitlines()[0]}") from e
+    else:
+        model = GPT.from_pretrained(path)
+    return model.to(device) if device is not None else model

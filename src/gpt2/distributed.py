@@ -1,0 +1,109 @@
+"""Process-group setup for `torchrun`, and the few collectives the training loop needs.
+
+Design decisions:
+- One entry point, `init_distributed()`, reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE). Without
+  it we are a single process and no process group is created, so the same code runs under plain `python`.
+- NCCL when the processes train on CUDA, gloo on CPU (gloo runs everywhere, which is what the CPU tests use).
+- gloo has no `ReduceOp.AVG`, so averages are always an all-reduce SUM followed by a division.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gpt2.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes files, logs and draws the progress bar."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> this process's CUDA device if there is one, else mps, else cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r}: {e}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is None:  # one GPU per process under torchrun
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group when launched by it; otherwise describe a single process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 0, 1, pick_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+    return DistInfo(rank, local_rank, world, dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks (a new tensor; `t` itself is untouched)."""
+    t = t.detach().clone()
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of `t` over ranks: SUM then divide, because gloo has no AVG."""
+    if not _active():
+        return t.detach().clone()
+    return all_reduce_sum(t) / dist.get_world_size()
+
+
+def all_gather_object(obj):
+    """List of every rank's `obj` (a one-element list on a single process)."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()

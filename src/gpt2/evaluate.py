@@ -1,0 +1,360 @@
+"""Evaluation: validation loss and HellaSwag accuracy, as library functions and `gpt2 eval ...` commands.
+
+Design decisions:
+- `val_loss` takes any iterable of (x, y) batches, so the training loop (a `ShardLoader` on the val split,
+  a fixed number of batches), `gpt2 eval val-loss` and tests share one function. It never knows about data
+  files or DDP: averaging across ranks is the caller's job (`gpt2.distributed.all_reduce_mean`).
+- The mean is token-weighted (each batch's mean loss times its number of non-ignored targets), so batches
+  with -100 targets or a short last batch count for exactly the tokens they hold.
+- The model is put in eval mode (no dropout) for the duration and its previous mode restored afterwards,
+  since the loop calls this in the middle of training.
+- HellaSwag is scored completion-style as in the GPT-2/GPT-3 papers and build-nanogpt: each of the 4 rows
+  is context tokens + " " + ending tokens; only the ending tokens are scored. `acc` picks the ending with
+  the lowest *summed* loss, `acc_norm` the lowest *mean per-token* loss (build-nanogpt's "acc_norm";
+  lm-eval-harness normalises by the ending's character length instead, so its acc_norm differs slightly).
+  Rows are right-padded: with causal attention and positions 0..T-1 a real token never sees the pads after
+  it, so no attention mask is needed, and padded positions are excluded from the loss by the mask.
+  Several examples (4 rows each) go through the model in one forward pass for speed.
+- Under DDP every rank scores the examples `i % world_size == rank` and the counts are summed across ranks,
+  so each rank returns the same global accuracy.
+- The data is the official validation file from the rowanz/hellaswag GitHub repository, downloaded once
+  into a cache folder; `--source FILE` reads a local copy in the same jsonl format (the offline path runs
+  the same parsing and validation code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2.cli import Command, register
+from gpt2.config import arg
+from gpt2.errors import UserError
+
+IGNORE_INDEX = -100
+HELLASWAG_URLS = {
+    split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+    for split in ("train", "val")
+}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (`.module`) and/or `torch.compile` (`._orig_mod`)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` for `dtype` on `device`, or a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None) -> float:
+    """Token-weighted mean cross-entropy of `model` over `batches` of (x, y) LongTensors [B, T].
+
+    `device` defaults to the model's; batches are moved there. `autocast_dtype` (e.g. torch.bfloat16)
+    runs the forward under autocast; the loss itself is always computed in float32.
+    """
+    core = unwrap(model)
+    device = torch.device(device) if device is not None else next(core.parameters()).device
+    was_training = core.training
+    core.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            n = int((y != IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            with autocast(device, autocast_dtype):
+                loss = core.loss(x, y)
+            total += loss.double() * n
+            count += n
+    finally:
+        core.train(was_training)
+    if count == 0:
+        raise ValueError("val_loss: no batches (or only ignored targets) to evaluate")
+    return float(total) / count
+
+
+# ---------------------------------------------------------------------------------------------- HellaSwag
+
+
+def download_hellaswag(split: str = "val", data_dir: str | os.PathLike = "data/hellaswag") -> Path:
+    """The path of the cached `hellaswag_{split}.jsonl`, downloading it first if it is not there."""
+    if split not in HELLASWAG_URLS:
+        raise UserError(f"--split {split!r}: HellaSwag splits with labels are {sorted(HELLASWAG_URLS)}")
+    path = Path(data_dir) / f"hellaswag_{split}.jsonl"
+    if path.is_file():
+        return path
+    url = HELLASWAG_URLS[split]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, path)
+    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot download HellaSwag from {url} ({e}); offline, pass a local copy of "
+                        f"hellaswag_{split}.jsonl with --source FILE") from e
+    return path
+
+
+def _check_record(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object with ctx, endings and label")
+    missing = [k for k in ("ctx", "endings", "label") if k not in rec]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)} (not a HellaSwag record?)")
+    endings, label = rec["endings"], rec["label"]
+    if not isinstance(rec["ctx"], str) or not rec["ctx"]:
+        raise UserError(f"{where}: 'ctx' must be a non-empty string")
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) and e for e in endings)):
+        raise UserError(f"{where}: 'endings' must be a list of 4 non-empty strings")
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4:
+        raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3, got {rec['label']!r}")
+    return {**rec, "label": label}
+
+
+def read_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """HellaSwag records (dicts with at least ctx, endings, label) from a jsonl file, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such HellaSwag file")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            examples.append(_check_record(rec, f"{path}:{lineno}"))
+    if not examples:
+        raise UserError(f"{path}: no HellaSwag records")
+    return examples
+
+
+def load_hellaswag(source: str | os.PathLike | None = None, split: str = "val",
+                   data_dir: str | os.PathLike = "data/hellaswag", limit: int | None = None) -> list[dict]:
+    """Records from `source` (a local jsonl) or, when None, the official file (downloaded and cached)."""
+    return read_hellaswag(source if source is not None else download_hellaswag(split, data_dir), limit)
+
+
+def render_example(example: dict, block_size: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """The 4 candidate rows of one example as token lists (context + " " + ending) and the number of
+    ending tokens at the end of each row. Rows longer than `block_size` lose tokens from the left."""
+    from gpt2.tokenizer import encode
+
+    ctx = encode(example["ctx"])
+    rows, n_end = [], []
+    for ending in example["endings"]:
+        end = encode(" " + ending)
+        row = ctx + end
+        if block_size is not None and len(row) > block_size:
+            row = row[-block_size:]
+        rows.append(row)
+        n_end.append(min(len(end), len(row) - 1))  # the first token of a row has no prediction
+    return rows, n_end
+
+
+def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[int],
+                  device: torch.device | None = None,
+                  autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed and mean cross-entropy of each row's last `n_end` tokens, both float32 [len(rows)] on CPU.
+
+    Rows are right-padded into one batch; pads sit after every real token, so with causal attention they
+    change nothing before them, and the mask keeps them out of the sums.
+    """
+    from gpt2.inference import pad_right
+
+    device = device or next(model.parameters()).device
+    ids, valid = pad_right(list(rows))  # (R, T) each
+    lengths = valid.sum(1)  # (R,)
+    pos = torch.arange(ids.size(1))[None]  # (1, T)
+    scored = (pos >= (lengths - torch.tensor(n_end))[:, None]) & (pos < lengths[:, None])  # (R, T) ending tokens
+    with autocast(device, autocast_dtype):
+        logits = model(ids.to(device))  # (R, T, V)
+    # logits at t predict token t+1: score tokens 1..T-1
+    losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].to(device).flatten(),
+                             reduction="none").view(ids.size(0), -1).cpu()  # (R, T-1)
+    mask = scored[:, 1:].float()
+    total = (losses * mask).sum(1)
+    return total, total / mask.sum(1)
+
+
+@torch.no_grad()
+def hellaswag_eval(model: nn.Module, examples: Sequence[dict], device: torch.device | str | None = None,
+                   autocast_dtype: torch.dtype | None = None, batch_size: int = 8, rank: int = 0,
+                   world_size: int = 1, progress: bool = False) -> dict[str, float]:
+    """Completion-style HellaSwag accuracy: {"acc", "acc_norm", "n"} (see the module docstring).
+
+    `batch_size` examples (4 rows each) go through the model per forward pass. With `world_size` > 1 and
+    torch.distributed initialised, each rank scores its share and the counts are summed over ranks.
+    """
+    from tqdm.auto import tqdm
+
+    core = unwrap(model)
+    device = torch.device(device) if device is not None else next(core.parameters()).device
+    mine = list(examples)[rank::world_size]
+    counts = torch.zeros(3, dtype=torch.float64)  # correct (sum), correct (mean), examples
+    was_training = core.training
+    core.eval()
+    try:
+        bar = tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=not progress, dynamic_ncols=True)
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            rows, n_end = [], []
+            for ex in chunk:
+                r, n = render_example(ex, core.config.block_size)
+                rows += r
+                n_end += n
+            total, mean = ending_losses(core, rows, n_end, device, autocast_dtype)
+            labels = torch.tensor([ex["label"] for ex in chunk])
+            counts[0] += (total.view(-1, 4).argmin(1) == labels).sum().item()
+            counts[1] += (mean.view(-1, 4).argmin(1) == labels).sum().item()
+            counts[2] += len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix(acc_norm=f"{counts[1].item() / counts[2].item():.4f}")
+        bar.close()
+    finally:
+        core.train(was_training)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # gloo and NCCL both support SUM; NCCL needs the tensor on the rank's device
+        on_dev = counts.to(device)
+        torch.distributed.all_reduce(on_dev)
+        counts = on_dev.cpu()
+    n = counts[2].item()
+    if n == 0:
+        raise ValueError("hellaswag_eval: no examples")
+    return {"acc": counts[0].item() / n, "acc_norm": counts[1].item() / n, "n": n}
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name_or_dir: str) -> nn.Module:
+    """A GPT from a training run dir, an HF checkpoint dir or a hub name (via `gpt2.checkpoint.load_model`)."""
+    try:
+        from gpt2.checkpoint import load_model as load
+    except ImportError:  # the training branch's checkpoint module is not merged yet: HF dirs and hub names
+        from gpt2.model import GPT
+
+        load = GPT.from_pretrained
+    return load(name_or_dir)
+
+
+def autocast_dtype_for(name: str, device: torch.device) -> torch.dtype | None:
+    """--dtype -> the autocast dtype (None = plain float32); "auto" is bfloat16 on a GPU that supports it."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return DTYPES[name]
+
+
+def _prepare(model_name: str, device_name: str, dtype_name: str) -> tuple[nn.Module, torch.device, torch.dtype | None]:
+    from gpt2.generate import pick_device
+
+    device = pick_device(device_name)
+    model = load_model(model_name).to(device).eval()
+    return model, device, autocast_dtype_for(dtype_name, device)
+
+
+@dataclass
+class HellaSwagConfig:
+    model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
+    source: str | None = arg(None, help="local HellaSwag jsonl (official format) instead of downloading it")
+    split: str = arg("val", help="which official file to download", choices=sorted(HELLASWAG_URLS))
+    data_dir: str = arg("data/hellaswag", help="folder the downloaded HellaSwag file is cached in")
+    limit: int | None = arg(None, help="score only the first N examples")
+    batch_size: int = arg(8, help="examples per forward pass (4 rows each)")
+    device: str = arg("auto", help="cpu, cuda, mps or auto")
+    dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
+                     choices=["auto", *DTYPES])
+
+
+def run_hellaswag(cfg: HellaSwagConfig) -> dict[str, float]:
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError("--limit must be at least 1")
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    examples = load_hellaswag(cfg.source, cfg.split, cfg.data_dir, cfg.limit)
+    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype)
+    result = hellaswag_eval(model, examples, device, dtype, batch_size=cfg.batch_size, progress=True)
+    print(f"hellaswag {cfg.split}: {int(result['n'])} examples  acc {result['acc']:.4f}  "
+          f"acc_norm {result['acc_norm']:.4f}")
+    return result
+
+
+register(Command("eval hellaswag", "HellaSwag accuracy (completion-style scoring, acc and acc_norm)",
+                 HellaSwagConfig, run_hellaswag))
+
+
+@dataclass
+class ValLossConfig:
+    model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
+    data: str | None = arg(None, help="folder of token shards (from `gpt2 prepare ...`)", metavar="DIR")
+    split: str = arg("val", help="which shards to score", choices=["val", "train"])
+    tokens: int = arg(10_485_760, help="token budget (20 x 524288, build-nanogpt's); capped at one pass "
+                                       "over the split")
+    batch_size: int = arg(8, help="sequences per forward pass")
+    seq_len: int | None = arg(None, help="tokens per sequence (default: the model's context window)")
+    device: str = arg("auto", help="cpu, cuda, mps or auto")
+    dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
+                     choices=["auto", *DTYPES])
+
+
+def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    from gpt2.data.loader import ShardLoader
+
+    if not cfg.data:
+        raise UserError("give the shard folder: gpt2 eval val-loss --model M --data DIR")
+    if cfg.tokens < 1:
+        raise UserError("--tokens must be at least 1")
+    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype)
+    seq_len = cfg.seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context window ({model.config.block_size})")
+    loader = ShardLoader(cfg.data, cfg.split, cfg.batch_size, seq_len)
+    # never wrap into a second epoch: that would count tokens twice
+    steps = max(1, min(cfg.tokens // loader.window, loader.steps_per_epoch))
+    batches = (loader.next_batch() for _ in tqdm(range(steps), desc=f"{cfg.split} loss", unit="batch",
+                                                 dynamic_ncols=True))
+    loss = val_loss(model, batches, device, dtype)
+    n_tokens = steps * loader.window
+    print(f"{cfg.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {n_tokens} tokens "
+          f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}")
+    return {"val_loss": loss, "tokens": n_tokens}
+
+
+register(Command("eval val-loss", "mean next-token loss of a model on token shards", ValLossConfig,
+                 run_val_loss))

@@ -1,0 +1,481 @@
+"""The one training loop. Every stage (pretrain, finetune, reward, DPO, ...) plugs a `Task` into `train()`.
+
+A `Task` supplies this rank's micro batches, a loss, an evaluation and its own data position; the loop does
+everything else, the same way for every stage:
+
+- Gradient accumulation: each micro-step's loss is divided by the number of micro-steps, so the summed
+  gradient is the gradient of the mean loss over the global batch. Under DDP the gradient all-reduce runs only
+  on the last micro-step (`no_sync()` on the others); DDP averages over ranks, so N ranks x k micro-steps give
+  the same update as 1 rank x N*k micro-steps.
+- The logged loss (and every task metric) is averaged over micro-steps and ranks with one all-reduce per step
+  that also carries the token count, the gradient norm and the "stop now" flag, so every rank agrees on when
+  to stop. gloo has no AVG: we sum and divide.
+- AdamW with weight decay on 2-D weights only (matmuls and embeddings; never biases or LayerNorm gains), fused
+  kernels where PyTorch has them; global-norm gradient clipping; LR linear warmup then cosine decay to min_lr
+  (`lr_at`, a pure function of the step, so resuming never needs scheduler state).
+- Speed on GPU: bf16 autocast, TF32 matmuls, `torch.compile` of the training forward only (evaluation runs the
+  plain module, so its other shapes never trigger recompiles). On CPU, bf16 autocast is a flag (`--dtype`).
+- Checkpoints (every `save_every` steps, at the end, at `stop_at_step`, on SIGTERM/Ctrl-C) hold the model,
+  optimizer, step, each rank's task state and RNG states, and the configs; they are written atomically and the
+  weights are exported to `RUN_DIR/model/` in Hugging Face format each time. `resume` continues exactly.
+- A NaN/inf loss or gradient norm stops the run before the optimizer step, so the last checkpoint stays good.
+- Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval), a tqdm bar on rank 0 and the loss
+  graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
+  (None when the card is unknown or on CPU) rather than one hard-coded card.
+
+Stages with their own outer loop (PPO) can reuse the pieces: `build_optimizer`, `lr_at`, `autocast_context`,
+`MetricsLogger`, `peak_flops`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gpt2.checkpoint import (
+    CHECKPOINT_FILE,
+    MODEL_DIR,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from gpt2.config import arg, to_dict
+from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
+from gpt2.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Fields of the training loop shared by every stage (each becomes a CLI flag)."""
+
+    out: str = arg("runs/run", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png")
+    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)")
+    stop_at_step: int | None = arg(None, "end after this step with a checkpoint, keeping the schedule of "
+                                         "--max-steps (split a long run across time-limited jobs)")
+    lr: float = arg(6e-4, "peak learning rate (reached after warmup)")
+    min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)")
+    warmup_steps: int = arg(100, "steps of linear LR warmup")
+    weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)")
+    betas: tuple[float, float] = arg((0.9, 0.95), "AdamW betas (two numbers)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = no clipping")
+    eval_every: int = arg(250, "evaluate and redraw loss.png every N steps (and at the end); 0 = never")
+    save_every: int = arg(500, "checkpoint every N steps; 0 = only at the end, at --stop-at-step and on "
+                               "SIGTERM/Ctrl-C")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint.pt (starts fresh if it has none)")
+    seed: int = arg(1337, "random seed (model init, data order, dropout)")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps or auto (under torchrun: this process's GPU)")
+    dtype: str = arg("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32",
+                     choices=["auto", "bfloat16", "float32"])
+    compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)")
+    progress: bool = arg(True, "show a progress bar (rank 0)")
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a stage plugs into `train()`. Batches may be any nesting of tuples/lists/dicts of tensors on the
+    CPU; the loop moves them to the device. Tokens per batch (for tokens/s and MFU) are counted by an optional
+    `num_tokens(batch) -> int` method, else as the element count of the batch's first tensor."""
+
+    def next_batch(self) -> Any:
+        """This rank's next micro batch."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(scalar loss to minimise, extra metrics as floats or 0-d tensors). Called inside autocast; `model`
+        is the plain module (the loop compiles/wraps around this call, so gradients sync under DDP)."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Evaluation metrics (e.g. {"val_loss": ...}); may be {}. Called on every rank under no_grad,
+        autocast and model.eval(); return the same values on every rank (all-reduce if you shard)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's data position, for exact resume."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    loss: float | None  # last logged training loss
+    run_dir: Path
+
+
+class NonFiniteLossError(UserError):
+    """Raised (on every rank) when the loss or gradient norm is NaN/inf; the last checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of 0-based optimizer step `step`: linear warmup to cfg.lr over warmup_steps, then cosine
+    decay to min_lr at max_steps (and min_lr after it)."""
+    min_lr = cfg.lr * 0.1 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return min_lr
+    ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW decaying only 2-D weights; fused kernels on CUDA and CPU (one kernel for all parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=fused)
+
+
+def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--dtype` on this device; None = plain float32."""
+    if cfg_dtype == "float32":
+        return None
+    if cfg_dtype == "bfloat16":
+        return torch.bfloat16
+    if cfg_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    raise UserError(f"--dtype {cfg_dtype!r}: choose auto, bfloat16 or float32")
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of the CUDA device name,
+# first match wins (so more specific names come first).
+_BF16_PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("A10G", 70.0), ("A10", 125.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A6000", 155.0), ("RTX 6000 Ada", 365.0),
+    ("4090", 165.0), ("3090", 71.0),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None (CPU, or a card not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _BF16_PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0 only). On resume, lines logged after
+    the checkpoint's step are dropped, so the file always matches the weights."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True, keep_until_step: int | None = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_until_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if rec.get("step", 0) <= keep_until_step:
+                    kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a nest of tuples/lists/dicts to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def plot(run_dir: Path) -> None:
+    """Redraw RUN_DIR/loss.png from metrics.jsonl (imported here: matplotlib is slow to import)."""
+    from gpt2.plots import plot_run
+
+    plot_run(run_dir)
+
+
+class _TaskLoss(nn.Module):
+    """The model plus the task's loss as one module, so that DDP (gradient sync) and torch.compile wrap the
+    whole training forward while the task still sees the plain model."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+class _StopSignals:
+    """SIGTERM / Ctrl-C set a flag; the loop finishes the current step, saves and exits. A second signal
+    stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(send again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def validate(cfg: TrainConfig, grad_accum_steps: int) -> None:
+    if cfg.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1 (got {cfg.max_steps})")
+    if cfg.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be >= 0 (got {cfg.warmup_steps})")
+    if cfg.stop_at_step is not None and not 1 <= cfg.stop_at_step <= cfg.max_steps:
+        raise UserError(f"--stop-at-step must be between 1 and --max-steps ({cfg.max_steps}), got "
+                        f"{cfg.stop_at_step}")
+    if grad_accum_steps < 1:
+        raise UserError(f"gradient accumulation steps must be >= 1 (got {grad_accum_steps})")
+    if cfg.eval_every < 0 or cfg.save_every < 0:
+        raise UserError("--eval-every and --save-every must be >= 0")
+    if len(cfg.betas) != 2:
+        raise UserError(f"--betas takes two numbers (got {list(cfg.betas)})")
+
+
+def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int = 1, *,
+          dist: DistInfo | None = None, run_config: Any = None,
+          export: Callable[[nn.Module, Path], None] | None = None,
+          flops_per_token: float | None = None) -> TrainResult:
+    """Train `model` on `task` for cfg.max_steps optimizer steps of `grad_accum_steps` micro batches each.
+
+    dist: from `init_distributed()` (default: called here). run_config: the stage's whole config (a dataclass
+    or dict), written to RUN_DIR/config.json and into checkpoints (default: cfg). export(model, dir): writes
+    the HF export at each save (default: `model.save_pretrained` when the model has it). flops_per_token:
+    training FLOPs per token for MFU (default: `model.flops_per_token(T)` with T the batch's last dimension).
+    Raises NonFiniteLossError on a NaN/inf loss; on SIGTERM/Ctrl-C saves, then raises SystemExit(143) /
+    KeyboardInterrupt.
+    """
+    validate(cfg, grad_accum_steps)
+    dist = dist or init_distributed(cfg.device)
+    device, is_main = dist.device, dist.is_main
+    run_dir = Path(cfg.out)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    run_config = run_config if run_config is not None else cfg
+    run_config = to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
+
+    start_step, elapsed0, resumed = 0, 0.0, None
+    if cfg.resume and ckpt_path.exists():
+        resumed = load_checkpoint(ckpt_path)
+        if resumed.get("world_size", 1) != dist.world_size:
+            raise UserError(f"{ckpt_path} was written by {resumed['world_size']} processes; resume it with the "
+                            f"same number (now {dist.world_size})")
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        task.load_state_dict(resumed["ranks"][dist.rank]["task"])
+        start_step, elapsed0 = resumed["step"], resumed.get("elapsed", 0.0)
+    elif ckpt_path.exists() and not cfg.resume:
+        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
+                        "--out")
+    else:
+        if cfg.resume and is_main:
+            print(f"--resume: no checkpoint in {run_dir} yet; starting a new run", flush=True)
+        seed_everything(cfg.seed + dist.rank)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
+    metrics = MetricsLogger(run_dir / METRICS_FILE, enabled=is_main,
+                            keep_until_step=start_step if resumed else None)
+
+    forward: nn.Module = _TaskLoss(model, task.loss)
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+        forward = torch.compile(forward)
+    ddp = None
+    if dist.is_distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = autocast_dtype(cfg.dtype, device)
+    peak = peak_flops(device)
+    export = export or (lambda m, d: m.save_pretrained(d) if hasattr(m, "save_pretrained") else None)
+    num_tokens = getattr(task, "num_tokens", None)
+    end_step = cfg.stop_at_step or cfg.max_steps
+    last_saved = start_step if resumed else None
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        with torch.no_grad(), autocast_context(device, amp):
+            results = task.evaluate(model)
+        model.train()
+        if is_main:
+            if results:
+                metrics.log({"kind": "eval", "step": step, **{k: float(v) for k, v in results.items()}})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {float(v):.4f}" for k, v in results.items()))
+            plot(run_dir)
+
+    def save(step: int, elapsed: float) -> None:
+        nonlocal last_saved
+        ranks = all_gather_object({"task": task.state_dict(), "rng": capture_rng_state(device)})
+        if is_main:
+            config = getattr(model, "config", None)
+            save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "elapsed": elapsed, "world_size": dist.world_size, "ranks": ranks,
+                "train_config": to_dict(cfg), "run_config": run_config,
+                "model_config": asdict(config) if is_dataclass(config) else None,
+            }, ckpt_path)
+            export(model, run_dir / MODEL_DIR)
+            plot(run_dir)
+        last_saved = step
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (is_main and cfg.progress), unit="step",
+               dynamic_ncols=True, desc=run_dir.name)
+    model.train()
+    if resumed is None and cfg.eval_every:
+        evaluate(0)
+    if resumed is not None:
+        restore_rng_state(resumed["ranks"][dist.rank]["rng"], device)
+        del resumed
+    t_start = time.perf_counter() - elapsed0
+    loss_value = None
+    with _StopSignals() as stop:
+        for step in range(start_step, end_step):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            extra: dict[str, torch.Tensor] = {}
+            tokens = 0
+            for micro in range(grad_accum_steps):
+                batch = to_device(task.next_batch(), device)
+                tokens += int(num_tokens(batch)) if num_tokens else _first_tensor(batch).numel()
+                sync = ddp is None or micro == grad_accum_steps - 1
+                with nullcontext() if sync else ddp.no_sync():
+                    with autocast_context(device, amp):
+                        loss, step_metrics = forward(batch)
+                    (loss / grad_accum_steps).backward()
+                loss_sum += loss.detach()
+                for k, v in step_metrics.items():
+                    extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            # One all-reduce: mean loss, mean task metrics, grad norm, token count, stop flag.
+            keys = sorted(extra)
+            vec = torch.stack([loss_sum / grad_accum_steps, *(extra[k] / grad_accum_steps for k in keys),
+                               grad_norm.detach().to(torch.float64),
+                               torch.tensor(float(tokens), dtype=torch.float64, device=device),
+                               torch.tensor(float(stop.signum), dtype=torch.float64, device=device)])
+            values = all_reduce_sum(vec).tolist()
+            loss_value, norm = values[0] / dist.world_size, values[-3] / dist.world_size
+            if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                bar.close()
+                where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
+                         if last_saved is not None else "no checkpoint had been written yet")
+                raise NonFiniteLossError(f"training stopped at step {step + 1}: loss {loss_value}, grad norm "
+                                         f"{norm} (not finite); {where}. Lower --lr or check the data.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            now = time.perf_counter()
+            tok_per_s = values[-2] / (now - t0)
+            fpt = flops_per_token
+            if fpt is None and hasattr(model, "flops_per_token"):
+                fpt = model.flops_per_token(_first_tensor(batch).shape[-1])
+            mfu = tok_per_s * fpt / (peak * dist.world_size) if peak and fpt else None
+            record = {"kind": "train", "step": done, "loss": loss_value, "lr": lr, "grad_norm": norm,
+                      "tokens_per_s": tok_per_s, "mfu": mfu, "time": now - t_start}
+            record.update({k: v / dist.world_size for k, v in zip(keys, values[1:1 + len(keys)])})
+            metrics.log(record)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {tok_per_s:,.0f} tok/s"
+                                + (f" mfu {mfu:.1%}" if mfu is not None else ""), refresh=False)
+
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                evaluate(done)
+            signalled = values[-1] > 0
+            if done == end_step or signalled or (cfg.save_every and done % cfg.save_every == 0):
+                save(done, time.perf_counter() - t_start)
+            if signalled:
+                bar.close()
+                signum = stop.signum or signal.SIGTERM
+                if is_main:
+                    print(f"saved {ckpt_path} at step {done}; continue with --resume", flush=True)
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + int(signum))
+    bar.close()
+    if is_main and cfg.stop_at_step and end_step < cfg.max_steps:
+        print(f"stopped at step {end_step} of {cfg.max_steps}; continue with --resume", flush=True)
+    return TrainResult(step=max(start_step, end_step), loss=loss_value, run_dir=run_dir)
