@@ -8,13 +8,11 @@ instead of (50257, C). The tasks never assume GPT-2's vocabulary size."""
 from __future__ import annotations
 
 import copy
-import gzip
-import json
 
 import pytest
 import torch
+from rlhf_data import compact, short_hh_pairs
 
-from gpt2.data.preferences import MalformedPair, tokenize_record
 from gpt2.model import GPT, GPTConfig
 from gpt2.rlhf.dpo import DPOTask
 from gpt2.rlhf.heads import RewardModel
@@ -31,34 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def compact(pairs: list[dict]) -> tuple[list[dict], GPTConfig]:
-    """Relabel the token ids used by `pairs` as 0..K-1; returns the pairs and a tiny config with K tokens."""
-    ids = sorted({t for p in pairs for seq in p.values() for t in seq})
-    new = {t: i for i, t in enumerate(ids)}
-    relabelled = [{k: [new[t] for t in seq] for k, seq in p.items()} for p in pairs]
-    return relabelled, GPTConfig(block_size=64, vocab_size=len(ids), n_layer=2, n_head=2, n_embd=64)
-
-
-def short_hh_pairs(shared_data, n: int = 8, prompt_tokens: int = 24, answer_tokens: int = 12) -> list[dict]:
-    """The first n real pairs, each prompt cut to its last `prompt_tokens` tokens and each answer to its
-    first `answer_tokens` (then EOT), keeping only pairs whose shortened answers still differ."""
-    pairs = []
-    with gzip.open(shared_data / "hh_rlhf_harmless_test.jsonl.gz", "rt", encoding="utf-8") as f:
-        for line in f:
-            try:
-                pair, _ = tokenize_record(json.loads(line), max_len=1024)
-            except MalformedPair:
-                continue
-            short = {"prompt": pair["prompt"][-prompt_tokens:],
-                     "chosen": pair["chosen"][:answer_tokens] + [EOT],
-                     "rejected": pair["rejected"][:answer_tokens] + [EOT]}
-            if short["chosen"] != short["rejected"]:
-                pairs.append(short)
-            if len(pairs) == n:
-                return pairs
-    raise AssertionError("not enough pairs")
 
 
 def train(model: torch.nn.Module, task, steps: int, lr: float) -> list[dict]:

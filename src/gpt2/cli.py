@@ -25,6 +25,9 @@ COMMAND_MODULES = [
     "gpt2.evaluate",
     "gpt2.data.alpaca",
     "gpt2.data.preferences",
+    "gpt2.rlhf.dpo",
+    "gpt2.rlhf.reward",
+    "gpt2.rlhf.ppo",
 ]
 
 

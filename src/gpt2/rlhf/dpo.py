@@ -14,12 +14,17 @@ Design decisions:
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
+from gpt2.cli import Command, register
+from gpt2.config import arg
 from gpt2.model import GPT
 from gpt2.rlhf.losses import dpo_loss, sequence_logprobs, token_kl
-from gpt2.rlhf.pairs import PairTask
+from gpt2.rlhf.pairs import PairStageConfig, PairTask, run_pair_stage
 
 
 class DPOTask(PairTask):
@@ -31,7 +36,7 @@ class DPOTask(PairTask):
         self.beta = beta
 
     def pair_loss(self, model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if next(self.reference.parameters()).device != input_ids.device:
             self.reference.to(input_ids.device)
         logits = model(input_ids)  # (2B, T, V): chosen rows, then rejected rows
@@ -40,8 +45,25 @@ class DPOTask(PairTask):
         logp, ref_logp = sequence_logprobs(logits, targets), sequence_logprobs(ref_logits, targets)  # (2B,)
         B = input_ids.size(0) // 2
         loss, metrics = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], self.beta)
-        metrics["logp_chosen"] = logp[:B].mean().item()
-        metrics["logp_rejected"] = logp[B:].mean().item()
+        metrics["logp_chosen"] = logp[:B].detach().mean()
+        metrics["logp_rejected"] = logp[B:].detach().mean()
         with torch.no_grad():
-            metrics["kl"] = token_kl(logits.detach(), ref_logits, targets != -100).item()
+            metrics["kl"] = token_kl(logits.detach(), ref_logits, targets != -100)
         return loss, metrics
+
+
+@dataclass
+class DPOConfig(PairStageConfig):
+    out: str = arg("runs/dpo", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png")
+    beta: float = arg(0.1, "DPO beta: strength of the implicit KL constraint to the reference")
+
+
+def run(cfg: DPOConfig) -> nn.Module:
+    def make_task(start: GPT, train_pairs, val_pairs, dist) -> DPOTask:
+        return DPOTask(copy.deepcopy(start), cfg.beta, train_pairs, val_pairs, cfg.batch_size, seed=cfg.seed,
+                       rank=dist.rank, world_size=dist.world_size)
+
+    return run_pair_stage(cfg, lambda start: start, make_task)
+
+
+register(Command("dpo", "align a fine-tuned model to preference pairs with DPO", DPOConfig, run))

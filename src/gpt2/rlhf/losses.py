@@ -73,27 +73,30 @@ def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sigmoid DPO loss from summed answer log-probs, each (B,). Returns (mean loss, metrics)."""
+             ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO loss from summed answer log-probs, each (B,). Returns (mean loss, metrics as 0-d
+    tensors, so logging them never forces a device sync inside the step)."""
     chosen_reward = beta * (policy_chosen - ref_chosen)  # (B,) implicit rewards
     rejected_reward = beta * (policy_rejected - ref_rejected)
     margin = chosen_reward - rejected_reward
     loss = -F.logsigmoid(margin).mean()
+    margin = margin.detach()
     metrics = {
-        "reward_chosen": chosen_reward.mean().item(),
-        "reward_rejected": rejected_reward.mean().item(),
-        "reward_margin": margin.mean().item(),
-        "pref_acc": (margin > 0).float().mean().item(),
+        "reward_chosen": chosen_reward.detach().mean(),
+        "reward_rejected": rejected_reward.detach().mean(),
+        "reward_margin": margin.mean(),
+        "pref_acc": (margin > 0).float().mean(),
     }
     return loss, metrics
 
 
 def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pairwise reward-model loss -log sigmoid(r_c - r_r), from scores (B,). Returns (mean loss, metrics)."""
     margin = reward_chosen - reward_rejected
     loss = -F.logsigmoid(margin).mean()
-    return loss, {"reward_margin": margin.mean().item(), "pref_acc": (margin > 0).float().mean().item()}
+    margin = margin.detach()
+    return loss, {"reward_margin": margin.mean(), "pref_acc": (margin > 0).float().mean()}
 
 
 # ----------------------------------------------------------------------------- PPO

@@ -7,17 +7,29 @@ Design decisions:
   pair's length taken as prompt + its longer answer.
 - A stage only says how a batch becomes a loss (`pair_loss`); training steps and held-out evaluation both
   go through it, so the logged training and validation metrics are the same quantities.
+- The two pair stages share their flags (`PairStageConfig`: the shared loop's `TrainConfig` plus model,
+  data, batch size, epochs) and their setup (`run_pair_stage`): `--epochs` sets `--max-steps` from the
+  data size, and evaluation on the held-out pairs defaults to once an epoch.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
+from gpt2.checkpoint import load_model
+from gpt2.config import arg
 from gpt2.data.alpaca import LengthGroupedBatcher
-from gpt2.data.preferences import Pair, collate_pairs
+from gpt2.data.preferences import Pair, collate_pairs, load_pairs, split_file
+from gpt2.distributed import DistInfo, all_gather_object, destroy_distributed, init_distributed
+from gpt2.errors import UserError
+from gpt2.model import GPT
+from gpt2.train.loop import TrainConfig, train
 
 
 def pair_length(pair: Pair) -> int:
@@ -55,11 +67,9 @@ class PairTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Mean metrics over this rank's share of the held-out pairs, weighted by pairs; the loss is
-        reported as `val_loss`. (Ranks see disjoint shares; the loop averages across ranks.)"""
+        """Metrics averaged over all held-out pairs (the loss as `val_loss`); each rank scores a disjoint
+        share and the sums are gathered, so every rank returns the same numbers."""
         mine = self.val_pairs[self.rank::self.world_size]
-        if not mine:
-            return {}
         was_training = model.training
         model.eval()
         totals: dict[str, float] = defaultdict(float)
@@ -67,14 +77,72 @@ class PairTask:
             for start in range(0, len(mine), self.eval_batch_size):
                 chunk = mine[start:start + self.eval_batch_size]
                 loss, metrics = self.loss(model, collate_pairs(chunk))
-                for k, v in {"val_loss": loss.item(), **metrics}.items():
-                    totals[k] += v * len(chunk)
+                for k, v in {"val_loss": loss, **metrics}.items():
+                    totals[k] += float(v) * len(chunk)
         finally:
             model.train(was_training)
-        return {k: v / len(mine) for k, v in totals.items()}
+        gathered = all_gather_object((dict(totals), len(mine)))
+        count = sum(n for _, n in gathered)
+        keys = sorted({k for t, _ in gathered for k in t})
+        return {k: sum(t.get(k, 0.0) for t, _ in gathered) / count for k in keys} if count else {}
 
     def state_dict(self) -> dict:
         return {"batcher": self.batcher.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.batcher.load_state_dict(state["batcher"])
+
+
+# ----------------------------------------------------------------------------- the stages' shared setup
+
+
+@dataclass
+class PairStageConfig(TrainConfig):
+    """The shared loop's flags plus what a preference-pair stage needs."""
+
+    model: str = arg("runs/finetune", "starting checkpoint (the SFT model): a run folder, a Hugging Face "
+                                      "folder or a hub name")
+    data: str = arg("data/hh", "folder written by `gpt2 prepare hh` (train.jsonl, val.jsonl)")
+    batch_size: int = arg(8, "preference pairs per micro batch per process (each pair is two sequences)")
+    grad_accum: int = arg(1, "micro batches per optimizer step")
+    epochs: float = arg(1.0, "passes over the training pairs; sets --max-steps (0: use --max-steps instead)")
+    eval_every: int | None = arg(None, "evaluate on the held-out pairs every N steps; default once an epoch")
+    max_len: int | None = arg(None, "skip pairs longer than this many tokens (default: the model's context)")
+    lr: float = arg(5e-6, "peak learning rate (reached after warmup)")
+    warmup_steps: int = arg(10, "steps of linear LR warmup")
+    weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
+
+
+def load_train_val(cfg: PairStageConfig, block_size: int) -> tuple[list[Pair], list[Pair]]:
+    max_len = min(cfg.max_len or block_size, block_size)
+    train_pairs = load_pairs(split_file(cfg.data, "train"), max_len)
+    val_file = split_file(cfg.data, "val")
+    val_pairs = load_pairs(val_file, max_len) if val_file.is_file() else []
+    if not train_pairs:
+        raise UserError(f"{split_file(cfg.data, 'train')}: no preference pairs of at most {max_len} tokens")
+    return train_pairs, val_pairs
+
+
+def run_pair_stage(cfg: PairStageConfig, make_model: Callable[[GPT], nn.Module],
+                   make_task: Callable[[GPT, list[Pair], list[Pair], DistInfo], PairTask]) -> nn.Module:
+    """Load the starting GPT and the pairs, build the stage's model and task, and train on the shared loop."""
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 0:
+        raise UserError("--batch-size and --grad-accum must be >= 1 and --epochs >= 0")
+    dist = init_distributed(cfg.device)
+    try:
+        start = load_model(cfg.model)
+        train_pairs, val_pairs = load_train_val(cfg, start.config.block_size)
+        task = make_task(start, train_pairs, val_pairs, dist)
+        steps_per_epoch = max(1, task.steps_per_epoch // cfg.grad_accum)
+        if cfg.epochs > 0:
+            cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+        if cfg.eval_every is None:
+            cfg = replace(cfg, eval_every=steps_per_epoch if val_pairs else 0)
+        if dist.is_main:
+            print(f"{len(train_pairs)} train / {len(val_pairs)} held-out pairs; {cfg.max_steps} steps "
+                  f"({steps_per_epoch} per epoch)", flush=True)
+        model = make_model(start)
+        train(model, task, cfg, cfg.grad_accum, dist=dist, run_config=cfg)
+        return model
+    finally:
+        destroy_distributed()
