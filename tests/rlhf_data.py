@@ -1,9 +1,13 @@
-"""Real HH-RLHF pairs made small for fast tests: shortened, and relabelled into a compact vocabulary."""
+"""Helpers of the RLHF tests: real HH-RLHF pairs made small (shortened, relabelled into a compact
+vocabulary) and a one-thread fixture for tiny models."""
 
 from __future__ import annotations
 
 import gzip
 import json
+
+import pytest
+import torch
 
 from gpt2.data.preferences import MalformedPair, tokenize_record
 from gpt2.model import GPTConfig
@@ -36,3 +40,13 @@ def compact(pairs: list[dict]) -> tuple[list[dict], GPTConfig]:
     new = {t: i for i, t in enumerate(ids)}
     relabelled = [{k: [new[t] for t in seq] for k, seq in p.items()} for p in pairs]
     return relabelled, GPTConfig(block_size=64, vocab_size=len(ids), n_layer=2, n_head=2, n_embd=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: on a busy 2-core machine a second thread costs far more in waiting than it gains.
+    Autouse in every test module that imports it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

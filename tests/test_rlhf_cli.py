@@ -8,20 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from rlhf_data import compact, short_hh_pairs
+from rlhf_data import compact, one_thread, short_hh_pairs  # noqa: F401 (one_thread: autouse)
 
 from gpt2.cli import main
 from gpt2.model import GPT
 from gpt2.rlhf.heads import VALUE_HEAD, RewardModel
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
+from rlhf_data import one_thread  # noqa: F401 (autouse fixture)
 
 from gpt2.model import GPT, GPTConfig
 from gpt2.rlhf.heads import ActorCritic
@@ -16,14 +16,6 @@ from gpt2.tokenizer import EOT
 SMALL = GPTConfig(block_size=32, vocab_size=16, n_layer=2, n_head=2, n_embd=32)
 TOKEN = 3
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: on a busy 2-core machine a second thread costs far more in waiting than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fraction_of_token(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from rlhf_data import compact, short_hh_pairs
+from rlhf_data import compact, one_thread, short_hh_pairs  # noqa: F401 (one_thread: autouse)
 
 from gpt2.model import GPT, GPTConfig
 from gpt2.rlhf.dpo import DPOTask
@@ -21,14 +21,6 @@ from gpt2.tokenizer import EOT
 
 TINY = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: on a busy 2-core machine a second thread costs far more in waiting than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(model: torch.nn.Module, task, steps: int, lr: float) -> list[dict]:
