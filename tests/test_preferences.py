@@ -104,3 +104,23 @@ def test_real_hh_pairs_split_cleanly(shared_data, tokenizer_ok):
             except MalformedPair as e:
                 reasons[str(e)] = reasons.get(str(e), 0) + 1
     assert ok > 280 and set(reasons) <= {"prompt_mismatch", "identical_answers", "too_long"}
+
+
+def test_prepare_streams_the_hub_dataset_without_source(tmp_path, monkeypatch, tokenizer_ok):
+    """With no --source, records come from `iter_records(None, "Anthropic/hh-rlhf", None, split)` (the
+    hub path users take online), stubbed here; a malformed record is counted, not fatal."""
+    import gpt2.data.sources as sources
+    from gpt2.data.preferences import PrepareHHConfig, prepare
+
+    calls = []
+
+    def fake_iter_records(source, hub_id, hub_config=None, split="train"):
+        calls.append((source, hub_id, hub_config, split))
+        yield {"chosen": CHOSEN, "rejected": REJECTED}
+        yield {"chosen": CHOSEN, "rejected": CHOSEN}
+
+    monkeypatch.setattr(sources, "iter_records", fake_iter_records)
+    meta = prepare(PrepareHHConfig(out=str(tmp_path), split="test", val_fraction=0.0))
+    assert calls == [(None, "Anthropic/hh-rlhf", None, "test")]
+    assert meta["train"] == 1 and meta["val"] == 0 and meta["identical_answers"] == 1
+    assert load_pairs(tmp_path / "train.jsonl")[0]["chosen"] == encode("It is 4.") + [EOT]
