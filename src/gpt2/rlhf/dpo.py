@@ -45,8 +45,6 @@ class DPOTask(PairTask):
         logp, ref_logp = sequence_logprobs(logits, targets), sequence_logprobs(ref_logits, targets)  # (2B,)
         B = input_ids.size(0) // 2
         loss, metrics = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], self.beta)
-        metrics["logp_chosen"] = logp[:B].detach().mean()
-        metrics["logp_rejected"] = logp[B:].detach().mean()
         with torch.no_grad():
             metrics["kl"] = token_kl(logits.detach(), ref_logits, targets != -100)
         return loss, metrics
