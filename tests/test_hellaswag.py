@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import urllib.error
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import gpt2.evaluate as ev
 from gpt2.cli import main
@@ -52,10 +55,14 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def make_tiny() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny()
 
 
 def manual_losses(model, example):
@@ -111,13 +118,13 @@ def test_accuracy_matches_argmin_of_manual_losses(tiny):
     want_acc = 1.0
     want_norm = sum(ps == pm for ps, pm in zip(preds_sum, preds_mean)) / len(RECORDS)
     tiny.train()
-    for batch_size in (1, 2, 8):  # batching and padding change nothing
+    for batch_size in (1, 3):  # batching and padding change nothing
         got = hellaswag_eval(tiny, examples, batch_size=batch_size)
         assert got == {"acc": want_acc, "acc_norm": pytest.approx(want_norm), "n": len(RECORDS)}
     assert tiny.training  # mode restored
     tiny.eval()
     examples = [dict(ex, label=pm) for ex, pm in zip(RECORDS, preds_mean)]
-    got = hellaswag_eval(tiny, examples, batch_size=3)
+    got = hellaswag_eval(tiny, examples, batch_size=8)
     assert got["acc_norm"] == 1.0 and got["acc"] == pytest.approx(want_norm)
 
 
@@ -143,6 +150,36 @@ def test_ranks_score_disjoint_shares(tiny):
     assert [p["n"] for p in parts] == [3, 2]
     assert sum(p["acc"] * p["n"] for p in parts) == pytest.approx(full["acc"] * full["n"])
     assert sum(p["acc_norm"] * p["n"] for p in parts) == pytest.approx(full["acc_norm"] * full["n"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpt2.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed("cpu")
+    try:
+        result = hellaswag_eval(make_tiny(), RECORDS, rank=info.rank, world_size=info.world_size)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(result, f)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_return_the_global_accuracy(tmp_path, tiny):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "result")), nprocs=2, join=True)
+    full = hellaswag_eval(tiny, RECORDS)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert got == pytest.approx(full)
 
 
 def test_read_hellaswag_keeps_records_and_limit(tmp_path):
@@ -200,13 +237,13 @@ def test_download_is_cached(tmp_path, monkeypatch):
 
 
 def test_cli_eval_hellaswag(tmp_path, tiny, capsys):
-    tiny.save_pretrained(tmp_path / "model")
+    tiny.save_pretrained(tmp_path / "run" / "model")  # a training run directory's HF export
     src = write_jsonl(tmp_path / "hs.jsonl", RECORDS)
-    main(["eval", "hellaswag", "--model", str(tmp_path / "model"), "--source", str(src), "--limit", "4",
+    main(["eval", "hellaswag", "--model", str(tmp_path / "run"), "--source", str(src), "--limit", "4",
           "--device", "cpu", "--batch-size", "3"])
     out = capsys.readouterr().out
     want = hellaswag_eval(tiny, RECORDS[:4])
     assert f"4 examples  acc {want['acc']:.4f}  acc_norm {want['acc_norm']:.4f}" in out
     with pytest.raises(SystemExit):
-        main(["eval", "hellaswag", "--model", str(tmp_path / "model"), "--source", str(tmp_path / "x.jsonl")])
+        main(["eval", "hellaswag", "--model", str(tmp_path / "run"), "--source", str(tmp_path / "x.jsonl")])
     assert "x.jsonl" in capsys.readouterr().err

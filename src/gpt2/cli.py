@@ -21,9 +21,12 @@ from gpt2.errors import UserError
 # Modules that register commands, imported when the CLI starts.
 COMMAND_MODULES = [
     "gpt2.generate",
+    "gpt2.data.fineweb",
     "gpt2.plots",
     "gpt2.evaluate",
+    "gpt2.train.pretrain",
     "gpt2.data.alpaca",
+    "gpt2.train.finetune",
     "gpt2.data.preferences",
     "gpt2.rlhf.dpo",
     "gpt2.rlhf.reward",

@@ -24,7 +24,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ HELLASWAG_URLS = {
     split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
     for split in ("train", "val")
 }
+HELLASWAG_DIR = "data/hellaswag"  # where the downloaded file is cached (relative to the working directory)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -58,13 +58,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """`torch.autocast` for `dtype` on `device`, or a no-op when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None) -> float:
@@ -73,6 +66,8 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     `device` defaults to the model's; batches are moved there. `autocast_dtype` (e.g. torch.bfloat16)
     runs the forward under autocast; the loss itself is always computed in float32.
     """
+    from gpt2.train.loop import autocast_context
+
     core = unwrap(model)
     device = torch.device(device) if device is not None else next(core.parameters()).device
     was_training = core.training
@@ -81,11 +76,11 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     count = 0
     try:
         for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            n = int((y != IGNORE_INDEX).sum())
+            n = int((y != IGNORE_INDEX).sum())  # before the move: no device sync when batches come from CPU
             if n == 0:
                 continue
-            with autocast(device, autocast_dtype):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device, autocast_dtype):
                 loss = core.loss(x, y)
             total += loss.double() * n
             count += n
@@ -99,7 +94,7 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 # ---------------------------------------------------------------------------------------------- HellaSwag
 
 
-def download_hellaswag(split: str = "val", data_dir: str | os.PathLike = "data/hellaswag") -> Path:
+def download_hellaswag(split: str = "val", data_dir: str | os.PathLike = HELLASWAG_DIR) -> Path:
     """The path of the cached `hellaswag_{split}.jsonl`, downloading it first if it is not there."""
     if split not in HELLASWAG_URLS:
         raise UserError(f"--split {split!r}: HellaSwag splits with labels are {sorted(HELLASWAG_URLS)}")
@@ -162,7 +157,7 @@ def read_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[di
 
 
 def load_hellaswag(source: str | os.PathLike | None = None, split: str = "val",
-                   data_dir: str | os.PathLike = "data/hellaswag", limit: int | None = None) -> list[dict]:
+                   data_dir: str | os.PathLike = HELLASWAG_DIR, limit: int | None = None) -> list[dict]:
     """Records from `source` (a local jsonl) or, when None, the official file (downloaded and cached)."""
     return read_hellaswag(source if source is not None else download_hellaswag(split, data_dir), limit)
 
@@ -193,20 +188,22 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     change nothing before them, and the mask keeps them out of the sums.
     """
     from gpt2.inference import pad_right
+    from gpt2.train.loop import autocast_context
 
     device = device or next(model.parameters()).device
     ids, valid = pad_right(list(rows))  # (R, T) each
     lengths = valid.sum(1)  # (R,)
     pos = torch.arange(ids.size(1))[None]  # (1, T)
     scored = (pos >= (lengths - torch.tensor(n_end))[:, None]) & (pos < lengths[:, None])  # (R, T) ending tokens
-    with autocast(device, autocast_dtype):
+    # logits at t predict token t+1, so token t is scored from logits t-1; cross-entropy only at the scored
+    # positions (about a third), not over the whole (R, T, 50257) block in float32
+    sel = scored[:, 1:].to(device)  # (R, T-1)
+    with autocast_context(device, autocast_dtype):
         logits = model(ids.to(device))  # (R, T, V)
-    # logits at t predict token t+1: score tokens 1..T-1
-    losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].to(device).flatten(),
-                             reduction="none").view(ids.size(0), -1).cpu()  # (R, T-1)
-    mask = scored[:, 1:].float()
-    total = (losses * mask).sum(1)
-    return total, total / mask.sum(1)
+    token_loss = F.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:].to(device)[sel], reduction="none")  # (N,)
+    row_of = torch.arange(ids.size(0), device=device)[:, None].expand_as(sel)[sel]  # (N,)
+    total = torch.zeros(ids.size(0), device=device).index_add_(0, row_of, token_loss).cpu()  # (R,)
+    return total, total / torch.tensor(n_end, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -258,33 +255,17 @@ def hellaswag_eval(model: nn.Module, examples: Sequence[dict], device: torch.dev
 
 # ---------------------------------------------------------------------------------------------- commands
 
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_model(name_or_dir: str) -> nn.Module:
-    """A GPT from a training run dir, an HF checkpoint dir or a hub name (via `gpt2.checkpoint.load_model`)."""
-    try:
-        from gpt2.checkpoint import load_model as load
-    except ImportError:  # the training branch's checkpoint module is not merged yet: HF dirs and hub names
-        from gpt2.model import GPT
-
-        load = GPT.from_pretrained
-    return load(name_or_dir)
-
-
-def autocast_dtype_for(name: str, device: torch.device) -> torch.dtype | None:
-    """--dtype -> the autocast dtype (None = plain float32); "auto" is bfloat16 on a GPU that supports it."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return DTYPES[name]
+DTYPES = ["auto", "bfloat16", "float32"]  # as the training loop's --dtype
 
 
 def _prepare(model_name: str, device_name: str, dtype_name: str) -> tuple[nn.Module, torch.device, torch.dtype | None]:
-    from gpt2.generate import pick_device
+    """The model on its device in eval mode, and the autocast dtype for `--dtype`."""
+    from gpt2.checkpoint import load_model
+    from gpt2.distributed import pick_device
+    from gpt2.train.loop import autocast_dtype
 
     device = pick_device(device_name)
-    model = load_model(model_name).to(device).eval()
-    return model, device, autocast_dtype_for(dtype_name, device)
+    return load_model(model_name, device).eval(), device, autocast_dtype(dtype_name, device)
 
 
 @dataclass
@@ -292,12 +273,12 @@ class HellaSwagConfig:
     model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
     source: str | None = arg(None, help="local HellaSwag jsonl (official format) instead of downloading it")
     split: str = arg("val", help="which official file to download", choices=sorted(HELLASWAG_URLS))
-    data_dir: str = arg("data/hellaswag", help="folder the downloaded HellaSwag file is cached in")
+    data_dir: str = arg(HELLASWAG_DIR, help="folder the downloaded HellaSwag file is cached in")
     limit: int | None = arg(None, help="score only the first N examples")
     batch_size: int = arg(8, help="examples per forward pass (4 rows each)")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
-                     choices=["auto", *DTYPES])
+                     choices=DTYPES)
 
 
 def run_hellaswag(cfg: HellaSwagConfig) -> dict[str, float]:
@@ -325,10 +306,10 @@ class ValLossConfig:
     tokens: int = arg(10_485_760, help="token budget (20 x 524288, build-nanogpt's); capped at one pass "
                                        "over the split")
     batch_size: int = arg(8, help="sequences per forward pass")
-    seq_len: int | None = arg(None, help="tokens per sequence (default: the model's context window)")
+    seq_len: int | None = arg(None, help="tokens per sequence; none = the model's context window")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
-                     choices=["auto", *DTYPES])
+                     choices=DTYPES)
 
 
 def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:

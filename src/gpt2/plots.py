@@ -183,7 +183,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 class PlotConfig:
     run_dir: str = arg(None, help="training run directory holding metrics.jsonl", positional=True,
                        metavar="RUN_DIR")
-    out: str | None = arg(None, help="PNG to write (default: RUN_DIR/loss.png)")
+    out: str | None = arg(None, help="PNG to write; none = RUN_DIR/loss.png")
 
 
 def run(cfg: PlotConfig) -> Path:

@@ -35,6 +35,11 @@ from gpt2.errors import UserError
 
 
 class ShardLoader:
+    """Batches of rank `rank` of `world_size` from the `split` ("train" or "val") shards in `data_dir`.
+
+    Attributes: `num_tokens` (tokens in the split), `window` (B*T, tokens per batch), `steps_per_epoch`
+    (batches per rank per epoch), `epoch` and `step` (position), `shards` (paths, in stream order)."""
+
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, rank: int = 0,
                  world_size: int = 1):
         if batch_size < 1 or seq_len < 1:

@@ -1,0 +1,322 @@
+"""`gpt2 prepare fineweb`: documents -> GPT-2 tokens -> uint16 shards that `ShardLoader` streams.
+
+    gpt2 prepare fineweb                          # HuggingFaceFW/fineweb, sample-10BT (~10B tokens, ~100 shards)
+    gpt2 prepare fineweb --dataset fineweb-edu    # HuggingFaceFW/fineweb-edu, sample-10BT
+    gpt2 prepare fineweb --source my_texts/ --out data/mine --shard-tokens 10000000 --val-tokens 100000
+
+Design decisions:
+- Records come from `gpt2.data.sources.iter_records`: the hub is streamed (the raw parquet never sits on
+  disk next to the shards) and `--source` files take exactly the same path after that.
+- Each document becomes `<|endoftext|>` followed by its tokens, so the shards are one stream in which EOT
+  *starts* every document (the llm.c / build-nanogpt convention). Shards are filled to exactly
+  `--shard-tokens` (documents are split across shard boundaries, nothing is padded); the first shard
+  (`{prefix}_val_000000.bin`) holds the first `--val-tokens` tokens, then `{prefix}_train_000001.bin`, ...
+  The default of 10M validation tokens gives a low-noise validation loss (20 evaluations of 0.5M tokens)
+  while taking only 0.1% of the 10B sample from training. Format: see `gpt2.data.shards`.
+- Tokenization runs in a process pool (`imap`, chunks of documents); `imap` returns results in input
+  order, so the output is identical for any `--workers`.
+- Resumable: shards are written to a temporary name and renamed, and after each shard `progress.json` is
+  replaced atomically with the exact position in the document stream (documents fully written, plus the
+  tokens already written of the document that straddles the shard boundary). A re-run skips that many
+  documents, drops those tokens, and continues: nothing is duplicated or lost. Shards past the recorded
+  position (written just before a crash) are deleted and rewritten. The last shard of a run may be
+  partial; a later run with larger `--max-docs`/`--max-tokens` reopens it and continues filling it.
+  Skipping documents on resume re-reads (re-downloads) them but does not re-tokenize them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2.cli import Command, register
+from gpt2.config import arg
+from gpt2.data.shards import SPLITS, list_shards, read_header, read_shard, shard_name, write_shard
+from gpt2.errors import UserError
+
+DATASETS = {  # --dataset -> (hub id, config, shard file prefix)
+    "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT", "fineweb"),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "fineweb_edu"),
+}
+PROGRESS = "progress.json"
+PROGRESS_VERSION = 1
+
+
+@dataclass
+class PrepareFinewebConfig:
+    out: str | None = arg(None, "output folder for the shards; none means data/<dataset>")
+    dataset: str = arg("fineweb", "hub dataset to stream (config sample-10BT)", choices=sorted(DATASETS))
+    source: str | None = arg(None, "local file or folder (.parquet, .jsonl[.gz], .json, .txt) instead of the hub")
+    text_field: str = arg("text", "record field that holds the document text")
+    shard_tokens: int = arg(100_000_000, "tokens per train shard")
+    val_tokens: int = arg(10_000_000, "tokens in the validation shard (the first shard); 0 for none")
+    workers: int | None = arg(None, "tokenizer processes; none means one per available core")
+    max_docs: int | None = arg(None, "stop after this many documents (in total, across resumed runs)")
+    max_tokens: int | None = arg(None, "stop after this many tokens (in total, across resumed runs)")
+
+
+def tokenize_document(text: str) -> np.ndarray:
+    """`<|endoftext|>` + the document's GPT-2 tokens, as uint16 (runs in the pool's workers)."""
+    from gpt2.tokenizer import EOT, encode
+
+    ids = encode(text)
+    out = np.empty(len(ids) + 1, dtype=np.uint16)
+    out[0] = EOT
+    out[1:] = ids
+    return out
+
+
+def _warm_tokenizer() -> None:
+    """Pool initializer: load the BPE files once per worker, before the first chunk arrives."""
+    from gpt2.tokenizer import get_encoding
+
+    get_encoding()
+
+
+def iter_texts(records: Iterable[dict], field: str, where: str, first_index: int = 0) -> Iterator[str]:
+    for i, rec in enumerate(records, start=first_index):
+        text = rec.get(field)
+        if not isinstance(text, str):
+            what = "has no" if text is None else f"has a {type(text).__name__} in its"
+            raise UserError(f"{where}: record {i} {what} {field!r} field (fields: {', '.join(map(str, rec))}); "
+                            f"pick the field with --text-field")
+        yield text
+
+
+def tokenize_all(texts: Iterable[str], workers: int, chunksize: int = 16) -> Iterator[np.ndarray]:
+    """Token arrays of `texts`, in input order, from `workers` processes (in-process when workers == 1)."""
+    if workers <= 1:
+        yield from map(tokenize_document, texts)
+        return
+    import multiprocessing as mp
+
+    with mp.Pool(workers, initializer=_warm_tokenizer) as pool:  # leaving the block terminates the workers
+        yield from pool.imap(tokenize_document, texts, chunksize=chunksize)
+
+
+class ShardWriter:
+    """Fills fixed-size shards from a stream of documents and records, after each shard, the exact stream
+    position in `progress.json` (see the module docstring)."""
+
+    def __init__(self, out: Path, prefix: str, settings: dict[str, Any], limits: dict[str, Any],
+                 shard_tokens: int, val_tokens: int):
+        self.out, self.prefix, self.settings, self.limits = out, prefix, settings, limits
+        self.shard_tokens, self.val_tokens = shard_tokens, val_tokens
+        self.shards: list[dict[str, Any]] = []  # [{"name", "tokens"}] of the shards written so far
+        self.docs = 0  # documents written completely
+        self.doc_tokens = 0  # tokens already written of document number `docs` (it straddles a boundary)
+        self.tokens = 0  # tokens written in total
+        self.buf = np.empty(0, dtype=np.uint16)
+        self.fill = 0
+
+    def _index(self) -> int:
+        """Index of the shard being filled: 0 is validation; with --val-tokens 0 training starts at 1."""
+        return len(self.shards) + (0 if self.val_tokens > 0 else 1)
+
+    def _capacity(self, index: int) -> int:
+        return self.val_tokens if index == 0 else self.shard_tokens
+
+    def _open(self) -> None:
+        capacity = self._capacity(self._index())
+        if len(self.buf) != capacity:
+            self.buf = np.empty(capacity, dtype=np.uint16)
+        self.fill = 0
+
+    def resume(self) -> bool:
+        """Pick up `progress.json` if present. Returns False when a finished run already did this job."""
+        state = load_progress(self.out)
+        if state is None:
+            stale = [p.name for s in SPLITS for p in list_shards(self.out, s)]
+            if stale:
+                raise UserError(f"{self.out}: holds shards ({stale[0]}, ...) but no {PROGRESS}; "
+                                f"use an empty --out folder")
+            self._open()
+            return True
+        if state["settings"] != self.settings:
+            diff = [k for k in self.settings if state["settings"].get(k) != self.settings[k]]
+            raise UserError(f"{self.out}: prepared with other settings ({', '.join(diff)} differ); use another "
+                            f"--out folder, or delete this one to start over")
+        self.shards, self.docs, self.doc_tokens, self.tokens = (
+            state["shards"], state["docs"], state["doc_tokens"], state["tokens"])
+        for s in self.shards:  # what progress.json calls written must still be there, intact
+            if read_header(self.out / s["name"]) != s["tokens"]:
+                raise UserError(f"{self.out / s['name']}: holds another token count than {PROGRESS} records; "
+                                f"delete {self.out} to start over")
+        self._delete_unrecorded()
+        if state["finished"] and (state["exhausted"] or state["limits"] == self.limits):
+            return False
+        last = self.shards[-1] if self.shards else None
+        if last and last["tokens"] < self._capacity(self._index() - 1):
+            self.shards.pop()  # a partial last shard: reopen it and keep filling
+            self._open()
+            self.buf[:last["tokens"]] = read_shard(self.out / last["name"])
+            self.fill = last["tokens"]
+        else:
+            self._open()
+        return True
+
+    def _name(self, index: int) -> str:
+        return shard_name(self.prefix, "val" if index == 0 else "train", index)
+
+    def _delete_unrecorded(self) -> None:
+        """Shards renamed into place after the last progress.json write (a crash in between), and temp files,
+        are not part of the recorded state: remove them so they are rewritten, never counted twice."""
+        recorded = {s["name"] for s in self.shards}
+        for p in self.out.iterdir():
+            if p.name.startswith(f".{self.prefix}_") and ".bin.tmp" in p.name:
+                p.unlink()
+        for split in SPLITS:
+            for p in list_shards(self.out, split):
+                if p.name not in recorded:
+                    p.unlink()
+
+    def add(self, doc: np.ndarray, skip: int = 0, end: int | None = None) -> int:
+        """Append doc[skip:end] (`skip` tokens were written by an earlier run; `end` < len(doc) cuts the
+        document at --max-tokens). Returns the number of tokens appended."""
+        end = len(doc) if end is None else end
+        pos = skip
+        while pos < end:
+            take = min(len(self.buf) - self.fill, end - pos)
+            self.buf[self.fill:self.fill + take] = doc[pos:pos + take]
+            self.fill += take
+            pos += take
+            self.tokens += take
+            if pos == len(doc):
+                self.docs, self.doc_tokens = self.docs + 1, 0
+            else:
+                self.doc_tokens = pos
+            if self.fill == len(self.buf):
+                self._flush()
+                self._open()
+        return end - skip
+
+    def _flush(self, finished: bool = False, exhausted: bool = False) -> None:
+        if self.fill:
+            name = self._name(self._index())
+            write_shard(self.out / name, self.buf[:self.fill])
+            self.shards.append({"name": name, "tokens": self.fill})
+        save_progress(self.out, {"version": PROGRESS_VERSION, "settings": self.settings, "shards": self.shards,
+                                 "docs": self.docs, "doc_tokens": self.doc_tokens, "tokens": self.tokens,
+                                 "finished": finished, "exhausted": exhausted, "limits": self.limits})
+
+    def finish(self, exhausted: bool) -> None:
+        """Write the partial last shard (if any) and the final position."""
+        self._flush(finished=True, exhausted=exhausted)
+
+
+def load_progress(out: Path) -> dict[str, Any] | None:
+    path = out / PROGRESS
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); delete {out} to start over") from e
+    if not isinstance(state, dict) or state.get("version") != PROGRESS_VERSION:
+        raise UserError(f"{path}: not a progress file of this version; delete {out} to start over")
+    return state
+
+
+def save_progress(out: Path, state: dict[str, Any]) -> None:
+    path = out / PROGRESS
+    tmp = path.with_name(f".{PROGRESS}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _check(cfg: PrepareFinewebConfig) -> None:
+    if cfg.shard_tokens < 1 or cfg.shard_tokens > 2**31 - 1:
+        raise UserError(f"--shard-tokens {cfg.shard_tokens}: must be between 1 and 2147483647")
+    if cfg.val_tokens < 0 or cfg.val_tokens > 2**31 - 1:
+        raise UserError(f"--val-tokens {cfg.val_tokens}: must be between 0 and 2147483647")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise UserError(f"--workers {cfg.workers}: must be >= 1")
+    for flag, value in (("--max-docs", cfg.max_docs), ("--max-tokens", cfg.max_tokens)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} {value}: must be >= 0")
+
+
+def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
+    """Prepare (or resume preparing) the shards; returns a summary {shards, docs, tokens, out}."""
+    from tqdm import tqdm
+
+    from gpt2.data.sources import iter_records
+    from gpt2.tokenizer import get_encoding
+
+    _check(cfg)
+    hub_id, hub_config, prefix = DATASETS[cfg.dataset]
+    out = Path(cfg.out or f"data/{cfg.dataset}")
+    settings = {"input": str(Path(cfg.source).resolve()) if cfg.source else f"{hub_id}/{hub_config}",
+                "text_field": cfg.text_field, "shard_tokens": cfg.shard_tokens, "val_tokens": cfg.val_tokens}
+    get_encoding()  # a missing tokenizer is one clear error here, not one per worker
+    out.mkdir(parents=True, exist_ok=True)
+    limits = {"max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens}
+    writer = ShardWriter(out, prefix, settings, limits, cfg.shard_tokens, cfg.val_tokens)
+    if not writer.resume():
+        print(f"{out}: already complete ({len(writer.shards)} shards, {writer.tokens:,} tokens, "
+              f"{writer.docs:,} documents)", file=sys.stderr)
+        return _summary(writer, out)
+    if writer.tokens or writer.docs:
+        print(f"{out}: resuming after {writer.docs:,} documents, {writer.tokens:,} tokens", file=sys.stderr)
+
+    start_doc, skip = writer.docs, writer.doc_tokens
+    records = iter_records(cfg.source, hub_id, hub_config, split="train")
+    records = itertools.islice(records, start_doc, cfg.max_docs)  # resume: past what is written
+    texts = iter_texts(records, cfg.text_field, cfg.source or hub_id, first_index=start_doc)
+    budget = None if cfg.max_tokens is None else cfg.max_tokens - writer.tokens  # tokens this run may add
+    exhausted = budget is None or budget > 0
+    t0 = shown = time.time()
+    new_tokens = 0
+    bar = tqdm(desc="tokenizing", unit=" docs", initial=start_doc, total=cfg.max_docs, dynamic_ncols=True,
+               mininterval=0.5)
+    docs = tokenize_all(texts, cfg.workers or available_cpus()) if exhausted else (d for d in ())
+    try:
+        for doc in docs:
+            end = len(doc) if budget is None else min(len(doc), skip + budget - new_tokens)
+            new_tokens += writer.add(doc, skip, end)
+            skip = 0
+            bar.update(1)
+            if time.time() - shown > 0.5:
+                shown = time.time()
+                bar.set_postfix_str(f"{writer.tokens:,} tokens, {new_tokens / (shown - t0):,.0f} tokens/s",
+                                    refresh=False)
+            if budget is not None and new_tokens == budget:  # --max-tokens reached
+                exhausted = False
+                break
+    finally:
+        docs.close()  # stops the pool now, also on an error or a break
+        bar.close()
+    if cfg.max_docs is not None and writer.docs >= cfg.max_docs:
+        exhausted = False
+    writer.finish(exhausted)
+    rate = new_tokens / max(time.time() - t0, 1e-9)
+    print(f"{out}: {len(writer.shards)} shards, {writer.tokens:,} tokens from {writer.docs:,} documents "
+          f"({new_tokens:,} new tokens at {rate:,.0f} tokens/s)", file=sys.stderr)
+    if writer.shards and all(s["name"] == writer._name(0) for s in writer.shards):
+        print(f"{out}: warning: every token went to the validation shard; lower --val-tokens", file=sys.stderr)
+    return _summary(writer, out)
+
+
+def _summary(writer: ShardWriter, out: Path) -> dict[str, Any]:
+    return {"out": out, "shards": [s["name"] for s in writer.shards], "docs": writer.docs, "tokens": writer.tokens}
+
+
+register(Command("prepare fineweb", "tokenize FineWeb (or local text) into uint16 shards for pretraining",
+                 PrepareFinewebConfig, run))
