@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from rlhf_data import compact, one_thread, short_hh_pairs  # noqa: F401 (one_thread: autouse)
 
 from gpt2.cli import main
@@ -68,6 +69,22 @@ def test_dpo_command(setup):
     assert train[-1]["kl"] > 0
     assert (out / "loss.png").is_file() and (out / "checkpoint.pt").is_file()
     GPT.from_pretrained(out / "model")  # the policy is an HF checkpoint
+
+
+def test_dpo_resume_matches_an_uninterrupted_run(setup):
+    """Stopping and resuming gives the same weights: the reference is rebuilt from --model (the SFT start,
+    not the resumed policy) and the data position comes back with the checkpoint."""
+    tmp, data, sft = setup
+    args = ["dpo", "--model", str(sft), "--data", str(data), "--epochs", "0", "--max-steps", "4",
+            "--eval-every", "0", *COMMON]
+    main([*args, "--out", str(tmp / "straight")])
+    main([*args, "--out", str(tmp / "split"), "--stop-at-step", "2"])
+    main([*args, "--out", str(tmp / "split"), "--resume"])
+    straight, split = GPT.from_pretrained(tmp / "straight" / "model"), GPT.from_pretrained(tmp / "split" / "model")
+    for (name, a), b in zip(straight.state_dict().items(), split.state_dict().values()):
+        assert torch.equal(a, b), name
+    losses = lambda run: [r["loss"] for r in _records(tmp / run, "train")]  # noqa: E731
+    assert losses("straight") == losses("split")
 
 
 def test_reward_command(setup):

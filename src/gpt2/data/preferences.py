@@ -133,9 +133,8 @@ def _atomic_write(path: Path, lines: Iterable[str]) -> None:
     os.replace(tmp, path)
 
 
-def load_pairs(path: str | os.PathLike, max_len: int | None = None) -> list[Pair]:
-    """Read `train.jsonl`/`val.jsonl` written by `gpt2 prepare hh` (a file, or the folder plus split
-    name handled by the caller). Pairs longer than `max_len` (a smaller model's context) are skipped."""
+def load_pairs(path: str | os.PathLike) -> list[Pair]:
+    """The pairs of a `train.jsonl`/`val.jsonl` written by `gpt2 prepare hh`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such preference file (make one with `gpt2 prepare hh --out DIR`)")
@@ -144,12 +143,15 @@ def load_pairs(path: str | os.PathLike, max_len: int | None = None) -> list[Pair
         for n, line in enumerate(f, 1):
             try:
                 p = json.loads(line)
-                pair = {k: [int(t) for t in p[k]] for k in ("prompt", "chosen", "rejected")}
+                pairs.append({k: [int(t) for t in p[k]] for k in ("prompt", "chosen", "rejected")})
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise UserError(f"{path}:{n}: not a preference pair ({type(e).__name__}: {e})") from e
-            if max_len is None or len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"])) <= max_len:
-                pairs.append(pair)
     return pairs
+
+
+def pair_length(pair: Pair) -> int:
+    """Tokens a pair needs in the context window: its prompt plus its longer answer."""
+    return len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"]))
 
 
 def split_file(data: str | os.PathLike, split: str) -> Path:

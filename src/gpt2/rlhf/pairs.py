@@ -25,15 +25,11 @@ import torch.nn as nn
 from gpt2.checkpoint import load_model
 from gpt2.config import arg
 from gpt2.data.alpaca import LengthGroupedBatcher
-from gpt2.data.preferences import Pair, collate_pairs, load_pairs, split_file
+from gpt2.data.preferences import Pair, collate_pairs, load_pairs, pair_length, split_file
 from gpt2.distributed import DistInfo, all_gather_object, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.train.loop import TrainConfig, train
-
-
-def pair_length(pair: Pair) -> int:
-    return len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"]))
 
 
 class PairTask:
@@ -114,13 +110,18 @@ class PairStageConfig(TrainConfig):
 
 
 def load_train_val(cfg: PairStageConfig, block_size: int) -> tuple[list[Pair], list[Pair]]:
+    """The prepared train and held-out pairs that fit in `--max-len` (at most the model's context)."""
     max_len = min(cfg.max_len or block_size, block_size)
-    train_pairs = load_pairs(split_file(cfg.data, "train"), max_len)
-    val_file = split_file(cfg.data, "val")
-    val_pairs = load_pairs(val_file, max_len) if val_file.is_file() else []
-    if not train_pairs:
-        raise UserError(f"{split_file(cfg.data, 'train')}: no preference pairs of at most {max_len} tokens")
-    return train_pairs, val_pairs
+    train_file, val_file = split_file(cfg.data, "train"), split_file(cfg.data, "val")
+    splits = {"train": load_pairs(train_file), "val": load_pairs(val_file) if val_file.is_file() else []}
+    fits = {k: [p for p in v if pair_length(p) <= max_len] for k, v in splits.items()}
+    skipped = {k: len(splits[k]) - len(fits[k]) for k in splits}
+    if any(skipped.values()):
+        print(f"skipping pairs longer than {max_len} tokens: {skipped['train']} train, {skipped['val']} held-out",
+              flush=True)
+    if not fits["train"]:
+        raise UserError(f"{train_file}: no preference pairs of at most {max_len} tokens")
+    return fits["train"], fits["val"]
 
 
 def run_pair_stage(cfg: PairStageConfig, make_model: Callable[[GPT], nn.Module],
