@@ -103,13 +103,15 @@ def test_ppo_command_and_resume(setup):
     args = ["ppo", "--model", str(sft), "--reward-model", str(tmp / "rm"), "--data", str(data), "--out", str(out),
             "--max-new-tokens", "4", "--minibatch-size", "2", "--ppo-epochs", "2", "--eval-every", "1",
             "--eval-prompts", "2", *COMMON]
-    main([*args, "--max-steps", "3", "--stop-at-step", "2"])
+    main([*args, "--max-steps", "4", "--stop-at-step", "2"])
     assert [r["step"] for r in _records(out, "train")] == [1, 2]
     assert {"score", "kl", "policy_loss", "value_loss", "clip_frac", "loss", "lr"} <= _records(out, "train")[0].keys()
     assert (out / "model" / VALUE_HEAD).is_file()
     GPT.from_pretrained(out / "model")
     with pytest.raises(SystemExit):  # an existing run is never overwritten silently
-        main([*args, "--max-steps", "3"])
-    main([*args, "--max-steps", "3", "--resume"])
+        main([*args, "--max-steps", "4"])
+    main([*args, "--max-steps", "4", "--resume", "--max-minutes", "0"])  # out of time after one iteration
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
-    assert [r["step"] for r in _records(out, "eval")] == [0, 1, 2, 3]
+    main([*args, "--max-steps", "4", "--resume"])
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4]
+    assert [r["step"] for r in _records(out, "eval")] == [0, 1, 2, 3, 4]

@@ -203,6 +203,7 @@ class PPOConfig(TrainConfig):
     weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
     eval_every: int = arg(10, "score held-out prompts every N iterations (and at the end); 0 = never")
     save_every: int = arg(50, "checkpoint every N iterations; 0 = only at the end")
+    compile: bool | None = arg(False, "not used by PPO (rollout shapes change every iteration)")
 
 
 def load_prompts(cfg: PPOConfig, max_prompt_len: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -337,8 +338,10 @@ def _run(cfg: PPOConfig, dist) -> ActorCritic:
             batch, roll = rollout(actor, reference, reward_fn, prompts, hp, generator=gen)
         upd = ppo_update(model, optimizer, batch, hp, generator=shuffle, autocast=autocast)
         keys = sorted(roll) + sorted(upd)
-        values = all_reduce_mean(torch.tensor([{**roll, **upd}[k] for k in keys], device=device, dtype=torch.float64))
-        record = dict(zip(keys, values.tolist()))
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
+        values = all_reduce_mean(torch.tensor([*({**roll, **upd}[k] for k in keys), float(out_of_time)],
+                                              device=device, dtype=torch.float64)).tolist()
+        record, stop = dict(zip(keys, values)), values[-1] > 0  # every rank stops at the same iteration
         if not math.isfinite(record["loss"]):
             raise NonFiniteLossError(f"PPO stopped at iteration {step + 1}: loss {record['loss']}; lower --lr")
         done, now = step + 1, time.perf_counter()
@@ -349,8 +352,12 @@ def _run(cfg: PPOConfig, dist) -> ActorCritic:
         bar.set_postfix_str(f"score {record['score']:.3f} kl {record['kl']:.3f}", refresh=False)
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             evaluate(done)
-        if done == end or (cfg.save_every and done % cfg.save_every == 0):
+        if done == end or stop or (cfg.save_every and done % cfg.save_every == 0):
             save(done)
+        if stop:
+            if dist.is_main:
+                bar.write(f"--max-minutes reached: saved iteration {done}; continue with --resume")
+            break
     bar.close()
     return actor
 
