@@ -31,6 +31,8 @@ COMMAND_MODULES = [
     "gpt2.rlhf.dpo",
     "gpt2.rlhf.reward",
     "gpt2.rlhf.ppo",
+    "gpt2.serve.chat",
+    "gpt2.serve.server",
 ]
 
 
