@@ -17,7 +17,9 @@ Design decisions:
       {answer}<|endoftext|>
 
   The question is everything up to and including "### Response:\\n"; the answer is the output followed by
-  `<|endoftext|>` (id 50256), which is how the model learns to stop.
+  `<|endoftext|>` (id 50256), which is how the model learns to stop. Fine-tuning tokenizes the two parts
+  separately and trains on the answer tokens only (`gpt2.data.alpaca.encode_example` and `collate`);
+  generation feeds the question and stops at `<|endoftext|>`.
 - A chat (a list of {"role", "content"} messages, as in the OpenAI API or an HH-RLHF dialogue) becomes one
   question: the last user message is the instruction and earlier turns are the input, rendered as
   "User: ..." / "Assistant: ..." lines. A system message, if any, opens the input.

@@ -70,6 +70,8 @@ class TrainConfig:
     max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)")
     stop_at_step: int | None = arg(None, "end after this step with a checkpoint, keeping the schedule of "
                                          "--max-steps (split a long run across time-limited jobs)")
+    max_minutes: float | None = arg(None, "end with a checkpoint after this many minutes of training in this "
+                                          "process, keeping the schedule of --max-steps (--resume continues)")
     lr: float = arg(6e-4, "peak learning rate (reached after warmup)")
     min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)")
     warmup_steps: int = arg(100, "steps of linear LR warmup")
@@ -160,6 +162,7 @@ def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` for `dtype` on `device`, or a no-op for None (float32)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -407,7 +410,8 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     if resumed is not None:
         restore_rng_state(resumed["ranks"][dist.rank]["rng"], device)
         del resumed
-    t_start = time.perf_counter() - elapsed0
+    t_session = time.perf_counter()
+    t_start = t_session - elapsed0
     loss_value = None
     with _StopSignals() as stop:
         for step in range(start_step, end_step):
@@ -431,14 +435,17 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                     extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            # One all-reduce: mean loss, mean task metrics, grad norm, token count, stop flag.
+            # One all-reduce: mean loss, mean task metrics, grad norm, token count, stop flags (so all ranks
+            # stop at the same step).
+            out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_session > 60 * cfg.max_minutes
             keys = sorted(extra)
             vec = torch.stack([loss_sum / grad_accum_steps, *(extra[k] / grad_accum_steps for k in keys),
                                grad_norm.detach().to(torch.float64),
                                torch.tensor(float(tokens), dtype=torch.float64, device=device),
+                               torch.tensor(float(out_of_time), dtype=torch.float64, device=device),
                                torch.tensor(float(stop.signum), dtype=torch.float64, device=device)])
             values = all_reduce_sum(vec).tolist()
-            loss_value, norm = values[0] / dist.world_size, values[-3] / dist.world_size
+            loss_value, norm = values[0] / dist.world_size, values[-4] / dist.world_size
             if not (math.isfinite(loss_value) and math.isfinite(norm)):
                 bar.close()
                 where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
@@ -449,7 +456,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             now = time.perf_counter()
-            tok_per_s = values[-2] / (now - t0)
+            tok_per_s = values[-3] / (now - t0)
             fpt = flops_per_token
             if fpt is None and hasattr(model, "flops_per_token"):
                 fpt = model.flops_per_token(_first_tensor(batch).shape[-1])
@@ -458,14 +465,16 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                       "tokens_per_s": tok_per_s, "mfu": mfu, "time": now - t_start}
             record.update({k: v / dist.world_size for k, v in zip(keys, values[1:1 + len(keys)])})
             metrics.log(record)
-            bar.update(1)
             bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {tok_per_s:,.0f} tok/s"
                                 + (f" mfu {mfu:.1%}" if mfu is not None else ""), refresh=False)
+            bar.update(1)
 
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            signalled, timed_out = values[-1] > 0, values[-2] > 0
+            # Also evaluate where this session ends (the last step, --stop-at-step, --max-minutes), so the
+            # graph of every session ends with a val loss. Evaluation never touches training state.
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == end_step or timed_out):
                 evaluate(done)
-            signalled = values[-1] > 0
-            if done == end_step or signalled or (cfg.save_every and done % cfg.save_every == 0):
+            if done == end_step or signalled or timed_out or (cfg.save_every and done % cfg.save_every == 0):
                 save(done, time.perf_counter() - t_start)
             if signalled:
                 bar.close()
@@ -475,7 +484,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                 if signum == signal.SIGINT:
                     raise KeyboardInterrupt
                 raise SystemExit(128 + int(signum))
+            if timed_out:
+                end_step = done
+                break
     bar.close()
-    if is_main and cfg.stop_at_step and end_step < cfg.max_steps:
+    if is_main and start_step < end_step < cfg.max_steps:
         print(f"stopped at step {end_step} of {cfg.max_steps}; continue with --resume", flush=True)
     return TrainResult(step=max(start_step, end_step), loss=loss_value, run_dir=run_dir)

@@ -1,0 +1,397 @@
+"""Stanford Alpaca instruction data: validate, tokenize, split, batch (`gpt2 prepare alpaca`).
+
+Design decisions:
+- Records are `{"instruction", "input", "output"}` (the original `alpaca_data.json` layout, which the hub's
+  `tatsu-lab/alpaca` also has). `input` may be missing or null (read as ""); a record that is not an
+  object, lacks `instruction`/`output`, has a non-string field, or has an empty instruction or output is
+  *malformed*: it is skipped and counted by reason (`check_record`), never a crash halfway through 52K rows.
+- One example is `(question_ids, answer_ids)`: the question is `gpt2.template.format_prompt(instruction,
+  input)` (the one template, ending in "### Response:\\n") and the answer is the output (surrounding
+  whitespace stripped) followed by `<|endoftext|>` (50256), which is how the model learns to stop.
+  The two are tokenized separately, so the question/answer boundary is exact.
+- The batch layout is the seed's, exactly (`collate`): `seq = question_ids + answer_ids`, right-padded with
+  token 0 to the batch's longest `seq`; `targets[t] = seq[t + 1]` where position t + 1 is an answer
+  position, else -100. So `F.cross_entropy(ignore_index=-100)` averages over answer tokens (and the final
+  `<|endoftext|>`) only: the question and the padding are read but never trained on.
+- Over-length rule (`fit_length`, applied by fine-tuning with the model's context window, so prepared data
+  does not depend on the model): an answer is never cut (that would lose its `<|endoftext|>`). If
+  `len(seq) > max_len`, the question is truncated *from the left*, keeping its last `max_len -
+  len(answer)` tokens: the instruction's end and the template's "### Response:" marker survive, the
+  generic preamble goes first. If that would leave fewer than `MIN_QUESTION_TOKENS` question tokens, the
+  example is dropped. Both cases are counted ("truncated", "dropped_too_long").
+- Held-out split (`split_indices`): a seeded permutation of the valid examples, `round(n * val_fraction)`
+  of them (at least one when the fraction is > 0 and n >= 2) held out. Same data + seed -> same split.
+- Length-grouped batches (`LengthGroupedBatcher`): each epoch, a seeded shuffle is cut into groups of
+  `group_batches * batch_size` examples; each group is sorted by length and cut into batches, and the batch
+  order is shuffled again. Batches hold similar lengths (little padding) while epochs stay random. The
+  batch with the longest sequence goes first, so an out-of-memory batch shows up at step 1, not hours in.
+  Under DDP the epoch's batch list is the same on every rank and rank r takes batches r, r+W, r+2W, ...
+  (disjoint; the last `len % W` batches are left out that epoch so ranks take equal steps). The position
+  (epoch, batch index) is the whole state: `state_dict()` / `load_state_dict()` resume exactly.
+
+Data layout written by `gpt2 prepare alpaca --out DIR`:
+    DIR/train.jsonl, DIR/val.jsonl   one example per line: {"question_ids": [...], "answer_ids": [...]}
+    DIR/manifest.json                source, counts (records, valid, train, val), malformed by reason
+                                     (with a few record indices), val_fraction, seed, token lengths.
+Every file is written to a temporary name and renamed; the manifest is written last, so a folder with a
+manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2.cli import Command, register
+from gpt2.config import arg
+from gpt2.errors import UserError
+from gpt2.template import format_prompt
+from gpt2.tokenizer import EOT, encode_batch
+
+HUB_ID = "tatsu-lab/alpaca"
+PAD_ID = 0  # the seed pads with token 0 ("!"); it is never a target, so any id would do
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+MIN_QUESTION_TOKENS = 16  # below this a left-truncated question has lost its instruction: drop instead
+MANIFEST = "manifest.json"
+
+Example = tuple[list[int], list[int]]  # (question_ids, answer_ids)
+
+
+# ---------------------------------------------------------------- records -> examples
+
+
+def check_record(record: Any) -> str | None:
+    """None for a usable record, else the reason it is malformed (a short, stable string for counting)."""
+    if not isinstance(record, dict):
+        return "not an object"
+    for field in ("instruction", "output"):
+        if field not in record or record[field] is None:
+            return f"missing {field}"
+    for field in ("instruction", "input", "output"):
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            return f"{field} is not a string"
+    if not record["instruction"].strip():
+        return "empty instruction"
+    if not record["output"].strip():
+        return "empty output"
+    return None
+
+
+def _texts(record: dict) -> tuple[str, str]:
+    return format_prompt(record["instruction"], record.get("input") or ""), record["output"].strip()
+
+
+def encode_example(record: dict) -> Example:
+    """A valid record -> (question_ids, answer_ids); the answer ends with <|endoftext|> (50256)."""
+    return encode_examples([record])[0]
+
+
+def encode_examples(records: Sequence[dict]) -> list[Example]:
+    """`encode_example` for many records at once (tiktoken encodes a batch on several threads)."""
+    pairs = [_texts(r) for r in records]
+    ids = encode_batch([t for pair in pairs for t in pair])
+    return [(ids[2 * i], ids[2 * i + 1] + [EOT]) for i in range(len(pairs))]
+
+
+# ---------------------------------------------------------------- the batch layout
+
+
+def collate(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets), LongTensor [B, T], T = the longest question + answer in the batch.
+
+    input_ids[i] = seq + [0] * (T - len(seq)) with seq = question_ids + answer_ids;
+    targets[i] = [-100] * (len(question_ids) - 1) + answer_ids + [-100] * (T - len(seq) + 1),
+    i.e. targets[i][t] = seq[t + 1] where t + 1 is an answer position, else -100.
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    T = max(len(q) + len(a) for q, a in examples)
+    input_ids = torch.full((len(examples), T), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (q, a) in enumerate(examples):
+        if not q or not a:
+            raise ValueError(f"example {i}: question and answer must both be non-empty")
+        input_ids[i, : len(q) + len(a)] = torch.tensor(q + a, dtype=torch.long)
+        targets[i, len(q) - 1 : len(q) - 1 + len(a)] = torch.tensor(a, dtype=torch.long)  # answer shifted left
+    return input_ids, targets
+
+
+def fit_length(example: Example, max_len: int) -> Example | None:
+    """The over-length rule (module docstring): the example as is if it fits, its question cut from the
+    left if enough of it is left, else None (drop)."""
+    q, a = example
+    if len(q) + len(a) <= max_len:
+        return example
+    keep = max_len - len(a)
+    if keep < MIN_QUESTION_TOKENS:
+        return None
+    return q[len(q) - keep :], a
+
+
+def fit_examples(examples: Iterable[Example], max_len: int) -> tuple[list[Example], Counter]:
+    """Apply `fit_length` to every example; returns the kept ones and counts of "truncated" and
+    "dropped_too_long"."""
+    kept, counts = [], Counter()
+    for ex in examples:
+        fitted = fit_length(ex, max_len)
+        if fitted is None:
+            counts["dropped_too_long"] += 1
+            continue
+        if fitted is not ex:
+            counts["truncated"] += 1
+        kept.append(fitted)
+    return kept, counts
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, val) index lists over n examples; val is `round(n * val_fraction)` of them
+    (at least 1 when val_fraction > 0 and n >= 2), both in ascending order."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = max(1, n_val)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# ---------------------------------------------------------------- length-grouped batching
+
+
+class LengthGroupedBatcher:
+    """Endless stream of this rank's batches of example indices, grouped by length (module docstring).
+
+    lengths: the token length of every example. group_batches: how many batches are formed from one
+    sorted group (larger = less padding, less randomness). `next_batch()` wraps into the next epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, group_batches: int = 16):
+        if batch_size < 1 or group_batches < 1:
+            raise UserError("batch size and group size must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.lengths = list(lengths)
+        self.batch_size, self.seed, self.group_batches = batch_size, seed, group_batches
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.pos = 0, 0
+        self._batches = self.epoch_batches(0)
+        if not self._batches:
+            raise UserError(f"{len(self.lengths)} examples make fewer batches of {batch_size} than there are "
+                            f"ranks ({world_size}): lower the batch size")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches for `epoch`, in order (a pure function of seed and epoch)."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        group = self.batch_size * self.group_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(order), group):
+            chunk = sorted(order[start : start + group], key=lambda i: self.lengths[i], reverse=True)
+            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        if batches:  # longest batch first: a batch that does not fit in memory fails at step 1
+            longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+            batches[0], batches[longest] = batches[longest], batches[0]
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank : usable : self.world_size]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this rank takes per epoch (the same every epoch and on every rank)."""
+        return len(self._batches)
+
+    def next_batch(self) -> list[int]:
+        if self.pos >= len(self._batches):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._batches = self.epoch_batches(self.epoch)
+        batch = self._batches[self.pos]
+        self.pos += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "num_examples": len(self.lengths),
+                "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "num_examples", "batch_size", "world_size"):
+            if state[key] != mine[key]:
+                raise UserError(f"cannot resume: the checkpoint's batches were made with {key}={state[key]}, "
+                                f"this run has {key}={mine[key]}")
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._batches = self.epoch_batches(self.epoch)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_examples(path: Path, examples: Iterable[Example]) -> None:
+    def write(f) -> None:
+        for q, a in examples:
+            f.write(json.dumps({"question_ids": q, "answer_ids": a}, separators=(",", ":")) + "\n")
+
+    _atomic_write(Path(path), write)
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path} not found: prepare the data first with `gpt2 prepare alpaca --out {data_dir}`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> list[Example]:
+    """The prepared examples of `split` ("train" or "val") from `gpt2 prepare alpaca --out DIR`."""
+    read_manifest(data_dir)  # a folder without a manifest is incomplete
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                q, a = row["question_ids"], row["answer_ids"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{path} line {lineno}: not a prepared example ({e})") from e
+            if not q or not a or a[-1] != EOT:
+                raise UserError(f"{path} line {lineno}: empty question or answer not ending in {EOT}")
+            examples.append((q, a))
+    return examples
+
+
+# ---------------------------------------------------------------- `gpt2 prepare alpaca`
+
+
+@dataclass
+class PrepareAlpacaConfig:
+    out: str = arg("data/alpaca", help="output folder for train.jsonl, val.jsonl and manifest.json")
+    source: str | None = arg(None, help="local .json/.jsonl file (or folder) in the alpaca_data.json layout; "
+                                        f"default: download {HUB_ID} from the Hugging Face Hub")
+    val_fraction: float = arg(0.02, help="fraction of the valid examples held out for validation loss")
+    seed: int = arg(1337, help="seed of the train/val split")
+    limit: int | None = arg(None, help="read at most this many records (quick demos)")
+
+
+def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def encode_records(records: Iterable[Any]) -> tuple[list[Example], int, Counter, dict[str, list[int]]]:
+    """Validate and tokenize a stream of records: (examples, records read, malformed counts by reason,
+    the first few malformed record indices per reason)."""
+    from tqdm import tqdm
+
+    examples: list[Example] = []
+    malformed: Counter = Counter()
+    where: dict[str, list[int]] = {}
+    n = 0
+    with tqdm(desc="alpaca records", unit=" rec") as bar:
+        for chunk in _chunks(records, 1024):
+            good = []
+            for record in chunk:
+                reason = check_record(record)
+                if reason is None:
+                    good.append(record)
+                else:
+                    malformed[reason] += 1
+                    if len(where.setdefault(reason, [])) < 5:
+                        where[reason].append(n)
+                n += 1
+            examples += encode_examples(good)
+            bar.update(len(chunk))
+    return examples, n, malformed, where
+
+
+def _limited(records: Iterable[Any], limit: int | None) -> Iterator[Any]:
+    for i, r in enumerate(records):
+        if limit is not None and i >= limit:
+            return
+        yield r
+
+
+def prepare(cfg: PrepareAlpacaConfig) -> dict:
+    """Read, validate, tokenize, split and write the data; returns the manifest."""
+    if cfg.source is not None and not Path(cfg.source).exists():
+        raise UserError(f"--source {cfg.source}: no such file or folder")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError("--limit must be >= 1")
+    from gpt2.data.sources import iter_records  # the datasets import is slow: only when needed
+
+    records = iter_records(cfg.source, HUB_ID)
+    examples, n_records, malformed, where = encode_records(_limited(records, cfg.limit))
+    if not examples:
+        raise UserError(f"{cfg.source or HUB_ID}: no valid Alpaca records among {n_records} "
+                        f"(malformed: {dict(malformed) or 'none'})")
+    train_idx, val_idx = split_indices(len(examples), cfg.val_fraction, cfg.seed)
+    out = Path(cfg.out)
+    write_examples(out / "train.jsonl", (examples[i] for i in train_idx))
+    write_examples(out / "val.jsonl", (examples[i] for i in val_idx))
+    lengths = sorted(len(q) + len(a) for q, a in examples)
+    manifest = {
+        "format": "alpaca-examples-v1",
+        "source": cfg.source or HUB_ID,
+        "tokenizer": "gpt2",
+        "records": n_records,
+        "valid": len(examples),
+        "train": len(train_idx),
+        "val": len(val_idx),
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "malformed": dict(sorted(malformed.items())),
+        "malformed_examples": {k: where[k] for k in sorted(where)},
+        "tokens": {"total": sum(lengths), "max_len": lengths[-1], "median_len": lengths[len(lengths) // 2],
+                   "over_1024": sum(n > 1024 for n in lengths)},
+    }
+    _atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2) + "\n"))
+    print(report(manifest, out))
+    return manifest
+
+
+def report(manifest: dict, out: Path) -> str:
+    bad = ", ".join(f"{v} {k} (records {manifest['malformed_examples'][k]}...)"
+                    for k, v in manifest["malformed"].items())
+    return (f"alpaca: {manifest['records']} records -> {manifest['valid']} examples "
+            f"({manifest['train']} train, {manifest['val']} val) in {out}; "
+            f"malformed: {sum(manifest['malformed'].values())}{' = ' + bad if bad else ''}; "
+            f"tokens {manifest['tokens']['total']}, longest {manifest['tokens']['max_len']}")
+
+
+register(Command("prepare alpaca", "validate, tokenize and split Stanford Alpaca for fine-tuning",
+                 PrepareAlpacaConfig, prepare))

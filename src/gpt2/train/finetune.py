@@ -1,0 +1,288 @@
+"""`gpt2 finetune`: instruction fine-tuning on Alpaca, so a pretrained GPT answers a question and stops.
+
+Design decisions:
+- Thin by design: a config, a `Task` (batches, loss, evaluation, data position) and a before/after report.
+  Everything else (AdamW, warmup + cosine, accumulation, DDP under torchrun, checkpoints and exact resume,
+  metrics.jsonl, progress bar, loss.png) is the shared loop in `gpt2.train.loop`.
+- The data comes from `gpt2 prepare alpaca --out DIR` (tokenized (question_ids, answer_ids) pairs). The
+  over-length rule of `gpt2.data.alpaca.fit_length` is applied here, with the model's context window (or
+  `--max-len`), and the truncated/dropped counts are printed.
+- Batches: `LengthGroupedBatcher` (similar lengths together, so little padding; each rank takes disjoint
+  batches; its (epoch, position) is the task state that checkpoints hold), laid out by
+  `gpt2.data.alpaca.collate`, and the loss is `model.loss(input_ids, targets)`: mean cross-entropy over the
+  batch's answer tokens (question and padding positions are -100). `answer_tokens` is logged per step.
+  On CPU the same loss is computed by `gpt2.train.losses.gpt_loss_chunked` (equal values and gradients,
+  without materialising the (B*T, 50257) logits), as pretraining does.
+- Length of the run: `--epochs` (2) x steps per epoch, where a step is `--grad-accum` micro batches of
+  `--batch-size` examples on every rank; `--max-steps` overrides. Validation loss on the held-out split is
+  computed at step 0, after every epoch (`--eval-every` defaults to the steps per epoch) and at the end. It
+  is token-weighted over the whole split: each rank evaluates every W-th batch and the sums are all-reduced.
+- Before/after report: greedy (or `--sample-temperature`) answers to `--sample-prompts`, each formatted with
+  `gpt2.template.format_prompt`, from the starting model and from the fine-tuned one, side by side in
+  `RUN_DIR/samples.md` with whether each answer ended with <|endoftext|>. The "before" answers are kept in
+  `RUN_DIR/samples_before.json`, so a resumed run still compares against the model it started from.
+- Presets: `gpt2` (OpenAI's 124M at LR 2e-5, the recipe for real use) and `tiny` (a CPU demo: the tiny
+  pretrained model from `gpt2 pretrain --preset tiny`, a higher LR, short answers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from gpt2.cli import Command, register
+from gpt2.config import arg, from_dict, to_dict
+from gpt2.data.alpaca import (
+    Example,
+    LengthGroupedBatcher,
+    collate,
+    fit_examples,
+    load_split,
+)
+from gpt2.errors import UserError
+from gpt2.train.loop import CHECKPOINT_FILE, TrainConfig, train
+from gpt2.train.losses import gpt_loss_chunked
+
+DEFAULT_PROMPTS = [
+    "What are the places I can visit in New York?",
+    "Who is the first president of the United States?",
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+]
+SAMPLES_FILE = "samples.md"
+SAMPLES_BEFORE_FILE = "samples_before.json"
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    init: str = arg("gpt2", "starting model: a training run dir (ours), a Hugging Face checkpoint dir, or a hub "
+                            "name such as gpt2")
+    data: str = arg("data/alpaca", "folder written by `gpt2 prepare alpaca --out`")
+    epochs: int = arg(2, "passes over the training split (sets --max-steps unless that is given)")
+    batch_size: int = arg(16, "examples per micro batch on each rank")
+    grad_accum: int = arg(2, "micro batches per optimizer step (global batch = batch size x grad accum x ranks)")
+    max_len: int | None = arg(None, "longest question + answer in tokens (default: the model's context window); "
+                                    "longer questions are cut from the left, or the example dropped")
+    group_batches: int = arg(16, "length grouping: sort this many batches' worth of shuffled examples by "
+                                 "length before cutting batches (more = less padding, less randomness)")
+    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
+    sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS),
+                                    help="questions answered before and after fine-tuning (RUN_DIR/samples.md)")
+    sample_max_tokens: int = arg(128, "longest answer generated for samples.md")
+    sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy")
+    # Loop fields whose fine-tuning defaults differ (None = derived from the data, see --epochs).
+    out: str = arg("runs/finetune", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png, "
+                                    "samples.md")
+    max_steps: int | None = arg(None, "optimizer steps of the whole run (default: epochs x steps per epoch)")
+    eval_every: int | None = arg(None, "validation loss every N steps (default: once per epoch); 0 = never")
+    lr: float = arg(2e-5, "peak learning rate (reached after warmup)")
+    min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)")
+    warmup_steps: int = arg(50, "steps of linear LR warmup")
+    weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
+    save_every: int = arg(500, "checkpoint every N steps; 0 = only at the end, at --stop-at-step and on "
+                               "SIGTERM/Ctrl-C")
+
+
+PRESETS = {
+    "gpt2": FinetuneConfig(),
+    "tiny": FinetuneConfig(init="runs/demo/pretrain", out="runs/demo/finetune", batch_size=8, grad_accum=1,
+                           lr=1e-3, warmup_steps=10, sample_max_tokens=48, save_every=0),
+}
+
+
+# ---------------------------------------------------------------- the task
+
+
+class FinetuneTask:
+    """Alpaca batches for the shared loop (see `gpt2.train.loop.Task`)."""
+
+    def __init__(self, train_examples: list[Example], val_examples: list[Example], batch_size: int, *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, group_batches: int = 16,
+                 fused_loss: bool = False):
+        self.train_examples, self.fused_loss = train_examples, fused_loss
+        self.batcher = LengthGroupedBatcher([len(q) + len(a) for q, a in train_examples], batch_size, seed=seed,
+                                            rank=rank, world_size=world_size, group_batches=group_batches)
+        # validation: fixed batches of similar length; rank r evaluates batches r, r+W, ...
+        order = sorted(range(len(val_examples)), key=lambda i: len(val_examples[i][0]) + len(val_examples[i][1]))
+        batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
+        self.val_batches = [collate([val_examples[i] for i in b]) for b in batches[rank::world_size]]
+        self.has_val = bool(val_examples)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.batcher.batches_per_epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate([self.train_examples[i] for i in self.batcher.next_batch()])
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        input_ids, targets = batch
+        loss = gpt_loss_chunked(model, input_ids, targets) if self.fused_loss else model.loss(input_ids, targets)
+        return loss, {"answer_tokens": (targets != -100).sum()}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.has_val:
+            return {}
+        from gpt2.distributed import all_reduce_sum
+        from gpt2.evaluate import val_loss
+
+        device = next(model.parameters()).device
+        count = sum(int((y != -100).sum()) for _, y in self.val_batches)
+        total = val_loss(model, self.val_batches) * count if count else 0.0
+        sums = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
+        return {"val_loss": float(sums[0] / sums[1])}
+
+    def state_dict(self) -> dict:
+        return {"batcher": self.batcher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batcher.load_state_dict(state["batcher"])
+
+
+# ---------------------------------------------------------------- before/after answers
+
+
+def answer_prompts(model: nn.Module, prompts: list[str], max_tokens: int, temperature: float = 0.0,
+                   seed: int = 0) -> list[dict]:
+    """Answers of `model` to each question (formatted with the one template): [{"answer", "stopped"}], where
+    "stopped" says the answer ended with <|endoftext|> rather than at the token limit."""
+    from gpt2.inference import generate, tokenize_batch_input
+    from gpt2.template import format_prompt
+    from gpt2.tokenizer import decode_bytes
+
+    if not prompts:
+        return []
+    ids, mask = tokenize_batch_input([format_prompt(p) for p in prompts])
+    block = model.config.block_size
+    lengths = mask.sum(1).tolist()
+    for p, n in zip(prompts, lengths):
+        if n >= block:
+            raise UserError(f"--sample-prompts: {p[:40]!r}... is {n} tokens with the template, longer than the "
+                            f"model's context window ({block})")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    outputs = generate(model, ids, mask, temperature, max_tokens, generator=gen)
+    # generate() ends a row at <|endoftext|> (not returned), at max_tokens, or at the context window's end;
+    # a row shorter than both limits therefore stopped at <|endoftext|>.
+    return [{"answer": decode_bytes(out).decode("utf-8", errors="replace"),
+             "stopped": len(out) < min(max_tokens, block - n)} for out, n in zip(outputs, lengths)]
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell."""
+    text = text.strip().replace("|", "\\|").replace("\n", "<br>")
+    return text or "*(empty)*"
+
+
+def render_samples(prompts: list[str], before: list[dict], after: list[dict] | None, header: str) -> str:
+    """samples.md: one side-by-side table per prompt."""
+    lines = ["# Before and after fine-tuning", "", header, ""]
+    for i, prompt in enumerate(prompts):
+        b = before[i]
+        a = after[i] if after else {"answer": "*(fine-tuning not finished)*", "stopped": None}
+        stop = {True: "yes", False: "no", None: "-"}
+        lines += [f"## {i + 1}. {prompt}", "",
+                  "| | before | after |", "|---|---|---|",
+                  f"| answer | {_cell(b['answer'])} | {_cell(a['answer'])} |",
+                  f"| ended with `<\\|endoftext\\|>` | {stop[b['stopped']]} | {stop[a['stopped']]} |", ""]
+    return "\n".join(lines)
+
+
+def samples_header(cfg: FinetuneConfig, done: int, max_steps: int, steps_per_epoch: int) -> str:
+    how = "greedy" if cfg.sample_temperature <= 0 else f"sampled at temperature {cfg.sample_temperature}"
+    return (f"Model `{cfg.init}` fine-tuned on `{cfg.data}`: {done} of {max_steps} steps "
+            f"({done / steps_per_epoch:.2f} epochs). Answers {how}, at most {cfg.sample_max_tokens} tokens; "
+            "each question is formatted with `gpt2.template.format_prompt`.")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list[dict]:
+    """The starting model's answers, generated once per run and kept in RUN_DIR for resumed runs."""
+    path = run_dir / SAMPLES_BEFORE_FILE
+    if cfg.resume and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("prompts") == cfg.sample_prompts:
+            return saved["answers"]
+    answers = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature, cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(path, json.dumps({"prompts": cfg.sample_prompts, "answers": answers}, indent=2) + "\n")
+    return answers
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _load_examples(cfg: FinetuneConfig, block_size: int, is_main: bool) -> tuple[list[Example], list[Example]]:
+    max_len = min(cfg.max_len or block_size, block_size)
+    if max_len < 2:
+        raise UserError(f"--max-len must be >= 2 (got {cfg.max_len})")
+    splits = []
+    for split in ("train", "val"):
+        examples, counts = fit_examples(load_split(cfg.data, split), max_len)
+        if is_main and counts:
+            print(f"finetune: {split}: {counts['truncated']} questions cut from the left and "
+                  f"{counts['dropped_too_long']} examples dropped to fit {max_len} tokens", flush=True)
+        splits.append(examples)
+    if not splits[0]:
+        raise UserError(f"{cfg.data}: no training examples fit in {max_len} tokens")
+    return splits[0], splits[1]
+
+
+def run(cfg: FinetuneConfig):
+    from gpt2.checkpoint import load_model
+    from gpt2.distributed import destroy_distributed, init_distributed
+
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise UserError("--epochs, --batch-size and --grad-accum must be >= 1")
+    run_dir = Path(cfg.out)
+    if (run_dir / CHECKPOINT_FILE).exists() and not cfg.resume:
+        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
+                        "--out")
+    dist = init_distributed(cfg.device)
+    try:
+        model = load_model(cfg.init).to(dist.device)
+        train_ex, val_ex = _load_examples(cfg, model.config.block_size, dist.is_main)
+        task = FinetuneTask(train_ex, val_ex, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
+                            world_size=dist.world_size, group_batches=cfg.group_batches,
+                            fused_loss=cfg.fused_loss if cfg.fused_loss is not None else dist.device.type == "cpu")
+        steps_per_epoch = task.batches_per_epoch // cfg.grad_accum
+        if steps_per_epoch < 1:
+            raise UserError(f"one epoch is {task.batches_per_epoch} micro batches per rank, fewer than "
+                            f"--grad-accum {cfg.grad_accum}: lower --batch-size or --grad-accum")
+        max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        eval_every = cfg.eval_every if cfg.eval_every is not None else steps_per_epoch if val_ex else 0
+        loop_cfg = from_dict(TrainConfig, {**to_dict(cfg), "max_steps": max_steps, "eval_every": eval_every})
+
+        header = lambda done: samples_header(cfg, done, max_steps, steps_per_epoch)
+        before = None
+        if dist.is_main:
+            print(f"finetune: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps per "
+                  f"epoch on {dist.world_size} rank(s), {max_steps} steps", flush=True)
+            before = before_answers(model, cfg, run_dir)
+            _write_text(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
+        result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
+                       run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
+        if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
+            after = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature,
+                                   cfg.seed)
+            text = render_samples(cfg.sample_prompts, before, after, header(result.step))
+            _write_text(run_dir / SAMPLES_FILE, text)
+            print(text, flush=True)
+        return result
+    finally:
+        destroy_distributed()
+
+
+register(Command("finetune", "instruction-tune a pretrained GPT-2 on Alpaca (before/after answers in samples.md)",
+                 FinetuneConfig, run, presets=PRESETS))

@@ -1,0 +1,67 @@
+"""Chunked, fused lm_head + cross-entropy: the loss of `GPT.loss` without materialising (B*T, vocab) logits.
+
+Why: with GPT-2's 50257-token vocabulary, a small model spends most of a CPU training step on the output
+projection and the softmax over its logits (8 x 128 tokens give a 200 MB logits tensor, read and written
+several times: too big for any cache). Here the rows are processed in chunks: each chunk's logits are
+computed, turned into the loss and, since the loss is a scalar, straight into its gradients (softmax - one
+hot), which are multiplied back into dL/dh and accumulated into dL/dW while still in cache. Backward then
+only scales the stored gradients. Same FLOPs, far less memory traffic (the Liger-kernel idea, in PyTorch).
+
+Used by `gpt2 pretrain` on CPU. On CUDA the plain `GPT.loss` under torch.compile is used instead (the
+compiler fuses the softmax, and bf16 logits need no chunking to fit).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        # h: (N, C) hidden states, w: (V, C) output embedding, y: (N,) targets (IGNORE_INDEX = skip)
+        h32, w32 = h.float(), w.float()
+        valid = y != IGNORE_INDEX
+        n = valid.sum().clamp(min=1)
+        grad_h = torch.zeros_like(h32)
+        grad_w = torch.zeros_like(w32)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), chunk):
+            hc, yc, vc = h32[s:s + chunk], y[s:s + chunk], valid[s:s + chunk]
+            logits = hc @ w32.t()  # (c, V)
+            lse = torch.logsumexp(logits, dim=1)  # (c,)
+            rows = torch.arange(len(yc), device=h.device)
+            target = yc.clamp(min=0)
+            total += ((lse - logits[rows, target]) * vc).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+            grad[rows, target] -= 1.0
+            grad.mul_((vc.float() / n)[:, None])  # mean over valid targets; ignored rows get no gradient
+            grad_h[s:s + chunk] = grad @ w32
+            grad_w.addmm_(grad.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, w.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out).to(ctx.dtypes[0]), (grad_w * grad_out).to(ctx.dtypes[1]), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = 256) -> torch.Tensor:
+    """mean cross_entropy(h @ weight.T, targets), ignore_index=-100, in float32, in row chunks.
+    h: (..., C), weight: (V, C), targets: (...)."""
+    h = h.reshape(-1, h.size(-1))
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets.reshape(-1), chunk)
+
+
+def gpt_loss_chunked(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The same value and gradients as `model.loss(idx, targets)` for a `GPT`, computed chunk-wise."""
+    h = model.hidden_states(idx)  # (B, T, C)
+    weight = model.lm_head.weight[: model.config.vocab_size]  # drop the vocab padding rows: (V, C)
+    return linear_cross_entropy(h, weight, targets, chunk)

@@ -1,0 +1,179 @@
+"""`gpt2 pretrain`: train GPT-2 from scratch on token shards, on one process or under torchrun.
+
+    gpt2 pretrain --preset tiny --data data/shakespeare --out runs/tiny            # a laptop CPU, minutes
+    torchrun --nproc_per_node=8 -m gpt2 pretrain --preset gpt2-124m --data data/fineweb --out runs/124m
+
+Design decisions:
+- The config is flat: every `TrainConfig` field (the shared loop's), every `GPTConfig` field and the data
+  fields are one dataclass, so each is a flag (`--n-layer`, `--lr`, `--micro-batch`, ...) and a preset is
+  one object. `model_config()` picks the GPTConfig fields back out.
+- Batch size is given the way the seed states it, in tokens per optimizer step (`--global-batch 524288`);
+  gradient accumulation follows from the micro batch, sequence length and number of processes, and must
+  divide exactly: a silently rounded batch would change the recipe.
+- On CPU the loss is `gpt2.train.losses.gpt_loss_chunked` (same values and gradients as `GPT.loss`,
+  without materialising the (B*T, 50257) logits), which is most of the CPU speed-up in bench/train.py.
+- The task is thin: a rank-aware `ShardLoader` on the train split gives micro batches and its position
+  (resume); evaluation is `gpt2.evaluate.val_loss` over a *fresh* val loader on a fixed token budget (the
+  same tokens every time, shared out between ranks, averaged with an all-reduce) and optionally HellaSwag.
+- The `gpt2-124m` preset is the seed's recipe (build-nanogpt): 2^19 tokens/step, micro batch 32 x 1024,
+  max LR 6e-4 with 715 warmup steps and cosine decay to 10% over 19073 steps (one epoch of FineWeb
+  sample-10BT), AdamW (0.9, 0.95), weight decay 0.1, clip 1.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from gpt2.cli import Command, register
+from gpt2.config import arg
+from gpt2.distributed import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
+from gpt2.errors import UserError
+from gpt2.model import GPT, PRESETS, GPTConfig
+from gpt2.train.loop import TrainConfig, train
+from gpt2.train.losses import gpt_loss_chunked
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    # data and batch
+    data: str = arg("data/fineweb", "folder of token shards (*_train_*.bin, *_val_*.bin) from gpt2 prepare")
+    micro_batch: int = arg(32, "sequences per forward/backward pass on each process")
+    seq_len: int = arg(1024, "tokens per training sequence (at most --block-size)")
+    global_batch: int = arg(524_288, "tokens per optimizer step over all processes; must be a multiple of "
+                                     "micro-batch x seq-len x processes")
+    val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)")
+    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
+    hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation")
+    hellaswag_source: str | None = arg(None, "local HellaSwag jsonl instead of downloading the validation set")
+    hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples")
+    # the model (GPTConfig fields)
+    block_size: int = arg(1024, "model: context window (learned positions)")
+    vocab_size: int = arg(50257, "model: vocabulary size (GPT-2 BPE)")
+    n_layer: int = arg(12, "model: transformer blocks")
+    n_head: int = arg(12, "model: attention heads")
+    n_embd: int = arg(768, "model: embedding width")
+    dropout: float = arg(0.0, "model: dropout probability (0 for pretraining)")
+    layer_norm_epsilon: float = arg(1e-5, "model: LayerNorm epsilon")
+    vocab_pad_multiple: int = arg(64, "model: pad the embedding rows to this multiple (GPU speed; outputs "
+                                      "unchanged)")
+
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
+
+
+def _model_fields(name: str) -> dict:
+    return {f.name: getattr(PRESETS[name], f.name) for f in fields(GPTConfig)}
+
+
+PRETRAIN_PRESETS = {
+    "gpt2-124m": PretrainConfig(
+        out="runs/gpt2-124m", data="data/fineweb", max_steps=19_073, warmup_steps=715, lr=6e-4, min_lr=6e-5,
+        weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, eval_every=250, save_every=1000,
+        micro_batch=32, seq_len=1024, global_batch=524_288, val_tokens=10_485_760, **_model_fields("gpt2")),
+    # Minutes on a laptop CPU: a 4-layer, 128-wide model (most of its 6.6M parameters are the embedding)
+    # on a small corpus such as tiny Shakespeare.
+    "tiny": PretrainConfig(
+        out="runs/tiny", data="data/shakespeare", max_steps=300, warmup_steps=30, lr=2e-3, min_lr=2e-4,
+        weight_decay=0.1, eval_every=50, save_every=100, micro_batch=8, seq_len=128, global_batch=2048,
+        val_tokens=16_384, **_model_fields("tiny")),
+}
+
+
+def grad_accum_steps(global_batch: int, micro_batch: int, seq_len: int, world_size: int) -> int:
+    """Micro-steps per optimizer step so that micro_batch x seq_len x world_size x steps == global_batch."""
+    per_step = micro_batch * seq_len * world_size
+    if min(global_batch, micro_batch, seq_len, world_size) < 1:
+        raise UserError("--global-batch, --micro-batch and --seq-len must be >= 1")
+    if global_batch % per_step:
+        raise UserError(f"--global-batch {global_batch} is not a multiple of --micro-batch {micro_batch} x "
+                        f"--seq-len {seq_len} x {world_size} process(es) = {per_step} tokens; choose e.g. "
+                        f"--global-batch {max(1, global_batch // per_step) * per_step}")
+    return global_batch // per_step
+
+
+class PretrainTask:
+    """Next-token prediction on shards: train batches from a rank-aware ShardLoader, val loss on a fixed
+    budget of val tokens, optionally HellaSwag."""
+
+    def __init__(self, cfg: PretrainConfig, dist: DistInfo):
+        from gpt2.data.loader import ShardLoader
+        from gpt2.data.shards import list_shards
+
+        self.cfg, self.dist = cfg, dist
+        self.fused_loss = cfg.fused_loss if cfg.fused_loss is not None else dist.device.type == "cpu"
+        self.loader = ShardLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
+        self.has_val = bool(list_shards(cfg.data, "val"))
+        if not self.has_val and cfg.eval_every and dist.is_main:
+            print(f"note: {cfg.data} has no val shards; no validation loss will be measured", flush=True)
+        self.hellaswag = None
+        if cfg.hellaswag:
+            from gpt2.evaluate import load_hellaswag
+
+            self.hellaswag = load_hellaswag(cfg.hellaswag_source, "val", limit=cfg.hellaswag_limit)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loader.next_batch()
+
+    def loss(self, model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        x, y = batch
+        return (gpt_loss_chunked(model, x, y) if self.fused_loss else model.loss(x, y)), {}
+
+    def evaluate(self, model: GPT) -> dict[str, float]:
+        from gpt2.evaluate import hellaswag_eval, val_loss
+
+        results = {}
+        if self.has_val:
+            results["val_loss"] = self._val_loss(model, val_loss)
+        if self.hellaswag:
+            hs = hellaswag_eval(model, self.hellaswag, rank=self.dist.rank, world_size=self.dist.world_size,
+                                batch_size=max(1, self.cfg.micro_batch // 4))
+            results["hellaswag_acc"] = hs["acc_norm"]
+        return results
+
+    def _val_loss(self, model: GPT, val_loss) -> float:
+        from gpt2.data.loader import ShardLoader
+
+        cfg, dist = self.cfg, self.dist
+        # A fresh loader: every evaluation sees the same val tokens, split between the ranks.
+        loader = ShardLoader(cfg.data, "val", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
+        steps = max(1, min(cfg.val_tokens // (loader.window * dist.world_size), loader.steps_per_epoch))
+        loss = val_loss(model, (loader.next_batch() for _ in range(steps)))
+        return all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=dist.device)).item()
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def run(cfg: PretrainConfig):
+    dist = init_distributed(cfg.device)
+    try:
+        model_cfg = cfg.model_config()
+        if cfg.seq_len > model_cfg.block_size:
+            raise UserError(f"--seq-len {cfg.seq_len} exceeds --block-size {model_cfg.block_size}")
+        accum = grad_accum_steps(cfg.global_batch, cfg.micro_batch, cfg.seq_len, dist.world_size)
+        task = PretrainTask(cfg, dist)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        model = GPT(model_cfg)
+        if dist.is_main:
+            epoch = task.loader.num_tokens / cfg.global_batch
+            print(f"pretrain: {model.num_params() / 1e6:.1f}M parameters on {dist.world_size} x {dist.device}; "
+                  f"{cfg.global_batch:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {dist.world_size} "
+                  f"process(es) x {accum} accumulation steps; {cfg.max_steps} steps "
+                  f"({cfg.max_steps / epoch:.2f} epochs of {task.loader.num_tokens:,} train tokens)", flush=True)
+        result = train(model, task, cfg, accum, dist=dist, run_config=cfg)
+        if dist.is_main:
+            print(f"pretrain: {result.step} steps done; model in {result.run_dir / 'model'} "
+                  f"(gpt2 generate --model {result.run_dir / 'model'} \"...\")", flush=True)
+        return result
+    finally:
+        destroy_distributed()
+
+
+register(Command("pretrain", "pretrain GPT-2 on token shards (one process or torchrun)", PretrainConfig, run,
+                 presets=PRETRAIN_PRESETS))

@@ -1,0 +1,117 @@
+"""`gpt2 pretrain`: accumulation arithmetic, presets and flags, and short CLI runs on synthetic shards
+(resume through the ShardLoader state, the run directory layout, one-line errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
+
+from gpt2.checkpoint import load_checkpoint, load_model
+from gpt2.cli import main
+from gpt2.data.shards import write_shard
+from gpt2.errors import UserError
+from gpt2.model import PRESETS, GPTConfig
+from gpt2.train.loop import TrainConfig
+from gpt2.train.pretrain import PRETRAIN_PRESETS, PretrainConfig, grad_accum_steps
+
+VOCAB = 256
+
+
+def test_grad_accum_arithmetic():
+    assert grad_accum_steps(524_288, 32, 1024, 1) == 16
+    assert grad_accum_steps(524_288, 32, 1024, 8) == 2
+    assert grad_accum_steps(524_288, 64, 1024, 8) == 1
+    assert grad_accum_steps(2048, 8, 128, 1) == 2
+
+
+def test_grad_accum_error_names_the_flags():
+    with pytest.raises(UserError, match=r"--global-batch 524288 is not a multiple of --micro-batch 24 x "
+                                        r"--seq-len 1024 x 1 process\(es\) = 24576 tokens"):
+        grad_accum_steps(524_288, 24, 1024, 1)
+    with pytest.raises(UserError, match="not a multiple"):
+        grad_accum_steps(524_288, 32, 1024, 3)  # 3 GPUs do not divide 2^19
+    with pytest.raises(UserError, match="not a multiple"):
+        grad_accum_steps(1000, 32, 1024, 1)  # smaller than one micro batch
+
+
+def test_every_model_and_loop_field_is_a_flag():
+    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    assert {f.name for f in dataclasses.fields(GPTConfig)} <= names
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= names
+    assert all(f.metadata.get("help") for f in dataclasses.fields(PretrainConfig))
+
+
+def test_124m_preset_is_the_seed_recipe():
+    p = PRETRAIN_PRESETS["gpt2-124m"]
+    assert p.model_config() == PRESETS["gpt2"]
+    assert (p.global_batch, p.micro_batch, p.seq_len, p.lr, p.min_lr, p.warmup_steps, p.max_steps) == (
+        524_288, 32, 1024, 6e-4, 6e-5, 715, 19_073)
+    assert p.max_steps * p.global_batch == pytest.approx(10e9, rel=1e-3)  # one epoch of 10B tokens
+    assert (p.weight_decay, tuple(p.betas), p.grad_clip) == (0.1, (0.9, 0.95), 1.0)
+    assert grad_accum_steps(p.global_batch, p.micro_batch, p.seq_len, 8) == 2
+
+
+@pytest.fixture
+def shards(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "shards"
+    d.mkdir()
+    write_shard(d / "syn_val_000000.bin", rng.integers(0, VOCAB, 2_000))
+    write_shard(d / "syn_train_000001.bin", rng.integers(0, VOCAB, 3_000))
+    write_shard(d / "syn_train_000002.bin", rng.integers(0, VOCAB, 3_000))
+    return d
+
+
+def pretrain(data, out, *extra):
+    main(["pretrain", "--preset", "tiny", "--data", str(data), "--out", str(out), "--device", "cpu",
+          "--vocab-size", str(VOCAB), "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+          "--micro-batch", "2", "--seq-len", "16", "--global-batch", "64", "--max-steps", "4", "--warmup-steps",
+          "1", "--eval-every", "2", "--save-every", "0", "--val-tokens", "256", "--no-progress", *extra])
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def test_cli_run_layout_and_exact_resume(shards, tmp_path):
+    pretrain(shards, tmp_path / "full")
+    run = tmp_path / "full"
+    assert {p.name for p in run.iterdir()} >= {"checkpoint.pt", "model", "metrics.jsonl", "loss.png",
+                                               "config.json"}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in lines] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert lines[0]["val_loss"] == pytest.approx(np.log(VOCAB), abs=0.2)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["n_layer"], config["global_batch"], config["data"]) == (1, 64, str(shards))
+    model = load_model(run)
+    assert (model.config.n_layer, model.config.vocab_size) == (1, VOCAB)
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 4 and ckpt["ranks"][0]["task"]["offset"] == 4 * 64  # 4 steps of 64 tokens
+
+    pretrain(shards, tmp_path / "split", "--stop-at-step", "3")
+    assert load_checkpoint(tmp_path / "split")["step"] == 3
+    pretrain(shards, tmp_path / "split", "--resume")
+    assert train_losses(tmp_path / "split") == train_losses(run)
+    resumed = load_checkpoint(tmp_path / "split")["model"]
+    assert all(torch.equal(v, resumed[k]) for k, v in ckpt["model"].items())
+
+
+def test_cli_errors_are_one_line(shards, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain(shards, tmp_path / "bad", "--global-batch", "100")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpt2 pretrain: error: --global-batch 100 is not a multiple") and "\n" not in err
+    with pytest.raises(SystemExit):
+        pretrain(tmp_path / "missing", tmp_path / "bad")
+    assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain(shards, tmp_path / "bad", "--seq-len", "64")
+    assert "--seq-len 64 exceeds --block-size 32" in capsys.readouterr().err
