@@ -115,3 +115,18 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys):
     with pytest.raises(SystemExit):
         pretrain(shards, tmp_path / "bad", "--seq-len", "64")
     assert "--seq-len 64 exceeds --block-size 32" in capsys.readouterr().err
+
+
+def test_cli_hellaswag_during_training(shards, tmp_path, tokenizer_ok):
+    records = [{"ind": i, "ctx": "A man is sitting on a roof. he", "label": i % 4, "split": "val",
+                "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                            "is holding a rubik's cube.", "starts pulling up roofing on a roof."]} for i in range(3)]
+    source = tmp_path / "hellaswag.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pretrain(shards, tmp_path / "hs", "--vocab-size", "50257", "--max-steps", "2", "--hellaswag",
+             "--hellaswag-source", str(source))
+    evals = [r for r in map(json.loads, (tmp_path / "hs" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2]
+    assert all(set(e) == {"kind", "step", "val_loss", "hellaswag_acc"} for e in evals)
+    assert all(e["hellaswag_acc"] in (0.0, 1 / 3, 2 / 3, 1.0) for e in evals)
