@@ -27,6 +27,12 @@ COMMAND_MODULES = [
     "gpt2.train.pretrain",
     "gpt2.data.alpaca",
     "gpt2.train.finetune",
+    "gpt2.data.preferences",
+    "gpt2.rlhf.dpo",
+    "gpt2.rlhf.reward",
+    "gpt2.rlhf.ppo",
+    "gpt2.serve.chat",
+    "gpt2.serve.server",
 ]
 
 

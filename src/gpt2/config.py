@@ -56,8 +56,8 @@ def _scalar_parser(tp: Any, optional: bool):
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of dataclass `cls`; defaults are left as None so that only the flags a
-    user actually typed override the preset."""
+    """Add one flag per field of dataclass `cls`. Flags default to `argparse.SUPPRESS`, so the namespace holds
+    only what the user typed (an explicit `none` included) and only that overrides the preset."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name.startswith("_"):
@@ -73,8 +73,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if tp is bool:
-            parser.add_argument(_flag_name(f.name), action=argparse.BooleanOptionalAction, default=None,
-                                **kwargs)
+            parser.add_argument(_flag_name(f.name), action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, **kwargs)
             continue
         if typing.get_origin(tp) in (list, tuple):
             (inner, *_) = typing.get_args(tp) or (str,)
@@ -84,21 +84,22 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = _scalar_parser(tp, optional)
         if meta.get("positional"):
             kwargs.pop("dest")
-            kwargs["default"] = None
+            kwargs["default"] = argparse.SUPPRESS
             if "nargs" not in kwargs:
                 kwargs["nargs"] = "?" if f.default is not _MISSING else None
             parser.add_argument(f.name, **{k: v for k, v in kwargs.items() if v is not None})
         else:
-            parser.add_argument(_flag_name(f.name), default=None, **kwargs)
+            parser.add_argument(_flag_name(f.name), default=argparse.SUPPRESS, **kwargs)
 
 
 def build_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | None = None) -> T:
     """The preset named by `ns.preset` (or the class defaults), with every flag the user gave applied."""
     base = cls() if not presets else presets[getattr(ns, "preset", None) or next(iter(presets))]
     overrides = {}
+    given = vars(ns)
     for f in dataclasses.fields(cls):
-        value = getattr(ns, f.name, None)
-        if value is not None:
+        if f.name in given:
+            value = given[f.name]
             overrides[f.name] = list(value) if isinstance(value, list) else value
     return dataclasses.replace(base, **overrides)
 

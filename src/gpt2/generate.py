@@ -16,7 +16,8 @@ from gpt2.errors import UserError
 class GenerateConfig:
     prompts: list[str] = arg(factory=list, help="prompt texts; each gets its own continuation",
                              positional=True)
-    model: str = arg("gpt2", help="Hugging Face checkpoint directory (ours or OpenAI's) or a hub name")
+    model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory (ours or OpenAI's) "
+                                  "or a hub name")
     temperature: float = arg(0.8, help="sampling temperature; 0 = greedy")
     max_steps: int = arg(64, help="maximum number of new tokens per prompt")
     top_k: int | None = arg(None, help="sample only among the k most likely tokens")
@@ -25,23 +26,11 @@ class GenerateConfig:
     device: str = arg("auto", help="cpu, cuda, mps or auto")
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda if present, else mps, else cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r}: {e}") from e
-
-
 def run(cfg: GenerateConfig) -> list[str]:
+    from gpt2.checkpoint import load_model
+    from gpt2.distributed import pick_device
     from gpt2.inference import generate, tokenize_batch_input
-    from gpt2.model import GPT
+    from gpt2.serve.text import TextStream
     from gpt2.tokenizer import decode_bytes
 
     if not cfg.prompts:
@@ -49,7 +38,7 @@ def run(cfg: GenerateConfig) -> list[str]:
     if cfg.max_steps < 0 or cfg.temperature < 0:
         raise UserError("--max-steps and --temperature must be >= 0")
     device = pick_device(cfg.device)
-    model = GPT.from_pretrained(cfg.model).to(device).eval()
+    model = load_model(cfg.model, device).eval()
     ids, mask = tokenize_batch_input(cfg.prompts)
     too_long = [i for i, n in enumerate(mask.sum(1).tolist()) if n > model.config.block_size]
     if too_long:
@@ -57,25 +46,20 @@ def run(cfg: GenerateConfig) -> list[str]:
                         f"({model.config.block_size} tokens)")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     single = len(cfg.prompts) == 1
-    if single:  # one prompt: stream its tokens to the terminal as they come
+    stream = TextStream()
+    if single:  # one prompt: stream its text to the terminal as it is produced (whole characters only)
         print(cfg.prompts[0], end="", flush=True)
-    streamed: list[int] = []
 
     def on_tokens(produced: list[tuple[int, int]]) -> None:
-        if single and produced:
-            streamed.append(produced[0][1])
-            text = decode_bytes(streamed).decode("utf-8", errors="ignore")
-            # print only whole characters: hold back a trailing partial UTF-8 sequence
-            sys.stdout.write(text[len(on_tokens.shown):])
-            sys.stdout.flush()
-            on_tokens.shown = text
+        for _, token in produced:
+            sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
 
-    on_tokens.shown = ""
     outputs = generate(model, ids, mask, cfg.temperature, cfg.max_steps, top_k=cfg.top_k, top_p=cfg.top_p,
-                       generator=gen, on_tokens=on_tokens)
+                       generator=gen, on_tokens=on_tokens if single else None)
     texts = [decode_bytes(o).decode("utf-8", errors="replace") for o in outputs]
     if single:
-        print()
+        print(stream.finish())
     else:
         for i, (prompt, text) in enumerate(zip(cfg.prompts, texts)):
             print(f"--- [{i + 1}] ---\n{prompt}{text}")

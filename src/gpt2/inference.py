@@ -77,7 +77,7 @@ def left_align(input_ids: torch.Tensor, attention_masks: torch.Tensor) -> tuple[
     return ids, valid
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.Tensor, temperature: float,
                     max_steps: int, *, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, eos_id: int | None = EOT,
@@ -100,7 +100,9 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
     was_training = model.training
     model.eval()
     try:
-        logits = model(ids, position_ids, cache.attn_mask(valid), cache)[:, -1]  # (B, V)
+        head_t = model.head_weight_t() if device.type == "cpu" else None  # weights are frozen while decoding
+        hidden = model.hidden_states(ids, position_ids, cache.attn_mask(valid), cache)  # (B, T, C)
+        logits = model.logits(hidden[:, -1], head_t)  # (B, V): last column = each row's last real token
         alive = torch.arange(B, device=device)  # original prompt index of each remaining row
         next_pos = lengths.clone()  # (B,) position of each row's next token
         for _ in range(steps):
@@ -115,7 +117,8 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
                 rows = keep.nonzero().squeeze(1)
                 alive, tokens, next_pos = alive[rows], tokens[rows], next_pos[rows]
                 cache.select_rows(rows)
-            logits = model(tokens[:, None], next_pos[:, None], None, cache)[:, -1]  # (b, V)
+            hidden = model.hidden_states(tokens[:, None], next_pos[:, None], None, cache)  # (b, 1, C)
+            logits = model.logits(hidden[:, -1], head_t)  # (b, V)
             next_pos = next_pos + 1
     finally:
         model.train(was_training)

@@ -1,0 +1,218 @@
+"""`gpt2 prepare hh`: Anthropic HH-RLHF preference pairs -> token ids (prompt, chosen answer, rejected answer).
+
+Design decisions:
+- HH-RLHF records are two full dialogues, `chosen` and `rejected`, in the "\\n\\nHuman: ...\\n\\nAssistant:
+  ..." form, identical except for the final Assistant turn. A pair is split into the shared *prompt* (every
+  turn before the final "\\n\\nAssistant:") and the two final answers. The prompt is rendered with the one
+  fine-tuning template (`gpt2.template.format_chat`: the last Human turn is the instruction, earlier turns
+  the input), and each answer is its text followed by `<|endoftext|>`, so a pair trains exactly like two
+  fine-tuning examples `(prompt_ids, answer_ids)` and batches use the fine-tuning layout
+  (`gpt2.data.alpaca.collate`: prompt and padding positions have target -100).
+- Malformed pairs are counted by reason and reported, never a crash mid-run: a dialogue that does not
+  parse into Human/Assistant turns, one that does not end with an Assistant turn, chosen and rejected
+  prompts that differ, identical answers (no preference signal), missing or non-string fields.
+- Over-length rule (`--max-len`, default 1024 = GPT-2's context): a pair must fit as prompt + the longer
+  answer. If it does not, the oldest dialogue turns are dropped one at a time (the template is re-rendered,
+  so the prompt stays well formed and keeps the question being answered) and the pair counts as
+  "truncated"; if even the last Human turn alone is too long, the pair is dropped ("too_long").
+  Answers are never cut: a cut answer would lose its `<|endoftext|>`.
+- The held-out split is decided by a hash of the rendered full prompt, so pairs that share a dialogue
+  prefix never straddle train and validation, and the split does not depend on record order.
+- Output: `OUT/train.jsonl` and `OUT/val.jsonl` (one `{"prompt": [...], "chosen": [...], "rejected": [...]}`
+  of token ids per line) and `OUT/meta.json` (counts), each written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpt2.cli import Command, register
+from gpt2.config import arg
+from gpt2.data.alpaca import collate
+from gpt2.errors import UserError
+from gpt2.template import format_chat
+from gpt2.tokenizer import EOT, encode
+
+HUB_ID = "Anthropic/hh-rlhf"
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+Pair = dict[str, list[int]]  # {"prompt": ids, "chosen": ids, "rejected": ids}
+
+
+class MalformedPair(ValueError):
+    """A record that cannot be used; its message is the reason it is counted under."""
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def parse_dialogue(text: str) -> list[dict]:
+    """"\\n\\nHuman: a\\n\\nAssistant: b" -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    parts = _TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise MalformedPair("not_a_dialogue")
+    return [{"role": _ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def split_pair(chosen: object, rejected: object) -> tuple[list[dict], str, str]:
+    """Two full dialogues -> (shared prompt messages, chosen answer, rejected answer)."""
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise MalformedPair("missing_field")
+    c, r = parse_dialogue(chosen), parse_dialogue(rejected)
+    if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        raise MalformedPair("no_final_answer")
+    prompt = c[:-1]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise MalformedPair("no_final_answer")
+    if r[:-1] != prompt:
+        raise MalformedPair("prompt_mismatch")
+    if c[-1]["content"] == r[-1]["content"]:
+        raise MalformedPair("identical_answers")
+    return prompt, c[-1]["content"], r[-1]["content"]
+
+
+def encode_answer(text: str) -> list[int]:
+    """An answer's tokens: its text, then `<|endoftext|>` so the model learns to stop."""
+    return encode(text) + [EOT]
+
+
+def fit_prompt(messages: list[dict], answer_len: int, max_len: int) -> tuple[list[int], bool] | None:
+    """Prompt ids such that prompt + an answer of `answer_len` tokens fits in `max_len`, dropping the
+    oldest turns as needed. Returns (prompt_ids, truncated) or None when nothing fits."""
+    for start in range(len(messages)):
+        ids = encode(format_chat(messages[start:]))
+        if len(ids) + answer_len <= max_len:
+            return ids, start > 0
+    return None
+
+
+def tokenize_record(record: dict, max_len: int) -> tuple[Pair, bool]:
+    """One HH-RLHF record -> (pair of token ids, truncated?). Raises MalformedPair with the reason."""
+    prompt, chosen_text, rejected_text = split_pair(record.get("chosen"), record.get("rejected"))
+    chosen, rejected = encode_answer(chosen_text), encode_answer(rejected_text)
+    fitted = fit_prompt(prompt, max(len(chosen), len(rejected)), max_len)
+    if fitted is None:
+        raise MalformedPair("too_long")
+    prompt_ids, truncated = fitted
+    return {"prompt": prompt_ids, "chosen": chosen, "rejected": rejected}, truncated
+
+
+def is_val(record: dict, val_fraction: float) -> bool:
+    """Held-out by a hash of the shared dialogue prefix (stable across runs and record order)."""
+    prefix = record["chosen"][: record["chosen"].rfind("\n\nAssistant:")]
+    return zlib.crc32(prefix.encode("utf-8")) % 1_000_000 < val_fraction * 1_000_000
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate_pairs(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of B pairs -> (input_ids, targets) of 2B rows: the B chosen rows, then the B rejected rows
+    (one forward pass scores both sides)."""
+    return collate([(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, lines: Iterable[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line)
+    os.replace(tmp, path)
+
+
+def load_pairs(path: str | os.PathLike) -> list[Pair]:
+    """The pairs of a `train.jsonl`/`val.jsonl` written by `gpt2 prepare hh`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such preference file (make one with `gpt2 prepare hh --out DIR`)")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                p = json.loads(line)
+                pairs.append({k: [int(t) for t in p[k]] for k in ("prompt", "chosen", "rejected")})
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise UserError(f"{path}:{n}: not a preference pair ({type(e).__name__}: {e})") from e
+    return pairs
+
+
+def pair_length(pair: Pair) -> int:
+    """Tokens a pair needs in the context window: its prompt plus its longer answer."""
+    return len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"]))
+
+
+def split_file(data: str | os.PathLike, split: str) -> Path:
+    """`DIR` -> `DIR/{split}.jsonl`; a file path is returned as is."""
+    path = Path(data)
+    return path / f"{split}.jsonl" if path.is_dir() else path
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@dataclass
+class PrepareHHConfig:
+    out: str = arg("data/hh", "output folder: train.jsonl, val.jsonl and meta.json are written there")
+    source: str | None = arg(None, "local HH-RLHF file or folder (.jsonl, .jsonl.gz, .parquet); "
+                                   "default: stream Anthropic/hh-rlhf from the Hugging Face Hub")
+    split: str = arg("train", "hub split to read (train or test); ignored with --source")
+    max_len: int = arg(1024, "longest prompt + answer in tokens; older turns are dropped to fit, else the "
+                             "pair is dropped")
+    val_fraction: float = arg(0.05, "fraction of dialogues held out for validation (by prompt hash)")
+    limit: int | None = arg(None, "read at most this many records (quick runs)")
+
+
+def prepare(cfg: PrepareHHConfig) -> dict:
+    from tqdm import tqdm
+
+    from gpt2.data.sources import iter_records
+
+    if cfg.max_len < 2:
+        raise UserError(f"--max-len must be at least 2, got {cfg.max_len}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    counts: Counter = Counter()
+    records = iter_records(cfg.source, HUB_ID, None, cfg.split)
+    for i, record in enumerate(tqdm(records, desc="prepare hh", unit=" pairs")):
+        if cfg.limit is not None and i >= cfg.limit:
+            break
+        counts["read"] += 1
+        try:
+            pair, truncated = tokenize_record(record, cfg.max_len)
+        except MalformedPair as e:
+            counts[str(e)] += 1
+            continue
+        counts["truncated"] += truncated
+        split = "val" if is_val(record, cfg.val_fraction) else "train"
+        splits[split].append(json.dumps(pair) + "\n")
+    if not splits["train"]:
+        raise UserError(f"no usable preference pairs in {cfg.source or HUB_ID} (counts: {dict(counts)})")
+    for split, lines in splits.items():
+        _atomic_write(out / f"{split}.jsonl", lines)
+    meta = {"source": cfg.source or HUB_ID, "max_len": cfg.max_len, "train": len(splits["train"]),
+            "val": len(splits["val"]), **dict(counts)}
+    _atomic_write(out / "meta.json", [json.dumps(meta, indent=2) + "\n"])
+    skipped = {k: v for k, v in counts.items() if k not in ("read", "truncated")}
+    print(f"prepare hh: {meta['train']} train + {meta['val']} val pairs -> {out} "
+          f"({counts['read']} read, {counts['truncated']} truncated, skipped {skipped or 'none'})")
+    return meta
+
+
+register(Command("prepare hh", "Anthropic HH-RLHF pairs -> prompt/chosen/rejected token ids",
+                 PrepareHHConfig, prepare))

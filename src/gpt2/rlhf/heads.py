@@ -1,0 +1,113 @@
+"""Scalar heads on a GPT backbone: the reward model (one score per sequence) and PPO's actor-critic
+(next-token logits plus one value per position).
+
+Design decisions:
+- A head is a single `nn.Linear(n_embd, 1)` on `GPT.hidden_states` (the final LayerNorm output), the
+  InstructGPT / "N implementation details of RLHF" recipe, initialised with std 1 / sqrt(n_embd + 1).
+- The reward is read at each row's last real token (`last_token_index`: the answer's `<|endoftext|>`).
+  Rows are right-padded and attention is causal, so padding never reaches that position.
+- Files: the backbone is saved with `GPT.save_pretrained` (a Hugging Face GPT-2 checkpoint that
+  `transformers` loads as is; its LM head is the tied embedding) and the head beside it as
+  `reward_head.safetensors` / `value_head.safetensors` with tensors `weight` (1, n_embd) and `bias` (1,).
+  So a reward-model folder is also a loadable language model, and `RewardModel.from_pretrained(dir)`
+  gets both parts back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from gpt2.errors import UserError
+from gpt2.model import GPT
+
+REWARD_HEAD = "reward_head.safetensors"
+VALUE_HEAD = "value_head.safetensors"
+
+
+def scalar_head(n_embd: int) -> nn.Linear:
+    head = nn.Linear(n_embd, 1)
+    nn.init.normal_(head.weight, std=1 / (n_embd + 1) ** 0.5)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def save_head(head: nn.Linear, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+        tmp = f.name
+    save_file({"weight": head.weight.detach().cpu().contiguous(), "bias": head.bias.detach().cpu().contiguous()},
+              tmp)
+    os.replace(tmp, path)
+
+
+def load_head(head: nn.Linear, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path} not found: not a folder saved by `gpt2 reward` / `gpt2 ppo`")
+    sd = load_file(str(path))
+    if set(sd) != {"weight", "bias"} or sd["weight"].shape != head.weight.shape:
+        raise UserError(f"{path}: expected weight {tuple(head.weight.shape)} and bias, got "
+                        f"{ {k: tuple(v.shape) for k, v in sd.items()} }")
+    head.load_state_dict(sd)
+
+
+class RewardModel(nn.Module):
+    """GPT backbone + scalar head on the last real token: `model(input_ids, last) -> scores (B,)`."""
+
+    def __init__(self, backbone: GPT):
+        super().__init__()
+        self.backbone = backbone
+        self.head = scalar_head(backbone.config.n_embd)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) right-padded; last (B,) index of each row's last real token."""
+        h = self.backbone.hidden_states(input_ids)  # (B, T, C)
+        h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
+        return self.head(h_last).squeeze(-1).float()  # (B,)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.backbone.save_pretrained(directory)
+        save_head(self.head, Path(directory) / REWARD_HEAD)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> RewardModel:
+        path = Path(directory)
+        path = path / "model" if (path / "model" / REWARD_HEAD).is_file() else path  # a run dir works too
+        model = cls(GPT.from_pretrained(path))
+        load_head(model.head, path / REWARD_HEAD)
+        return model
+
+
+class ActorCritic(nn.Module):
+    """PPO's policy with a value head sharing its backbone: `model(input_ids) -> (logits, values)`."""
+
+    def __init__(self, policy: GPT):
+        super().__init__()
+        self.policy = policy
+        self.value_head = scalar_head(policy.config.n_embd)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) -> logits (B, T, vocab_size), values (B, T)."""
+        h = self.policy.hidden_states(input_ids)  # (B, T, C)
+        logits = self.policy.lm_head(h)[..., : self.policy.config.vocab_size]
+        return logits, self.value_head(h).squeeze(-1).float()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The policy as a Hugging Face checkpoint, the value head beside it."""
+        self.policy.save_pretrained(directory)
+        save_head(self.value_head, Path(directory) / VALUE_HEAD)

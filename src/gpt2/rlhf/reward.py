@@ -1,0 +1,55 @@
+"""`gpt2 reward`: a reward model trained on preference pairs with the Bradley-Terry loss.
+
+Design decisions:
+- The model is `RewardModel` (`gpt2.rlhf.heads`): the GPT backbone, initialised from the SFT checkpoint,
+  plus a scalar head read at each answer's last real token (its `<|endoftext|>`).
+- Loss: -log sigmoid(r_chosen - r_rejected), with chosen and rejected rows scored in one forward pass.
+  Logged: loss, mean margin, and pairwise accuracy (r_chosen > r_rejected); evaluation reports the
+  held-out pairwise accuracy as `pref_acc`.
+- Saved as a Hugging Face GPT-2 folder (the backbone; `transformers` loads it) plus
+  `reward_head.safetensors` (weight (1, n_embd), bias (1,)); `RewardModel.from_pretrained(RUN_DIR)`
+  loads both, and that is what `gpt2 ppo --reward-model RUN_DIR` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from gpt2.cli import Command, register
+from gpt2.config import arg
+from gpt2.rlhf.heads import RewardModel
+from gpt2.rlhf.losses import bradley_terry_loss, last_token_index
+from gpt2.rlhf.pairs import PairStageConfig, PairTask, run_pair_stage
+
+
+class RewardTask(PairTask):
+    """The loop's Task for reward modelling: `model` is a RewardModel (or its DDP wrapper)."""
+
+    def pair_loss(self, model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        scores = model(input_ids, last_token_index(targets))  # (2B,)
+        B = input_ids.size(0) // 2
+        loss, metrics = bradley_terry_loss(scores[:B], scores[B:])
+        metrics["reward_chosen"] = scores[:B].detach().mean()
+        return loss, metrics
+
+
+@dataclass
+class RewardConfig(PairStageConfig):
+    out: str = arg("runs/reward", "run directory: checkpoint.pt, model/ (HF backbone + reward_head.safetensors), "
+                                  "metrics.jsonl, loss.png")
+    lr: float = arg(1e-5, "peak learning rate (reached after warmup)")
+
+
+def run(cfg: RewardConfig) -> RewardModel:
+    def make_task(start, train_pairs, val_pairs, dist) -> RewardTask:
+        return RewardTask(train_pairs, val_pairs, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
+                          world_size=dist.world_size)
+
+    return run_pair_stage(cfg, RewardModel, make_task)
+
+
+register(Command("reward", "train a reward model (GPT + scalar head) on preference pairs", RewardConfig, run))

@@ -1,0 +1,429 @@
+"""An OpenAI-compatible HTTP API (FastAPI) over the continuous-batching engine, plus the web chat page.
+
+Endpoints: `POST /v1/completions` (raw prompt), `POST /v1/chat/completions` (messages rendered with
+`gpt2.template.format_chat`, the one prompt template), `GET /v1/models`, `GET /health`, and `GET /` (the
+chat page in `static/index.html`).
+
+Design decisions:
+- Request and response bodies follow OpenAI's schemas, so the `openai` client, curl scripts and browsers
+  work unchanged: temperature, top_p, max_tokens (max_completion_tokens), stop, n, seed, stream (server-sent
+  events ending with `data: [DONE]`, `stream_options.include_usage`), finish_reason "stop"/"length" and
+  usage counts. Unknown fields are ignored (clients send many); known fields are validated strictly
+  (a string where a number belongs is an error, not a guess).
+- Every bad request gets a 4xx with OpenAI's error object `{"error": {"message", "type", "param", "code"}}`,
+  never a 500 or a hung connection: the body is read here with a size limit and parsed by pydantic, so
+  FastAPI's own 422 format never shows; 404/405 use the same object.
+- The engine runs in its own thread; each HTTP request gets one asyncio queue that the engine's callbacks
+  fill through `call_soon_threadsafe`. When a client goes away (a closed stream, or a dropped connection
+  while waiting for a non-streamed answer) its engine requests are cancelled, which frees their batch slots
+  at the next step.
+- Stop strings are matched on decoded text (`TextStream`), so they work across token boundaries and never
+  leak to the client; when one matches, the request is cancelled in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpt2.serve.engine import Engine, SamplingParams
+from gpt2.serve.text import TextStream
+from gpt2.template import format_chat
+from gpt2.tokenizer import EOT, VOCAB_SIZE, encode
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a GPT-2 context window
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def error_response(err: APIError) -> JSONResponse:
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(body, status_code=err.status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------- request schemas
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+
+# ---------------------------------------------------------------------------------------- the app
+
+@dataclass
+class ServerState:
+    engine: Engine
+    model_name: str
+    api_key: str | None
+    default_max_tokens: int  # chat requests without max_tokens
+    max_waiting: int  # requests queued beyond this get 429
+    created: int
+
+
+def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = None,
+               default_max_tokens: int = 256, max_waiting: int = 256, start_engine: bool = True) -> FastAPI:
+    """The FastAPI app. With `start_engine`, the engine thread runs for the app's lifetime."""
+    state = ServerState(engine, model_name, api_key, default_max_tokens, max_waiting, int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if start_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if start_engine:
+                engine.stop()
+
+    app = FastAPI(title="gpt2-scratch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": state.model_name, "active": engine.num_active,
+                "waiting": engine.num_waiting, "max_batch_size": engine.max_batch_size}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        _authorize(request, state)
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "gpt2-scratch"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        _authorize(request, state)
+        req = await _parse(request, CompletionRequest)
+        prompts = _completion_prompts(req.prompt, engine.block_size)
+        return await _serve(request, state, req, prompts, req.max_tokens or 16, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _authorize(request, state)
+        req = await _parse(request, ChatRequest)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            text = format_chat(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        prompt = encode(text)
+        _check_prompt_length(prompt, engine.block_size, "messages")
+        max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens
+        return await _serve(request, state, req, [prompt], max_tokens, chat=True)
+
+    return app
+
+
+def _authorize(request: Request, state: ServerState) -> None:
+    if state.api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                       code="invalid_api_key")
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refusing more than MAX_BODY_BYTES (by header, then while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, schema: type[BaseModel]):
+    body = await _read_body(request)
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"request body is not valid JSON: {err['msg']}", code="invalid_json") from e
+        loc = [str(x) for x in err["loc"] if not isinstance(x, int)]
+        # for a union, pydantic appends the member it tried ("prompt.str"): name the field itself
+        param = loc[0] if loc else None
+        where = f" (field '{'.'.join(str(x) for x in err['loc'])}')" if err["loc"] else ""
+        raise APIError(400, f"{err['msg']}{where}", param=param, code="invalid_value") from e
+
+
+def _check_prompt_length(prompt: list[int], block_size: int, param: str) -> None:
+    if len(prompt) >= block_size:
+        raise APIError(400, f"prompt has {len(prompt)} tokens; this model's context window is {block_size} tokens "
+                            f"and at least one must be left for the answer", param=param,
+                       code="context_length_exceeded")
+
+
+def _completion_prompts(prompt: str | list, block_size: int) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, a token list, or a list of token lists.
+    An empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do."""
+    if isinstance(prompt, str):
+        prompts = [encode(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [encode(p) for p in prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or len(prompts) > MAX_N:
+        raise APIError(400, f"prompt must hold 1 to {MAX_N} prompts", param="prompt")
+    for p in prompts:
+        if any(not 0 <= t < VOCAB_SIZE for t in p):
+            raise APIError(400, f"token ids must be in [0, {VOCAB_SIZE})", param="prompt")
+        _check_prompt_length(p, block_size, "prompt")
+    return [p or [EOT] for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+@dataclass
+class _Choice:
+    index: int
+    text: TextStream
+    request: object = None  # the engine's Request
+    tokens: int = 0
+    finish_reason: str | None = None
+
+
+async def _serve(request: Request, state: ServerState, req: _SamplingFields, prompts: list[list[int]],
+                 max_tokens: int, chat: bool):
+    engine = state.engine
+    if max_tokens > engine.block_size:
+        raise APIError(400, f"max_tokens ({max_tokens}) is larger than the context window "
+                            f"({engine.block_size} tokens)", param="max_tokens", code="invalid_value")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"at most {MAX_STOP} stop sequences", param="stop")
+    if len(prompts) * req.n > MAX_N:
+        raise APIError(400, f"prompts x n must be at most {MAX_N}", param="n")
+    if engine.num_waiting >= state.max_waiting:
+        raise APIError(429, "server busy: too many queued requests, retry later", type="server_error",
+                       code="server_busy")
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    choices: list[_Choice] = []
+    for i, prompt in enumerate(prompts):
+        for j in range(req.n):
+            index = i * req.n + j
+            choice = _Choice(index, TextStream(stop))
+            params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
+                                    top_p=req.top_p if req.top_p < 1 else None,
+                                    seed=None if req.seed is None else req.seed + index)
+
+            def sink(token, reason, index=index):
+                loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason))
+
+            choice.request = engine.submit(prompt, params, sink)
+            choices.append(choice)
+
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": state.model_name}
+    prompt_tokens = sum(len(p) for p in prompts)
+    events = _events(queue, choices)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = _sse(events, choices, meta, chat, prompt_tokens, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        texts = await _until_done_or_disconnect(request, _collect(events, choices))
+    finally:
+        _cancel(choices)
+    if texts is None:  # the client went away; nobody reads this
+        return JSONResponse({}, status_code=499)
+    _raise_if_failed(choices)
+    return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
+                         "choices": [_final_choice(c, texts[c.index], chat) for c in choices],
+                         "usage": _usage(prompt_tokens, choices)})
+
+
+async def _events(queue: asyncio.Queue, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, str]]:
+    """(choice, new text) as tokens arrive; a choice's last event comes with its finish_reason set."""
+    by_index = {c.index: c for c in choices}
+    remaining = len(choices)
+    while remaining:
+        index, token, reason = await queue.get()
+        c = by_index[index]
+        if c.finish_reason is not None:
+            continue  # already ended by a stop string; late tokens from the engine are dropped
+        if token is not None:
+            c.tokens += 1
+            delta = c.text.push(token)
+            if c.text.stopped:
+                c.request.cancel()
+                c.finish_reason = "stop"
+        else:
+            delta = c.text.finish()
+            c.finish_reason = reason
+        if c.finish_reason is not None:
+            remaining -= 1
+        if delta or c.finish_reason is not None:
+            yield c, delta
+
+
+async def _collect(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice]) -> dict[int, str]:
+    texts = {c.index: "" for c in choices}
+    async for c, delta in events:
+        texts[c.index] += delta
+    return texts
+
+
+async def _until_done_or_disconnect(request: Request, work):
+    """Await `work`, or return None as soon as the client disconnects."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        return None
+    finally:
+        for t in (task, watch):
+            t.cancel()
+
+
+async def _sse(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice], meta: dict, chat: bool,
+               prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; cancelling this generator (client gone) frees the slots."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choice_list: list[dict], **extra) -> str:
+        return "data: " + _json({**meta, "object": obj, "choices": choice_list, **extra}) + "\n\n"
+
+    try:
+        if chat:
+            for c in choices:  # OpenAI opens each choice with the role
+                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+        async for c, delta in events:
+            reason = c.finish_reason
+            if reason is not None and reason.startswith("error"):
+                yield "data: " + _json({"error": {"message": reason, "type": "server_error", "param": None,
+                                                  "code": None}}) + "\n\n"
+                reason = "stop"
+            if chat:
+                yield chunk([{"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": None,
+                              "finish_reason": reason}])
+            else:
+                yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": reason}])
+        if include_usage:
+            yield chunk([], usage=_usage(prompt_tokens, choices))
+        yield "data: [DONE]\n\n"
+    finally:
+        _cancel(choices)
+
+
+def _cancel(choices: list[_Choice]) -> None:
+    for c in choices:
+        if c.finish_reason is None and c.request is not None:
+            c.request.cancel()
+
+
+def _raise_if_failed(choices: list[_Choice]) -> None:
+    for c in choices:
+        if c.finish_reason is not None and c.finish_reason.startswith("error"):
+            raise APIError(500, c.finish_reason, type="server_error")
+
+
+def _final_choice(c: _Choice, text: str, chat: bool) -> dict:
+    if chat:
+        return {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": c.finish_reason}
+    return {"index": c.index, "text": text, "logprobs": None, "finish_reason": c.finish_reason}
+
+
+def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def _json(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,82 @@
+"""`gpt2 serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) with continuous batching.
+
+Design decisions:
+- Binds 127.0.0.1 unless `--host` says otherwise: a model server should not be reachable from the network
+  by accident. `--api-key` (or the GPT2_API_KEY environment variable, which keeps the key out of `ps`)
+  requires `Authorization: Bearer KEY` on every /v1 route.
+- This module only parses flags, loads the model and starts uvicorn; FastAPI is imported lazily so that
+  other `gpt2` commands start without it. `load_model` is shared with `gpt2 chat`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpt2.checkpoint import load_model as load_checkpoint_model
+from gpt2.cli import Command, register
+from gpt2.config import arg
+from gpt2.distributed import pick_device
+from gpt2.errors import UserError
+from gpt2.model import GPT
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name_or_dir: str, device: str = "auto", dtype: str = "float32") -> GPT:
+    """A model (training run directory, checkpoint.pt, HF directory or hub name) on `device` in eval mode,
+    weights cast to `dtype`."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    model = load_checkpoint_model(name_or_dir)
+    return model.to(device=pick_device(device), dtype=DTYPES[dtype]).eval()
+
+
+@dataclass
+class ServeConfig:
+    model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory or hub name")
+    host: str = arg("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = arg(8000, help="TCP port")
+    api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on /v1 routes; "
+                                         "none = $GPT2_API_KEY if set")
+    model_name: str | None = arg(None, help="model id reported by /v1/models; none = the --model folder's name")
+    max_batch_size: int = arg(16, help="sequences decoded together at most; more requests wait their turn")
+    max_waiting: int = arg(256, help="queued requests beyond this are refused with 429")
+    default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it")
+    device: str = arg("auto", help="cpu, cuda, mps or auto")
+    dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
+    threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)")
+
+
+def run(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from gpt2.serve.api import create_app
+    from gpt2.serve.engine import Engine
+
+    if not 0 < cfg.port < 65536:
+        raise UserError(f"--port {cfg.port}: must be 1..65535")
+    if cfg.max_batch_size < 1 or cfg.default_max_tokens < 1 or cfg.max_waiting < 1:
+        raise UserError("--max-batch-size, --max-waiting and --default-max-tokens must be >= 1")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = load_model(cfg.model, cfg.device, cfg.dtype)
+    name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
+    api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
+    app = create_app(Engine(model, max_batch_size=cfg.max_batch_size), model_name=name, api_key=api_key,
+                     default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
+                     max_waiting=cfg.max_waiting)
+    if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
+    print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
+          f"{'(API key required)' if api_key else ''}", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+
+
+register(Command("serve", "OpenAI-compatible HTTP server with continuous batching and a web chat page",
+                 ServeConfig, run))

@@ -1,0 +1,56 @@
+"""Dataclass configs as CLI flags: presets, overrides, optional fields, booleans, lists."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from gpt2.config import add_dataclass_args, arg, build_config
+
+
+@dataclass
+class Cfg:
+    name: str = arg("a", "a name")
+    steps: int = arg(10, "steps")
+    epochs: int | None = arg(2, "epochs; none = use steps")
+    compile: bool = arg(False, "compile")
+    prompts: list[str] = arg(factory=list, help="prompts", positional=True)
+
+
+PRESETS = {"small": Cfg(steps=5), "big": Cfg(steps=500, compile=True)}
+
+
+def parse(argv, presets=None):
+    p = argparse.ArgumentParser()
+    if presets:
+        p.add_argument("--preset", default=next(iter(presets)))
+    add_dataclass_args(p, Cfg)
+    return build_config(Cfg, p.parse_args(argv), presets)
+
+
+def test_defaults_and_overrides():
+    assert parse([]) == Cfg()
+    assert parse(["--steps", "3", "--compile", "x", "y"]) == Cfg(steps=3, compile=True, prompts=["x", "y"])
+
+
+def test_preset_then_flags():
+    assert parse([], PRESETS) == Cfg(steps=5)
+    assert parse(["--preset", "big", "--no-compile"], PRESETS) == Cfg(steps=500, compile=False)
+
+
+def test_explicit_none_resets_an_optional_field():
+    assert parse(["--epochs", "none"]).epochs is None
+    assert parse([]).epochs == 2
+
+
+def test_every_flag_has_help():
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, Cfg)
+    assert all(a.help for a in p._actions if a.dest != "help")
+
+
+def test_bad_value_is_an_argparse_error():
+    with pytest.raises(SystemExit):
+        parse(["--steps", "many"])

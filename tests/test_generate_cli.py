@@ -1,0 +1,47 @@
+"""`gpt2 generate`: streamed output equals the library's greedy generation; bad input is one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2.cli import main
+from gpt2.inference import generate, tokenize_batch_input
+from gpt2.model import GPT, GPTConfig
+from gpt2.tokenizer import decode
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m")
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).save_pretrained(path)
+    return path
+
+
+def expected(model_dir, prompts, steps):
+    model = GPT.from_pretrained(model_dir).eval()
+    return [decode(t) for t in generate(model, *tokenize_batch_input(prompts), 0.0, steps)]
+
+
+def test_single_prompt_streams_greedy_text(tokenizer_ok, model_dir, capsys):
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "12", "Once upon a"])
+    assert capsys.readouterr().out == "Once upon a" + expected(model_dir, ["Once upon a"], 12)[0] + "\n"
+
+
+def test_several_prompts(tokenizer_ok, model_dir, capsys):
+    prompts = ["Hello there", "A"]
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "5", *prompts])
+    out = capsys.readouterr().out
+    for i, (p, text) in enumerate(zip(prompts, expected(model_dir, prompts, 5))):
+        assert f"--- [{i + 1}] ---\n{p}{text}\n" in out
+
+
+def test_errors_are_one_line(tokenizer_ok, model_dir, tmp_path, capsys):
+    for argv in (["generate", "--model", str(tmp_path / "nope"), "hi"], ["generate", "--model", str(model_dir)],
+                 ["generate", "--model", str(model_dir), "--max-steps", "-1", "hi"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("gpt2 generate: error:") and "\n" not in err

@@ -1,0 +1,117 @@
+"""The commands end to end on the shared loop: `gpt2 prepare hh`, `gpt2 dpo`, `gpt2 reward`, `gpt2 ppo`.
+
+Real HH pairs, shortened and relabelled into a compact vocabulary (see test_rlhf_train.py) so that a tiny
+model runs a few steps in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rlhf_data import compact, one_thread, short_hh_pairs  # noqa: F401 (one_thread: autouse)
+
+from gpt2.cli import main
+from gpt2.model import GPT
+from gpt2.rlhf.heads import VALUE_HEAD, RewardModel
+
+
+@pytest.fixture
+def setup(tmp_path, shared_data, tokenizer_ok):
+    pairs, config = compact(short_hh_pairs(shared_data, n=12))
+    data = tmp_path / "hh"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:8]))
+    (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[8:]))
+    GPT(config).save_pretrained(tmp_path / "sft")
+    return tmp_path, data, tmp_path / "sft"
+
+
+def _records(run_dir, kind):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+COMMON = ["--device", "cpu", "--no-progress", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0"]
+
+
+def test_prepare_hh_command(tmp_path, shared_data, tokenizer_ok, capsys):
+    out = tmp_path / "hh"
+    main(["prepare", "hh", "--source", str(shared_data / "hh_rlhf_harmless_test.jsonl.gz"), "--out", str(out),
+          "--max-len", "256", "--limit", "200", "--val-fraction", "0.1"])
+    meta = json.loads((out / "meta.json").read_text())
+    train = (out / "train.jsonl").read_text().splitlines()
+    val = (out / "val.jsonl").read_text().splitlines()
+    assert meta["read"] == 200 and meta["train"] == len(train) and meta["val"] == len(val) and val
+    skipped = sum(v for k, v in meta.items() if k in ("too_long", "prompt_mismatch", "no_final_answer",
+                                                      "identical_answers", "not_a_dialogue", "missing_field"))
+    assert len(train) + len(val) + skipped == 200 and meta["truncated"] > 0
+    assert all(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= 256
+               for p in map(json.loads, train + val))
+    assert "truncated" in capsys.readouterr().out
+
+
+def test_prepare_hh_reports_a_missing_source(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "hh", "--source", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "none.jsonl" in capsys.readouterr().err
+
+
+def test_dpo_command(setup):
+    tmp, data, sft = setup
+    out = tmp / "dpo"
+    main(["dpo", "--model", str(sft), "--data", str(data), "--out", str(out), "--epochs", "3", *COMMON])
+    train, evals = _records(out, "train"), _records(out, "eval")
+    assert len(train) == 6  # 8 pairs / batch 4 = 2 steps per epoch, 3 epochs
+    assert {"loss", "reward_margin", "pref_acc", "kl", "reward_chosen", "reward_rejected"} <= train[0].keys()
+    assert [e["step"] for e in evals] == [0, 2, 4, 6]  # once an epoch
+    assert evals[0]["val_loss"] == pytest.approx(0.6931472, abs=1e-5) and "pref_acc" in evals[-1]
+    assert train[-1]["kl"] > 0
+    assert (out / "loss.png").is_file() and (out / "checkpoint.pt").is_file()
+    GPT.from_pretrained(out / "model")  # the policy is an HF checkpoint
+
+
+def test_dpo_resume_matches_an_uninterrupted_run(setup):
+    """Stopping and resuming gives the same weights: the reference is rebuilt from --model (the SFT start,
+    not the resumed policy) and the data position comes back with the checkpoint."""
+    tmp, data, sft = setup
+    args = ["dpo", "--model", str(sft), "--data", str(data), "--epochs", "0", "--max-steps", "4",
+            "--eval-every", "0", *COMMON]
+    main([*args, "--out", str(tmp / "straight")])
+    main([*args, "--out", str(tmp / "split"), "--stop-at-step", "2"])
+    main([*args, "--out", str(tmp / "split"), "--resume"])
+    straight, split = GPT.from_pretrained(tmp / "straight" / "model"), GPT.from_pretrained(tmp / "split" / "model")
+    for (name, a), b in zip(straight.state_dict().items(), split.state_dict().values()):
+        assert torch.equal(a, b), name
+    losses = lambda run: [r["loss"] for r in _records(tmp / run, "train")]  # noqa: E731
+    assert losses("straight") == losses("split")
+
+
+def test_reward_command(setup):
+    tmp, data, sft = setup
+    out = tmp / "reward"
+    main(["reward", "--model", str(sft), "--data", str(data), "--out", str(out), "--epochs", "2", *COMMON])
+    assert len(_records(out, "train")) == 4 and "pref_acc" in _records(out, "eval")[-1]
+    rm = RewardModel.from_pretrained(out)  # run dir: backbone + reward_head.safetensors under model/
+    assert (out / "model" / "reward_head.safetensors").is_file() and rm.config.vocab_size < 1000
+
+
+def test_ppo_command_and_resume(setup):
+    tmp, data, sft = setup
+    RewardModel(GPT.from_pretrained(sft)).save_pretrained(tmp / "rm")
+    out = tmp / "ppo"
+    args = ["ppo", "--model", str(sft), "--reward-model", str(tmp / "rm"), "--data", str(data), "--out", str(out),
+            "--max-new-tokens", "4", "--minibatch-size", "2", "--ppo-epochs", "2", "--eval-every", "1",
+            "--eval-prompts", "2", *COMMON]
+    main([*args, "--max-steps", "4", "--stop-at-step", "2"])
+    assert [r["step"] for r in _records(out, "train")] == [1, 2]
+    assert {"score", "kl", "policy_loss", "value_loss", "clip_frac", "loss", "lr"} <= _records(out, "train")[0].keys()
+    assert (out / "model" / VALUE_HEAD).is_file()
+    GPT.from_pretrained(out / "model")
+    with pytest.raises(SystemExit):  # an existing run is never overwritten silently
+        main([*args, "--max-steps", "4"])
+    main([*args, "--max-steps", "4", "--resume", "--max-minutes", "0"])  # out of time after one iteration
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
+    main([*args, "--max-steps", "4", "--resume"])
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4]
+    assert [r["step"] for r in _records(out, "eval")] == [0, 1, 2, 3, 4]

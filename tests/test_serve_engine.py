@@ -1,0 +1,212 @@
+"""Continuous batching: the engine gives the same tokens as one-at-a-time generation, whatever the arrivals;
+per-request seeds; cancellation frees slots; the cache stays bounded. Also TextStream (UTF-8, stop strings)."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+from serve_helpers import one_torch_thread
+
+from gpt2.inference import generate, pad_right
+from gpt2.model import GPT, GPTConfig, KVCache
+from gpt2.serve.engine import Engine, SamplingParams
+from gpt2.serve.text import TextStream
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=48)).eval()
+
+
+class Collector:
+    """Sinks that record each request's tokens and finish reason."""
+
+    def __init__(self):
+        self.tokens: dict[int, list[int]] = {}
+        self.reason: dict[int, str] = {}
+
+    def sink(self, i: int):
+        self.tokens[i] = []
+
+        def f(token, reason):
+            if token is not None:
+                assert i not in self.reason, "token after finish"
+                self.tokens[i].append(token)
+            else:
+                self.reason[i] = reason
+        return f
+
+
+def run_schedule(engine: Engine, arrivals: dict[int, list[tuple[int, list[int], SamplingParams]]],
+                 max_steps: int = 500) -> Collector:
+    """Submit requests at the given steps, step until all are done; check the cache never outgrows its bound."""
+    col = Collector()
+    last_arrival = max(arrivals)
+    for step in range(max_steps):
+        for i, prompt, params in arrivals.get(step, []):
+            engine.submit(prompt, params, col.sink(i))
+        engine.step()
+        assert engine.num_active <= engine.max_batch_size
+        if engine.cache is not None:
+            assert engine.cache.max_len <= engine.block_size + engine.headroom
+        if step >= last_arrival and not engine.has_work():
+            return col
+    raise AssertionError("engine did not finish")
+
+
+def random_requests(n: int, seed: int, block: int):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(50257) for _ in range(rng.randint(1, 20))] for _ in range(n)]
+    # some budgets run past the context window (block 48): those rows must stop at its end
+    max_tokens = [rng.randint(1, block) for _ in range(n)]
+    steps = sorted(rng.randint(0, 30) for _ in range(n))
+    return prompts, max_tokens, steps
+
+
+class PoisonedCache(KVCache):
+    """KVCache memory is uninitialised: fill it with NaN to prove the engine never reads a slot it did not
+    write (a NaN value survives even a zero attention weight)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k.fill_(float("nan"))
+        self.v.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("seed,max_batch", [(0, 3), (1, 8)])
+def test_batched_greedy_equals_one_at_a_time(model, seed, max_batch, monkeypatch):
+    monkeypatch.setattr("gpt2.serve.engine.KVCache", PoisonedCache)
+    prompts, max_tokens, steps = random_requests(10, seed, model.config.block_size)
+    arrivals: dict = {}
+    for i, (p, m, s) in enumerate(zip(prompts, max_tokens, steps)):
+        arrivals.setdefault(s, []).append((i, p, SamplingParams(max_tokens=m, temperature=0.0)))
+    # a small headroom forces re-packing (cache growth and compaction) while rows run
+    engine = Engine(model, max_batch_size=max_batch, eos_id=None, headroom=3)
+    col = run_schedule(engine, arrivals)
+    for i, p in enumerate(prompts):
+        ref = generate(model, *pad_right([p]), 0.0, max_tokens[i], eos_id=None)[0]
+        assert col.tokens[i] == ref, f"request {i} (prompt {len(p)} tokens, arrived at step {steps[i]})"
+        assert col.reason[i] == "length"
+    assert engine.num_active == 0 and engine.cache is None
+
+
+def test_end_of_text_finishes_with_stop(model):
+    prompts, _, steps = random_requests(6, 2, model.config.block_size)
+    free = [generate(model, *pad_right([p]), 0.0, 20, eos_id=None)[0] for p in prompts]
+    # declare a token that request 0 produces after a few others "end of text": it stops there (others may too)
+    cut = next(i for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i])
+    eos = free[0][cut]
+    arrivals: dict = {}
+    for i, (p, s) in enumerate(zip(prompts, steps)):
+        arrivals.setdefault(s, []).append((i, p, SamplingParams(max_tokens=20, temperature=0.0)))
+    col = run_schedule(Engine(model, max_batch_size=4, eos_id=eos), arrivals)
+    for i, f in enumerate(free):
+        expected = f[: f.index(eos)] if eos in f else f
+        assert col.tokens[i] == expected
+        assert col.reason[i] == ("stop" if eos in f else "length")
+    assert col.tokens[0] == free[0][:cut] and col.reason[0] == "stop"
+
+
+def test_seeded_sampling_is_independent_of_batch_mates(model):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=123)
+    alone = run_schedule(Engine(model), {0: [(0, [1, 2, 3], params)]})
+    others = [(i, [7] * i, SamplingParams(max_tokens=15, temperature=0.8, seed=i)) for i in range(1, 5)]
+    crowd = run_schedule(Engine(model), {0: others[:2], 2: [(0, [1, 2, 3], params)] + others[2:]})
+    assert alone.tokens[0] == crowd.tokens[0]
+    other_seed = run_schedule(Engine(model), {0: [(0, [1, 2, 3], SamplingParams(12, 1.0, 0.9, seed=124))]})
+    assert other_seed.tokens[0] != alone.tokens[0]
+
+
+def test_cancel_frees_the_slot_and_keeps_others_exact(model):
+    engine = Engine(model, eos_id=None)
+    col = Collector()
+    a = engine.submit([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0), col.sink(0))
+    engine.submit([9, 10], SamplingParams(max_tokens=10, temperature=0.0), col.sink(1))
+    engine.step()
+    engine.step()
+    assert engine.num_active == 2
+    a.cancel()
+    engine.step()
+    assert engine.num_active == 1
+    while engine.has_work():
+        engine.step()
+    assert 0 not in col.reason  # a cancelled request gets no more events
+    assert col.tokens[1] == generate(model, *pad_right([[9, 10]]), 0.0, 10, eos_id=None)[0]
+    # a request cancelled while still waiting never runs
+    b = engine.submit([1], SamplingParams(max_tokens=5), col.sink(2))
+    b.cancel()
+    engine.step()
+    assert not engine.has_work() and col.tokens[2] == []
+
+
+def test_failing_sink_cancels_its_request(model):
+    engine = Engine(model, eos_id=None)
+
+    def broken(token, reason):
+        raise RuntimeError("event loop closed")
+
+    engine.submit([1, 2], SamplingParams(max_tokens=30, temperature=0.0), broken)
+    engine.step()
+    engine.step()
+    assert not engine.has_work()
+
+
+def test_background_thread_serves_requests(model):
+    engine = Engine(model, eos_id=None)
+    engine.start()
+    try:
+        done = [threading.Event() for _ in range(3)]
+        col = Collector()
+        for i in range(3):
+            sink = col.sink(i)
+
+            def f(token, reason, sink=sink, i=i):
+                sink(token, reason)
+                if token is None:
+                    done[i].set()
+            engine.submit([i + 1] * (i + 2), SamplingParams(max_tokens=8, temperature=0.0), f)
+        assert all(d.wait(20) for d in done)
+        for i in range(3):
+            assert col.tokens[i] == generate(model, *pad_right([[i + 1] * (i + 2)]), 0.0, 8, eos_id=None)[0]
+    finally:
+        engine.stop()
+
+
+def test_submit_rejects_impossible_prompts(model):
+    engine = Engine(model)
+    with pytest.raises(ValueError):
+        engine.submit([], SamplingParams(), lambda t, r: None)
+    with pytest.raises(ValueError):
+        engine.submit([1] * model.config.block_size, SamplingParams(), lambda t, r: None)
+
+
+# ------------------------------------------------------------------ TextStream
+
+def test_text_stream_prints_whole_characters(tokenizer_ok):
+    from gpt2.tokenizer import encode
+
+    text = "naïve café 🙂 日本語 done"
+    stream = TextStream()
+    pieces = [stream.push(t) for t in encode(text)]
+    pieces.append(stream.finish())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens are partial characters and print nothing yet
+
+
+def test_text_stream_stop_strings_across_tokens(tokenizer_ok):
+    from gpt2.tokenizer import encode
+
+    stream = TextStream(stop=["o w", "zzz"])
+    out = "".join(stream.push(t) for t in encode("Hello world, hello"))
+    assert out + stream.finish() == "Hell" and stream.stopped
+    # a tail that might begin a stop string is held back until it cannot
+    stream = TextStream(stop=["cd"])
+    shown = "".join(stream.push(t) for t in encode("abc"))
+    assert shown == "ab" and stream.finish() == "c" and not stream.stopped
