@@ -172,6 +172,17 @@ def test_metrics_jsonl_and_png(tmp_path):
 # --------------------------------------------------------------------------- failures
 
 
+class NoEvalTask(ListTask):
+    def evaluate(self, model):
+        return {}
+
+
+def test_run_without_eval_metrics_still_trains(tmp_path):
+    """A stage with nothing to evaluate (no validation split) must not die drawing an empty graph."""
+    res = train(make_model(), NoEvalTask(make_data()), cfg_for(tmp_path, eval_every=2), grad_accum_steps=1)
+    assert res.step == 6 and len(read_lines(tmp_path, "train")) == 6
+
+
 class NaNTask(ListTask):
     def __init__(self, data, nan_at_step: int):
         super().__init__(data)

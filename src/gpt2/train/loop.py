@@ -34,6 +34,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -245,10 +246,14 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
 
 
 def plot(run_dir: Path) -> None:
-    """Redraw RUN_DIR/loss.png from metrics.jsonl (imported here: matplotlib is slow to import)."""
+    """Redraw RUN_DIR/loss.png from metrics.jsonl (imported here: matplotlib is slow to import). The graph is
+    a convenience: a failure to draw it (nothing logged yet, a full disk) is reported, never fatal to a run."""
     from gpt2.plots import plot_run
 
-    plot_run(run_dir)
+    try:
+        plot_run(run_dir)
+    except (UserError, OSError, ValueError) as e:
+        print(f"warning: loss graph not drawn: {e}", file=sys.stderr)
 
 
 class _TaskLoss(nn.Module):
