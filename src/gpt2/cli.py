@@ -48,6 +48,12 @@ class Command:
 
 _REGISTRY: dict[str, Command] = {}
 
+# Help lines of the two-word command groups.
+GROUP_HELP = {
+    "prepare": "download or read a dataset and tokenize it (fineweb, alpaca, hh)",
+    "eval": "evaluate a model (hellaswag, val-loss)",
+}
+
 
 def register(cmd: Command) -> Command:
     _REGISTRY[cmd.name] = cmd
@@ -74,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             group, leaf = words
             if group not in groups:
-                gp = top.add_parser(group, help=f"{group} subcommands")
+                text = GROUP_HELP.get(group, f"{group} subcommands")
+                gp = top.add_parser(group, help=text, description=text)
                 groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             sub = groups[group].add_parser(leaf, help=cmd.help, description=cmd.description or cmd.help)
         if cmd.presets:
