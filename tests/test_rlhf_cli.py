@@ -11,6 +11,7 @@ import pytest
 import torch
 from rlhf_data import compact, one_thread, short_hh_pairs  # noqa: F401 (one_thread: autouse)
 
+from gpt2.checkpoint import load_checkpoint
 from gpt2.cli import main
 from gpt2.model import GPT
 from gpt2.rlhf.heads import VALUE_HEAD, RewardModel
@@ -115,3 +116,34 @@ def test_ppo_command_and_resume(setup):
     main([*args, "--max-steps", "4", "--resume"])
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4]
     assert [r["step"] for r in _records(out, "eval")] == [0, 1, 2, 3, 4]
+
+
+def test_ppo_sigterm_saves_then_resumes(setup, monkeypatch):
+    """SIGTERM mid-run: PPO finishes the iteration, saves it, exits 143; --resume completes the run."""
+    import os
+    import signal
+
+    import gpt2.rlhf.ppo as ppo
+
+    tmp, data, sft = setup
+    RewardModel(GPT.from_pretrained(sft)).save_pretrained(tmp / "rm")
+    out = tmp / "ppo-sig"
+    args = ["ppo", "--model", str(sft), "--reward-model", str(tmp / "rm"), "--data", str(data), "--out", str(out),
+            "--max-new-tokens", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--eval-every", "0",
+            "--max-steps", "3", *COMMON]
+    real_rollout, calls = ppo.rollout, []
+
+    def rollout_then_sigterm(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # during iteration 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_rollout(*a, **kw)
+
+    monkeypatch.setattr(ppo, "rollout", rollout_then_sigterm)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 143
+    assert [r["step"] for r in _records(out, "train")] == [1, 2]
+    assert load_checkpoint(out)["step"] == 2
+    main([*args, "--resume"])
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]

@@ -69,6 +69,7 @@ from gpt2.train.loop import (
     METRICS_FILE,
     MetricsLogger,
     NonFiniteLossError,
+    StopSignals,
     TrainConfig,
     autocast_context,
     autocast_dtype,
@@ -328,36 +329,44 @@ def _run(cfg: PPOConfig, dist) -> ActorCritic:
         evaluate(0)
     t_start = time.perf_counter()
     end = cfg.stop_at_step or cfg.max_steps
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        prompts = [train_prompts[i] for i in sampler.next_batch()]
-        with autocast():
-            batch, roll = rollout(actor, reference, reward_fn, prompts, hp, generator=gen)
-        upd = ppo_update(model, optimizer, batch, hp, generator=shuffle, autocast=autocast)
-        keys = sorted(roll) + sorted(upd)
-        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
-        values = all_reduce_mean(torch.tensor([*({**roll, **upd}[k] for k in keys), float(out_of_time)],
-                                              device=device, dtype=torch.float64)).tolist()
-        record, stop = dict(zip(keys, values)), values[-1] > 0  # every rank stops at the same iteration
-        if not math.isfinite(record["loss"]):
-            raise NonFiniteLossError(f"PPO stopped at iteration {step + 1}: loss {record['loss']}; lower --lr")
-        done, now = step + 1, time.perf_counter()
-        tokens = batch["input_ids"].numel() * dist.world_size
-        metrics.log({"kind": "train", "step": done, "lr": lr, "tokens_per_s": tokens / (now - t0), "mfu": None,
-                     "time": now - t_start, **record})
-        bar.update(1)
-        bar.set_postfix_str(f"score {record['score']:.3f} kl {record['kl']:.3f}", refresh=False)
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            evaluate(done)
-        if done == end or stop or (cfg.save_every and done % cfg.save_every == 0):
-            save(done)
-        if stop:
-            if dist.is_main:
-                bar.write(f"--max-minutes reached: saved iteration {done}; continue with --resume")
-            break
+    with StopSignals() as signals:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            prompts = [train_prompts[i] for i in sampler.next_batch()]
+            with autocast():
+                batch, roll = rollout(actor, reference, reward_fn, prompts, hp, generator=gen)
+            upd = ppo_update(model, optimizer, batch, hp, generator=shuffle, autocast=autocast)
+            keys = sorted(roll) + sorted(upd)
+            out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
+            flags = [float(out_of_time), float(signals.signum)]
+            values = all_reduce_mean(torch.tensor([*({**roll, **upd}[k] for k in keys), *flags],
+                                                  device=device, dtype=torch.float64)).tolist()
+            record = dict(zip(keys, values))
+            timed_out, signalled = values[-2] > 0, values[-1] > 0  # every rank stops at the same iteration
+            stop = timed_out or signalled
+            if not math.isfinite(record["loss"]):
+                raise NonFiniteLossError(f"PPO stopped at iteration {step + 1}: loss {record['loss']}; lower --lr")
+            done, now = step + 1, time.perf_counter()
+            tokens = batch["input_ids"].numel() * dist.world_size
+            metrics.log({"kind": "train", "step": done, "lr": lr, "tokens_per_s": tokens / (now - t0), "mfu": None,
+                         "time": now - t_start, **record})
+            bar.update(1)
+            bar.set_postfix_str(f"score {record['score']:.3f} kl {record['kl']:.3f}", refresh=False)
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                evaluate(done)
+            if done == end or stop or (cfg.save_every and done % cfg.save_every == 0):
+                save(done)
+            if stop:
+                if dist.is_main:
+                    why = "--max-minutes reached" if timed_out else "signalled"
+                    bar.write(f"{why}: saved iteration {done}; continue with --resume")
+                if signalled:
+                    bar.close()
+                    signals.exit()
+                break
     bar.close()
     return actor
 

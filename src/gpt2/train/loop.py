@@ -24,7 +24,7 @@ everything else, the same way for every stage:
   (None when the card is unknown or on CPU) rather than one hard-coded card.
 
 Stages with their own outer loop (PPO) can reuse the pieces: `build_optimizer`, `lr_at`, `autocast_context`,
-`MetricsLogger`, `peak_flops`.
+`MetricsLogger`, `peak_flops`, `StopSignals`.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ class _TaskLoss(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-class _StopSignals:
+class StopSignals:
     """SIGTERM / Ctrl-C set a flag; the loop finishes the current step, saves and exits. A second signal
     stops at once."""
 
@@ -293,6 +293,14 @@ class _StopSignals:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
+
+    def exit(self) -> None:
+        """After the checkpoint is saved: leave as the signal asked (Ctrl-C -> KeyboardInterrupt, else exit
+        status 128 + signal number, 143 for SIGTERM)."""
+        signum = self.signum or signal.SIGTERM
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + int(signum))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -418,7 +426,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     t_session = time.perf_counter()
     t_start = t_session - elapsed0
     loss_value = None
-    with _StopSignals() as stop:
+    with StopSignals() as stop:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -483,12 +491,9 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                 save(done, time.perf_counter() - t_start)
             if signalled:
                 bar.close()
-                signum = stop.signum or signal.SIGTERM
                 if is_main:
                     print(f"saved {ckpt_path} at step {done}; continue with --resume", flush=True)
-                if signum == signal.SIGINT:
-                    raise KeyboardInterrupt
-                raise SystemExit(128 + int(signum))
+                stop.exit()
             if timed_out:
                 end_step = done
                 break
