@@ -97,13 +97,19 @@ def test_reward_command(setup):
     assert (out / "model" / "reward_head.safetensors").is_file() and rm.config.vocab_size < 1000
 
 
+def ppo_args(setup, out, *extra):
+    """`gpt2 ppo` arguments for the tiny SFT model, with a reward model made from it (once)."""
+    tmp, data, sft = setup
+    if not (tmp / "rm").is_dir():
+        RewardModel(GPT.from_pretrained(sft)).save_pretrained(tmp / "rm")
+    return ["ppo", "--model", str(sft), "--reward-model", str(tmp / "rm"), "--data", str(data), "--out", str(out),
+            "--max-new-tokens", "4", "--minibatch-size", "2", *extra, *COMMON]
+
+
 def test_ppo_command_and_resume(setup):
     tmp, data, sft = setup
-    RewardModel(GPT.from_pretrained(sft)).save_pretrained(tmp / "rm")
     out = tmp / "ppo"
-    args = ["ppo", "--model", str(sft), "--reward-model", str(tmp / "rm"), "--data", str(data), "--out", str(out),
-            "--max-new-tokens", "4", "--minibatch-size", "2", "--ppo-epochs", "2", "--eval-every", "1",
-            "--eval-prompts", "2", *COMMON]
+    args = ppo_args(setup, out, "--ppo-epochs", "2", "--eval-every", "1", "--eval-prompts", "2")
     main([*args, "--max-steps", "4", "--stop-at-step", "2"])
     assert [r["step"] for r in _records(out, "train")] == [1, 2]
     assert {"score", "kl", "policy_loss", "value_loss", "clip_frac", "loss", "lr"} <= _records(out, "train")[0].keys()
@@ -126,11 +132,8 @@ def test_ppo_sigterm_saves_then_resumes(setup, monkeypatch):
     import gpt2.rlhf.ppo as ppo
 
     tmp, data, sft = setup
-    RewardModel(GPT.from_pretrained(sft)).save_pretrained(tmp / "rm")
     out = tmp / "ppo-sig"
-    args = ["ppo", "--model", str(sft), "--reward-model", str(tmp / "rm"), "--data", str(data), "--out", str(out),
-            "--max-new-tokens", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--eval-every", "0",
-            "--max-steps", "3", *COMMON]
+    args = ppo_args(setup, out, "--ppo-epochs", "1", "--eval-every", "0", "--max-steps", "3")
     real_rollout, calls = ppo.rollout, []
 
     def rollout_then_sigterm(*a, **kw):

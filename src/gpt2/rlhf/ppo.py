@@ -71,10 +71,10 @@ from gpt2.train.loop import (
     NonFiniteLossError,
     StopSignals,
     TrainConfig,
+    apply_lr,
     autocast_context,
     autocast_dtype,
     build_optimizer,
-    lr_at,
     plot,
     seed_everything,
 )
@@ -332,9 +332,7 @@ def _run(cfg: PPOConfig, dist) -> ActorCritic:
     with StopSignals() as signals:
         for step in range(start, end):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = apply_lr(optimizer, step, cfg)
             prompts = [train_prompts[i] for i in sampler.next_batch()]
             with autocast():
                 batch, roll = rollout(actor, reference, reward_fn, prompts, hp, generator=gen)

@@ -23,7 +23,7 @@ everything else, the same way for every stage:
   graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
   (None when the card is unknown or on CPU) rather than one hard-coded card.
 
-Stages with their own outer loop (PPO) can reuse the pieces: `build_optimizer`, `lr_at`, `autocast_context`,
+Stages with their own outer loop (PPO) can reuse the pieces: `build_optimizer`, `lr_at`, `apply_lr`, `autocast_context`,
 `MetricsLogger`, `peak_flops`, `StopSignals`.
 """
 
@@ -139,6 +139,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+    """Set every param group to the schedule's LR for `step` (0-based); return it."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW decaying only 2-D weights; fused kernels on CUDA and CPU (one kernel for all parameters)."""
@@ -429,9 +437,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     with StopSignals() as stop:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = apply_lr(optimizer, step, cfg)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             extra: dict[str, torch.Tensor] = {}
             tokens = 0
