@@ -10,6 +10,9 @@ Design decisions:
   mask (`cumsum(mask) - 1`), so a prompt's output does not depend on what else is in its batch.
 - Rows that have finished (emitted `<|endoftext|>`) are dropped from the batch and its cache, so a batch
   gets cheaper as its prompts end.
+- On a CPU, decoding runs inside `gpt2.kernels.frozen`: MKL pre-packed weights for the projections, and for
+  greedy decoding an exact argmax that screens the vocabulary with an int8 copy of the head before
+  recomputing the few possible winners in fp32 (the tokens are those of the fp32 logits).
 - GPT-2 has learned absolute positions: nothing can be generated past `block_size`. A prompt longer than
   the context window is an error; generation stops early when a row reaches the window's end.
 - This module works on token ids only; `tokenize_batch_input` is the one place that calls the tokenizer.
@@ -21,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from gpt2.kernels import frozen
 from gpt2.model import GPT, KVCache
 from gpt2.tokenizer import EOT, encode
 
@@ -100,26 +104,28 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
     was_training = model.training
     model.eval()
     try:
-        head_t = model.head_weight_t() if device.type == "cpu" else None  # weights are frozen while decoding
-        hidden = model.hidden_states(ids, position_ids, cache.attn_mask(valid), cache)  # (B, T, C)
-        logits = model.logits(hidden[:, -1], head_t)  # (B, V): last column = each row's last real token
-        alive = torch.arange(B, device=device)  # original prompt index of each remaining row
-        next_pos = lengths.clone()  # (B,) position of each row's next token
-        for _ in range(steps):
-            tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (b,)
-            is_eos = tokens == eos_id if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
-            yield [(i, t) for i, t, e in zip(alive.tolist(), tokens.tolist(), is_eos.tolist()) if not e]
-            # a row also stops when its token took the context window's last position
-            keep = ~(is_eos | (next_pos >= model.config.block_size - 1))
-            if not bool(keep.any()):
-                return
-            if not bool(keep.all()):
-                rows = keep.nonzero().squeeze(1)
-                alive, tokens, next_pos = alive[rows], tokens[rows], next_pos[rows]
-                cache.select_rows(rows)
-            hidden = model.hidden_states(tokens[:, None], next_pos[:, None], None, cache)  # (b, 1, C)
-            logits = model.logits(hidden[:, -1], head_t)  # (b, V)
-            next_pos = next_pos + 1
+        with frozen(model) as head:  # weights do not change while decoding: pre-packed products on CPU
+            hidden = model.hidden_states(ids, position_ids, cache.attn_mask(valid), cache)  # (B, T, C)
+            last = hidden[:, -1]  # (B, C): last column = each row's last real token
+            alive = torch.arange(B, device=device)  # original prompt index of each remaining row
+            next_pos = lengths.clone()  # (B,) position of each row's next token
+            for _ in range(steps):
+                if temperature <= 0 and head is not None:
+                    tokens = head.argmax(last)  # (b,) exact greedy choice without the full fp32 head
+                else:
+                    tokens = sample_next(model.logits(last, head), temperature, top_k, top_p, generator)  # (b,)
+                is_eos = tokens == eos_id if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
+                yield [(i, t) for i, t, e in zip(alive.tolist(), tokens.tolist(), is_eos.tolist()) if not e]
+                # a row also stops when its token took the context window's last position
+                keep = ~(is_eos | (next_pos >= model.config.block_size - 1))
+                if not bool(keep.any()):
+                    return
+                if not bool(keep.all()):
+                    rows = keep.nonzero().squeeze(1)
+                    alive, tokens, next_pos = alive[rows], tokens[rows], next_pos[rows]
+                    cache.select_rows(rows)
+                last = model.hidden_states(tokens[:, None], next_pos[:, None], None, cache)[:, -1]  # (b, C)
+                next_pos = next_pos + 1
     finally:
         model.train(was_training)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -118,6 +119,11 @@ class KVCache:
         self.valid = self.valid[rows]
 
 
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """F.dropout, skipped entirely when off (p = 0 or evaluation): decoding runs dozens per token."""
+    return F.dropout(x, p) if p > 0 else x
+
+
 class Projection(nn.Module):
     """Affine map `x @ weight + bias` with weight stored (in, out): OpenAI's checkpoint layout (HF's Conv1D)."""
 
@@ -126,9 +132,13 @@ class Projection(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
         self.residual_scale = residual_scale  # GPT-2 init: residual projections scaled by 1/sqrt(2 * n_layer)
+        # Optional replacement for the product, (N, in) -> (N, out): `gpt2.kernels.frozen` installs MKL
+        # pre-packed weights here while decoding on a CPU.
+        self.product: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)  # (B*T, out)
+        x2 = x.reshape(-1, x.size(-1))  # (B*T, in)
+        y = self.product(x2) if self.product is not None else torch.addmm(self.bias, x2, self.weight)  # (B*T, out)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
@@ -143,10 +153,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, per head
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
         dropout = self.dropout if self.training else 0.0
@@ -156,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble heads side by side
-        return F.dropout(self.c_proj(y), dropout, self.training)
+        return _dropout(self.c_proj(y), dropout)
 
 
 class MLP(nn.Module):
@@ -168,7 +176,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
-        return F.dropout(self.c_proj(x), self.dropout, self.training)
+        return _dropout(self.c_proj(x), self.dropout if self.training else 0.0)
 
 
 class Block(nn.Module):
@@ -193,7 +201,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
@@ -243,7 +250,7 @@ class GPT(nn.Module):
             position_ids = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
         tok = self.transformer.wte(idx)  # (B, T, C)
         pos = self.transformer.wpe(position_ids)  # (B or 1, T, C)
-        x = self.transformer.drop(tok + pos)
+        x = _dropout(tok + pos, self.config.dropout if self.training else 0.0)
         if cache is not None and attn_mask is None:
             # With a cache the causal mask must be explicit: SDPA's is_causal aligns a short query block
             # with the *first* keys, not the last.
@@ -259,18 +266,16 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size); the padded vocabulary columns are sliced off."""
         return self.logits(self.hidden_states(idx, position_ids, attn_mask, cache))
 
-    def logits(self, hidden: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor,
+               head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Project hidden states (..., n_embd) to vocabulary logits (..., vocab_size). Generation calls this
         on the last position only: the 50304-wide head over a whole prompt would cost more than the prompt.
-        `head_t` is an optional `head_weight_t()` copy, for a caller that projects many times with frozen
-        weights (decoding): few-row products run ~1.3x faster on CPU against the (n_embd, vocab) layout."""
-        if head_t is None:
+        `head` optionally replaces the product, (N, n_embd) -> (N, padded_vocab): decoding passes the
+        frozen-weight one from `gpt2.kernels.frozen`."""
+        if head is None:
             return self.lm_head(hidden)[..., : self.config.vocab_size]
-        return (hidden @ head_t)[..., : self.config.vocab_size]
-
-    def head_weight_t(self) -> torch.Tensor:
-        """A contiguous (n_embd, padded_vocab) copy of the tied output weight; stale once the weights change."""
-        return self.lm_head.weight.detach().t().contiguous()
+        out = head(hidden.reshape(-1, hidden.size(-1)))  # (N, V_padded)
+        return out.view(*hidden.shape[:-1], out.size(-1))[..., : self.config.vocab_size]
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; target -100 is ignored (prompt and padding positions)."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2.inference import left_align, pad_right, sample_next
+from gpt2.kernels import FrozenHead, freeze, frozen
 from gpt2.model import GPT, KVCache
 from gpt2.tokenizer import EOT
 
@@ -65,6 +66,7 @@ class Engine:
 
     def __init__(self, model: GPT, max_batch_size: int = 16, eos_id: int | None = EOT, headroom: int = 64):
         self.model = model.eval()
+        freeze(model)  # the weights never change while serving: pack them for decoding once
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = model.config.block_size
@@ -80,9 +82,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0  # decode steps run (for tests and stats)
-        # the same logits path as `generate_stream` (last position only; on CPU a transposed head copy,
-        # valid while serving because the weights never change), so outputs match it bit for bit
-        self.head_t = model.head_weight_t() if self.device.type == "cpu" else None
+        # the same products as `generate_stream` (gpt2.kernels.frozen), so outputs match it bit for bit;
+        # set for the duration of each step
+        self.head: FrozenHead | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -136,9 +138,11 @@ class Engine:
         """Drop cancelled requests, admit waiting ones (prefill + first token), then decode one token for
         every running row in a single batched forward pass."""
         self._drop_cancelled()
-        self._admit()
-        if self.rows:
-            self._decode()
+        with frozen(self.model) as head:
+            self.head = head
+            self._admit()
+            if self.rows:
+                self._decode()
 
     def _drop_cancelled(self) -> None:
         with self._cv:
@@ -153,8 +157,8 @@ class Engine:
         if not new:
             return
         try:
-            cache, logits, next_pos = self._prefill([r.prompt for r in new])
-            tokens = self._sample(logits, new)
+            cache, last, next_pos = self._prefill([r.prompt for r in new])
+            tokens = self._choose(last, new)
         except Exception as e:  # e.g. out of memory: fail these requests, keep serving the others
             for r in new:
                 self._finish(r, f"error: {type(e).__name__}: {e}")
@@ -172,35 +176,41 @@ class Engine:
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
         """Run the prompts through the model together, left-aligned as in `generate_stream`.
-        Returns their cache, last-position logits (b, V) and each row's next position (b,)."""
+        Returns their cache, last-position hidden states (b, C) and each row's next position (b,)."""
         ids, mask = pad_right(prompts)
         ids, valid = left_align(ids.to(self.device), mask.to(self.device))  # (b, T), real tokens end at T-1
         position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)  # (b, T)
         cache = KVCache(self.model.config, len(prompts), ids.size(1), device=self.device, dtype=self.dtype)
         hidden = self.model.hidden_states(ids, position_ids, cache.attn_mask(valid), cache)  # (b, T, C)
-        return cache, self.model.logits(hidden[:, -1], self.head_t), mask.sum(1).to(self.device)
+        return cache, hidden[:, -1], mask.sum(1).to(self.device)
 
     def _decode(self) -> None:
         assert self.cache is not None
         if self.cache.length >= self.cache.max_len:
             self.cache = self._repack([self.cache])
         hidden = self.model.hidden_states(self.last_tokens[:, None], self.next_pos[:, None], None, self.cache)
-        logits = self.model.logits(hidden[:, -1], self.head_t)  # (B, V)
         self.next_pos = self.next_pos + 1
-        tokens = self._sample(logits, self.rows)
+        tokens = self._choose(hidden[:, -1], self.rows)
         self.last_tokens = tokens
         self.steps += 1
         self._keep(self._emit(self.rows, tokens, self.next_pos))
 
     # ------------------------------------------------------------------ helpers
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """One token per row with that row's own sampling parameters and generator."""
-        tokens = logits.argmax(dim=-1)  # (B,) greedy rows keep this
-        for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature > 0:
-                tokens[i] = sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, r.generator)[0]
+    def _choose(self, last: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """One token per row from its last hidden state (B, C): greedy rows take the exact argmax (screened
+        on CPU, as in `generate_stream`), the others sample with their own parameters and generator."""
+        tokens = torch.empty(len(reqs), dtype=torch.long, device=last.device)
+        greedy = [i for i, r in enumerate(reqs) if r.params.temperature <= 0]
+        if greedy:
+            h = last[greedy]
+            tokens[greedy] = self.head.argmax(h) if self.head is not None else self.model.logits(h).argmax(-1)
+        sampled = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
+        if sampled:
+            logits = self.model.logits(last[sampled], self.head)  # (b, V)
+            for j, i in enumerate(sampled):
+                p = reqs[i].params
+                tokens[i] = sample_next(logits[j:j + 1], p.temperature, p.top_k, p.top_p, reqs[i].generator)[0]
         return tokens
 
     def _emit(self, reqs: list[Request], tokens: torch.Tensor, positions: torch.Tensor) -> list[bool]:

@@ -1,0 +1,123 @@
+"""Frozen-weight decoding products: packed fp32 products, the exact int8-screened greedy argmax, and when the
+packed copies are (and are not) reused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2 import kernels
+from gpt2.inference import generate
+from gpt2.kernels import FrozenHead, Int8Product, freeze, frozen, unfreeze
+from gpt2.model import GPT, GPTConfig, Projection
+
+
+def tiny(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, **kw)).eval()
+
+
+def full_argmax(head: FrozenHead, x: torch.Tensor) -> torch.Tensor:
+    return (x @ head.weight.t()).argmax(dim=1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_screened_argmax_equals_fp32_argmax(seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(3000, 64, generator=g) * 0.02
+    head = FrozenHead(weight, vocab_size=2950)  # the padding rows past the vocabulary never win
+    x = torch.nn.functional.layer_norm(torch.randn(16, 64, generator=g) * 3 + 1, (64,))
+    assert torch.equal(head.argmax(x), full_argmax(head, x))
+    assert int(head.argmax(x).max()) < 2950
+
+
+def test_screened_argmax_on_ties_and_near_ties_takes_the_first_index():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(500, 32, generator=g)
+    weight[400] = weight[17]  # an exact tie with an earlier token
+    weight[300] = weight[5] * (1 + 1e-6)  # a near tie, far below int8 resolution
+    head = FrozenHead(weight, vocab_size=500)
+    x = torch.stack([weight[17], weight[5], -weight[17]])  # rows whose best token is tied / nearly tied
+    assert torch.equal(head.argmax(x), full_argmax(head, x))
+    assert int(head.argmax(x[:1])) == 17
+
+
+def test_outlier_activations_fall_back_to_the_full_product(monkeypatch):
+    """A huge activation in a direction the head ignores makes the int8 grid too coarse for the others: the
+    bound then admits (nearly) every token, and the full fp32 product decides, still exactly."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(2000, 64, generator=g) * 0.02
+    weight[:, 3] = 0
+    head = FrozenHead(weight, vocab_size=2000)
+    x = torch.randn(4, 64, generator=g)
+    x[:, 3] = 1e4
+    calls = []
+    monkeypatch.setattr(head, "product", lambda v: calls.append(1) or v @ head.weight.t())
+    monkeypatch.setattr(kernels, "MAX_CANDIDATES", 10)
+    assert torch.equal(head.argmax(x), full_argmax(head, x))
+    assert calls  # the fallback ran
+
+
+def test_int8_product_is_exact_integer_arithmetic():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-127, 128, (257, 96), generator=g, dtype=torch.int8)
+    scale = torch.rand(257, generator=g) + 0.5
+    xq = torch.randint(-127, 128, (5, 96), generator=g).float()
+    expected = (xq.double() @ q.double().t()) * 0.25 * scale.double()  # integers are exact in float64
+    product = Int8Product(q, scale)
+    torch.testing.assert_close(product(xq, 0.25).double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(product._int_mm(xq, 0.25).double(), expected, rtol=1e-6, atol=0)
+
+
+def test_frozen_installs_packed_products_and_restores_the_model():
+    model = tiny()
+    x = torch.randn(3, 5, 32)
+    layer = model.transformer.h[0].mlp.c_fc
+    with torch.inference_mode():
+        plain = layer(x)
+        with frozen(model) as head:
+            assert head is not None
+            packed = layer(x)
+            if kernels.mkl_packing_available():
+                assert layer.product is not None
+            logits = model.logits(x[:, -1], head)
+        assert all(m.product is None for m in model.modules() if isinstance(m, Projection))
+        torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, model.logits(x[:, -1]), rtol=1e-5, atol=1e-5)
+
+
+def decode_plain(model: GPT, ids: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy decoding by full recompute, with the model's own products only: the reference."""
+    seqs = ids.tolist()
+    with torch.inference_mode():
+        for _ in range(steps):
+            nxt = model(torch.tensor(seqs))[:, -1].argmax(-1)
+            seqs = [s + [int(t)] for s, t in zip(seqs, nxt)]
+    return [s[ids.size(1):] for s in seqs]
+
+
+def test_greedy_generation_with_frozen_products_equals_plain_decoding():
+    model = tiny(3)
+    ids = torch.randint(0, 50257, (4, 6), generator=torch.Generator().manual_seed(3))
+    got = generate(model, ids, torch.ones_like(ids), 0.0, 12, eos_id=None)
+    assert got == decode_plain(model, ids, 12)
+
+
+def test_weights_changed_by_a_fused_optimizer_are_seen_unless_frozen():
+    """Fused AdamW updates parameters without bumping their version counters, so nothing may be cached
+    across calls unless the owner froze the model; after `unfreeze` the new weights are used again."""
+    model = tiny(4)
+    ids = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    before = generate(model, ids, mask, 0.0, 8, eos_id=None)
+    freeze(model)
+    assert generate(model, ids, mask, 0.0, 8, eos_id=None) == before
+    unfreeze(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    model.train()
+    model.loss(ids, ids).backward()
+    opt.step()
+    model.eval()
+    after = generate(model, ids, mask, 0.0, 8, eos_id=None)
+    assert after == decode_plain(model, ids, 8)
+    assert after != before
