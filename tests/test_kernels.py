@@ -63,10 +63,11 @@ def test_int8_product_is_exact_integer_arithmetic():
     q = torch.randint(-127, 128, (257, 96), generator=g, dtype=torch.int8)
     scale = torch.rand(257, generator=g) + 0.5
     xq = torch.randint(-127, 128, (5, 96), generator=g).float()
-    expected = (xq.double() @ q.double().t()) * 0.25 * scale.double()  # integers are exact in float64
+    x_scale = torch.rand(5, 1, generator=g) + 0.1
+    expected = (xq.double() @ q.double().t()) * x_scale.double() * scale.double()  # exact in float64
     product = Int8Product(q, scale)
-    torch.testing.assert_close(product(xq, 0.25).double(), expected, rtol=1e-6, atol=0)
-    torch.testing.assert_close(product._int_mm(xq, 0.25).double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(product(xq, x_scale).double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(product._int_mm(xq, x_scale).double(), expected, rtol=1e-6, atol=0)
 
 
 def test_frozen_installs_packed_products_and_restores_the_model():
@@ -121,3 +122,15 @@ def test_weights_changed_by_a_fused_optimizer_are_seen_unless_frozen():
     after = generate(model, ids, mask, 0.0, 8, eos_id=None)
     assert after == decode_plain(model, ids, 8)
     assert after != before
+
+
+def test_rows_on_different_logit_scales_keep_the_screen_short(monkeypatch):
+    """Each row's candidates come from its own best logit, so a row with large logits does not flood the
+    short list of a row with small ones (which would force the full product)."""
+    g = torch.Generator().manual_seed(5)
+    head = FrozenHead(torch.randn(5000, 64, generator=g) * 0.02, vocab_size=5000)
+    x = torch.randn(2, 64, generator=g)
+    x[0] *= 20
+    monkeypatch.setattr(head, "product", lambda v: pytest.fail("fell back to the full product"))
+    monkeypatch.setattr(kernels, "MAX_CANDIDATES", 500)
+    assert torch.equal(head.argmax(x), full_argmax(head, x))

@@ -63,7 +63,7 @@ def packed_product(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Pr
 
 class Int8Product:
     """xq @ q.T for int8 rows q (V, C) with one scale each, exact integer arithmetic, scaled to fp32:
-    (N, C) integer-valued floats in [-127, 127] and their common scale -> (N, V) = scale * s_j * (xq . q_j).
+    (N, C) integer-valued floats in [-127, 127] and one scale per row (N, 1) -> (N, V) = x_b * s_j * (xq_b . q_j).
     Uses oneDNN's int8 linear (what inductor's x86 quantization calls; about twice as fast here) after
     checking it against `torch._int_mm` once; `torch._int_mm` otherwise."""
 
@@ -74,21 +74,22 @@ class Int8Product:
         try:
             self.onednn = torch.ops.onednn.qlinear_prepack(q, [8, q.size(1)])
             self.zero_points = torch.zeros(q.size(0), dtype=torch.long)
-            probe = torch.randint(-127, 128, (3, q.size(1))).float()
-            if not torch.allclose(self(probe, 0.5), self._int_mm(probe, 0.5), rtol=1e-6, atol=0):
+            probe, probe_scale = torch.randint(-127, 128, (3, q.size(1))).float(), torch.rand(3, 1) + 0.5
+            if not torch.allclose(self(probe, probe_scale), self._int_mm(probe, probe_scale), rtol=1e-6, atol=0):
                 self.onednn = None
         except (AttributeError, RuntimeError):  # op missing in this build, or no int8 support on this CPU
             self.onednn = None
 
-    def _int_mm(self, xq: torch.Tensor, x_scale: float) -> torch.Tensor:
-        return torch._int_mm(xq.to(torch.int8), self.q_t).float() * x_scale * self.scale
+    def _int_mm(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        return torch._int_mm(xq.to(torch.int8), self.q_t).float() * self.scale * x_scale
 
-    def __call__(self, xq: torch.Tensor, x_scale: float) -> torch.Tensor:
+    def __call__(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         if self.onednn is None:
             return self._int_mm(xq, x_scale)
         qx = (xq + 128).to(torch.uint8)  # oneDNN takes unsigned activations: zero point 128
-        return torch.ops.onednn.qlinear_pointwise(qx, x_scale, 128, self.onednn, self.scale, self.zero_points,
-                                                  None, 1.0, 0, torch.float32, "none", [], "")
+        # its activation scale is per tensor: pass 1 and apply the per-row scales after
+        return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self.onednn, self.scale, self.zero_points,
+                                                  None, 1.0, 0, torch.float32, "none", [], "") * x_scale
 
 
 class FrozenHead:
@@ -116,20 +117,19 @@ class FrozenHead:
 
         With x = xq + ex and W_j = Wq_j + eW_j (int8 parts and their errors),
         x.W_j - xq.Wq_j = ex.W_j + xq.eW_j, so |error| <= ||ex|| max||W|| + ||xq|| max||eW|| =: bound.
-        A token can only win if its screened logit is within 2 * bound of the best screened logit."""
-        x_scale = float(x.abs().max().clamp(min=1e-30)) / 127
+        A token can only win its row if its screened logit is within 2 * bound of the row's best one. The
+        candidates of all rows are scored exactly together: any set that holds a row's winner gives it."""
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127  # (N, 1): one scale per row
         xq = torch.round(x / x_scale)  # (N, C) integers in [-127, 127]
         x_hat = xq * x_scale
         bound = ((x - x_hat).norm(dim=1) * self.max_norm + x_hat.norm(dim=1) * self.max_error_norm
                  + FP32_MARGIN * x.norm(dim=1) * self.max_norm)  # (N,)
         screened = self.int8(xq, x_scale)  # (N, V)
-        floor = screened.amax(dim=1) - 2 * bound  # (N,)
-        is_candidate = screened >= floor[:, None]  # (N, V)
-        candidates = is_candidate.any(dim=0).nonzero().squeeze(1)  # (u,) ascending token ids
+        floor = screened.amax(dim=1) - 2 * bound  # (N,) at or below each row's winner
+        candidates = (screened >= floor[:, None]).any(dim=0).nonzero().squeeze(1)  # (u,) ascending token ids
         if candidates.numel() > MAX_CANDIDATES:
             return self.product(x)[:, : self.weight.size(0)].argmax(dim=1)
         exact = x @ self.weight[candidates].t()  # (N, u)
-        exact = exact.masked_fill(~is_candidate[:, candidates], float("-inf"))
         return candidates[exact.argmax(dim=1)]
 
 

@@ -255,6 +255,10 @@ class GPT(nn.Module):
             # With a cache the causal mask must be explicit: SDPA's is_causal aligns a short query block
             # with the *first* keys, not the last.
             attn_mask = cache.attn_mask(torch.ones(B, T, dtype=torch.bool, device=idx.device))
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            # once here rather than inside SDPA in every layer: 0 where attending, -inf elsewhere
+            attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~attn_mask,
+                                                                                                 float("-inf"))
         for block in self.transformer.h:
             x = block(x, attn_mask, cache)
         if cache is not None:
