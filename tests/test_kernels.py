@@ -8,7 +8,7 @@ import torch
 
 from gpt2 import kernels
 from gpt2.inference import generate
-from gpt2.kernels import FrozenHead, Int8Product, freeze, frozen, unfreeze
+from gpt2.kernels import FrozenHead, Int8Product, TransposedHead, freeze, frozen, unfreeze
 from gpt2.model import GPT, GPTConfig, Projection
 
 
@@ -76,7 +76,7 @@ def test_frozen_installs_packed_products_and_restores_the_model():
     layer = model.transformer.h[0].mlp.c_fc
     with torch.inference_mode():
         plain = layer(x)
-        with frozen(model) as head:
+        with frozen(model, work=kernels.PACK_MIN_WORK) as head:
             assert head is not None
             packed = layer(x)
             if kernels.mkl_packing_available():
@@ -85,6 +85,22 @@ def test_frozen_installs_packed_products_and_restores_the_model():
         assert all(m.product is None for m in model.modules() if isinstance(m, Projection))
         torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, model.logits(x[:, -1]), rtol=1e-5, atol=1e-5)
+
+
+def test_short_calls_skip_packing_and_frozen_models_always_pack():
+    model = tiny()
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        with frozen(model, work=kernels.PACK_MIN_WORK - 1) as head:  # not worth packing for one short call
+            assert isinstance(head, TransposedHead)
+            assert all(m.product is None for m in model.modules() if isinstance(m, Projection))
+            assert torch.equal(head.argmax(x), (x @ model.lm_head.weight[:50257].t()).argmax(1))
+        freeze(model)
+        try:
+            with frozen(model) as head:
+                assert isinstance(head, FrozenHead) == kernels.mkl_packing_available()
+        finally:
+            unfreeze(model)
 
 
 def decode_plain(model: GPT, ids: torch.Tensor, steps: int) -> list[list[int]]:
@@ -97,10 +113,14 @@ def decode_plain(model: GPT, ids: torch.Tensor, steps: int) -> list[list[int]]:
     return [s[ids.size(1):] for s in seqs]
 
 
-def test_greedy_generation_with_frozen_products_equals_plain_decoding():
+@pytest.mark.parametrize("frozen_model", [False, True])
+def test_greedy_generation_with_decoding_products_equals_plain_decoding(frozen_model):
     model = tiny(3)
     ids = torch.randint(0, 50257, (4, 6), generator=torch.Generator().manual_seed(3))
+    if frozen_model:
+        freeze(model)
     got = generate(model, ids, torch.ones_like(ids), 0.0, 12, eos_id=None)
+    unfreeze(model)
     assert got == decode_plain(model, ids, 12)
 
 

@@ -104,14 +104,14 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
     was_training = model.training
     model.eval()
     try:
-        with frozen(model) as head:  # weights do not change while decoding: pre-packed products on CPU
+        with frozen(model, work=B * steps) as head:  # weights do not change while decoding: packed on CPU
             hidden = model.hidden_states(ids, position_ids, cache.attn_mask(valid), cache)  # (B, T, C)
             last = hidden[:, -1]  # (B, C): last column = each row's last real token
             alive = torch.arange(B, device=device)  # original prompt index of each remaining row
             next_pos = lengths.clone()  # (B,) position of each row's next token
             for _ in range(steps):
                 if temperature <= 0 and head is not None:
-                    tokens = head.argmax(last)  # (b,) exact greedy choice without the full fp32 head
+                    tokens = head.argmax(last)  # (b,) the fp32 argmax, on CPU without all fp32 logits
                 else:
                     tokens = sample_next(model.logits(last, head), temperature, top_k, top_p, generator)  # (b,)
                 is_eos = tokens == eos_id if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)

@@ -12,10 +12,10 @@ Design decisions:
   both operands, plus a margin for fp32 rounding), and recomputes in fp32 only the tokens whose bound
   reaches the best one. The answer is the fp32 argmax; when the bound is too loose to leave a short list
   (large outlier activations), it falls back to the full fp32 product.
-- Packing GPT-2 124M takes ~0.3 s, and the copies cost about as much memory as the weights. By default they
-  are made per `generate` call and dropped after it (the weights may change between calls: fine-tuning
-  samples, PPO rollouts). An owner whose weights stay fixed (chat, server, benchmark) calls `freeze(model)`
-  once to keep them.
+- Packing GPT-2 124M takes ~0.5 s, and the copies cost about as much memory as the weights. By default they
+  are made per `generate` call, when the call is long enough to repay them (`PACK_MIN_WORK`), and dropped
+  after it (the weights may change between calls: fine-tuning samples, PPO rollouts). An owner whose weights
+  stay fixed (chat, server, benchmark) calls `freeze(model)` once to keep them.
 - `frozen(model)` installs the packed products for the duration of a `with` block (decoding runs under
   `torch.inference_mode`; the packed op has no autograd). Where the op is missing (a PyTorch without MKL),
   only the head gets a faster (transposed) copy; on a GPU nothing changes.
@@ -31,6 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.model import GPT, Projection
+
+# Packing per call pays off from about this many rows x decoding steps (GPT-2 124M, 2 cores: ~0.5 s of
+# packing against ~3 ms saved per step at batch 1 and ~13 ms at batch 8); a frozen model is always packed.
+PACK_MIN_WORK = 1024
 
 # Packed products win for few rows and lose for many (GPT-2 124M on 2 cores: 1.3x faster at 8 rows,
 # 1.3x slower at 256), so prompts keep the plain kernels.
@@ -92,22 +96,43 @@ class Int8Product:
                                                   None, 1.0, 0, torch.float32, "none", [], "") * x_scale
 
 
+class TransposedHead:
+    """The tied output projection from a transposed (C, V) copy, ~0.1 s to make for GPT-2 124M: few-row
+    products run ~1.3x faster on CPU in this layout than against (V, C). For decoding too short to repay
+    `FrozenHead`'s preparation."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.weight_t = weight.t().contiguous()  # (C, V_padded)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)[:, : self.vocab_size].argmax(dim=1)
+
+
 class FrozenHead:
-    """The tied output projection with frozen weights: `head(x)` gives fp32 logits (N, padded vocab) and
-    `head.argmax(x)` the greedy tokens (N,), screened in int8 as described in the module docstring."""
+    """The tied output projection with frozen weights: `head(x)` gives fp32 logits (N, padded vocab) through
+    MKL's packed sgemm, and `head.argmax(x)` the greedy tokens (N,), screened in int8 as described in the
+    module docstring. Preparing it takes ~0.3 s for GPT-2 124M."""
 
     def __init__(self, weight: torch.Tensor, vocab_size: int):
         self.weight = weight[:vocab_size]  # (V, C): the padding rows are never a token
-        if mkl_packing_available():
-            self.product = packed_product(weight, None)
-        else:
-            weight_t = weight.t().contiguous()  # (C, V): few-row products run ~1.3x faster in this layout
-            self.product = lambda x: x @ weight_t
-        scale = self.weight.abs().amax(dim=1).clamp(min=1e-30) / 127  # (V,) one scale per token
-        q = torch.round(self.weight / scale[:, None])  # (V, C) integers in [-127, 127]
-        self.int8 = Int8Product(q.to(torch.int8), scale)
-        self.max_norm = float(self.weight.norm(dim=1).max())  # max_j ||W_j||
-        self.max_error_norm = float((self.weight - q * scale[:, None]).norm(dim=1).max())  # max_j ||W_j - Wq_j||
+        self.product = packed_product(weight, None)
+        q = torch.empty(self.weight.shape, dtype=torch.int8)
+        scale = torch.empty(vocab_size)
+        norms, error_norms = torch.empty(vocab_size), torch.empty(vocab_size)
+        for rows in torch.arange(vocab_size).split(4096):  # in chunks that stay in cache: 4 passes over each
+            w = self.weight[rows[0]: rows[-1] + 1]
+            s = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=1e-30) / 127  # one scale per token
+            qw = torch.round(w / s[:, None])  # integers in [-127, 127]
+            q[rows] = qw.to(torch.int8)
+            scale[rows], norms[rows] = s, w.norm(dim=1)
+            error_norms[rows] = (w - qw.mul_(s[:, None])).norm(dim=1)
+        self.int8 = Int8Product(q, scale)
+        self.max_norm = float(norms.max())  # max_j ||W_j||
+        self.max_error_norm = float(error_norms.max())  # max_j ||W_j - Wq_j||
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.product(x)
@@ -138,15 +163,20 @@ class FrozenHead:
 _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _build(model: GPT) -> tuple[dict[Projection, Product], FrozenHead | None]:
-    """The products to install: packed ones where MKL allows, and the frozen head; nothing off CPU/fp32."""
+Head = TransposedHead | FrozenHead
+Products = tuple[dict[Projection, Product], Head | None]
+
+
+def _build(model: GPT, pack: bool) -> Products:
+    """The products to install: with `pack` (and MKL), packed projections and a `FrozenHead`; otherwise
+    only a `TransposedHead`. Nothing off CPU or fp32."""
     weight = model.lm_head.weight.detach()  # (V_padded, C)
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return {}, None
-    projections = {}
-    if mkl_packing_available():
-        projections = {m: packed_product(m.weight.detach().t(), m.bias.detach())
-                       for m in model.modules() if isinstance(m, Projection)}
+    if not (pack and mkl_packing_available()):
+        return {}, TransposedHead(weight, model.config.vocab_size)
+    projections = {m: packed_product(m.weight.detach().t(), m.bias.detach())
+                   for m in model.modules() if isinstance(m, Projection)}
     return projections, FrozenHead(weight, model.config.vocab_size)
 
 
@@ -155,20 +185,21 @@ def freeze(model: GPT) -> None:
     copies are made once, now, and reused by every later `frozen(model)` until `unfreeze(model)`.
     Changing the weights in between gives wrong results: PyTorch's fused optimizers update parameters
     without bumping their version counters, so a change cannot be detected cheaply."""
-    _FROZEN[model] = _build(model)
+    _FROZEN[model] = _build(model, pack=True)
 
 
 def unfreeze(model: GPT) -> None:
-    """Forget the packed copies (free their memory); later decoding packs per call again."""
+    """Forget the packed copies (free their memory); later decoding prepares its products per call."""
     _FROZEN.pop(model, None)
 
 
 @contextmanager
-def frozen(model: GPT) -> Iterator[FrozenHead | None]:
+def frozen(model: GPT, work: int = 0) -> Iterator[Head | None]:
     """Run the model's projections through frozen-weight products inside the block; yields the head to pass
     to `GPT.logits` and to take greedy argmaxes with (None off CPU: use the model's own).
-    The weights must not change inside the block."""
-    projections, head = _FROZEN.get(model) or _build(model)
+    For a model not `freeze`d, `work` (rows x decoding steps) decides whether packing pays for itself within
+    this call. The weights must not change inside the block."""
+    projections, head = _FROZEN.get(model) or _build(model, pack=work >= PACK_MIN_WORK)
     previous = {m: m.product for m in projections}
     for m, product in projections.items():
         m.product = product

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2.inference import left_align, pad_right, sample_next
-from gpt2.kernels import FrozenHead, freeze, frozen
+from gpt2.kernels import Head, freeze, frozen
 from gpt2.model import GPT, KVCache
 from gpt2.tokenizer import EOT
 
@@ -84,7 +84,7 @@ class Engine:
         self.steps = 0  # decode steps run (for tests and stats)
         # the same products as `generate_stream` (gpt2.kernels.frozen), so outputs match it bit for bit;
         # set for the duration of each step
-        self.head: FrozenHead | None = None
+        self.head: Head | None = None
 
     # ------------------------------------------------------------------ public API
 
