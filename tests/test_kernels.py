@@ -66,8 +66,20 @@ def test_int8_product_is_exact_integer_arithmetic():
     x_scale = torch.rand(5, 1, generator=g) + 0.1
     expected = (xq.double() @ q.double().t()) * x_scale.double() * scale.double()  # exact in float64
     product = Int8Product(q, scale)
+    assert product.exact
     torch.testing.assert_close(product(xq, x_scale).double(), expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(product._int_mm(xq, x_scale).double(), expected, rtol=1e-6, atol=0)
+
+
+def test_without_an_exact_int8_kernel_the_full_product_decides(monkeypatch):
+    """A CPU whose int8 kernels saturate fails the check at construction; argmax must then not screen."""
+    monkeypatch.setattr(Int8Product, "_int_mm", lambda self, xq, s: torch.zeros(xq.size(0), self.q_t.size(1)))
+    monkeypatch.setattr(Int8Product, "_onednn_prepacked", lambda self, q: None)
+    g = torch.Generator().manual_seed(6)
+    head = FrozenHead(torch.randn(300, 32, generator=g), vocab_size=300)
+    assert not head.int8.exact
+    x = torch.randn(3, 32, generator=g)
+    assert torch.equal(head.argmax(x), full_argmax(head, x))
 
 
 def test_frozen_installs_packed_products_and_restores_the_model():

@@ -68,32 +68,51 @@ def packed_product(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Pr
 class Int8Product:
     """xq @ q.T for int8 rows q (V, C) with one scale each, exact integer arithmetic, scaled to fp32:
     (N, C) integer-valued floats in [-127, 127] and one scale per row (N, 1) -> (N, V) = x_b * s_j * (xq_b . q_j).
-    Uses oneDNN's int8 linear (what inductor's x86 quantization calls; about twice as fast here) after
-    checking it against `torch._int_mm` once; `torch._int_mm` otherwise."""
+
+    Two kernels, tried in this order: oneDNN's int8 linear (what inductor's x86 quantisation calls; about twice
+    as fast here) and `torch._int_mm`. Each is first checked against float64 arithmetic on full-range
+    operands, because int8 kernels on CPUs without VNNI may saturate 16-bit intermediate sums; `exact` is
+    False when neither passes, and the caller must not rely on the products."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         self.q_t = q.t()  # (C, V), a view of the (V, C) rows: the layout `_int_mm` reads fastest
         self.scale = scale  # (V,)
-        self.onednn = None
+        self.zero_points = torch.zeros(q.size(0), dtype=torch.long)
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randint(-127, 128, (4, q.size(1)), generator=g).float()
+        probe[0] = 127  # extremes, where saturation would show
+        probe[1] = -127
+        expected = (probe.double() @ q.double().t() * scale.double()).float()  # (4, V); x_scale = 1
+        self.kernel = None
+        for kernel in (self._onednn_prepacked(q), self._int_mm):
+            try:
+                # rounding of the fp32 result is fine (the bound's margin covers it), lost integer terms are not
+                if kernel is not None and torch.allclose(kernel(probe, torch.ones(4, 1)), expected, rtol=1e-6,
+                                                         atol=0):
+                    self.kernel = kernel
+                    break
+            except RuntimeError:  # no int8 support for this shape on this CPU
+                continue
+        self.exact = self.kernel is not None
+
+    def _onednn_prepacked(self, q: torch.Tensor):
         try:
-            self.onednn = torch.ops.onednn.qlinear_prepack(q, [8, q.size(1)])
-            self.zero_points = torch.zeros(q.size(0), dtype=torch.long)
-            probe, probe_scale = torch.randint(-127, 128, (3, q.size(1))).float(), torch.rand(3, 1) + 0.5
-            if not torch.allclose(self(probe, probe_scale), self._int_mm(probe, probe_scale), rtol=1e-6, atol=0):
-                self.onednn = None
-        except (AttributeError, RuntimeError):  # op missing in this build, or no int8 support on this CPU
-            self.onednn = None
+            packed = torch.ops.onednn.qlinear_prepack(q, [8, q.size(1)])
+        except (AttributeError, RuntimeError):  # op missing in this build
+            return None
+
+        def kernel(xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+            qx = (xq + 128).to(torch.uint8)  # oneDNN takes unsigned activations: zero point 128
+            # its activation scale is per tensor: pass 1 and apply the per-row scales after
+            return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed, self.scale, self.zero_points, None,
+                                                      1.0, 0, torch.float32, "none", [], "") * x_scale
+        return kernel
 
     def _int_mm(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         return torch._int_mm(xq.to(torch.int8), self.q_t).float() * self.scale * x_scale
 
     def __call__(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
-        if self.onednn is None:
-            return self._int_mm(xq, x_scale)
-        qx = (xq + 128).to(torch.uint8)  # oneDNN takes unsigned activations: zero point 128
-        # its activation scale is per tensor: pass 1 and apply the per-row scales after
-        return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self.onednn, self.scale, self.zero_points,
-                                                  None, 1.0, 0, torch.float32, "none", [], "") * x_scale
+        return self.kernel(xq, x_scale)
 
 
 class TransposedHead:
@@ -139,11 +158,14 @@ class FrozenHead:
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """argmax_j of x @ W_j in fp32 for each row of x (N, C), the first index on ties, like torch.argmax.
+        Without an exact int8 kernel on this CPU, the full fp32 product decides.
 
         With x = xq + ex and W_j = Wq_j + eW_j (int8 parts and their errors),
         x.W_j - xq.Wq_j = ex.W_j + xq.eW_j, so |error| <= ||ex|| max||W|| + ||xq|| max||eW|| =: bound.
         A token can only win its row if its screened logit is within 2 * bound of the row's best one. The
         candidates of all rows are scored exactly together: any set that holds a row's winner gives it."""
+        if not self.int8.exact:
+            return self.product(x)[:, : self.weight.size(0)].argmax(dim=1)
         x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127  # (N, 1): one scale per row
         xq = torch.round(x / x_scale)  # (N, C) integers in [-127, 127]
         x_hat = xq * x_scale
@@ -152,7 +174,7 @@ class FrozenHead:
         screened = self.int8(xq, x_scale)  # (N, V)
         floor = screened.amax(dim=1) - 2 * bound  # (N,) at or below each row's winner
         candidates = (screened >= floor[:, None]).any(dim=0).nonzero().squeeze(1)  # (u,) ascending token ids
-        if candidates.numel() > MAX_CANDIDATES:
+        if candidates.numel() > MAX_CANDIDATES:  # the bound is too loose to help
             return self.product(x)[:, : self.weight.size(0)].argmax(dim=1)
         exact = x @ self.weight[candidates].t()  # (N, u)
         return candidates[exact.argmax(dim=1)]
