@@ -7,12 +7,13 @@ Design decisions:
   `torch.ops.mkl._mkl_reorder_linear_weight` / `torch.ops.mkl._mkl_linear` (what inductor's CPU weight
   freezing uses). For 8-40 rows the packed products are 10-30% faster than `addmm`, and still fp32 sgemm.
 - Greedy decoding needs only the argmax of the 50257 logits, not the logits. `FrozenHead.argmax` screens the
-  vocabulary with an int8 copy of the head (a quarter of the bytes to stream, exact integer arithmetic via
-  `torch._int_mm`), bounds the screening error rigorously (Cauchy-Schwarz on the quantisation errors of
-  both operands, plus a margin for fp32 rounding), and recomputes in fp32 only the tokens whose bound
-  reaches the best one. The answer is the fp32 argmax; when the bound is too loose to leave a short list
-  (large outlier activations), it falls back to the full fp32 product.
-- Packing GPT-2 124M takes ~0.5 s, and the copies cost about as much memory as the weights. By default they
+  vocabulary with an int8 copy of the head (a quarter of the bytes to stream; exact integer arithmetic via
+  oneDNN's int8 linear or `torch._int_mm`, each checked against float64 once), bounds the screening error
+  rigorously (Cauchy-Schwarz on the quantisation errors of both operands, plus a margin for fp32 rounding),
+  and recomputes in fp32 only the tokens whose bound reaches the best one. The answer is the fp32 argmax;
+  when the bound is too loose to leave a short list (large outlier activations), it falls back to the full
+  fp32 product.
+- Packing GPT-2 124M takes ~0.6 s, and the copies cost about as much memory as the weights. By default they
   are made per `generate` call, when the call is long enough to repay them (`PACK_MIN_WORK`), and dropped
   after it (the weights may change between calls: fine-tuning samples, PPO rollouts). An owner whose weights
   stay fixed (chat, server, benchmark) calls `freeze(model)` once to keep them.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from gpt2.model import GPT, Projection
 
-# Packing per call pays off from about this many rows x decoding steps (GPT-2 124M, 2 cores: ~0.5 s of
+# Packing per call pays off from about this many rows x decoding steps (GPT-2 124M, 2 cores: ~0.6 s of
 # packing against ~3 ms saved per step at batch 1 and ~13 ms at batch 8); a frozen model is always packed.
 PACK_MIN_WORK = 1024
 
@@ -134,7 +135,7 @@ class TransposedHead:
 class FrozenHead:
     """The tied output projection with frozen weights: `head(x)` gives fp32 logits (N, padded vocab) through
     MKL's packed sgemm, and `head.argmax(x)` the greedy tokens (N,), screened in int8 as described in the
-    module docstring. Preparing it takes ~0.3 s for GPT-2 124M."""
+    module docstring. Preparing it takes ~0.4 s for GPT-2 124M."""
 
     def __init__(self, weight: torch.Tensor, vocab_size: int):
         self.weight = weight[:vocab_size]  # (V, C): the padding rows are never a token
@@ -165,7 +166,7 @@ class FrozenHead:
         A token can only win its row if its screened logit is within 2 * bound of the row's best one. The
         candidates of all rows are scored exactly together: any set that holds a row's winner gives it."""
         if not self.int8.exact:
-            return self.product(x)[:, : self.weight.size(0)].argmax(dim=1)
+            return self._full_argmax(x)
         x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127  # (N, 1): one scale per row
         xq = torch.round(x / x_scale)  # (N, C) integers in [-127, 127]
         x_hat = xq * x_scale
@@ -175,9 +176,12 @@ class FrozenHead:
         floor = screened.amax(dim=1) - 2 * bound  # (N,) at or below each row's winner
         candidates = (screened >= floor[:, None]).any(dim=0).nonzero().squeeze(1)  # (u,) ascending token ids
         if candidates.numel() > MAX_CANDIDATES:  # the bound is too loose to help
-            return self.product(x)[:, : self.weight.size(0)].argmax(dim=1)
+            return self._full_argmax(x)
         exact = x @ self.weight[candidates].t()  # (N, u)
         return candidates[exact.argmax(dim=1)]
+
+    def _full_argmax(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x)[:, : self.weight.size(0)].argmax(dim=1)
 
 
 # Models whose weights their owner declared frozen (`freeze`), with their products. Weak keys: the copies go
