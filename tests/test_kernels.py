@@ -166,3 +166,42 @@ def test_rows_on_different_logit_scales_keep_the_screen_short(monkeypatch):
     monkeypatch.setattr(head, "product", lambda v: pytest.fail("fell back to the full product"))
     monkeypatch.setattr(kernels, "MAX_CANDIDATES", 500)
     assert torch.equal(head.argmax(x), full_argmax(head, x))
+
+
+def projection_products(model: GPT) -> list:
+    return [m.product for m in model.modules() if isinstance(m, Projection)]
+
+
+@pytest.mark.skipif(not kernels.mkl_packing_available(), reason="needs PyTorch's MKL packed sgemm")
+def test_overlapping_calls_leave_the_model_clean():
+    """Two decoding calls on one model whose blocks interleave (two threads, or a generator suspended
+    mid-stream) in the order A enters, B enters, A leaves, B leaves: nothing stale stays installed."""
+    model = tiny()
+    a, b = frozen(model, work=kernels.PACK_MIN_WORK), frozen(model, work=kernels.PACK_MIN_WORK)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    b.__exit__(None, None, None)
+    assert all(p is None for p in projection_products(model))
+
+
+@pytest.mark.skipif(not kernels.mkl_packing_available(), reason="needs PyTorch's MKL packed sgemm")
+def test_freeze_installs_until_unfreeze_and_autograd_always_sees_live_weights():
+    model = tiny()
+    freeze(model)
+    try:
+        assert all(p is not None for p in projection_products(model))
+        with frozen(model, work=kernels.PACK_MIN_WORK):  # a frozen model's products are left alone
+            pass
+        assert all(p is not None for p in projection_products(model))
+        layer = model.transformer.h[0].attn.c_attn
+        x = torch.randn(2, 32, requires_grad=True)
+        with torch.no_grad():
+            layer.weight.mul_(2)  # the packed copy is now stale; a training forward must not use it
+        y = layer(x)
+        torch.testing.assert_close(y, torch.addmm(layer.bias, x, layer.weight))
+        y.sum().backward()
+        assert x.grad is not None
+    finally:
+        unfreeze(model)
+    assert all(p is None for p in projection_products(model))

@@ -206,31 +206,51 @@ def _build(model: GPT, pack: bool) -> Products:
     return projections, FrozenHead(weight, model.config.vocab_size)
 
 
+def _install(projections: dict[Projection, Product]) -> None:
+    for m, product in projections.items():
+        m.product = product
+
+
+def _uninstall(projections: dict[Projection, Product]) -> None:
+    """Remove these products, and only these: another user may have installed its own since."""
+    for m, product in projections.items():
+        if m.product is product:
+            m.product = None
+
+
 def freeze(model: GPT) -> None:
     """Declare that the model's weights will not change (a chat, a server, a benchmark), so its packed
-    copies are made once, now, and reused by every later `frozen(model)` until `unfreeze(model)`.
-    Changing the weights in between gives wrong results: PyTorch's fused optimizers update parameters
-    without bumping their version counters, so a change cannot be detected cheaply."""
-    _FROZEN[model] = _build(model, pack=True)
+    copies are made once, now, installed for every later inference-mode forward, and reused by every
+    `frozen(model)` until `unfreeze(model)`. Changing the weights in between gives wrong results in decoding:
+    PyTorch's fused optimizers update parameters without bumping their version counters, so a change cannot
+    be detected cheaply. (Forward passes with autograd on always use the live weights.)"""
+    unfreeze(model)
+    _FROZEN[model] = products = _build(model, pack=True)
+    _install(products[0])
 
 
 def unfreeze(model: GPT) -> None:
     """Forget the packed copies (free their memory); later decoding prepares its products per call."""
-    _FROZEN.pop(model, None)
+    products = _FROZEN.pop(model, None)
+    if products is not None:
+        _uninstall(products[0])
 
 
 @contextmanager
 def frozen(model: GPT, work: int = 0) -> Iterator[Head | None]:
     """Run the model's projections through frozen-weight products inside the block; yields the head to pass
     to `GPT.logits` and to take greedy argmaxes with (None off CPU: use the model's own).
-    For a model not `freeze`d, `work` (rows x decoding steps) decides whether packing pays for itself within
-    this call. The weights must not change inside the block."""
-    projections, head = _FROZEN.get(model) or _build(model, pack=work >= PACK_MIN_WORK)
-    previous = {m: m.product for m in projections}
-    for m, product in projections.items():
-        m.product = product
+    A `freeze`d model already has its products installed, so concurrent users (the server's thread and a
+    `generate` call) never touch the modules. Otherwise `work` (rows x decoding steps) decides whether
+    packing pays for itself within this call; the products are installed for the block unless another call
+    has installed its own (same weights, so either serves). The weights must not change inside the block."""
+    if model in _FROZEN:
+        yield _FROZEN[model][1]
+        return
+    projections, head = _build(model, pack=work >= PACK_MIN_WORK)
+    mine = {m: p for m, p in projections.items() if m.product is None}
+    _install(mine)
     try:
         yield head
     finally:
-        for m, product in previous.items():
-            m.product = product
+        _uninstall(mine)

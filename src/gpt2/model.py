@@ -132,13 +132,16 @@ class Projection(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
         self.residual_scale = residual_scale  # GPT-2 init: residual projections scaled by 1/sqrt(2 * n_layer)
-        # Optional replacement for the product, (N, in) -> (N, out): `gpt2.kernels.frozen` installs MKL
-        # pre-packed weights here while decoding on a CPU.
+        # Optional replacement for the product, (N, in) -> (N, out), used without autograd only:
+        # `gpt2.kernels` installs MKL pre-packed weights here for decoding on a CPU.
         self.product: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.size(-1))  # (B*T, in)
-        y = self.product(x2) if self.product is not None else torch.addmm(self.bias, x2, self.weight)  # (B*T, out)
+        if self.product is not None and not torch.is_grad_enabled():  # never under autograd: training is live
+            y = self.product(x2)  # (B*T, out)
+        else:
+            y = torch.addmm(self.bias, x2, self.weight)  # (B*T, out)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
