@@ -76,22 +76,25 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-        # Uninitialised is safe: a slot is only ever read after it has been written.
-        self.k = torch.empty(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        shape = (config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim)
+        # Keys and values side by side, so that a step writes both with one copy. Uninitialised is safe: a
+        # slot is only ever read after it has been written.
+        self.kv = torch.empty(shape, device=device, dtype=dtype)  # (L, 2, B, nh, S, hs)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
         self.length = 0  # slots filled so far
         self.max_len = max_len
+        self._make_views()
+
+    def _make_views(self) -> None:
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # each (L, B, nh, S, hs)
+        self.layers = self.kv.unbind(0)  # per layer (2, B, nh, S, hs), made once rather than on every step
 
     def attn_mask(self, new_valid: torch.Tensor) -> torch.Tensor:
         """Record the validity of the next T slots and return the (B, 1, T, S_used) boolean mask: a query
         sees valid keys at or before its own slot, and always itself (so no row is fully masked: padded
         queries would otherwise give NaNs that leak through 0 * NaN in later layers)."""
         B, T = new_valid.shape
-        start, end = self.length, self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} slots > capacity {self.max_len}")
+        start, end = self._claim(T)
         self.valid[:, start:end] = new_valid
         q = torch.arange(start, end, device=new_valid.device)[:, None]  # (T, 1)
         k = torch.arange(end, device=new_valid.device)[None, :]  # (1, S)
@@ -100,13 +103,33 @@ class KVCache:
         mask |= (k == q)[None]
         return mask[:, None]  # (B, 1, T, S)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values for `layer`; return all keys/values so far."""
-        T = k.size(2)
+    def causal_mask(self, B: int, T: int) -> torch.Tensor | None:
+        """Record T real (unpadded) new slots; return the mask for them, or None where attention needs none
+        beyond SDPA's `is_causal` (see `CausalSelfAttention`): the first block (nothing cached yet), and a
+        single new token when every cached slot is valid (then it may see them all). Decoding without padding
+        takes the second case on every step, which spares building and reading a mask."""
         start = self.length
-        self.k[layer, :, :, start:start + T] = k
-        self.v[layer, :, :, start:start + T] = v
-        return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
+        if start > 0 and not (T == 1 and bool(self.valid[:, :start].all())):
+            return self.attn_mask(torch.ones(B, T, dtype=torch.bool, device=self.valid.device))
+        start, end = self._claim(T)
+        self.valid[:, start:end] = True
+        return None
+
+    def _claim(self, T: int) -> tuple[int, int]:
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} slots > capacity {self.max_len}")
+        return self.length, end
+
+    def update(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values (2, B, nh, T, hs) for `layer`; return all keys and values so far,
+        each (B, nh, S, hs)."""
+        T = kv.size(3)
+        start = self.length
+        cache = self.layers[layer]  # (2, B, nh, S_max, hs)
+        cache[:, :, :, start:start + T] = kv
+        k, v = cache[:, :, :, :start + T].unbind(0)
+        return k, v
 
     def advance(self, T: int) -> None:
         """Called by the model after a forward pass has written T new slots."""
@@ -114,9 +137,9 @@ class KVCache:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (drop finished sequences)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        self.kv = self.kv[:, :, rows]
         self.valid = self.valid[rows]
+        self._make_views()
 
 
 def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -157,13 +180,18 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, per head
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q = qkv[0]  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
+            k, v = cache.update(self.layer_idx, qkv[1:])  # each (B, nh, S, hs)
+        else:
+            k, v = qkv[1], qkv[2]
         dropout = self.dropout if self.training else 0.0
         if attn_mask is None:
-            # Fast path (training, unpadded prompts): flash/efficient kernels with an implicit causal mask.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            # Fast path (training, unpadded prompts, decoding without padding): flash/efficient kernels with
+            # SDPA's own causal mask. It aligns queries with the *first* keys, so it is right when there are as
+            # many keys as queries; one query (a decoding step) may see every key: no mask at all.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble heads side by side
@@ -255,9 +283,7 @@ class GPT(nn.Module):
         pos = self.transformer.wpe(position_ids)  # (B or 1, T, C)
         x = _dropout(tok + pos, self.config.dropout if self.training else 0.0)
         if cache is not None and attn_mask is None:
-            # With a cache the causal mask must be explicit: SDPA's is_causal aligns a short query block
-            # with the *first* keys, not the last.
-            attn_mask = cache.attn_mask(torch.ones(B, T, dtype=torch.bool, device=idx.device))
+            attn_mask = cache.causal_mask(B, T)  # None where SDPA's own masking is exact
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             # once here rather than inside SDPA in every layer: 0 where attending, -inf elsewhere
             attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~attn_mask,
