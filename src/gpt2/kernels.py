@@ -27,11 +27,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from gpt2.model import GPT, Projection
+from gpt2 import native
+from gpt2.model import GPT, CausalSelfAttention, KVCache, Projection
 
 # Packing per call pays off from about this many rows x decoding steps (GPT-2 124M, 2 cores: ~0.6 s of
 # packing against ~3 ms saved per step at batch 1 and ~13 ms at batch 8); a frozen model is always packed.
@@ -40,6 +42,9 @@ PACK_MIN_WORK = 1024
 # Packed products win for few rows and lose for many (GPT-2 124M on 2 cores: 1.3x faster at 8 rows,
 # 1.3x slower at 256), so prompts keep the plain kernels.
 PACKED_MAX_ROWS = 64
+
+# The native kernel (`gpt2.native`) beats both up to about this many rows; above it, plain `F.linear`.
+NATIVE_MAX_ROWS = 32
 
 Product = Callable[[torch.Tensor], torch.Tensor]  # (N, in) -> (N, out)
 
@@ -57,13 +62,31 @@ def packed_product(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Pr
     """x @ weight_out_in.T + bias through MKL's pre-packed sgemm for up to PACKED_MAX_ROWS rows (decoding),
     plain `F.linear` for more (a prompt). `weight_out_in` may be a transposed view."""
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight_out_in, 8)  # the 8 is only a size hint
+    mkl_linear = torch.ops.mkl._mkl_linear.default  # the overload itself: skips resolving it on every call
 
     def product(x: torch.Tensor) -> torch.Tensor:
         if x.size(0) > PACKED_MAX_ROWS:
             return F.linear(x, weight_out_in, bias)
-        return torch.ops.mkl._mkl_linear(x, packed, weight_out_in, bias, x.size(0))
+        return mkl_linear(x, packed, weight_out_in, bias, x.size(0))
 
     return product
+
+
+def frozen_product(weight_in_out: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
+    """x @ weight_in_out + bias from a copy of the weight packed for few-row products: the native kernel
+    where it is available (decoding, up to NATIVE_MAX_ROWS rows), else MKL's packed sgemm; the plain kernels
+    on the live weight for more rows (a prompt). `weight_in_out` (in, out) may be a transposed view.
+    None when neither packing is available."""
+    if native.available() and native.can_pack(weight_in_out):
+        fast = native.PackedLinear(weight_in_out, bias)
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            if x.size(0) > NATIVE_MAX_ROWS:
+                return F.linear(x, weight_in_out.t(), bias)
+            return fast(x)
+
+        return product
+    return packed_product(weight_in_out.t(), bias) if mkl_packing_available() else None
 
 
 class Int8Product:
@@ -139,7 +162,7 @@ class FrozenHead:
 
     def __init__(self, weight: torch.Tensor, vocab_size: int):
         self.weight = weight[:vocab_size]  # (V, C): the padding rows are never a token
-        self.product = packed_product(weight, None)
+        self.product = frozen_product(weight.t(), None) or TransposedHead(weight, vocab_size)
         q = torch.empty(self.weight.shape, dtype=torch.int8)
         scale = torch.empty(vocab_size)
         norms, error_norms = torch.empty(vocab_size), torch.empty(vocab_size)
@@ -174,7 +197,9 @@ class FrozenHead:
                  + FP32_MARGIN * x.norm(dim=1) * self.max_norm)  # (N,)
         screened = self.int8(xq, x_scale)  # (N, V)
         floor = screened.amax(dim=1) - 2 * bound  # (N,) at or below each row's winner
-        candidates = (screened >= floor[:, None]).any(dim=0).nonzero().squeeze(1)  # (u,) ascending token ids
+        # a token is a candidate if it reaches the floor in some row (one max over rows: cheaper than any())
+        reach = screened.sub_(floor[:, None]).amax(dim=0)  # (V,)
+        candidates = (reach >= 0).nonzero().squeeze(1)  # (u,) ascending token ids
         if candidates.numel() > MAX_CANDIDATES:  # the bound is too loose to help
             return self._full_argmax(x)
         exact = x @ self.weight[candidates].t()  # (N, u)
@@ -190,32 +215,47 @@ _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 Head = TransposedHead | FrozenHead
-Products = tuple[dict[Projection, Product], Head | None]
+# What to install: (module, attribute) -> replacement (`Projection.product`,
+# `CausalSelfAttention.step_attention`), and the head.
+Hooks = dict[tuple[torch.nn.Module, str], Callable]
+Products = tuple[Hooks, Head | None]
+
+
+def _native_step_attention(qkv: torch.Tensor, cache: KVCache, layer: int, masked: bool) -> torch.Tensor:
+    return native.attend_step(qkv, cache.layers[layer], cache.valid if masked else None, cache.length)
 
 
 def _build(model: GPT, pack: bool) -> Products:
-    """The products to install: with `pack` (and MKL), packed projections and a `FrozenHead`; otherwise
-    only a `TransposedHead`. Nothing off CPU or fp32."""
+    """The replacements to install. Native decoding attention whenever the native kernels are available (it
+    needs no preparation); with `pack`, packed projections and a `FrozenHead`, else a `TransposedHead`.
+    Nothing off CPU or fp32."""
     weight = model.lm_head.weight.detach()  # (V_padded, C)
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return {}, None
-    if not (pack and mkl_packing_available()):
-        return {}, TransposedHead(weight, model.config.vocab_size)
-    projections = {m: packed_product(m.weight.detach().t(), m.bias.detach())
-                   for m in model.modules() if isinstance(m, Projection)}
-    return projections, FrozenHead(weight, model.config.vocab_size)
+    hooks: Hooks = {}
+    if native.available():
+        for m in model.modules():
+            if isinstance(m, CausalSelfAttention):
+                # a fresh wrapper per install, so that uninstalling removes exactly what this install put there
+                hooks[m, "step_attention"] = partial(_native_step_attention)
+    if not (pack and (native.available() or mkl_packing_available())):
+        return hooks, TransposedHead(weight, model.config.vocab_size)
+    for m in model.modules():
+        if isinstance(m, Projection) and (product := frozen_product(m.weight.detach(), m.bias.detach())):
+            hooks[m, "product"] = product
+    return hooks, FrozenHead(weight, model.config.vocab_size)
 
 
-def _install(projections: dict[Projection, Product]) -> None:
-    for m, product in projections.items():
-        m.product = product
+def _install(hooks: Hooks) -> None:
+    for (m, name), fn in hooks.items():
+        setattr(m, name, fn)
 
 
-def _uninstall(projections: dict[Projection, Product]) -> None:
-    """Remove these products, and only these: another user may have installed its own since."""
-    for m, product in projections.items():
-        if m.product is product:
-            m.product = None
+def _uninstall(hooks: Hooks) -> None:
+    """Remove these replacements, and only these: another user may have installed its own since."""
+    for (m, name), fn in hooks.items():
+        if getattr(m, name) is fn:
+            setattr(m, name, None)
 
 
 def freeze(model: GPT) -> None:
@@ -247,8 +287,8 @@ def frozen(model: GPT, work: int = 0) -> Iterator[Head | None]:
     if model in _FROZEN:
         yield _FROZEN[model][1]
         return
-    projections, head = _build(model, pack=work >= PACK_MIN_WORK)
-    mine = {m: p for m, p in projections.items() if m.product is None}
+    hooks, head = _build(model, pack=work >= PACK_MIN_WORK)
+    mine = {(m, name): fn for (m, name), fn in hooks.items() if getattr(m, name) is None}
     _install(mine)
     try:
         yield head

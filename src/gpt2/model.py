@@ -176,9 +176,18 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Projection(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = Projection(config.n_embd, config.n_embd, residual_scale=True)
         self.dropout = config.dropout
+        # Optional replacement for the attention of one decoding step (one new token, a cache, no autograd):
+        # (qkv (B, 3C), cache, layer index, masked) -> (B, C); it also writes the step's keys and values into
+        # the cache, and `masked` says whether to leave out the slots `cache.valid` marks as padding.
+        # `gpt2.kernels` installs a native one for decoding on a CPU.
+        self.step_attention: Callable[[torch.Tensor, KVCache, int, bool], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.size()
+        if (T == 1 and cache is not None and self.step_attention is not None and not self.training
+                and not torch.is_grad_enabled()):
+            y = self.step_attention(self.c_attn(x).view(B, 3 * C), cache, self.layer_idx, attn_mask is not None)
+            return self.c_proj(y.view(B, 1, C))
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, per head
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         q = qkv[0]  # (B, nh, T, hs)
