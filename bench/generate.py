@@ -7,7 +7,8 @@ greedy tokens are identical.
 
 Ours is timed twice: "frozen", after `gpt2.kernels.freeze(model)` packed the weights for decoding once (how
 the chat and the server run; the one-time packing is printed), and "per call", packing inside every
-`generate` call (how a one-off `gpt2 generate` runs).
+`generate` call (how a one-off `gpt2 generate` runs). Set GPT2_NATIVE=0 to time ours without the native C
+kernels (`gpt2.native`), on plain PyTorch alone.
 
     python bench/generate.py [--batch-sizes 1 8] [--prompt-len 32] [--new-tokens 128] [--repeats 3]
 """
@@ -49,6 +50,7 @@ def main() -> None:
 
     import transformers
 
+    from gpt2 import native
     from gpt2.inference import generate
     from gpt2.kernels import freeze, unfreeze
     from gpt2.model import GPT, PRESETS
@@ -62,6 +64,7 @@ def main() -> None:
         hf = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"{args.preset} ({ours.num_params() / 1e6:.1f}M params), prompt {args.prompt_len}, new {args.new_tokens}")
+    print("native kernels: " + ("on" if native.available() else f"off ({native.unavailable_reason()})"))
     t0 = time.perf_counter()
     freeze(ours)
     unfreeze(ours)

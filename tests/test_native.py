@@ -18,6 +18,7 @@ needs_native = pytest.mark.skipif(not native.available(),
 def fresh_load(monkeypatch, tmp_path):
     """Let a test rebuild the library under its own settings, and forget that build afterwards."""
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("GPT2_NATIVE", raising=False)
     native._load.cache_clear()
     yield monkeypatch
     monkeypatch.undo()

@@ -1,11 +1,15 @@
-"""Frozen-weight products for decoding on a CPU.
+"""Frozen-weight products and decoding attention for a CPU.
 
 Design decisions:
 - A decoding step multiplies a few rows (batch x new tokens) by every weight matrix once, so on a CPU it is
-  bound by how fast the weights stream through the cores, not by arithmetic. MKL can pre-pack a weight into
-  the blocked layout its sgemm kernels read (`cblas_sgemm_pack`); PyTorch exposes that as
-  `torch.ops.mkl._mkl_reorder_linear_weight` / `torch.ops.mkl._mkl_linear` (what inductor's CPU weight
-  freezing uses). For 8-40 rows the packed products are 10-30% faster than `addmm`, and still fp32 sgemm.
+  bound by how fast the weights stream through the cores, not by arithmetic. Two ways to stream them faster,
+  both fp32 throughout, tried in this order:
+  - the native kernel of `gpt2.native` (C, compiled on first use): a layout packed for it and software
+    prefetching; ~24 GB/s against ~19 for MKL at 8 rows on a 2-core Xeon, so used up to NATIVE_MAX_ROWS;
+  - MKL's pre-packed sgemm (`cblas_sgemm_pack`, exposed by PyTorch as `torch.ops.mkl._mkl_reorder_linear_weight`
+    / `_mkl_linear`, what inductor's CPU weight freezing uses): 10-30% faster than `addmm` for 8-40 rows.
+  With the native kernels, a decoding step's attention also runs natively (`CausalSelfAttention.step_attention`):
+  it writes the new keys and values and streams the cache once, prefetching; it needs no preparation.
 - Greedy decoding needs only the argmax of the 50257 logits, not the logits. `FrozenHead.argmax` screens the
   vocabulary with an int8 copy of the head (a quarter of the bytes to stream; exact integer arithmetic via
   oneDNN's int8 linear or `torch._int_mm`, each checked against float64 once), bounds the screening error
@@ -13,13 +17,14 @@ Design decisions:
   and recomputes in fp32 only the tokens whose bound reaches the best one. The answer is the fp32 argmax;
   when the bound is too loose to leave a short list (large outlier activations), it falls back to the full
   fp32 product.
-- Packing GPT-2 124M takes ~0.6 s, and the copies cost about as much memory as the weights. By default they
+- Packing GPT-2 124M takes ~0.5 s, and the copies cost about as much memory as the weights. By default they
   are made per `generate` call, when the call is long enough to repay them (`PACK_MIN_WORK`), and dropped
   after it (the weights may change between calls: fine-tuning samples, PPO rollouts). An owner whose weights
   stay fixed (chat, server, benchmark) calls `freeze(model)` once to keep them.
-- `frozen(model)` installs the packed products for the duration of a `with` block (decoding runs under
-  `torch.inference_mode`; the packed op has no autograd). Where the op is missing (a PyTorch without MKL),
-  only the head gets a faster (transposed) copy; on a GPU nothing changes.
+- `frozen(model)` installs the replacements for the duration of a `with` block (decoding runs under
+  `torch.inference_mode`; the packed ops have no autograd, and the model uses them only with autograd off).
+  Without either packing (no compiler and a PyTorch without MKL), only the head gets a faster (transposed)
+  copy; on a GPU nothing changes.
 """
 
 from __future__ import annotations
@@ -106,7 +111,10 @@ class Int8Product:
         probe = torch.randint(-127, 128, (4, q.size(1)), generator=g).float()
         probe[0] = 127  # extremes, where saturation would show
         probe[1] = -127
-        expected = (probe.double() @ q.double().t() * scale.double()).float()  # (4, V); x_scale = 1
+        # Exact in fp32: every partial sum is an integer below 127 * 127 * C < 2^24 for C <= 1040, so no
+        # rounding happens in any order (float64 beyond that; converting the head to float64 takes longer).
+        exact_dtype = torch.float32 if 127 * 127 * q.size(1) < 2**24 else torch.float64
+        expected = ((probe.to(exact_dtype) @ q.t().to(exact_dtype)).double() * scale.double()).float()  # (4, V)
         self.kernel = None
         for kernel in (self._onednn_prepacked(q), self._int_mm):
             try:
