@@ -37,17 +37,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def log_tail(log, chars: int = 3000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-chars:]
+
+
+def start_server(model_dir: Path, port: int, args: argparse.Namespace, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gpt2", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--device", args.device, "--max-batch-size", str(max(args.clients))]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the server's log goes to a file (a pipe nobody reads would fill up and stall it), shown if anything fails
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited early:\n{proc.stderr.read()}")
+            raise SystemExit(f"server exited early:\n{log_tail(log)}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -103,7 +110,8 @@ def main() -> None:
         n_params = model.num_params()
         del model
         port = free_port()
-        server = start_server(Path(tmp), port, args)
+        log = open(Path(tmp) / "server.log", "w+")  # noqa: SIM115 (closed with the folder)
+        server = start_server(Path(tmp), port, args, log)
         url = f"http://127.0.0.1:{port}"
         try:
             run_load(url, 1, argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 4}))  # warm-up
@@ -121,6 +129,8 @@ def main() -> None:
             base = median[args.clients[0]]
             print("median: " + ", ".join(f"{c} client(s) {r:.1f} tokens/s ({r / base:.2f}x)"
                                          for c, r in median.items()))
+        except httpx.HTTPStatusError as e:
+            raise SystemExit(f"{e}\n{e.response.text}\nserver log:\n{log_tail(log)}") from None
         finally:
             server.terminate()
             try:

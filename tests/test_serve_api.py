@@ -12,6 +12,7 @@ import httpx
 import pytest
 from serve_helpers import LiveServer, one_torch_thread, tiny_checkpoint, wait_until
 
+from gpt2.errors import UserError
 from gpt2.inference import generate, pad_right
 from gpt2.model import GPT
 from gpt2.serve.api import MAX_BODY_BYTES, create_app
@@ -271,3 +272,27 @@ def test_non_stream_disconnect_frees_slot(slow_server):
 def test_server_survives_disconnects(slow_server):
     r = httpx.post(slow_server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_unexpected_error_is_logged_and_a_user_error_keeps_its_message(server, monkeypatch, caplog):
+    def broken(text: str) -> list[int]:
+        raise UserError("cannot load the GPT-2 tokenizer (offline). Set TIKTOKEN_CACHE_DIR")
+
+    monkeypatch.setattr("gpt2.serve.api.encode", broken)
+    with caplog.at_level("ERROR", logger="gpt2.serve"):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 500
+    assert "TIKTOKEN_CACHE_DIR" in r.json()["error"]["message"]
+    assert any("/v1/completions failed" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+def test_serve_fails_fast_without_a_tokenizer(monkeypatch, tmp_path):
+    from gpt2.serve import server as serve_module
+
+    def offline():
+        raise UserError("cannot load the GPT-2 tokenizer: set TIKTOKEN_CACHE_DIR")
+
+    monkeypatch.setattr(serve_module, "get_encoding", offline)
+    monkeypatch.setattr(serve_module, "load_model", lambda *a: pytest.fail("the model was loaded first"))
+    with pytest.raises(UserError, match="TIKTOKEN_CACHE_DIR"):
+        serve_module.run(serve_module.ServeConfig(model=str(tmp_path)))

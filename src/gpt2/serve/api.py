@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,10 +40,13 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpt2.errors import UserError
 from gpt2.serve.engine import Engine, SamplingParams
 from gpt2.serve.text import TextStream
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, VOCAB_SIZE, encode
+
+log = logging.getLogger("gpt2.serve")
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a GPT-2 context window
@@ -150,7 +154,10 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+        # the client gets the exception's name (or a UserError's own one-line message); the log gets the rest
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        detail = str(exc) if isinstance(exc, UserError) else type(exc).__name__
+        return error_response(APIError(500, f"internal error: {detail}", type="server_error"))
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

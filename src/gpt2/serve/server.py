@@ -23,6 +23,7 @@ from gpt2.config import arg
 from gpt2.distributed import pick_device
 from gpt2.errors import UserError
 from gpt2.model import GPT
+from gpt2.tokenizer import get_encoding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,6 +65,7 @@ def run(cfg: ServeConfig) -> None:
         raise UserError("--max-batch-size, --max-waiting and --default-max-tokens must be >= 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request
     model = load_model(cfg.model, cfg.device, cfg.dtype)
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
