@@ -101,7 +101,11 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        try:
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                    timeout=120)
+        except subprocess.TimeoutExpired as e:
+            raise _Unavailable(f"{compiler} took over 120 s on {SOURCE.name}") from e
         if result.returncode != 0:
             raise _Unavailable(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
         os.replace(tmp, target)
