@@ -34,6 +34,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("decode.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
+BLOCK_COLUMNS = 32  # BN in decode.c: the packed layout is [N / 32][K][32]; checked against the library
 
 
 class _Unavailable(Exception):
@@ -51,6 +52,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.gpt2_linear.restype = None
         lib.gpt2_attend_step.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float]
         lib.gpt2_attend_step.restype = None
+        if lib.gpt2_block_columns() != BLOCK_COLUMNS:
+            raise _Unavailable(f"{SOURCE.name} packs {lib.gpt2_block_columns()} columns, this module {BLOCK_COLUMNS}")
         _check_one_openmp_runtime()
         _self_check(lib)
         return lib, ""
@@ -168,8 +171,6 @@ def reference_attend_step(qkv: torch.Tensor, kv: torch.Tensor, valid: torch.Tens
         values = values.masked_fill(left_out[..., None], 0.0)
     return torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), values).reshape(B, H * D)
 
-
-BLOCK_COLUMNS = 32  # BN in decode.c: the packed layout is [N / 32][K][32]
 
 
 def can_pack(weight_in_out: torch.Tensor) -> bool:
