@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +87,63 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     else:
         model = GPT.from_pretrained(path)
     return model.to(device) if device is not None else model
+
+
+def state_to_cpu(obj: Any, _memo: dict | None = None) -> Any:
+    """A copy of a nest of dicts/lists/tuples whose tensors are detached copies in host memory, so that it can
+    be written while training goes on changing the originals. Tensors sharing memory (tied weights) stay
+    shared in the copy, as `torch.save` expects."""
+    memo = {} if _memo is None else _memo
+    if isinstance(obj, torch.Tensor):
+        key = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape),
+               obj.stride(), obj.dtype)
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
+    if isinstance(obj, dict):
+        return {k: state_to_cpu(v, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(state_to_cpu(v, memo) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs write jobs one at a time on a background thread, so the training loop waits only for the state's
+    copy to host memory, not for the disk. `submit` first waits for the previous job; `wait` joins and
+    re-raises a job's exception in the caller. As a context manager it waits on exit; when the block is
+    already failing, a write error is printed rather than raised over the original exception."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self, job) -> None:
+        try:
+            job()
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    def submit(self, job) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except BaseException as e:
+            print(f"warning: a background checkpoint write also failed: {type(e).__name__}: {e}", file=sys.stderr)

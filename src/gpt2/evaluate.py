@@ -4,6 +4,8 @@ Design decisions:
 - `val_loss` takes any iterable of (x, y) batches, so the training loop (a `ShardLoader` on the val split,
   a fixed number of batches), `gpt2 eval val-loss` and tests share one function. It never knows about data
   files or DDP: averaging across ranks is the caller's job (`gpt2.distributed.all_reduce_mean`).
+- The loss goes through `eval_loss` (chunked lm_head + cross-entropy), so evaluating a 32 x 1024 batch never
+  holds its 6.6 GB of float32 logits.
 - The mean is token-weighted (each batch's mean loss times its number of non-ignored targets), so batches
   with -100 targets or a short last batch count for exactly the tokens they hold.
 - The model is put in eval mode (no dropout) for the duration and its previous mode restored afterwards,
@@ -58,6 +60,17 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a batch without materialising its full logits: the chunked loss of
+    `gpt2.train.losses` for a GPT (row chunks sized for the device: cache-sized on CPU, larger matmuls on a
+    GPU), `model.loss` for any other model."""
+    from gpt2.train.losses import gpt_loss_chunked
+
+    if not hasattr(model, "hidden_states"):
+        return model.loss(x, y)
+    return gpt_loss_chunked(model, x, y, chunk=128 if x.device.type == "cpu" else 4096)
+
+
 @torch.no_grad()
 def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None) -> float:
@@ -81,7 +94,7 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_context(device, autocast_dtype):
-                loss = core.loss(x, y)
+                loss = eval_loss(core, x, y)
             total += loss.double() * n
             count += n
     finally:

@@ -200,7 +200,7 @@ class CausalSelfAttention(nn.Module):
             # Fast path (training, unpadded prompts, decoding without padding): flash/efficient kernels with
             # SDPA's own causal mask. It aligns queries with the *first* keys, so it is right when there are as
             # many keys as queries; one query (a decoding step) may see every key: no mask at all.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble heads side by side

@@ -15,9 +15,25 @@ everything else, the same way for every stage:
   (`lr_at`, a pure function of the step, so resuming never needs scheduler state).
 - Speed on GPU: bf16 autocast, TF32 matmuls, `torch.compile` of the training forward only (evaluation runs the
   plain module, so its other shapes never trigger recompiles). On CPU, bf16 autocast is a flag (`--dtype`).
+- Under DDP the order is `torch.compile(DDP(module))`, not `DDP(torch.compile(module))`: when dynamo sees the
+  DDP wrapper it splits the compiled graph at DDP's gradient-bucket boundaries (DDPOptimizer), so each bucket's
+  all-reduce starts while the backward of the earlier layers still runs. Compiling first and wrapping after
+  gives DDP one opaque backward whose gradients all appear at its end: no overlap.
+- Host syncs: one per step, the `.tolist()` of the step's statistics (needed to log, to stop on NaN before the
+  optimizer step and for every rank to agree on stopping). Everything known on the host (token count, stop
+  flags, task metrics given as Python numbers) stays on the host; on one process nothing is copied to the
+  device at all, under DDP it travels with the one all-reduce (a non-blocking copy from pinned memory).
+- Batches (`DeviceBatches`): each micro batch is fetched from the task, pinned (CUDA only) and copied with
+  `non_blocking=True` one micro-step ahead, right after the current one's forward/backward is queued, so the
+  host-side work overlaps the GPU's (CUDA runs asynchronously; no thread is needed, which keeps the tasks'
+  RNG use in the same order as a plain loop). The next step's first batch is fetched after the step's
+  checkpoint, never before it, so a checkpoint's data position never counts a fetched-but-unused batch.
 - Checkpoints (every `save_every` steps, at the end, at `stop_at_step`, on SIGTERM/Ctrl-C) hold the model,
   optimizer, step, each rank's task state and RNG states, and the configs; they are written atomically and the
   weights are exported to `RUN_DIR/model/` in Hugging Face format each time. `resume` continues exactly.
+  The GPU only waits for the copy of the state to host memory: the file, the HF export and the loss graph are
+  written by a background thread (`gpt2.checkpoint.BackgroundWriter`), joined before the next save and
+  before `train()` returns or exits.
 - A NaN/inf loss or gradient norm stops the run before the optimizer step, so the last checkpoint stays good.
 - Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval), a tqdm bar on rank 0 and the loss
   graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
@@ -50,10 +66,12 @@ import torch.nn as nn
 from gpt2.checkpoint import (
     CHECKPOINT_FILE,
     MODEL_DIR,
+    BackgroundWriter,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    state_to_cpu,
 )
 from gpt2.config import arg, to_dict
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
@@ -232,8 +250,11 @@ class MetricsLogger:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a nest of tuples/lists/dicts to `device`."""
+    """Move every tensor in a nest of tuples/lists/dicts to `device`. CPU tensors bound for CUDA are pinned
+    first, so `non_blocking=True` is a real asynchronous copy (from pageable memory it is a synchronous one)."""
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
@@ -255,13 +276,54 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
 
 def plot(run_dir: Path) -> None:
     """Redraw RUN_DIR/loss.png from metrics.jsonl (imported here: matplotlib is slow to import). The graph is
-    a convenience: a failure to draw it (nothing logged yet, a full disk) is reported, never fatal to a run."""
+    a convenience: a failure to draw it (nothing logged yet, a full disk, no matplotlib on a GPU box) is
+    reported, never fatal to a run."""
     from gpt2.plots import plot_run
 
     try:
         plot_run(run_dir)
-    except (UserError, OSError, ValueError) as e:
+    except (UserError, OSError, ValueError, ImportError) as e:
         print(f"warning: loss graph not drawn: {e}", file=sys.stderr)
+
+
+class DeviceBatches:
+    """The task's micro batches on the device, fetched one ahead (module docstring: "Batches").
+
+    `take()` returns (batch on device, token count); `prefetch()` fetches the next one now so that its host
+    work and copy overlap what the GPU is doing. Tokens are counted on the host copy (no device sync)."""
+
+    def __init__(self, task: Task, device: torch.device):
+        self.task, self.device = task, device
+        self.num_tokens = getattr(task, "num_tokens", None)
+        self._next: tuple[Any, int] | None = None
+
+    @property
+    def pending(self) -> bool:
+        """A batch has been fetched from the task and not taken yet."""
+        return self._next is not None
+
+    def prefetch(self) -> None:
+        if self._next is None:
+            batch = self.task.next_batch()
+            tokens = int(self.num_tokens(batch)) if self.num_tokens else _first_tensor(batch).numel()
+            self._next = (to_device(batch, self.device), tokens)
+
+    def take(self) -> tuple[Any, int]:
+        self.prefetch()
+        out, self._next = self._next, None
+        return out
+
+
+def reduce_step_stats(on_device: list[torch.Tensor], on_host: list[float], distributed: bool) -> list[float]:
+    """Sum over ranks of the device scalars followed by the host numbers, as Python floats, with one host sync
+    (the `.tolist()`). On one process the host numbers never travel to the device."""
+    device_vec = torch.stack([t.detach().to(torch.float64).reshape(()) for t in on_device])
+    if not distributed:
+        return device_vec.tolist() + [float(v) for v in on_host]
+    host_vec = torch.tensor(on_host, dtype=torch.float64)
+    if device_vec.device.type == "cuda":
+        host_vec = host_vec.pin_memory()
+    return all_reduce_sum(torch.cat([device_vec, host_vec.to(device_vec.device, non_blocking=True)])).tolist()
 
 
 class _TaskLoss(nn.Module):
@@ -381,17 +443,19 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                             keep_until_step=start_step if resumed else None)
 
     forward: nn.Module = _TaskLoss(model, task.loss)
-    if cfg.compile if cfg.compile is not None else device.type == "cuda":
-        forward = torch.compile(forward)
     ddp = None
     if dist.is_distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+        forward = torch.compile(forward)  # after DDP: see the module docstring
     amp = autocast_dtype(cfg.dtype, device)
     peak = peak_flops(device)
     export = export or (lambda m, d: m.save_pretrained(d) if hasattr(m, "save_pretrained") else None)
-    num_tokens = getattr(task, "num_tokens", None)
+    batches = DeviceBatches(task, device)
+    writer = BackgroundWriter()
+    shadow: list[nn.Module] = []  # a host copy of the model that the writer exports from (made at the first save)
     end_step = cfg.stop_at_step or cfg.max_steps
     last_saved = start_step if resumed else None
 
@@ -404,21 +468,34 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
             if results:
                 metrics.log({"kind": "eval", "step": step, **{k: float(v) for k, v in results.items()}})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {float(v):.4f}" for k, v in results.items()))
-            plot(run_dir)
+            writer.submit(lambda: plot(run_dir))
 
     def save(step: int, elapsed: float) -> None:
         nonlocal last_saved
+        assert not batches.pending, "a fetched batch would be missing from the saved data position"
         ranks = all_gather_object({"task": task.state_dict(), "rng": capture_rng_state(device)})
         if is_main:
             config = getattr(model, "config", None)
-            save_checkpoint({
+            writer.wait()  # the previous save is complete (and its errors raised) before this one starts
+            if not shadow:
+                import copy
+
+                shadow.append(copy.deepcopy(model).to("cpu"))
+            # The only time the GPU waits: copying the state to host memory. Writing happens in the background.
+            state = state_to_cpu({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "elapsed": elapsed, "world_size": dist.world_size, "ranks": ranks,
                 "train_config": to_dict(cfg), "run_config": run_config,
                 "model_config": asdict(config) if is_dataclass(config) else None,
-            }, ckpt_path)
-            export(model, run_dir / MODEL_DIR)
-            plot(run_dir)
+            })
+
+            def write() -> None:
+                save_checkpoint(state, ckpt_path)
+                shadow[0].load_state_dict(state["model"])
+                export(shadow[0], run_dir / MODEL_DIR)
+                plot(run_dir)
+
+            writer.submit(write)
         last_saved = step
 
     from tqdm.auto import tqdm
@@ -434,37 +511,43 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     t_session = time.perf_counter()
     t_start = t_session - elapsed0
     loss_value = None
-    with StopSignals() as stop:
+    with StopSignals() as stop, writer:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
             lr = apply_lr(optimizer, step, cfg)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            extra: dict[str, torch.Tensor] = {}
+            extra: dict[str, Any] = {}  # task metrics: 0-d device tensors or host numbers, summed
             tokens = 0
             for micro in range(grad_accum_steps):
-                batch = to_device(task.next_batch(), device)
-                tokens += int(num_tokens(batch)) if num_tokens else _first_tensor(batch).numel()
+                batch, n = batches.take()
+                tokens += n
                 sync = ddp is None or micro == grad_accum_steps - 1
                 with nullcontext() if sync else ddp.no_sync():
                     with autocast_context(device, amp):
                         loss, step_metrics = forward(batch)
                     (loss / grad_accum_steps).backward()
+                if micro + 1 < grad_accum_steps:
+                    batches.prefetch()  # while the GPU runs this micro-step
                 loss_sum += loss.detach()
                 for k, v in step_metrics.items():
-                    extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+                    v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                    extra[k] = extra[k] + v if k in extra else v
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            # One all-reduce: mean loss, mean task metrics, grad norm, token count, stop flags (so all ranks
-            # stop at the same step).
+            # One all-reduce and one host sync: mean loss, mean task metrics, grad norm, then the host-side
+            # numbers: token count, stop flags (so all ranks stop at the same step).
             out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_session > 60 * cfg.max_minutes
-            keys = sorted(extra)
-            vec = torch.stack([loss_sum / grad_accum_steps, *(extra[k] / grad_accum_steps for k in keys),
-                               grad_norm.detach().to(torch.float64),
-                               torch.tensor(float(tokens), dtype=torch.float64, device=device),
-                               torch.tensor(float(out_of_time), dtype=torch.float64, device=device),
-                               torch.tensor(float(stop.signum), dtype=torch.float64, device=device)])
-            values = all_reduce_sum(vec).tolist()
-            loss_value, norm = values[0] / dist.world_size, values[-4] / dist.world_size
+            dev_keys = sorted(k for k, v in extra.items() if isinstance(v, torch.Tensor))
+            host_keys = sorted(k for k in extra if k not in dev_keys)
+            keys = dev_keys + host_keys
+            values = reduce_step_stats(
+                [loss_sum / grad_accum_steps, *(extra[k] / grad_accum_steps for k in dev_keys), grad_norm],
+                [*(extra[k] / grad_accum_steps for k in host_keys), tokens, out_of_time, stop.signum],
+                dist.is_distributed)
+            # values: loss, device metrics, grad norm, host metrics, tokens, out_of_time, signum
+            nd = len(dev_keys)
+            loss_value, norm = values[0] / dist.world_size, values[1 + nd] / dist.world_size
+            metric_values = values[1:1 + nd] + values[2 + nd:2 + nd + len(host_keys)]
             if not (math.isfinite(loss_value) and math.isfinite(norm)):
                 bar.close()
                 where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
@@ -482,7 +565,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
             mfu = tok_per_s * fpt / (peak * dist.world_size) if peak and fpt else None
             record = {"kind": "train", "step": done, "loss": loss_value, "lr": lr, "grad_norm": norm,
                       "tokens_per_s": tok_per_s, "mfu": mfu, "time": now - t_start}
-            record.update({k: v / dist.world_size for k, v in zip(keys, values[1:1 + len(keys)])})
+            record.update({k: v / dist.world_size for k, v in zip(keys, metric_values)})
             metrics.log(record)
             bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {tok_per_s:,.0f} tok/s"
                                 + (f" mfu {mfu:.1%}" if mfu is not None else ""), refresh=False)
@@ -497,12 +580,15 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                 save(done, time.perf_counter() - t_start)
             if signalled:
                 bar.close()
+                writer.wait()
                 if is_main:
                     print(f"saved {ckpt_path} at step {done}; continue with --resume", flush=True)
                 stop.exit()
             if timed_out:
                 end_step = done
                 break
+            if done < end_step:
+                batches.prefetch()  # after the checkpoint: its data position excludes this batch
     bar.close()
     if is_main and start_step < end_step < cfg.max_steps:
         print(f"stopped at step {end_step} of {cfg.max_steps}; continue with --resume", flush=True)

@@ -7,7 +7,8 @@ computed, turned into the loss and, since the loss is a scalar, straight into it
 hot), which are multiplied back into dL/dh and accumulated into dL/dW while still in cache. Backward then
 only scales the stored gradients. Same FLOPs, far less memory traffic (the Liger-kernel idea, in PyTorch).
 
-Used by `gpt2 pretrain` on CPU. On CUDA the plain `GPT.loss` under torch.compile is used instead (the
+Used by `gpt2 pretrain` on CPU, and by every evaluation (`gpt2.evaluate.val_loss`, forward only). In CUDA
+training the plain `GPT.loss` under torch.compile is used instead (the
 compiler fuses the softmax, and bf16 logits need no chunking to fit).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -59,10 +61,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int = 128) -> torch.Tensor:
     """mean cross_entropy(h @ weight.T, targets), ignore_index=-100, in float32, in row chunks.
-    h: (..., C), weight: (V, C), targets: (...)."""
+    h: (..., C), weight: (V, C), targets: (...). Without autograd (evaluation) only the loss is computed."""
     h = h.reshape(-1, h.size(-1))
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        return _linear_cross_entropy_value(h, weight, targets.reshape(-1), chunk)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets.reshape(-1), chunk)
+
+
+@torch.no_grad()
+def _linear_cross_entropy_value(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The loss alone, chunk by chunk (evaluation: a batch of 32 x 1024 never holds its 6.6 GB of float32
+    logits at once). Each chunk's logits are computed as `GPT.loss` computes them (in the autocast dtype
+    when autocast is on), the cross-entropy in float32."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.size(0), chunk):
+        logits = F.linear(h[s:s + chunk], w)  # (c, V)
+        total += F.cross_entropy(logits.float(), y[s:s + chunk], ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def gpt_loss_chunked(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, chunk: int = 128) -> torch.Tensor:

@@ -1,0 +1,229 @@
+"""The training loop's speed fixes (issue 16), on CPU: torch.compile after DDP, one host sync per step, batches
+fetched one ahead without moving the saved data position, evaluation without full logits, no recompiles on
+fine-tuning's variable lengths, checkpoints written in the background."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_train_loop import ListTask, _free_port, cfg_for, load_checkpoint, losses, make_data, make_model
+
+from gpt2.checkpoint import BackgroundWriter, state_to_cpu
+from gpt2.train.loop import DeviceBatches, reduce_step_stats, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- batches fetched ahead
+
+
+class CountingTask(ListTask):
+    def __init__(self, data, rank=0, world=1):
+        super().__init__(data, rank, world)
+        self.fetched = 0
+
+    def next_batch(self):
+        self.fetched += 1
+        return super().next_batch()
+
+
+def test_prefetched_batch_never_counts_in_the_saved_position(tmp_path):
+    """accum 2, stopped at step 3 with a save every step: each checkpoint holds exactly the batches its steps
+    consumed, the run fetched no batch it did not use, and resuming matches a straight run bit for bit."""
+    data = make_data()
+    straight = cfg_for(tmp_path / "straight", max_steps=5, save_every=1)
+    train(make_model(dropout=0.1), ListTask(data), straight, grad_accum_steps=2)
+    task = CountingTask(data)
+    part = cfg_for(tmp_path / "part", max_steps=5, save_every=1, stop_at_step=3)
+    train(make_model(dropout=0.1), task, part, grad_accum_steps=2)
+    assert task.fetched == 6 and load_checkpoint(tmp_path / "part")["ranks"][0]["task"] == {"pos": 6}
+    train(make_model(seed=5, dropout=0.1), ListTask(data), cfg_for(tmp_path / "part", max_steps=5, save_every=1,
+                                                                    resume=True), grad_accum_steps=2)
+    assert losses(tmp_path / "part") == losses(tmp_path / "straight")
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "part")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
+def test_device_batches_fetch_once_and_count_tokens_on_the_host():
+    task = CountingTask(make_data())
+    batches = DeviceBatches(task, torch.device("cpu"))
+    batches.prefetch()
+    batches.prefetch()  # already one pending: no second fetch
+    assert batches.pending and task.fetched == 1
+    (x, y), n = batches.take()
+    assert not batches.pending and n == x.numel() and torch.equal(x, make_data()[0][:, :-1])
+    batches.take()
+    assert task.fetched == 2
+
+
+# --------------------------------------------------------------------------- host syncs
+
+
+def test_one_host_sync_per_step(tmp_path, monkeypatch):
+    """Tensor -> Python conversions made by the loop itself: exactly one per step (the stats' .tolist())."""
+    import gpt2.train.loop as loop_mod
+
+    calls = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        @functools.wraps(original)
+        def wrapper(self, *a, **k):
+            if sys._getframe(1).f_code.co_filename == loop_mod.__file__:
+                calls.append(name)
+            return original(self, *a, **k)
+        return wrapper
+
+    for name in ("tolist", "item", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    train(make_model(), ListTask(make_data()), cfg_for(tmp_path, max_steps=4), grad_accum_steps=2)
+    assert calls == ["tolist"] * 4
+
+
+def test_step_stats_keep_host_numbers_on_the_host():
+    dev = [torch.tensor(1.5), torch.tensor(2.0, dtype=torch.float32)]
+    assert reduce_step_stats(dev, [3, 0.25], distributed=False) == [1.5, 2.0, 3.0, 0.25]
+
+
+# --------------------------------------------------------------------------- evaluation without full logits
+
+
+def test_val_loss_never_builds_full_logits(monkeypatch):
+    from gpt2.evaluate import val_loss
+    from gpt2.model import GPT
+
+    model = make_model()
+    data = make_data(num_micro=3, batch=4)
+    batches = [(d[:, :-1], d[:, 1:]) for d in data]
+    with torch.no_grad():
+        want = sum(model.loss(x, y).item() for x, y in batches) / len(batches)
+    monkeypatch.setattr(GPT, "loss", lambda *a: pytest.fail("evaluation materialised the full logits"))
+    assert val_loss(model, batches) == pytest.approx(want, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- background checkpoints
+
+
+def test_state_to_cpu_copies_and_keeps_ties():
+    w = torch.ones(3, 2)
+    state = {"a": w, "b": w.detach(), "opt": [{"m": torch.zeros(2)}], "step": 3}
+    copy = state_to_cpu(state)
+    w.add_(1)
+    assert torch.equal(copy["a"], torch.ones(3, 2)) and copy["step"] == 3
+    assert copy["a"].untyped_storage().data_ptr() == copy["b"].untyped_storage().data_ptr()
+
+
+def test_background_writer_runs_in_order_and_reraises():
+    done = []
+    with BackgroundWriter() as w:
+        w.submit(lambda: done.append(1))
+        w.submit(lambda: done.append(2))  # waits for the first
+    assert done == [1, 2]
+    w = BackgroundWriter()
+    w.submit(lambda: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        w.wait()
+    w.wait()  # raised once
+
+
+def test_checkpoint_holds_the_weights_of_its_step(tmp_path):
+    """The background write must not see the updates made after the save was taken."""
+    cfg = cfg_for(tmp_path / "a", max_steps=4, save_every=2)
+    train(make_model(), ListTask(make_data()), cfg)
+    at2 = cfg_for(tmp_path / "b", max_steps=4, stop_at_step=2)
+    train(make_model(), ListTask(make_data()), at2)
+    # run a: the checkpoint of step 2 was overwritten at step 4; compare its HF export instead via run b
+    b = load_checkpoint(tmp_path / "b")
+    assert b["step"] == 2
+    from gpt2.checkpoint import load_model
+
+    m = load_model(tmp_path / "b")
+    assert torch.equal(m.transformer.h[0].mlp.c_fc.weight, b["model"]["transformer.h.0.mlp.c_fc.weight"])
+    assert (tmp_path / "a" / "loss.png").is_file()
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _compile_counting(monkeypatch, wrapped: list):
+    """torch.compile with the aot_eager backend (dynamo, AOTAutograd and DDP graph splitting as in a real run,
+    without inductor's minutes of C++ compilation on a CPU); records what the loop compiles."""
+    real = torch.compile
+
+    def compile_(module, **kw):
+        wrapped.append(type(module).__name__)
+        return real(module, **{**kw, "backend": "aot_eager"})
+    monkeypatch.setattr(torch, "compile", compile_)
+
+
+class VarLenTask(ListTask):
+    """Fine-tuning-like micro batches: lengths (and the last batch's size) vary, answers are masked -100."""
+
+    def next_batch(self):
+        from gpt2.data.alpaca import collate
+
+        rng = random.Random(self.pos)
+        self.pos += 1
+        size = 3 if self.pos % 5 == 0 else 4
+        return collate([([1 + rng.randrange(100)] * rng.randint(2, 12), [5] * rng.randint(1, 18))
+                        for _ in range(size)])
+
+
+def test_variable_lengths_compile_a_bounded_number_of_graphs(tmp_path, monkeypatch):
+    """Measured with dynamo's counters: after the first shape the sequence dimension turns dynamic (one
+    recompile), after the first short batch the batch dimension (another), and the model's graph has no break
+    (`is_causal` stays a plain bool, not a symbolic one), so 12 steps of ever new lengths make 3 graphs, not
+    one per length."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _compile_counting(monkeypatch, [])
+    train(make_model(), VarLenTask(make_data()), cfg_for(tmp_path, max_steps=12, compile=True), grad_accum_steps=1)
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
+def _ddp_compile_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpt2.distributed import destroy_distributed
+
+    wrapped: list = []
+    mp_ = pytest.MonkeyPatch()
+    _compile_counting(mp_, wrapped)
+    try:
+        train(make_model(), ListTask(make_data(), rank, world), cfg_for(Path(out), compile=True),
+              grad_accum_steps=2)
+        assert wrapped == ["DistributedDataParallel"], wrapped  # compile(DDP(...)), not DDP(compile(...))
+    finally:
+        mp_.undo()
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_compiled_ddp_matches_one_process_with_accumulation(tmp_path):
+    """2 gloo ranks x 2 micro-steps under torch.compile(DDP(...)) == 1 eager process x 4 micro-steps."""
+    single = tmp_path / "single"
+    train(make_model(), ListTask(make_data()), cfg_for(single), grad_accum_steps=4)
+    mp.spawn(_ddp_compile_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(single), abs=1e-5)
+    a, b = load_checkpoint(single), load_checkpoint(tmp_path / "ddp")
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=1e-5, rtol=1e-4)
