@@ -345,7 +345,7 @@ def sec_generate(args, work: Path) -> dict:
         mask = torch.ones_like(ids)
         n = B * s["gen_new"]
 
-        def timed(fn):
+        def timed(fn, n=n):
             fn()  # warm-up
             sync(dev)
             t0 = time.perf_counter()

@@ -8,8 +8,8 @@ hot), which are multiplied back into dL/dh and accumulated into dL/dW while stil
 only scales the stored gradients. Same FLOPs, far less memory traffic (the Liger-kernel idea, in PyTorch).
 
 Used by `gpt2 pretrain` on CPU, and by every evaluation (`gpt2.evaluate.val_loss`, forward only). In CUDA
-training the plain `GPT.loss` under torch.compile is used instead (the
-compiler fuses the softmax, and bf16 logits need no chunking to fit).
+training the plain `GPT.loss` under torch.compile is used instead (the compiler fuses the softmax, and bf16
+logits need no chunking to fit).
 """
 
 from __future__ import annotations
