@@ -301,7 +301,9 @@ def sec_speed(args, work: Path, micro_key: int, compiled: bool) -> dict:
             for x in lines:
                 f.write(json.dumps({"config": f"{B}x{T} compiled={compiled}", **x}) + "\n")
     timed = lines[s["warm"]:]
-    tps = statistics.median(x["tokens_per_s"] for x in timed)
+    # wall time between the first and last timed step's log lines: everything the loop does between steps
+    # (logging, fetching, the host sync) counts, unlike the per-step tokens_per_s of metrics.jsonl
+    tps = B * T * (len(timed) - 1) / (timed[-1]["time"] - timed[0]["time"])
     from gpt2.model import GPT
 
     with torch.device("meta"):
