@@ -249,7 +249,7 @@ def sec_matmul(args, work: Path) -> dict:
     tflops = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"ok": True, "tflops": tflops, "n": n, "device_name": name,
-            "summary": f"{name}: bf16 {n}^3 matmul {tflops:.1f} TFLOP/s"}
+            "summary": f"{name}: bf16 {n}^3 matmul {tflops:.3g} TFLOP/s"}
 
 
 def bare_step_time(args, cfg, steps: int, warm: int) -> float:
@@ -318,7 +318,7 @@ def sec_speed(args, work: Path, micro_key: int, compiled: bool) -> dict:
         res["outside_fwd_bwd_opt"] = max(0.0, 1 - bare / res["step_s"])
     mem = f", peak {peak_gb:.1f} GB" if peak_gb is not None else ""
     out = f", outside fwd/bwd/opt {res['outside_fwd_bwd_opt']:.1%}" if "bare_step_s" in res else ""
-    res["summary"] = (f"{B}x{T} {'compiled' if compiled else 'eager'}: {tps:,.0f} tok/s, {achieved:.0f} TFLOP/s, "
+    res["summary"] = (f"{B}x{T} {'compiled' if compiled else 'eager'}: {tps:,.0f} tok/s, {achieved:.3g} TFLOP/s, "
                       f"MFU {res['mfu_datasheet']:.1%} of {DATASHEET_TFLOPS:.0f}{mem}{out}")
     return res
 
@@ -397,7 +397,8 @@ def sec_curve(args, work: Path) -> dict:
         shutil.copy(run_dir / "metrics.jsonl", Path(args.out) / "curve_metrics.jsonl")
         shutil.copy(png, Path(args.out) / "loss.png")
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-    ok = finite and not spikes and len(losses) > 5 and losses[-1] < losses[0] - 1.0
+    drop = 0.1 if args.dry_run else 1.0  # a few CPU steps only start the descent
+    ok = finite and not spikes and len(losses) >= 5 and losses[-1] < losses[0] - drop
     val = evals[-1].get("val_loss") if evals else None
     return {"ok": ok, "steps": len(losses), "tokens_per_step": B * T * accum, "first_loss": losses[0],
             "last_loss": losses[-1], "val_loss": val, "spikes": spikes, "finite": finite,
@@ -460,7 +461,7 @@ def add_ratios(results: dict) -> None:
     for name, res in results.items():
         if name.startswith("speed-") and res.get("ok") and ceiling:
             res["mfu_measured"] = res["achieved_tflops"] / ceiling
-            res["summary"] += f", {res['mfu_measured']:.1%} of measured {ceiling:.0f}"
+            res["summary"] += f", {res['mfu_measured']:.1%} of measured {ceiling:.3g}"
 
 
 def main() -> None:
