@@ -65,9 +65,12 @@ def restore_rng_state(state: dict[str, Any], device: torch.device | None = None)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device | None = None):
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None):
     """A `GPT` from a training run directory (its `model/` export), a `checkpoint.pt` file, a Hugging Face
-    checkpoint directory, or a hub name such as "gpt2"."""
+    checkpoint directory, or a hub name such as "gpt2"; moved to `device` ("auto" or a name as `--device`
+    takes it) and its weights cast to `dtype` when given. The one model loader of every command."""
+    from gpt2.distributed import pick_device
     from gpt2.model import GPT, GPTConfig
 
     p = Path(path)
@@ -84,4 +87,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
             raise UserError(f"{p}: weights do not match its model config: {str(e).splitlines()[0]}") from e
     else:
         model = GPT.from_pretrained(path)
-    return model.to(device) if device is not None else model
+    if isinstance(device, str):
+        device = pick_device(device)
+    return model.to(device=device, dtype=dtype)

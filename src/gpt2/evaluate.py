@@ -187,7 +187,7 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     Rows are right-padded into one batch; pads sit after every real token, so with causal attention they
     change nothing before them, and the mask keeps them out of the sums.
     """
-    from gpt2.inference import pad_right
+    from gpt2.data.batching import pad_right
     from gpt2.train.loop import autocast_context
 
     device = device or next(model.parameters()).device

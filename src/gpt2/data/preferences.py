@@ -7,7 +7,7 @@ Design decisions:
   fine-tuning template (`gpt2.template.format_chat`: the last Human turn is the instruction, earlier turns
   the input), and each answer is its text followed by `<|endoftext|>`, so a pair trains exactly like two
   fine-tuning examples `(prompt_ids, answer_ids)` and batches use the fine-tuning layout
-  (`gpt2.data.alpaca.collate`: prompt and padding positions have target -100).
+  (`gpt2.data.batching.collate`: prompt and padding positions have target -100).
 - Malformed pairs are counted by reason and reported, never a crash mid-run: a dialogue that does not
   parse into Human/Assistant turns, one that does not end with an Assistant turn, chosen and rejected
   prompts that differ, identical answers (no preference signal), missing or non-string fields.
@@ -37,7 +37,7 @@ import torch
 
 from gpt2.cli import Command, register
 from gpt2.config import arg
-from gpt2.data.alpaca import collate
+from gpt2.data.batching import collate
 from gpt2.errors import UserError
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, encode

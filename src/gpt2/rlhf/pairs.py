@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from gpt2.checkpoint import load_model
 from gpt2.config import arg
-from gpt2.data.alpaca import LengthGroupedBatcher
+from gpt2.data.batching import LengthGroupedBatcher
 from gpt2.data.preferences import Pair, collate_pairs, load_pairs, pair_length, split_file
 from gpt2.distributed import DistInfo, all_gather_object, destroy_distributed, init_distributed
 from gpt2.errors import UserError

@@ -46,11 +46,11 @@ from gpt2.checkpoint import (
 )
 from gpt2.cli import Command, register
 from gpt2.config import arg, to_dict
-from gpt2.data.alpaca import LengthGroupedBatcher, collate
+from gpt2.data.batching import LengthGroupedBatcher, collate, pad_right
 from gpt2.data.preferences import load_pairs, split_file
 from gpt2.distributed import all_gather_object, all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
-from gpt2.inference import generate, pad_right
+from gpt2.inference import generate
 from gpt2.model import GPT
 from gpt2.rlhf.heads import ActorCritic, RewardModel
 from gpt2.rlhf.losses import (

@@ -9,7 +9,7 @@ Design decisions:
   `--max-len`), and the truncated/dropped counts are printed.
 - Batches: `LengthGroupedBatcher` (similar lengths together, so little padding; each rank takes disjoint
   batches; its (epoch, position) is the task state that checkpoints hold), laid out by
-  `gpt2.data.alpaca.collate`, and the loss is `model.loss(input_ids, targets)`: mean cross-entropy over the
+  `gpt2.data.batching.collate`, and the loss is `model.loss(input_ids, targets)`: mean cross-entropy over the
   batch's answer tokens (question and padding positions are -100). `answer_tokens` is logged per step.
   On CPU the same loss is computed by `gpt2.train.losses.gpt_loss_chunked` (equal values and gradients,
   without materialising the (B*T, 50257) logits), as pretraining does.
@@ -37,13 +37,8 @@ import torch.nn as nn
 
 from gpt2.cli import Command, register
 from gpt2.config import arg, from_dict, to_dict
-from gpt2.data.alpaca import (
-    Example,
-    LengthGroupedBatcher,
-    collate,
-    fit_examples,
-    load_split,
-)
+from gpt2.data.alpaca import fit_examples, load_split
+from gpt2.data.batching import Example, LengthGroupedBatcher, collate
 from gpt2.errors import UserError
 from gpt2.train.loop import CHECKPOINT_FILE, TrainConfig, train
 from gpt2.train.losses import gpt_loss_chunked
