@@ -13,8 +13,10 @@ Design decisions:
 - On CPU the loss is `gpt2.train.losses.gpt_loss_chunked` (same values and gradients as `GPT.loss`,
   without materialising the (B*T, 50257) logits), which is most of the CPU speed-up in bench/train.py.
 - The task is thin: a rank-aware `ShardLoader` on the train split gives micro batches and its position
-  (resume); evaluation is `gpt2.evaluate.val_loss` over a *fresh* val loader on a fixed token budget (the
-  same tokens every time, shared out between ranks, averaged with an all-reduce) and optionally HellaSwag.
+  (resume), its windows in a seeded random order by default (`--no-shuffle`: stream order; see
+  `gpt2.data.loader` for why windows rather than blocks); evaluation is `gpt2.evaluate.val_loss` over a
+  *fresh* val loader (in order) on a fixed token budget (the same tokens every time, shared out between
+  ranks, averaged with an all-reduce) and optionally HellaSwag.
 - The `gpt2-124m` preset is the seed's recipe (build-nanogpt): 2^19 tokens/step, micro batch 32 x 1024,
   max LR 6e-4 with 715 warmup steps and cosine decay to 10% over 19073 steps (one epoch of FineWeb
   sample-10BT), AdamW (0.9, 0.95), weight decay 0.1, clip 1.0.
@@ -43,6 +45,8 @@ class PretrainConfig(TrainConfig):
     seq_len: int = arg(1024, "tokens per training sequence (at most --block-size)")
     global_batch: int = arg(524_288, "tokens per optimizer step over all processes; must be a multiple of "
                                      "micro-batch x seq-len x processes")
+    shuffle: bool = arg(True, "read training windows of --seq-len tokens in a seeded random order, each once per "
+                              "epoch (--no-shuffle: in stream order, as the shards lie)")
     val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)")
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
                                         "on for CPU, off for CUDA (where torch.compile fuses the loss)")
@@ -104,7 +108,8 @@ class PretrainTask:
 
         self.cfg, self.dist = cfg, dist
         self.fused_loss = cfg.fused_loss if cfg.fused_loss is not None else dist.device.type == "cpu"
-        self.loader = ShardLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
+        self.loader = ShardLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size,
+                                  shuffle=cfg.shuffle, seed=cfg.seed)
         self.has_val = bool(list_shards(cfg.data, "val"))
         if not self.has_val and cfg.eval_every and dist.is_main:
             print(f"note: {cfg.data} has no val shards; no validation loss will be measured", flush=True)
