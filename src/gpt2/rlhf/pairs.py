@@ -5,6 +5,8 @@ Design decisions:
   the B rejected ones, so one forward pass scores both sides of every pair.
 - Batches come from the fine-tuning `LengthGroupedBatcher` (rank-aware, resumable, little padding), with a
   pair's length taken as prompt + its longer answer.
+- A stage's loss is a mean over the batch's pairs and `loss_weight` is their number, so a step averages
+  over every pair of the global batch (a short last batch of a length group weighs less).
 - A stage only says how a batch becomes a loss (`pair_loss`); training steps and held-out evaluation both
   go through it, so the logged training and validation metrics are the same quantities.
 - The two pair stages share their flags (`PairStageConfig`: the shared loop's `TrainConfig` plus model,
@@ -60,6 +62,10 @@ class PairTask:
         device = next(model.parameters()).device
         input_ids, targets = (t.to(device, non_blocking=True) for t in batch)
         return self.pair_loss(model, input_ids, targets)
+
+    def loss_weight(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """Pair losses are means over pairs: the loop weights each micro batch by its number of pairs."""
+        return batch[0].size(0) // 2
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

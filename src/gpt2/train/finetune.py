@@ -10,7 +10,9 @@ Design decisions:
 - Batches: `LengthGroupedBatcher` (similar lengths together, so little padding; each rank takes disjoint
   batches; its (epoch, position) is the task state that checkpoints hold), laid out by
   `gpt2.data.batching.collate`, and the loss is `model.loss(input_ids, targets)`: mean cross-entropy over the
-  batch's answer tokens (question and padding positions are -100). `answer_tokens` is logged per step.
+  batch's answer tokens (question and padding positions are -100), and `loss_weight` tells the loop how
+  many, so a step averages over every answer token of the global batch (`gpt2.train.loop`: a micro batch
+  with 10 answer tokens counts 10/500 of one with 500, not as much). `answer_tokens` is logged per step.
   On CPU the same loss is computed by `gpt2.train.losses.gpt_loss_chunked` (equal values and gradients,
   without materialising the (B*T, 50257) logits), as pretraining does.
 - Length of the run: `--epochs` (2) x steps per epoch, where a step is `--grad-accum` micro batches of
@@ -38,7 +40,7 @@ import torch.nn as nn
 from gpt2.cli import Command, register
 from gpt2.config import arg, from_dict, to_dict
 from gpt2.data.alpaca import fit_examples, load_split
-from gpt2.data.batching import Example, LengthGroupedBatcher, collate
+from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
 from gpt2.errors import UserError
 from gpt2.train.loop import CHECKPOINT_FILE, TrainConfig, train
 from gpt2.train.losses import gpt_loss_chunked
@@ -120,6 +122,10 @@ class FinetuneTask:
         input_ids, targets = batch
         loss = gpt_loss_chunked(model, input_ids, targets) if self.fused_loss else model.loss(input_ids, targets)
         return loss, {"answer_tokens": (targets != -100).sum()}
+
+    def loss_weight(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """The loss is a mean over answer tokens: the loop weights each micro batch by their number."""
+        return num_targets(batch[1])
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.has_val:

@@ -3,13 +3,22 @@
 A `Task` supplies this rank's micro batches, a loss, an evaluation and its own data position; the loop does
 everything else, the same way for every stage:
 
-- Gradient accumulation: each micro-step's loss is divided by the number of micro-steps, so the summed
-  gradient is the gradient of the mean loss over the global batch. Under DDP the gradient all-reduce runs only
-  on the last micro-step (`no_sync()` on the others); DDP averages over ranks, so N ranks x k micro-steps give
-  the same update as 1 rank x N*k micro-steps.
-- The logged loss (and every task metric) is averaged over micro-steps and ranks with one all-reduce per step
-  that also carries the token count, the gradient norm and the "stop now" flag, so every rank agrees on when
-  to stop. gloo has no AVG: we sum and divide.
+- Loss weighting (torchtitan's rule): the step's gradient is the gradient of the mean loss over every
+  valid target of the global batch, all micro-steps and ranks, however the batch is split. A task whose
+  loss is a mean over a varying number of targets (answer tokens of fine-tuning and PPO, pairs of DPO and
+  the reward model) says how many with `loss_weight(batch)`; the loop all-reduces the step's count G
+  before the first backward and scales micro-batch m's mean loss by n_m * W / G (W ranks: DDP averages
+  gradients over ranks, the factor W undoes that), so the summed gradient is sum_m n_m * grad(mean_m) / G.
+  Without `loss_weight` every micro-batch weighs the same (1 / (k * W)), right when all hold equally many
+  targets, as pretraining's do. Under DDP the gradient all-reduce runs only on the last micro-step
+  (`no_sync()` on the others), so N ranks x k micro-steps give the update of 1 rank x N*k micro-steps.
+- The logged loss is the same weighted mean; task metrics are averaged over micro-steps and ranks. One
+  all-reduce per update carries them, the token count, the gradient norm and the "stop now" flags, so every
+  rank agrees on when to stop. gloo has no AVG: we sum and divide.
+- One step, several updates (PPO): a task may split each batch into several optimizer updates with
+  `updates(batch) -> (list of updates, each a list of micro batches; metrics of the batch)`; a PPO step is
+  one rollout and its epochs x minibatches of updates, and everything below (schedule, checkpoints, stop
+  signals, time limit, NaN check before each optimizer step, evaluation) works per step as for any stage.
 - AdamW with weight decay on 2-D weights only (matmuls and embeddings; never biases or LayerNorm gains), fused
   kernels where PyTorch has them; global-norm gradient clipping; LR linear warmup then cosine decay to min_lr
   (`lr_at`, a pure function of the step, so resuming never needs scheduler state).
@@ -23,8 +32,6 @@ everything else, the same way for every stage:
   graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
   (None when the card is unknown or on CPU) rather than one hard-coded card.
 
-Stages with their own outer loop (PPO) can reuse the pieces: `build_optimizer`, `lr_at`, `apply_lr`, `autocast_context`,
-`MetricsLogger`, `peak_flops`, `StopSignals`.
 """
 
 from __future__ import annotations
@@ -103,6 +110,11 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """(scalar loss to minimise, extra metrics as floats or 0-d tensors). Called inside autocast; `model`
         is the plain module (the loop compiles/wraps around this call, so gradients sync under DDP)."""
+
+    # Optional, see the module docstring:
+    #   loss_weight(batch) -> int: what the batch's loss is a mean over (valid targets, pairs).
+    #   updates(batch) -> (list[list[micro batch]], dict of metrics): several optimizer updates from one batch.
+    #   num_tokens(batch) -> int: tokens of a micro batch for tokens/s and MFU.
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Evaluation metrics (e.g. {"val_loss": ...}); may be {}. Called on every rank under no_grad,
@@ -434,55 +446,81 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     t_session = time.perf_counter()
     t_start = t_session - elapsed0
     loss_value = None
+    loss_weight = getattr(task, "loss_weight", None)
+    split_batch = getattr(task, "updates", None)
+    W = dist.world_size
+
+    def update(micro_batches: list, batch_metrics: dict[str, float], flags: list[float],
+               ) -> tuple[list[float], list[str], Any]:
+        """Forward/backward over one update's micro batches, then one optimizer step. Returns (the all-reduced
+        [weighted loss, *task metrics, grad norm, tokens, *batch metrics, *flags], the task metrics' names,
+        the last micro batch)."""
+        weights = [int(loss_weight(b)) if loss_weight else 1 for b in micro_batches]
+        total = sum(weights) * W if not loss_weight else int(all_reduce_sum(
+            torch.tensor(float(sum(weights)), dtype=torch.float64, device=device)).item())
+        total = max(total, 1)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        extra: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for micro, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            batch = to_device(batch, device)
+            tokens += int(num_tokens(batch)) if num_tokens else _first_tensor(batch).numel()
+            sync = ddp is None or micro == len(micro_batches) - 1
+            with nullcontext() if sync else ddp.no_sync():
+                with autocast_context(device, amp):
+                    loss, step_metrics = forward(batch)
+                (loss * (weight * W / total)).backward()
+            loss_sum += loss.detach() * (weight / total)
+            for k, v in step_metrics.items():
+                extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        keys = sorted(extra)
+        as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)
+        vec = torch.stack([loss_sum, *(extra[k] / len(micro_batches) for k in keys),
+                           grad_norm.detach().to(torch.float64), as_tensor(float(tokens)),
+                           *(as_tensor(float(batch_metrics[k])) for k in sorted(batch_metrics)),
+                           *(as_tensor(f) for f in flags)])
+        values = all_reduce_sum(vec).tolist()
+        loss_value, norm = values[0], values[1 + len(keys)] / W
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            bar.close()
+            where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
+                     if last_saved is not None else "no checkpoint had been written yet")
+            raise NonFiniteLossError(f"training stopped at step {step + 1}: loss {loss_value}, grad norm "
+                                     f"{norm} (not finite); {where}. Lower --lr or check the data.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return values, keys, batch
+
     with StopSignals() as stop:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
             lr = apply_lr(optimizer, step, cfg)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            extra: dict[str, torch.Tensor] = {}
-            tokens = 0
-            for micro in range(grad_accum_steps):
-                batch = to_device(task.next_batch(), device)
-                tokens += int(num_tokens(batch)) if num_tokens else _first_tensor(batch).numel()
-                sync = ddp is None or micro == grad_accum_steps - 1
-                with nullcontext() if sync else ddp.no_sync():
-                    with autocast_context(device, amp):
-                        loss, step_metrics = forward(batch)
-                    (loss / grad_accum_steps).backward()
-                loss_sum += loss.detach()
-                for k, v in step_metrics.items():
-                    extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            # One all-reduce: mean loss, mean task metrics, grad norm, token count, stop flags (so all ranks
-            # stop at the same step).
-            out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_session > 60 * cfg.max_minutes
-            keys = sorted(extra)
-            vec = torch.stack([loss_sum / grad_accum_steps, *(extra[k] / grad_accum_steps for k in keys),
-                               grad_norm.detach().to(torch.float64),
-                               torch.tensor(float(tokens), dtype=torch.float64, device=device),
-                               torch.tensor(float(out_of_time), dtype=torch.float64, device=device),
-                               torch.tensor(float(stop.signum), dtype=torch.float64, device=device)])
-            values = all_reduce_sum(vec).tolist()
-            loss_value, norm = values[0] / dist.world_size, values[-4] / dist.world_size
-            if not (math.isfinite(loss_value) and math.isfinite(norm)):
-                bar.close()
-                where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
-                         if last_saved is not None else "no checkpoint had been written yet")
-                raise NonFiniteLossError(f"training stopped at step {step + 1}: loss {loss_value}, grad norm "
-                                         f"{norm} (not finite); {where}. Lower --lr or check the data.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if split_batch:
+                updates, batch_metrics = split_batch(task.next_batch())
+            else:
+                updates, batch_metrics = [[task.next_batch() for _ in range(grad_accum_steps)]], {}
+            totals = None
+            for micro_batches in updates:
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_session > 60 * cfg.max_minutes
+                values, keys, batch = update(micro_batches, batch_metrics, [float(out_of_time), float(stop.signum)])
+                totals = values if totals is None else [a + b for a, b in zip(totals, values)]
+            n = len(updates)
+            loss_value, norm = totals[0] / n, totals[1 + len(keys)] / (n * W)
+            tokens = totals[2 + len(keys)]
+            batch_values = [v / W for v in values[3 + len(keys):len(values) - 2]]  # from the last update
             done = step + 1
             now = time.perf_counter()
-            tok_per_s = values[-3] / (now - t0)
+            tok_per_s = tokens / (now - t0)
             fpt = flops_per_token
             if fpt is None and hasattr(model, "flops_per_token"):
                 fpt = model.flops_per_token(_first_tensor(batch).shape[-1])
             mfu = tok_per_s * fpt / (peak * dist.world_size) if peak and fpt else None
             record = {"kind": "train", "step": done, "loss": loss_value, "lr": lr, "grad_norm": norm,
                       "tokens_per_s": tok_per_s, "mfu": mfu, "time": now - t_start}
-            record.update({k: v / dist.world_size for k, v in zip(keys, values[1:1 + len(keys)])})
+            record.update({k: v / (n * W) for k, v in zip(keys, totals[1:1 + len(keys)])})
+            record.update(zip(sorted(batch_metrics), batch_values))
             metrics.log(record)
             bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {tok_per_s:,.0f} tok/s"
                                 + (f" mfu {mfu:.1%}" if mfu is not None else ""), refresh=False)
