@@ -124,6 +124,19 @@ def test_ppo_command_and_resume(setup):
     assert [r["step"] for r in _records(out, "eval")] == [0, 1, 2, 3, 4]
 
 
+def test_ppo_evaluates_where_an_early_stop_ends_the_session(setup):
+    """--max-minutes ends the run after one iteration, between two --eval-every points: it is evaluated there."""
+    tmp, data, sft = setup
+    out = tmp / "ppo-early"
+    args = ppo_args(setup, out, "--ppo-epochs", "1", "--eval-every", "10", "--eval-prompts", "2")
+    main([*args, "--max-steps", "20", "--max-minutes", "0"])
+    assert [r["step"] for r in _records(out, "train")] == [1]
+    evals = _records(out, "eval")
+    assert [r["step"] for r in evals] == [0, 1] and {"score", "kl"} <= evals[1].keys()
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 1 and ckpt["elapsed"] > 0  # resumable, with its training time
+
+
 def test_ppo_sigterm_saves_then_resumes(setup, monkeypatch):
     """SIGTERM mid-run: PPO finishes the iteration, saves it, exits 143; --resume completes the run."""
     import os
