@@ -72,11 +72,28 @@ def test_dpo_command(setup):
     GPT.from_pretrained(out / "model")  # the policy is an HF checkpoint
 
 
+def test_max_steps_wins_over_epochs_in_every_command(setup, capsys):
+    """One rule (`run_length`): --max-steps when given, else --epochs x steps per epoch; the same help."""
+    tmp, data, sft = setup
+    for cmd in ("dpo", "reward"):
+        out = tmp / f"{cmd}-steps"
+        main([cmd, "--model", str(sft), "--data", str(data), "--out", str(out), "--epochs", "3", "--max-steps", "1",
+              "--eval-every", "0", *COMMON])
+        assert len(_records(out, "train")) == 1  # not 3 epochs x 2 steps
+    helps = []
+    for cmd in ("finetune", "dpo", "reward"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        helps.append(" ".join(capsys.readouterr().out.split()))
+    for text in helps:
+        assert "when given it wins over --epochs" in text and "sets --max-steps when that is not given" in text
+
+
 def test_dpo_resume_matches_an_uninterrupted_run(setup):
     """Stopping and resuming gives the same weights: the reference is rebuilt from --model (the SFT start,
     not the resumed policy) and the data position comes back with the checkpoint."""
     tmp, data, sft = setup
-    args = ["dpo", "--model", str(sft), "--data", str(data), "--epochs", "0", "--max-steps", "4",
+    args = ["dpo", "--model", str(sft), "--data", str(data), "--max-steps", "4",
             "--eval-every", "0", *COMMON]
     main([*args, "--out", str(tmp / "straight")])
     main([*args, "--out", str(tmp / "split"), "--stop-at-step", "2"])

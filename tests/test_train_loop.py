@@ -16,8 +16,9 @@ import torch
 import torch.multiprocessing as mp
 
 from gpt2.checkpoint import load_checkpoint, load_model
+from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
-from gpt2.train.loop import NonFiniteLossError, TrainConfig, lr_at, train
+from gpt2.train.loop import NonFiniteLossError, TrainConfig, lr_at, run_length, train
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +106,13 @@ def test_lr_schedule_warmup_peak_cosine_floor():
 
 
 # --------------------------------------------------------------------------- resume and stop_at_step
+
+
+def test_run_length_rule():
+    assert run_length(None, 2, 10) == 20 and run_length(None, 0.25, 10) == 3 and run_length(None, 0.01, 10) == 1
+    assert run_length(7, 2, 10) == 7  # --max-steps wins whenever it is given
+    with pytest.raises(UserError, match="--epochs must be > 0"):
+        run_length(None, 0, 10)
 
 
 def test_resume_is_exact(tmp_path):

@@ -15,8 +15,9 @@ Design decisions:
   with 10 answer tokens counts 10/500 of one with 500, not as much). `answer_tokens` is logged per step.
   On CPU the same loss is computed by `gpt2.train.losses.gpt_loss_chunked` (equal values and gradients,
   without materialising the (B*T, 50257) logits), as pretraining does.
-- Length of the run: `--epochs` (2) x steps per epoch, where a step is `--grad-accum` micro batches of
-  `--batch-size` examples on every rank; `--max-steps` overrides. Validation loss on the held-out split is
+- Length of the run: the rule of every command (`gpt2.train.loop.run_length`): `--max-steps` when given,
+  else `--epochs` (2) x steps per epoch, where a step is `--grad-accum` micro batches of `--batch-size`
+  examples on every rank. Validation loss on the held-out split is
   computed at step 0, after every epoch (`--eval-every` defaults to the steps per epoch) and at the end. It
   is token-weighted over the whole split: each rank evaluates every W-th batch and the sums are all-reduced.
 - Before/after report: greedy (or `--sample-temperature`) answers to `--sample-prompts`, each formatted with
@@ -42,7 +43,7 @@ from gpt2.config import arg, from_dict, to_dict
 from gpt2.data.alpaca import fit_examples, load_split
 from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
 from gpt2.errors import UserError
-from gpt2.train.loop import CHECKPOINT_FILE, TrainConfig, train
+from gpt2.train.loop import CHECKPOINT_FILE, EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
 from gpt2.train.losses import gpt_loss_chunked
 
 DEFAULT_PROMPTS = [
@@ -60,7 +61,7 @@ class FinetuneConfig(TrainConfig):
     init: str = arg("gpt2", "starting model: a training run dir (ours), a Hugging Face checkpoint dir, or a hub "
                             "name such as gpt2")
     data: str = arg("data/alpaca", "folder written by `gpt2 prepare alpaca --out`")
-    epochs: int = arg(2, "passes over the training split (sets --max-steps unless that is given)")
+    epochs: float = arg(2.0, EPOCHS_HELP)
     batch_size: int = arg(16, "examples per micro batch on each rank")
     grad_accum: int = arg(2, "micro batches per optimizer step (global batch = batch size x grad accum x ranks)")
     max_len: int | None = arg(None, "longest question + answer in tokens (default: the model's context window); "
@@ -76,7 +77,7 @@ class FinetuneConfig(TrainConfig):
     # Loop fields whose fine-tuning defaults differ (None = derived from the data, see --epochs).
     out: str = arg("runs/finetune", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png, "
                                     "samples.md")
-    max_steps: int | None = arg(None, "optimizer steps of the whole run (default: epochs x steps per epoch)")
+    max_steps: int | None = arg(None, MAX_STEPS_HELP)
     eval_every: int | None = arg(None, "validation loss every N steps (default: once per epoch); 0 = never")
     lr: float = arg(2e-5, "peak learning rate (reached after warmup)")
     min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)")
@@ -245,8 +246,8 @@ def run(cfg: FinetuneConfig):
     from gpt2.checkpoint import load_model
     from gpt2.distributed import destroy_distributed, init_distributed
 
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise UserError("--epochs, --batch-size and --grad-accum must be >= 1")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be >= 1")
     run_dir = Path(cfg.out)
     if (run_dir / CHECKPOINT_FILE).exists() and not cfg.resume:
         raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
@@ -262,7 +263,7 @@ def run(cfg: FinetuneConfig):
         if steps_per_epoch < 1:
             raise UserError(f"one epoch is {task.batches_per_epoch} micro batches per rank, fewer than "
                             f"--grad-accum {cfg.grad_accum}: lower --batch-size or --grad-accum")
-        max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        max_steps = run_length(cfg.max_steps, cfg.epochs, steps_per_epoch)
         eval_every = cfg.eval_every if cfg.eval_every is not None else steps_per_epoch if val_ex else 0
         loop_cfg = from_dict(TrainConfig, {**to_dict(cfg), "max_steps": max_steps, "eval_every": eval_every})
 

@@ -98,6 +98,21 @@ class TrainConfig:
     progress: bool = arg(True, "show a progress bar (rank 0)")
 
 
+# The one rule for the length of a run, in every command that has both flags (finetune, dpo, reward).
+MAX_STEPS_HELP = ("optimizer steps of the whole run (the LR schedule ends here); when given it wins over "
+                  "--epochs")
+EPOCHS_HELP = "passes over the training data (may be fractional); sets --max-steps when that is not given"
+
+
+def run_length(max_steps: int | None, epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: `max_steps` when given, else ceil(epochs x steps_per_epoch), at least 1."""
+    if max_steps is not None:
+        return max_steps
+    if not epochs > 0:
+        raise UserError(f"--epochs must be > 0 (got {epochs}); or give --max-steps")
+    return max(1, math.ceil(epochs * steps_per_epoch))
+
+
 @runtime_checkable
 class Task(Protocol):
     """What a stage plugs into `train()`. Batches may be any nesting of tuples/lists/dicts of tensors on the
