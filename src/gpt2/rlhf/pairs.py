@@ -9,7 +9,9 @@ Design decisions:
   go through it, so the logged training and validation metrics are the same quantities.
 - The two pair stages share their flags (`PairStageConfig`: the shared loop's `TrainConfig` plus model,
   data, batch size, epochs) and their setup (`run_pair_stage`): `--epochs` sets `--max-steps` from the
-  data size, and evaluation on the held-out pairs defaults to once an epoch.
+  data size unless `--max-steps` is given (as in `gpt2 finetune`, so the step count saved with a run is what
+  `--resume` continues, and a new `--max-steps` on resume is not overruled by the epochs), and evaluation on
+  the held-out pairs defaults to once an epoch.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class PairStageConfig(TrainConfig):
     data: str = arg("data/hh", "folder written by `gpt2 prepare hh` (train.jsonl, val.jsonl)")
     batch_size: int = arg(8, "preference pairs per micro batch per process (each pair is two sequences)")
     grad_accum: int = arg(1, "micro batches per optimizer step")
-    epochs: float = arg(1.0, "passes over the training pairs; sets --max-steps (0: use --max-steps instead)")
+    epochs: float = arg(1.0, "passes over the training pairs; sets the step count unless --max-steps is given")
+    max_steps: int | None = arg(None, "optimizer steps of the whole run (default: --epochs x steps per epoch)")
     eval_every: int | None = arg(None, "evaluate on the held-out pairs every N steps; default once an epoch")
     max_len: int | None = arg(None, "skip pairs longer than this many tokens (default: the model's context)")
     lr: float = arg(5e-6, "peak learning rate (reached after warmup)")
@@ -129,13 +132,15 @@ def run_pair_stage(cfg: PairStageConfig, make_model: Callable[[GPT], nn.Module],
     """Load the starting GPT and the pairs, build the stage's model and task, and train on the shared loop."""
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 0:
         raise UserError("--batch-size and --grad-accum must be >= 1 and --epochs >= 0")
+    if cfg.max_steps is None and cfg.epochs <= 0:
+        raise UserError("--epochs 0 needs --max-steps")
     dist = init_distributed(cfg.device)
     try:
         start = load_model(cfg.model)
         train_pairs, val_pairs = load_train_val(cfg, start.config.block_size)
         task = make_task(start, train_pairs, val_pairs, dist)
         steps_per_epoch = max(1, task.steps_per_epoch // cfg.grad_accum)
-        if cfg.epochs > 0:
+        if cfg.max_steps is None:
             cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
         if cfg.eval_every is None:
             cfg = replace(cfg, eval_every=steps_per_epoch if val_pairs else 0)

@@ -76,6 +76,7 @@ from gpt2.train.loop import (
     autocast_dtype,
     build_optimizer,
     plot,
+    resume_changes,
     seed_everything,
 )
 
@@ -284,6 +285,9 @@ def _run(cfg: PPOConfig, dist) -> ActorCritic:
         gen.set_state(mine["gen"])
         shuffle.set_state(mine["shuffle"])
         start = state["step"]
+        for line in resume_changes(state.get("train_config", {}), cfg, start):
+            if dist.is_main:
+                print(line, flush=True)
     model: nn.Module = actor
     if dist.is_distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP

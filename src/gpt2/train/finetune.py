@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from gpt2.cli import Command, register
-from gpt2.config import arg, from_dict, to_dict
+from gpt2.config import APPLY, arg, from_dict, to_dict
 from gpt2.data.alpaca import (
     Example,
     LengthGroupedBatcher,
@@ -71,11 +71,12 @@ class FinetuneConfig(TrainConfig):
     group_batches: int = arg(16, "length grouping: sort this many batches' worth of shuffled examples by "
                                  "length before cutting batches (more = less padding, less randomness)")
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
-                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
-    sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS),
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)",
+                                  on_resume=APPLY)
+    sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS), on_resume=APPLY,
                                     help="questions answered before and after fine-tuning (RUN_DIR/samples.md)")
-    sample_max_tokens: int = arg(128, "longest answer generated for samples.md")
-    sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy")
+    sample_max_tokens: int = arg(128, "longest answer generated for samples.md", on_resume=APPLY)
+    sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy", on_resume=APPLY)
     # Loop fields whose fine-tuning defaults differ (None = derived from the data, see --epochs).
     out: str = arg("runs/finetune", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png, "
                                     "samples.md")
