@@ -8,18 +8,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
+from test_pretrain import (
+    VOCAB,
+    shards,  # noqa: F401  (fixture: a few synthetic token shards)
+)
+from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.cli import main
 from gpt2.config import ANNOUNCE, APPLY, SESSION, arg, resume_rule, resumed_config
-from gpt2.data.shards import write_shard
 from gpt2.errors import UserError
 from gpt2.train.loop import TrainConfig, lr_at
 
-VOCAB = 512
 # The run's recipe (on top of the tiny preset): a model small enough for a test.
 RECIPE = ["--device", "cpu", "--vocab-size", str(VOCAB), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
           "--block-size", "32", "--micro-batch", "2", "--seq-len", "16", "--global-batch", "64", "--max-steps", "6",
@@ -27,26 +29,21 @@ RECIPE = ["--device", "cpu", "--vocab-size", str(VOCAB), "--n-layer", "1", "--n-
 
 
 @pytest.fixture
-def shards(tmp_path):
-    rng = np.random.default_rng(0)
-    d = tmp_path / "shards"
-    d.mkdir()
-    write_shard(d / "syn_val_000000.bin", rng.integers(0, VOCAB, 2_000))
-    write_shard(d / "syn_train_000001.bin", rng.integers(0, VOCAB, 6_000))
-    return d
+def token_shards(shards):  # noqa: F811
+    return shards
 
 
 def records(run, kind="train"):
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def start(shards, out, *extra):
-    main(["pretrain", "--preset", "tiny", "--data", str(shards), "--out", str(out), *RECIPE, *extra])
+def start(token_shards, out, *extra):
+    main(["pretrain", "--preset", "tiny", "--data", str(token_shards), "--out", str(out), *RECIPE, *extra])
 
 
-def test_out_and_resume_alone_reproduce_the_uninterrupted_run(shards, tmp_path, capsys):
-    start(shards, tmp_path / "full")
-    start(shards, tmp_path / "split", "--stop-at-step", "2")
+def test_out_and_resume_alone_reproduce_the_uninterrupted_run(token_shards, tmp_path, capsys):
+    start(token_shards, tmp_path / "full")
+    start(token_shards, tmp_path / "split", "--stop-at-step", "2")
     # No preset, no data, no recipe: everything comes from the saved run (the default preset, gpt2-124m,
     # would otherwise give a 124M model on data/fineweb).
     main(["pretrain", "--out", str(tmp_path / "split"), "--resume", "--stop-at-step", "4"])
@@ -60,16 +57,16 @@ def test_out_and_resume_alone_reproduce_the_uninterrupted_run(shards, tmp_path, 
     split_evals = records(tmp_path / "split", "eval")  # plus one where each session ended (steps 2 and 4)
     assert [e for e in split_evals if e["step"] in (0, 3, 6)] == records(tmp_path / "full", "eval")
     saved = json.loads((tmp_path / "split" / "config.json").read_text())
-    assert (saved["n_layer"], saved["max_steps"], saved["data"]) == (1, 6, str(shards))
+    assert (saved["n_layer"], saved["max_steps"], saved["data"]) == (1, 6, str(token_shards))
 
 
-def test_saved_settings_beat_the_preset(shards, tmp_path):
+def test_saved_settings_beat_the_preset(token_shards, tmp_path):
     """The issue's case: a tiny-preset run with its own --max-steps/--warmup-steps, resumed with the preset
     and data named again, keeps its own schedule instead of the preset's (300 steps, 30 warmup)."""
     run = tmp_path / "run"
-    start(shards, run, "--stop-at-step", "3")
+    start(token_shards, run, "--stop-at-step", "3")
     before = json.loads((run / "config.json").read_text())
-    main(["pretrain", "--preset", "tiny", "--data", str(shards), "--out", str(run), "--resume"])
+    main(["pretrain", "--preset", "tiny", "--data", str(token_shards), "--out", str(run), "--resume"])
     after = json.loads((run / "config.json").read_text())
     assert (after["max_steps"], after["warmup_steps"], after["eval_every"]) == (6, 2, 3)
     settings = lambda cfg: {k: v for k, v in cfg.items() if resume_rule(TrainConfig, k) != SESSION}  # noqa: E731
@@ -78,9 +75,9 @@ def test_saved_settings_beat_the_preset(shards, tmp_path):
     assert [r["step"] for r in records(run, "eval")] == [0, 3, 6]
 
 
-def test_a_new_max_steps_is_applied_and_announced(shards, tmp_path, capsys):
+def test_a_new_max_steps_is_applied_and_announced(token_shards, tmp_path, capsys):
     run = tmp_path / "run"
-    start(shards, run, "--stop-at-step", "3")
+    start(token_shards, run, "--stop-at-step", "3")
     capsys.readouterr()
     main(["pretrain", "--out", str(run), "--resume", "--max-steps", "8", "--lr", "0.001"])
     out = capsys.readouterr().out
@@ -98,9 +95,9 @@ def test_a_new_max_steps_is_applied_and_announced(shards, tmp_path, capsys):
     (["--data", "elsewhere"], "--data 'elsewhere'"),
     (["--global-batch", "128", "--seed", "1"], "--seed 1 (saved: 1337)"),
 ])
-def test_a_flag_that_changes_the_model_or_data_is_refused(shards, tmp_path, capsys, flags, named):
+def test_a_flag_that_changes_the_model_or_data_is_refused(token_shards, tmp_path, capsys, flags, named):
     run = tmp_path / "run"
-    start(shards, run, "--stop-at-step", "2")
+    start(token_shards, run, "--stop-at-step", "2")
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--out", str(run), "--resume", *flags])
@@ -110,17 +107,17 @@ def test_a_flag_that_changes_the_model_or_data_is_refused(shards, tmp_path, caps
     assert load_checkpoint(run)["step"] == 2  # untouched
 
 
-def test_resume_without_a_checkpoint_starts_a_new_run(shards, tmp_path, capsys):
-    start(shards, tmp_path / "new", "--resume", "--max-steps", "2")
+def test_resume_without_a_checkpoint_starts_a_new_run(token_shards, tmp_path, capsys):
+    start(token_shards, tmp_path / "new", "--resume", "--max-steps", "2")
     assert "no checkpoint in" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "new")["step"] == 2
 
 
-def test_the_loop_itself_refuses_a_changed_seed(shards, tmp_path):
+def test_the_loop_itself_refuses_a_changed_seed(token_shards, tmp_path):
     """Through the API (no CLI): the checkpoint's own copy of the settings is checked too."""
     from gpt2.train.pretrain import PRETRAIN_PRESETS, run
 
-    start(shards, tmp_path / "run", "--stop-at-step", "2")
+    start(token_shards, tmp_path / "run", "--stop-at-step", "2")
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     cfg = resumed_config(type(PRETRAIN_PRESETS["tiny"]), saved, {"resume": True})
     with pytest.raises(UserError, match="--seed 7"):

@@ -21,8 +21,9 @@ Design decisions:
   `gpt2.template.format_prompt`, from the starting model and from the fine-tuned one, side by side in
   `RUN_DIR/samples.md` with whether each answer ended with <|endoftext|>. The "before" answers are kept in
   `RUN_DIR/samples_before.json`, so a resumed run still compares against the model it started from.
-- Presets: `gpt2` (OpenAI's 124M at LR 2e-5, the recipe for real use) and `tiny` (a CPU demo: the tiny
-  pretrained model from `gpt2 pretrain --preset tiny`, a higher LR, short answers).
+- Presets: `gpt2` (OpenAI's 124M at LR 2e-5, the recipe for real use) and `tiny` (`make demo`'s: the tiny
+  pretrained model from `gpt2 pretrain --preset tiny`, 8 epochs at a high LR, and sample questions taken
+  from the training records, which is what a 7M model can learn to answer).
 """
 
 from __future__ import annotations
@@ -90,10 +91,22 @@ class FinetuneConfig(TrainConfig):
                                "SIGTERM/Ctrl-C")
 
 
+# The `tiny` preset is `make demo`'s recipe: a 7M model pretrained for two minutes on a CPU, fine-tuned on
+# the 327 training records of ../shared/data/alpaca_sample.json. Such a model can learn the format and the
+# answers it was trained on, not answer new questions, so its sample questions are training records with short
+# answers; several epochs at a high LR are what it takes for it to give them back and stop.
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "What are the three primary colors?",
+    "What does DNA stand for?",
+    "Name three fruits that are rich in Vitamin C.",
+]
+
 PRESETS = {
     "gpt2": FinetuneConfig(),
     "tiny": FinetuneConfig(init="runs/demo/pretrain", out="runs/demo/finetune", batch_size=8, grad_accum=1,
-                           lr=1e-3, warmup_steps=10, sample_max_tokens=48, save_every=0),
+                           epochs=8, lr=2e-3, warmup_steps=20, sample_prompts=list(DEMO_PROMPTS),
+                           sample_max_tokens=48, save_every=0),
 }
 
 
