@@ -116,8 +116,8 @@ def resume_help(cmd: Command) -> str:
     names = [f.name for f in dataclasses.fields(cmd.config) if f.name not in ("resume", "out")]
     by_rule = lambda rule: ", ".join(flag_name(n) for n in names if resume_rule(cmd.config, n) == rule)  # noqa: E731
     return (f"--resume: `gpt2 {cmd.name} --out RUN --resume` alone continues RUN with the settings it was saved "
-            f"with (RUN/config.json); they replace the preset's. Flags given again with the saved value change "
-            f"nothing. A new value of {by_rule(ANNOUNCE)} is applied from the checkpoint's step and printed "
+            f"with (RUN/config.json), not the preset's or the defaults. Flags given again with the saved value "
+            f"change nothing. A new value of {by_rule(ANNOUNCE)} is applied from the checkpoint's step and printed "
             f"(the LR schedule changes there); {by_rule(APPLY)} just apply; {by_rule(SESSION)} apply to this "
             f"session only; any other flag with a new value is refused (it would change the model, the data "
             f"or the recipe: start a new run with another --out instead).")
