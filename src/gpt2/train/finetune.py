@@ -24,8 +24,9 @@ Design decisions:
   `gpt2.template.format_prompt`, from the starting model and from the fine-tuned one, side by side in
   `RUN_DIR/samples.md` with whether each answer ended with <|endoftext|>. The "before" answers are kept in
   `RUN_DIR/samples_before.json`, so a resumed run still compares against the model it started from.
-- Presets: `gpt2` (OpenAI's 124M at LR 2e-5, the recipe for real use) and `tiny` (a CPU demo: the tiny
-  pretrained model from `gpt2 pretrain --preset tiny`, a higher LR, short answers).
+- Presets: `gpt2` (OpenAI's 124M at LR 2e-5, the recipe for real use) and `tiny` (`make demo`'s: the tiny
+  pretrained model from `gpt2 pretrain --preset tiny`, 8 epochs at a high LR, and sample questions taken
+  from the training records, which is what a 7M model can learn to answer).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from gpt2.cli import Command, register
-from gpt2.config import arg, from_dict, to_dict
+from gpt2.config import APPLY, arg, from_dict, to_dict
 from gpt2.data.alpaca import fit_examples, load_split
 from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
 from gpt2.errors import UserError
@@ -69,11 +70,12 @@ class FinetuneConfig(TrainConfig):
     group_batches: int = arg(16, "length grouping: sort this many batches' worth of shuffled examples by "
                                  "length before cutting batches (more = less padding, less randomness)")
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
-                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
-    sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS),
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)",
+                                  on_resume=APPLY)
+    sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS), on_resume=APPLY,
                                     help="questions answered before and after fine-tuning (RUN_DIR/samples.md)")
-    sample_max_tokens: int = arg(128, "longest answer generated for samples.md")
-    sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy")
+    sample_max_tokens: int = arg(128, "longest answer generated for samples.md", on_resume=APPLY)
+    sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy", on_resume=APPLY)
     # Loop fields whose fine-tuning defaults differ (None = derived from the data, see --epochs).
     out: str = arg("runs/finetune", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png, "
                                     "samples.md")
@@ -87,10 +89,22 @@ class FinetuneConfig(TrainConfig):
                                "SIGTERM/Ctrl-C")
 
 
+# The `tiny` preset is `make demo`'s recipe: a 7M model pretrained for two minutes on a CPU, fine-tuned on
+# the 327 training records of ../shared/data/alpaca_sample.json. Such a model can learn the format and the
+# answers it was trained on, not answer new questions, so its sample questions are training records with short
+# answers; several epochs at a high LR are what it takes for it to give them back and stop.
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "What are the three primary colors?",
+    "What does DNA stand for?",
+    "Name three fruits that are rich in Vitamin C.",
+]
+
 PRESETS = {
     "gpt2": FinetuneConfig(),
     "tiny": FinetuneConfig(init="runs/demo/pretrain", out="runs/demo/finetune", batch_size=8, grad_accum=1,
-                           lr=1e-3, warmup_steps=10, sample_max_tokens=48, save_every=0),
+                           epochs=8, lr=2e-3, warmup_steps=20, sample_prompts=list(DEMO_PROMPTS),
+                           sample_max_tokens=48, save_every=0),
 }
 
 

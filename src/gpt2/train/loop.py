@@ -62,7 +62,7 @@ from gpt2.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from gpt2.config import arg, to_dict
+from gpt2.config import ANNOUNCE, APPLY, REFUSE, SESSION, arg, flag_name, resume_rule, same_setting, to_dict
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
 
@@ -72,30 +72,39 @@ CONFIG_FILE = "config.json"
 
 @dataclass
 class TrainConfig:
-    """Fields of the training loop shared by every stage (each becomes a CLI flag)."""
+    """Fields of the training loop shared by every stage (each becomes a CLI flag). `on_resume` says what the
+    flag does when given again on `--resume` (see `gpt2.config`): ANNOUNCE for the schedule (applied from the
+    checkpoint's step and printed), APPLY for how and where to run, SESSION for this session's limits, REFUSE
+    (the default) for what the saved optimizer state or data order already holds (betas, weight decay, seed)."""
 
-    out: str = arg("runs/run", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png")
-    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)")
+    out: str = arg("runs/run", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png",
+                   on_resume=APPLY)
+    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)", on_resume=ANNOUNCE)
     stop_at_step: int | None = arg(None, "end after this step with a checkpoint, keeping the schedule of "
-                                         "--max-steps (split a long run across time-limited jobs)")
+                                         "--max-steps (split a long run across time-limited jobs)", on_resume=SESSION)
     max_minutes: float | None = arg(None, "end with a checkpoint after this many minutes of training in this "
-                                          "process, keeping the schedule of --max-steps (--resume continues)")
-    lr: float = arg(6e-4, "peak learning rate (reached after warmup)")
-    min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)")
-    warmup_steps: int = arg(100, "steps of linear LR warmup")
+                                          "process, keeping the schedule of --max-steps (--resume continues)",
+                                    on_resume=SESSION)
+    lr: float = arg(6e-4, "peak learning rate (reached after warmup)", on_resume=ANNOUNCE)
+    min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)",
+                               on_resume=ANNOUNCE)
+    warmup_steps: int = arg(100, "steps of linear LR warmup", on_resume=ANNOUNCE)
     weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)")
     betas: tuple[float, float] = arg((0.9, 0.95), "AdamW betas (two numbers)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = no clipping")
-    eval_every: int = arg(250, "evaluate and redraw loss.png every N steps (and at the end); 0 = never")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = no clipping", on_resume=ANNOUNCE)
+    eval_every: int = arg(250, "evaluate and redraw loss.png every N steps (and at the end); 0 = never",
+                          on_resume=APPLY)
     save_every: int = arg(500, "checkpoint every N steps; 0 = only at the end, at --stop-at-step and on "
-                               "SIGTERM/Ctrl-C")
-    resume: bool = arg(False, "continue the run in --out from its checkpoint.pt (starts fresh if it has none)")
+                               "SIGTERM/Ctrl-C", on_resume=APPLY)
+    resume: bool = arg(False, "continue the run in --out from its checkpoint.pt with the settings it was saved "
+                              "with (see below); starts a new run when --out has no checkpoint", on_resume=SESSION)
     seed: int = arg(1337, "random seed (model init, data order, dropout)")
-    device: str = arg("auto", "cpu, cuda, cuda:N, mps or auto (under torchrun: this process's GPU)")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps or auto (under torchrun: this process's GPU)", on_resume=APPLY)
     dtype: str = arg("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32",
-                     choices=["auto", "bfloat16", "float32"])
-    compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)")
-    progress: bool = arg(True, "show a progress bar (rank 0)")
+                     choices=["auto", "bfloat16", "float32"], on_resume=APPLY)
+    compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)",
+                               on_resume=APPLY)
+    progress: bool = arg(True, "show a progress bar (rank 0)", on_resume=APPLY)
 
 
 # The one rule for the length of a run, in every command that has both flags (finetune, dpo, reward).
@@ -357,6 +366,50 @@ def validate(cfg: TrainConfig, grad_accum_steps: int) -> None:
         raise UserError(f"--betas takes two numbers (got {list(cfg.betas)})")
 
 
+def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
+    """The settings of the run in `run_dir` and the file they came from, when it has a checkpoint to resume:
+    its config.json (rewritten by every session, so it holds changes announced since the last checkpoint),
+    else the checkpoint's own copy. None when there is no checkpoint (`--resume` then starts a new run)."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT_FILE
+    if not ckpt.exists():
+        return None
+    path = run_dir / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(saved, dict):
+            return saved, path
+    except (OSError, ValueError):
+        pass  # missing or cut short: the checkpoint has the same settings
+    state = load_checkpoint(ckpt)
+    saved = state.get("run_config") or state.get("train_config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{ckpt} holds no saved settings and {path} is missing: cannot resume with them")
+    return dict(saved), ckpt
+
+
+_SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")
+
+
+def resume_changes(saved: dict[str, Any], cfg: Any, step: int) -> list[str]:
+    """Compare the checkpoint's loop settings with the resumed session's: a REFUSE field that differs is a
+    UserError (the optimizer state or data order already holds the saved value, so the new one would be
+    silently ignored or make another run); an ANNOUNCE field that differs is returned as one line to print."""
+    lines, refused = [], []
+    for name, new in to_dict(cfg).items():
+        if name not in saved or same_setting(saved[name], new):
+            continue
+        rule = resume_rule(type(cfg), name)
+        if rule == REFUSE:
+            refused.append(f"{flag_name(name)} {new!r} (saved: {saved[name]!r})")
+        elif rule == ANNOUNCE:
+            what = "the LR schedule changes" if name in _SCHEDULE_FIELDS else "applies"
+            lines.append(f"--resume: {flag_name(name)} {saved[name]} -> {new} ({what} from step {step})")
+    if refused:
+        raise UserError(f"--resume: {', '.join(refused)} differs from the checkpoint; drop it to continue the run")
+    return lines
+
+
 def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int = 1, *,
           dist: DistInfo | None = None, run_config: Any = None,
           export: Callable[[nn.Module, Path], None] | None = None,
@@ -393,6 +446,9 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
         optimizer.load_state_dict(resumed["optimizer"])
         task.load_state_dict(resumed["ranks"][dist.rank]["task"])
         start_step, elapsed0 = resumed["step"], resumed.get("elapsed", 0.0)
+        for line in resume_changes(resumed.get("train_config", {}), cfg, start_step):
+            if is_main:
+                print(line, flush=True)
     elif ckpt_path.exists() and not cfg.resume:
         raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
                         "--out")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from gpt2.cli import Command, register
-from gpt2.config import arg
+from gpt2.config import APPLY, arg
 from gpt2.distributed import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT, PRESETS, GPTConfig
@@ -47,12 +47,15 @@ class PretrainConfig(TrainConfig):
                                      "micro-batch x seq-len x processes")
     shuffle: bool = arg(True, "read training windows of --seq-len tokens in a seeded random order, each once per "
                               "epoch (--no-shuffle: in stream order, as the shards lie)")
-    val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)")
+    val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)",
+                          on_resume=APPLY)
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
-                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
-    hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation")
-    hellaswag_source: str | None = arg(None, "local HellaSwag jsonl instead of downloading the validation set")
-    hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples")
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)",
+                                  on_resume=APPLY)
+    hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation", on_resume=APPLY)
+    hellaswag_source: str | None = arg(None, "local HellaSwag jsonl instead of downloading the validation set",
+                                       on_resume=APPLY)
+    hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples", on_resume=APPLY)
     # the model (GPTConfig fields)
     block_size: int = arg(1024, "model: context window (learned positions)")
     vocab_size: int = arg(50257, "model: vocabulary size (GPT-2 BPE)")
