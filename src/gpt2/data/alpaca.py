@@ -43,7 +43,6 @@ import itertools
 import json
 import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import torch
 from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
+from gpt2.io import atomic_write
 from gpt2.template import format_prompt
 from gpt2.tokenizer import EOT, encode_batch
 
@@ -240,16 +240,9 @@ class LengthGroupedBatcher:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through `write(file)`, atomically (`gpt2.io.atomic_write`)."""
+    with atomic_write(path, "w") as f:
+        write(f)
 
 
 def write_examples(path: Path, examples: Iterable[Example]) -> None:

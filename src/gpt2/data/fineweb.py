@@ -42,6 +42,7 @@ from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.data.shards import SPLITS, list_shards, read_header, read_shard, shard_name, write_shard
 from gpt2.errors import UserError
+from gpt2.io import write_json_atomic
 
 DATASETS = {  # --dataset -> (hub id, config, shard file prefix)
     "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT", "fineweb"),
@@ -172,7 +173,8 @@ class ShardWriter:
         are not part of the recorded state: remove them so they are rewritten, never counted twice."""
         recorded = {s["name"] for s in self.shards}
         for p in self.out.iterdir():
-            if p.name.startswith(f".{self.prefix}_") and ".bin.tmp" in p.name:
+            # atomic_write's temp names: ".NAME.XXXXXXXX.tmp" (a SIGKILL mid-write leaves one behind)
+            if p.name.startswith((f".{self.prefix}_", f".{PROGRESS}.")) and p.name.endswith(".tmp"):
                 p.unlink()
         for split in SPLITS:
             for p in list_shards(self.out, split):
@@ -227,10 +229,7 @@ def load_progress(out: Path) -> dict[str, Any] | None:
 
 
 def save_progress(out: Path, state: dict[str, Any]) -> None:
-    path = out / PROGRESS
-    tmp = path.with_name(f".{PROGRESS}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(out / PROGRESS, state, indent=1)
 
 
 def available_cpus() -> int:

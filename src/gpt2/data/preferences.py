@@ -39,6 +39,7 @@ from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.data.alpaca import collate
 from gpt2.errors import UserError
+from gpt2.io import atomic_write
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, encode
 
@@ -126,11 +127,8 @@ def collate_pairs(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _atomic_write(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line)
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.writelines(lines)
 
 
 def load_pairs(path: str | os.PathLike) -> list[Pair]:

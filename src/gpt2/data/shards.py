@@ -16,21 +16,21 @@ Design decisions:
 - `read_shard` memory-maps the tokens and never copies the file: a 100M-token shard costs nothing until a
   batch touches it. It checks the magic, the version, and that the file size is exactly header + 2N bytes,
   so a truncated or foreign file is a `UserError` naming the file, never a silent misread.
-- `write_shard` writes to a temporary name in the same folder and renames it (`os.replace` is atomic), so
-  a crash mid-write never leaves a file that looks like a complete shard.
+- `write_shard` writes through `gpt2.io.atomic_write` (temp file in the same folder, fsync, rename), so a
+  crash or a full disk mid-write never leaves a file that looks like a complete shard.
 - Names are `{prefix}_{split}_{index:06d}.bin` (e.g. `fineweb_val_000000.bin`, `fineweb_train_000001.bin`);
   `list_shards` finds one split's shards in index order.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from gpt2.errors import UserError
+from gpt2.io import atomic_write
 
 MAGIC = 20240520
 VERSION = 1
@@ -60,16 +60,9 @@ def write_shard(path: str | Path, tokens: np.ndarray | list[int]) -> Path:
         arr = arr.astype(_TOKEN_DTYPE)
     header = np.zeros(HEADER_INTS, dtype=_HEADER_DTYPE)
     header[:3] = (MAGIC, VERSION, len(arr))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(arr.tobytes())
-            f.flush()
-            os.fsync(f.fileno())  # the rename must never publish a file whose bytes are still in flight
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(arr.tobytes())
     return path
 
 

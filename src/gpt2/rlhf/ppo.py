@@ -23,7 +23,6 @@ Design decisions:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections import defaultdict
@@ -51,6 +50,7 @@ from gpt2.data.preferences import load_pairs, split_file
 from gpt2.distributed import all_gather_object, all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.inference import generate, pad_right
+from gpt2.io import write_json_atomic
 from gpt2.model import GPT
 from gpt2.rlhf.heads import ActorCritic, RewardModel
 from gpt2.rlhf.losses import (
@@ -293,7 +293,7 @@ def _run(cfg: PPOConfig, dist) -> ActorCritic:
     autocast = lambda: autocast_context(device, amp)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        write_json_atomic(run_dir / CONFIG_FILE, to_dict(cfg))
         print(f"{len(train_prompts)} prompts ({len(eval_prompts)} for evaluation); {cfg.max_steps} iterations of "
               f"{cfg.batch_size * dist.world_size} rollouts", flush=True)
     metrics = MetricsLogger(run_dir / METRICS_FILE, enabled=dist.is_main, keep_until_step=start if start else None)

@@ -28,7 +28,6 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from gpt2.data.alpaca import (
     load_split,
 )
 from gpt2.errors import UserError
+from gpt2.io import write_json_atomic, write_text_atomic
 from gpt2.train.loop import CHECKPOINT_FILE, TrainConfig, train
 from gpt2.train.losses import gpt_loss_chunked
 
@@ -202,12 +202,6 @@ def samples_header(cfg: FinetuneConfig, done: int, max_steps: int, steps_per_epo
             "each question is formatted with `gpt2.template.format_prompt`.")
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list[dict]:
     """The starting model's answers, generated once per run and kept in RUN_DIR for resumed runs."""
     path = run_dir / SAMPLES_BEFORE_FILE
@@ -217,7 +211,7 @@ def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list
             return saved["answers"]
     answers = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps({"prompts": cfg.sample_prompts, "answers": answers}, indent=2) + "\n")
+    write_json_atomic(path, {"prompts": cfg.sample_prompts, "answers": answers})
     return answers
 
 
@@ -271,14 +265,14 @@ def run(cfg: FinetuneConfig):
             print(f"finetune: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps per "
                   f"epoch on {dist.world_size} rank(s), {max_steps} steps", flush=True)
             before = before_answers(model, cfg, run_dir)
-            _write_text(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
+            write_text_atomic(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
         result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
                        run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
         if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
             after = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature,
                                    cfg.seed)
             text = render_samples(cfg.sample_prompts, before, after, header(result.step))
-            _write_text(run_dir / SAMPLES_FILE, text)
+            write_text_atomic(run_dir / SAMPLES_FILE, text)
             print(text, flush=True)
         return result
     finally:

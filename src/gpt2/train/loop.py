@@ -58,6 +58,7 @@ from gpt2.checkpoint import (
 from gpt2.config import arg, to_dict
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
+from gpt2.io import write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -221,9 +222,7 @@ class MetricsLogger:
                     continue  # a line cut short by a crash
                 if rec.get("step", 0) <= keep_until_step:
                     kept.append(line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -376,7 +375,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
+        write_json_atomic(run_dir / CONFIG_FILE, run_config)
     metrics = MetricsLogger(run_dir / METRICS_FILE, enabled=is_main,
                             keep_until_step=start_step if resumed else None)
 
