@@ -312,6 +312,7 @@ def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from gpt2.data.loader import ShardLoader
+    from gpt2.data.shards import checked_batch
 
     if not cfg.data:
         raise UserError("give the shard folder: gpt2 eval val-loss --model M --data DIR")
@@ -324,9 +325,8 @@ def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
     loader = ShardLoader(cfg.data, cfg.split, cfg.batch_size, seq_len)
     # never wrap into a second epoch: that would count tokens twice
     steps = max(1, min(cfg.tokens // loader.window, loader.steps_per_epoch))
-    batches = (loader.next_batch() for _ in tqdm(range(steps), desc=f"{cfg.split} loss", unit="batch",
-                                                 dynamic_ncols=True))
-    loss = val_loss(model, batches, device, dtype)
+    with tqdm(range(steps), desc=f"{cfg.split} loss", unit="batch", dynamic_ncols=True) as bar:  # closed on errors
+        loss = val_loss(model, (checked_batch(loader, model.config.vocab_size) for _ in bar), device, dtype)
     n_tokens = steps * loader.window
     print(f"{cfg.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {n_tokens} tokens "
           f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}")

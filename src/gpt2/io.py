@@ -202,3 +202,60 @@ def load_torch(path: str | os.PathLike, weights_only: bool = True) -> Any:
         if hashlib.sha256(payload).digest() != data[-32:]:
             raise UserError(f"{path} is corrupt: its bytes do not match the sha256 stored in the file")
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=weights_only)
+
+
+# ------------------------------------------------------------------------------------------- run locks
+
+_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth
+
+
+@contextmanager
+def dir_lock(directory: str | os.PathLike, name: str = "run.lock") -> Iterator[Path]:
+    """Hold an exclusive lock on DIRECTORY/NAME, or raise a UserError naming the process that holds it.
+
+    `fcntl.flock` on an open descriptor: the kernel drops it when the holder exits, however it exits (a crash,
+    SIGKILL, a power cut), so a dead run never leaves the folder stuck; the file stays, holding the last
+    holder's PID for the message. Re-entrant within one process (a stage may take it before the loop does).
+    Where `fcntl` does not exist (Windows) nothing is locked."""
+    directory = Path(directory)
+    path = directory / name
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (disk_error(directory, e) or e) from e
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:
+        yield path
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise (disk_error(path, e) or e) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{directory} is in use by another run (pid {holder} holds {path}); wait for it to "
+                            "end or choose another --out") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the PID is only for the message; the lock itself is held
+        _HELD[key] = 1
+        try:
+            yield path
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # releases the lock

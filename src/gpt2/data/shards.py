@@ -117,3 +117,27 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     if len(prefixes) > 1:  # two datasets in one folder would be silently concatenated
         raise UserError(f"{data_dir}: shards of several datasets ({', '.join(prefixes)}) in one folder")
     return [p for _, _, p in sorted(found, key=lambda t: t[1])]
+
+
+def check_token_ids(tokens, vocab_size: int, shards: list[Path]) -> None:
+    """Raise a UserError naming the shard if `tokens` (a batch read from `shards`, tensor or array) holds an id
+    >= vocab_size, which would otherwise be an IndexError deep inside the embedding. The batch's max is one
+    cheap reduction per batch (scanning every shard up front would read the whole dataset before step 1);
+    the shards themselves are scanned only to name the culprit."""
+    if len(tokens) == 0 or int(tokens.max()) < vocab_size:
+        return
+    for path in shards:
+        ids = read_shard(path)
+        if len(ids) and (top := int(ids.max())) >= vocab_size:
+            raise UserError(f"{path}: token id {top} is outside the model's vocabulary ({vocab_size} ids, "
+                            "--vocab-size); were these shards made with another tokenizer?")
+    raise UserError(f"token id {int(tokens.max())} read from {len(shards)} shard(s) is outside the model's "
+                    f"vocabulary ({vocab_size} ids)")
+
+
+def checked_batch(loader, vocab_size: int):
+    """`loader.next_batch()` -> (x, y), checked with `check_token_ids` against the loader's `shards`."""
+    x, y = loader.next_batch()
+    check_token_ids(x.reshape(-1), vocab_size, loader.shards)
+    check_token_ids(y.reshape(-1), vocab_size, loader.shards)
+    return x, y
