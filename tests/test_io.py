@@ -142,3 +142,20 @@ def test_cli_reports_a_corrupted_model_in_one_line(tmp_path, tiny, capsys, token
     assert e.value.code == 2 and "\n" not in err
     assert err == f"gpt2 generate: error: {tmp_path / 'model.safetensors'} is corrupt: its tensors do not match " \
                   "the sha256 stored in the file"
+
+
+def test_files_the_issue_found_0600_are_0644(tmp_path, tiny, umask_022):
+    """model.safetensors, loss.png, the Alpaca jsonl and manifest.json were written through mkstemp (0600)."""
+    import json
+
+    from gpt2.data.alpaca import write_examples
+    from gpt2.plots import plot_run
+
+    tiny.save_pretrained(tmp_path / "model")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 5.0 - s / 10,
+                                                                "lr": 1e-3}) + "\n" for s in range(1, 5)))
+    plot_run(tmp_path)
+    write_examples(tmp_path / "train.jsonl", [([1, 2], [3])])
+    for path in (tmp_path / "model" / "model.safetensors", tmp_path / "model" / "config.json",
+                 tmp_path / "loss.png", tmp_path / "train.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

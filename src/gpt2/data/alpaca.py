@@ -54,7 +54,7 @@ import torch
 from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
-from gpt2.io import atomic_write
+from gpt2.io import atomic_write, write_json_atomic
 from gpt2.template import format_prompt
 from gpt2.tokenizer import EOT, encode_batch
 
@@ -239,18 +239,10 @@ class LengthGroupedBatcher:
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(file)`, atomically (`gpt2.io.atomic_write`)."""
-    with atomic_write(path, "w") as f:
-        write(f)
-
-
 def write_examples(path: Path, examples: Iterable[Example]) -> None:
-    def write(f) -> None:
+    with atomic_write(path, "w") as f:
         for q, a in examples:
             f.write(json.dumps({"question_ids": q, "answer_ids": a}, separators=(",", ":")) + "\n")
-
-    _atomic_write(Path(path), write)
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
@@ -368,7 +360,7 @@ def prepare(cfg: PrepareAlpacaConfig) -> dict:
         "tokens": {"total": sum(lengths), "max_len": lengths[-1], "median_len": lengths[len(lengths) // 2],
                    "over_1024": sum(n > 1024 for n in lengths)},
     }
-    _atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2) + "\n"))
+    write_json_atomic(out / MANIFEST, manifest)
     print(report(manifest, out))
     return manifest
 
