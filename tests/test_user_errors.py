@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from test_generate_cli import model_dir  # noqa: F401  (fixture: a 64-token model)
 from test_pretrain import VOCAB, pretrain, shards  # noqa: F401  (shards: fixture)
 from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
@@ -63,14 +64,6 @@ def test_cuda_without_cuda(shards, tmp_path, capsys):  # noqa: F811
     assert err == "gpt2 pretrain: error: --device cuda: CUDA is not available on this machine"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m")
-    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=24)).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("argv, message", [
     ([""], "prompt 1 is empty: GPT-2 continues text, give it at least one character"),
     (["hi", ""], "prompt 2 is empty: GPT-2 continues text, give it at least one character"),
@@ -82,18 +75,18 @@ def model_dir(tmp_path_factory):
     (["--device", "mps", "hi"], "--device mps: Apple's MPS is not available on this machine"),
     (["--device", "tpu", "hi"], "--device 'tpu': not a device; choose cpu, cuda, cuda:N, mps or auto"),
 ])
-def test_generate_flags(model_dir, capsys, argv, message):
+def test_generate_flags(model_dir, capsys, argv, message):  # noqa: F811
     if "mps" in argv and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
     err = error_line(capsys, lambda: main(["generate", "--model", str(model_dir), *argv]))
     assert err == f"gpt2 generate: error: {message}"
 
 
-def test_generate_says_when_the_context_window_ends_it(tokenizer_ok, model_dir, capsys):
+def test_generate_says_when_the_context_window_ends_it(tokenizer_ok, model_dir, capsys):  # noqa: F811
     main(["generate", "--model", str(model_dir), "--device", "cpu", "--temperature", "0", "--max-steps", "400",
-          "Hello"])  # "Hello" is 1 token: 23 new tokens fill the 24-token window
+          "Hello"])  # "Hello" is 1 token: 63 new tokens fill the 64-token window
     err = capsys.readouterr().err.strip()
-    assert err == "note: stopped after 23 of --max-steps 400 new tokens at the model's context window (24 tokens)"
+    assert err == "note: stopped after 63 of --max-steps 400 new tokens at the model's context window (64 tokens)"
     main(["generate", "--model", str(model_dir), "--device", "cpu", "--temperature", "0", "--max-steps", "5",
           "Hello"])
     assert capsys.readouterr().err == ""
