@@ -19,6 +19,9 @@ everything else, the same way for every stage:
   optimizer, step, each rank's task state and RNG states, and the configs; they are written atomically and the
   weights are exported to `RUN_DIR/model/` in Hugging Face format each time. `resume` continues exactly.
 - A NaN/inf loss or gradient norm stops the run before the optimizer step, so the last checkpoint stays good.
+  A failed save (a full disk) is a one-line error saying which step checkpoint.pt still holds.
+- One run per directory: `train()` holds RUN_DIR/run.lock (`gpt2.io.dir_lock`, flock) from before its first
+  write; a second run on the same --out is refused at start, a crashed or killed one never leaves it stuck.
 - Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval), a tqdm bar on rank 0 and the loss
   graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
   (None when the card is unknown or on CPU) rather than one hard-coded card.
