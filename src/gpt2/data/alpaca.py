@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.data.batching import Example
 from gpt2.errors import UserError
+from gpt2.io import atomic_write, write_json_atomic
 from gpt2.template import format_prompt
 from gpt2.tokenizer import EOT, encode_batch
 
@@ -134,25 +134,10 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_examples(path: Path, examples: Iterable[Example]) -> None:
-    def write(f) -> None:
+    with atomic_write(path, "w") as f:
         for q, a in examples:
             f.write(json.dumps({"question_ids": q, "answer_ids": a}, separators=(",", ":")) + "\n")
-
-    _atomic_write(Path(path), write)
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
@@ -270,7 +255,7 @@ def prepare(cfg: PrepareAlpacaConfig) -> dict:
         "tokens": {"total": sum(lengths), "max_len": lengths[-1], "median_len": lengths[len(lengths) // 2],
                    "over_1024": sum(n > 1024 for n in lengths)},
     }
-    _atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2) + "\n"))
+    write_json_atomic(out / MANIFEST, manifest)
     print(report(manifest, out))
     return manifest
 

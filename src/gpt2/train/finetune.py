@@ -32,7 +32,7 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import os
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from gpt2.config import APPLY, arg, from_dict, to_dict
 from gpt2.data.alpaca import fit_examples, load_split
 from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
 from gpt2.errors import UserError
+from gpt2.io import dir_lock, write_json_atomic, write_text_atomic
 from gpt2.train.loop import CHECKPOINT_FILE, EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
 from gpt2.train.losses import gpt_loss_chunked
 
@@ -87,6 +88,18 @@ class FinetuneConfig(TrainConfig):
     weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
     save_every: int = arg(500, "checkpoint every N steps; 0 = only at the end, at --stop-at-step and on "
                                "SIGTERM/Ctrl-C")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.epochs > 0:
+            raise UserError(f"--epochs must be > 0 (got {self.epochs})")
+        for flag in ("batch_size", "grad_accum", "group_batches", "sample_max_tokens"):
+            if getattr(self, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)})")
+        if self.max_len is not None and self.max_len < 2:
+            raise UserError(f"--max-len must be >= 2 (got {self.max_len})")
+        if not self.sample_temperature >= 0:
+            raise UserError(f"--sample-temperature must be >= 0, 0 = greedy (got {self.sample_temperature})")
 
 
 # The `tiny` preset is `make demo`'s recipe: a 7M model pretrained for two minutes on a CPU, fine-tuned on
@@ -218,12 +231,6 @@ def samples_header(cfg: FinetuneConfig, done: int, max_steps: int, steps_per_epo
             "each question is formatted with `gpt2.template.format_prompt`.")
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list[dict]:
     """The starting model's answers, generated once per run and kept in RUN_DIR for resumed runs."""
     path = run_dir / SAMPLES_BEFORE_FILE
@@ -233,7 +240,7 @@ def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list
             return saved["answers"]
     answers = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps({"prompts": cfg.sample_prompts, "answers": answers}, indent=2) + "\n")
+    write_json_atomic(path, {"prompts": cfg.sample_prompts, "answers": answers})
     return answers
 
 
@@ -260,8 +267,7 @@ def run(cfg: FinetuneConfig):
     from gpt2.checkpoint import load_model
     from gpt2.distributed import destroy_distributed, init_distributed
 
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise UserError("--batch-size and --grad-accum must be >= 1")
+    cfg.validate()
     run_dir = Path(cfg.out)
     if (run_dir / CHECKPOINT_FILE).exists() and not cfg.resume:
         raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
@@ -281,21 +287,23 @@ def run(cfg: FinetuneConfig):
         eval_every = cfg.eval_every if cfg.eval_every is not None else steps_per_epoch if val_ex else 0
         loop_cfg = from_dict(TrainConfig, {**to_dict(cfg), "max_steps": max_steps, "eval_every": eval_every})
 
-        header = lambda done: samples_header(cfg, done, max_steps, steps_per_epoch)
-        before = None
-        if dist.is_main:
-            print(f"finetune: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps per "
-                  f"epoch on {dist.world_size} rank(s), {max_steps} steps", flush=True)
-            before = before_answers(model, cfg, run_dir)
-            _write_text(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
-        result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
-                       run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
-        if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
-            after = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature,
-                                   cfg.seed)
-            text = render_samples(cfg.sample_prompts, before, after, header(result.step))
-            _write_text(run_dir / SAMPLES_FILE, text)
-            print(text, flush=True)
+        # the run's lock spans samples_before.json, samples.md and the loop (which takes it again)
+        with dir_lock(run_dir) if dist.is_main else nullcontext():
+            header = lambda done: samples_header(cfg, done, max_steps, steps_per_epoch)
+            before = None
+            if dist.is_main:
+                print(f"finetune: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps per "
+                      f"epoch on {dist.world_size} rank(s), {max_steps} steps", flush=True)
+                before = before_answers(model, cfg, run_dir)
+                write_text_atomic(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
+            result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
+                           run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
+            if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
+                after = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature,
+                                       cfg.seed)
+                text = render_samples(cfg.sample_prompts, before, after, header(result.step))
+                write_text_atomic(run_dir / SAMPLES_FILE, text)
+                print(text, flush=True)
         return result
     finally:
         destroy_distributed()

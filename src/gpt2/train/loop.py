@@ -28,6 +28,9 @@ everything else, the same way for every stage:
   optimizer, step, each rank's task state and RNG states, and the configs; they are written atomically and the
   weights are exported to `RUN_DIR/model/` in Hugging Face format each time. `resume` continues exactly.
 - A NaN/inf loss or gradient norm stops the run before the optimizer step, so the last checkpoint stays good.
+  A failed save (a full disk) is a one-line error saying which step checkpoint.pt still holds.
+- One run per directory: `train()` holds RUN_DIR/run.lock (`gpt2.io.dir_lock`, flock) from before its first
+  write; a second run on the same --out is refused at start, a crashed or killed one never leaves it stuck.
 - Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval), a tqdm bar on rank 0 and the loss
   graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
   (None when the card is unknown or on CPU) rather than one hard-coded card.
@@ -65,6 +68,7 @@ from gpt2.checkpoint import (
 from gpt2.config import ANNOUNCE, APPLY, REFUSE, SESSION, arg, flag_name, resume_rule, same_setting, to_dict
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
+from gpt2.io import dir_lock, disk_error, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -120,6 +124,34 @@ def run_length(max_steps: int | None, epochs: float, steps_per_epoch: int) -> in
     if not epochs > 0:
         raise UserError(f"--epochs must be > 0 (got {epochs}); or give --max-steps")
     return max(1, math.ceil(epochs * steps_per_epoch))
+
+    def validate(self) -> None:
+        """Raise a one-line UserError naming the first flag whose value makes no sense. Stages with more
+        fields extend this (calling super); `train()` and each command's `run` call it before any work.
+        Fields a stage derives later (None, e.g. finetune's max_steps) are checked once they are set."""
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1 (got {self.max_steps})")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be >= 0 (got {self.warmup_steps})")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= (self.max_steps or self.stop_at_step):
+            raise UserError(f"--stop-at-step must be between 1 and --max-steps ({self.max_steps}), got "
+                            f"{self.stop_at_step}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserError(f"--max-minutes must be > 0 (got {self.max_minutes}); leave it out for no time limit")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number (got {self.lr})")
+        if self.min_lr is not None and not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise UserError(f"--min-lr must be >= 0 (got {self.min_lr})")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise UserError(f"--grad-clip must be >= 0, 0 = no clipping (got {self.grad_clip})")
+        for flag in ("eval_every", "save_every"):
+            value = getattr(self, flag)
+            if value is not None and value < 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be >= 0, 0 = never (got {value})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"--betas takes two numbers in [0, 1) (got {list(self.betas)})")
 
 
 @runtime_checkable
@@ -257,14 +289,15 @@ class MetricsLogger:
                     continue  # a line cut short by a crash
                 if rec.get("step", 0) <= keep_until_step:
                     kept.append(line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:  # an append: a line cut short by a crash is skipped on reading
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise (disk_error(self.path, e) or e) from e
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -351,19 +384,11 @@ class StopSignals:
 
 
 def validate(cfg: TrainConfig, grad_accum_steps: int) -> None:
-    if cfg.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1 (got {cfg.max_steps})")
-    if cfg.warmup_steps < 0:
-        raise UserError(f"--warmup-steps must be >= 0 (got {cfg.warmup_steps})")
-    if cfg.stop_at_step is not None and not 1 <= cfg.stop_at_step <= cfg.max_steps:
-        raise UserError(f"--stop-at-step must be between 1 and --max-steps ({cfg.max_steps}), got "
-                        f"{cfg.stop_at_step}")
+    cfg.validate()
+    if cfg.max_steps is None:
+        raise UserError("--max-steps must be set before training starts")
     if grad_accum_steps < 1:
         raise UserError(f"gradient accumulation steps must be >= 1 (got {grad_accum_steps})")
-    if cfg.eval_every < 0 or cfg.save_every < 0:
-        raise UserError("--eval-every and --save-every must be >= 0")
-    if len(cfg.betas) != 2:
-        raise UserError(f"--betas takes two numbers (got {list(cfg.betas)})")
 
 
 def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
@@ -414,6 +439,30 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
           dist: DistInfo | None = None, run_config: Any = None,
           export: Callable[[nn.Module, Path], None] | None = None,
           flops_per_token: float | None = None) -> TrainResult:
+    """`_train` (below) while holding RUN_DIR/run.lock, taken before anything is written to the run directory,
+    so a second run on the same --out is refused at start instead of interleaving metrics and checkpoints."""
+    validate(cfg, grad_accum_steps)
+    dist = dist or init_distributed(cfg.device)
+    with dir_lock(cfg.out) if dist.is_main else nullcontext():
+        try:
+            return _train(model, task, cfg, grad_accum_steps, dist=dist, run_config=run_config, export=export,
+                          flops_per_token=flops_per_token)
+        except UserError:
+            _close_progress_bars()  # the error line then starts a line of its own, not the bar's
+            raise
+
+
+def _close_progress_bars() -> None:
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int = 1, *,
+           dist: DistInfo | None = None, run_config: Any = None,
+           export: Callable[[nn.Module, Path], None] | None = None,
+           flops_per_token: float | None = None) -> TrainResult:
     """Train `model` on `task` for cfg.max_steps optimizer steps of `grad_accum_steps` micro batches each.
 
     dist: from `init_distributed()` (default: called here). run_config: the stage's whole config (a dataclass
@@ -423,7 +472,6 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     Raises NonFiniteLossError on a NaN/inf loss; on SIGTERM/Ctrl-C saves, then raises SystemExit(143) /
     KeyboardInterrupt.
     """
-    validate(cfg, grad_accum_steps)
     dist = dist or init_distributed(cfg.device)
     device, is_main = dist.device, dist.is_main
     run_dir = Path(cfg.out)
@@ -459,7 +507,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
+        write_json_atomic(run_dir / CONFIG_FILE, run_config)
     metrics = MetricsLogger(run_dir / METRICS_FILE, enabled=is_main,
                             keep_until_step=start_step if resumed else None)
 
@@ -494,13 +542,20 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
         ranks = all_gather_object({"task": task.state_dict(), "rng": capture_rng_state(device)})
         if is_main:
             config = getattr(model, "config", None)
-            save_checkpoint({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "elapsed": elapsed, "world_size": dist.world_size, "ranks": ranks,
-                "train_config": to_dict(cfg), "run_config": run_config,
-                "model_config": asdict(config) if is_dataclass(config) else None,
-            }, ckpt_path)
-            export(model, run_dir / MODEL_DIR)
+            written = last_saved
+            try:  # a full disk: a one-line error; the atomic writes keep the previous files whole
+                save_checkpoint({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "elapsed": elapsed, "world_size": dist.world_size, "ranks": ranks,
+                    "train_config": to_dict(cfg), "run_config": run_config,
+                    "model_config": asdict(config) if is_dataclass(config) else None,
+                }, ckpt_path)
+                written = step
+                export(model, run_dir / MODEL_DIR)
+            except UserError as e:
+                bar.close()
+                kept = f"{ckpt_path} holds step {written}" if written is not None else "no checkpoint was written"
+                raise UserError(f"saving step {step} failed: {e}; {kept}") from e
             plot(run_dir)
         last_saved = step
 

@@ -30,6 +30,7 @@ import torch
 
 from gpt2.cli import Command, register
 from gpt2.config import APPLY, arg
+from gpt2.data.shards import checked_batch
 from gpt2.distributed import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT, PRESETS, GPTConfig
@@ -66,6 +67,22 @@ class PretrainConfig(TrainConfig):
     layer_norm_epsilon: float = arg(1e-5, "model: LayerNorm epsilon")
     vocab_pad_multiple: int = arg(64, "model: pad the embedding rows to this multiple (GPU speed; outputs "
                                       "unchanged)")
+
+    def validate(self) -> None:
+        super().validate()
+        for flag in ("micro_batch", "seq_len", "global_batch", "val_tokens", "block_size", "vocab_size", "n_layer",
+                     "n_head", "n_embd", "vocab_pad_multiple"):
+            if getattr(self, flag) < 1:
+                hint = "; use --eval-every 0 to skip evaluation" if flag == "val_tokens" else ""
+                raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)}){hint}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if not self.layer_norm_epsilon > 0:
+            raise UserError(f"--layer-norm-epsilon must be > 0 (got {self.layer_norm_epsilon})")
+        if self.seq_len > self.block_size:
+            raise UserError(f"--seq-len {self.seq_len} exceeds --block-size {self.block_size}")
+        if self.hellaswag_limit is not None and self.hellaswag_limit < 1:
+            raise UserError(f"--hellaswag-limit must be >= 1 (got {self.hellaswag_limit})")
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
@@ -123,7 +140,7 @@ class PretrainTask:
             self.hellaswag = load_hellaswag(cfg.hellaswag_source, "val", limit=cfg.hellaswag_limit)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loader.next_batch()
+        return checked_batch(self.loader, self.cfg.vocab_size)
 
     def loss(self, model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         x, y = batch
@@ -148,7 +165,7 @@ class PretrainTask:
         # A fresh loader: every evaluation sees the same val tokens, split between the ranks.
         loader = ShardLoader(cfg.data, "val", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
         steps = max(1, min(cfg.val_tokens // (loader.window * dist.world_size), loader.steps_per_epoch))
-        loss = val_loss(model, (loader.next_batch() for _ in range(steps)))
+        loss = val_loss(model, (checked_batch(loader, cfg.vocab_size) for _ in range(steps)))
         return all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=dist.device)).item()
 
     def state_dict(self) -> dict:
@@ -159,11 +176,10 @@ class PretrainTask:
 
 
 def run(cfg: PretrainConfig):
+    cfg.validate()
     dist = init_distributed(cfg.device)
     try:
         model_cfg = cfg.model_config()
-        if cfg.seq_len > model_cfg.block_size:
-            raise UserError(f"--seq-len {cfg.seq_len} exceeds --block-size {model_cfg.block_size}")
         accum = grad_accum_steps(cfg.global_batch, cfg.micro_batch, cfg.seq_len, dist.world_size)
         task = PretrainTask(cfg, dist)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
