@@ -110,21 +110,6 @@ class TrainConfig:
                                on_resume=APPLY)
     progress: bool = arg(True, "show a progress bar (rank 0)", on_resume=APPLY)
 
-
-# The one rule for the length of a run, in every command that has both flags (finetune, dpo, reward).
-MAX_STEPS_HELP = ("optimizer steps of the whole run (the LR schedule ends here); when given it wins over "
-                  "--epochs")
-EPOCHS_HELP = "passes over the training data (may be fractional); sets --max-steps when that is not given"
-
-
-def run_length(max_steps: int | None, epochs: float, steps_per_epoch: int) -> int:
-    """Optimizer steps of a run: `max_steps` when given, else ceil(epochs x steps_per_epoch), at least 1."""
-    if max_steps is not None:
-        return max_steps
-    if not epochs > 0:
-        raise UserError(f"--epochs must be > 0 (got {epochs}); or give --max-steps")
-    return max(1, math.ceil(epochs * steps_per_epoch))
-
     def validate(self) -> None:
         """Raise a one-line UserError naming the first flag whose value makes no sense. Stages with more
         fields extend this (calling super); `train()` and each command's `run` call it before any work.
@@ -152,6 +137,21 @@ def run_length(max_steps: int | None, epochs: float, steps_per_epoch: int) -> in
                 raise UserError(f"--{flag.replace('_', '-')} must be >= 0, 0 = never (got {value})")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"--betas takes two numbers in [0, 1) (got {list(self.betas)})")
+
+
+# The one rule for the length of a run, in every command that has both flags (finetune, dpo, reward).
+MAX_STEPS_HELP = ("optimizer steps of the whole run (the LR schedule ends here); when given it wins over "
+                  "--epochs")
+EPOCHS_HELP = "passes over the training data (may be fractional); sets --max-steps when that is not given"
+
+
+def run_length(max_steps: int | None, epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: `max_steps` when given, else ceil(epochs x steps_per_epoch), at least 1."""
+    if max_steps is not None:
+        return max_steps
+    if not epochs > 0:
+        raise UserError(f"--epochs must be > 0 (got {epochs}); or give --max-steps")
+    return max(1, math.ceil(epochs * steps_per_epoch))
 
 
 @runtime_checkable
