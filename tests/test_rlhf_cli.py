@@ -134,7 +134,7 @@ def test_ppo_command_and_resume(setup):
     GPT.from_pretrained(out / "model")
     with pytest.raises(SystemExit):  # an existing run is never overwritten silently
         main([*args, "--max-steps", "4"])
-    main([*args, "--max-steps", "4", "--resume", "--max-minutes", "0"])  # out of time after one iteration
+    main([*args, "--max-steps", "4", "--resume", "--max-minutes", "1e-9"])  # out of time after one iteration
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
     main([*args, "--max-steps", "4", "--resume"])
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4]
@@ -146,7 +146,7 @@ def test_ppo_evaluates_where_an_early_stop_ends_the_session(setup):
     tmp, data, sft = setup
     out = tmp / "ppo-early"
     args = ppo_args(setup, out, "--ppo-epochs", "1", "--eval-every", "10", "--eval-prompts", "2")
-    main([*args, "--max-steps", "20", "--max-minutes", "0"])
+    main([*args, "--max-steps", "20", "--max-minutes", "1e-9"])
     assert [r["step"] for r in _records(out, "train")] == [1]
     evals = _records(out, "eval")
     assert [r["step"] for r in evals] == [0, 1] and {"score", "kl"} <= evals[1].keys()
