@@ -27,6 +27,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -103,6 +104,28 @@ def _openapi(app: FastAPI):
     return build
 
 
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A 500 for this request alone: the client gets the exception's name (or a UserError's own one-line
+    message); the log gets one line with the cause and where it was raised."""
+    log.error("%s %s failed: %s", request.method, request.url.path, _describe(exc))
+    detail = str(exc) if isinstance(exc, UserError) else type(exc).__name__
+    return error_response(APIError(500, f"internal error: {detail}", type="server_error"))
+
+
+def _guarded(route):
+    """Answer an unexpected exception inside `route` here: past the route, Starlette's error middleware would
+    answer it too but then re-raise it, and uvicorn would log a multi-line traceback."""
+    @functools.wraps(route)
+    async def wrapper(request: Request):
+        try:
+            return await route(request)
+        except (APIError, StarletteHTTPException, ClientDisconnect):
+            raise
+        except Exception as e:
+            return _internal_error(request, e)
+    return wrapper
+
+
 def _describe(exc: BaseException) -> str:
     """One line: the exception and where it was raised (the log's cause, without a multi-line traceback)."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -150,11 +173,7 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        # the client gets the exception's name (or a UserError's own one-line message); the log gets one line
-        # with the cause and where it was raised
-        log.error("%s %s failed: %s", request.method, request.url.path, _describe(exc))
-        detail = str(exc) if isinstance(exc, UserError) else type(exc).__name__
-        return error_response(APIError(500, f"internal error: {detail}", type="server_error"))
+        return _internal_error(request, exc)  # last resort: Starlette re-raises, so uvicorn logs it again
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -183,6 +202,7 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
         return model_card()
 
     @app.post("/v1/completions", openapi_extra=_body_doc(CompletionRequest))
+    @_guarded
     async def completions(request: Request):
         _authorize(request, state)
         req = await _parse(request, CompletionRequest)
@@ -194,6 +214,7 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
                             logprobs=req.logprobs)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
+    @_guarded
     async def chat_completions(request: Request):
         _authorize(request, state)
         req = await _parse(request, ChatRequest)
@@ -401,6 +422,10 @@ async def _sse(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice
     def chunk(choice_list: list[dict], **extra) -> str:
         return "data: " + _json({**meta, "object": obj, "choices": choice_list, **extra}) + "\n\n"
 
+    def error_event(message: str) -> str:
+        return "data: " + _json({"error": {"message": message, "type": "server_error", "param": None,
+                                          "code": None}}) + "\n\n"
+
     try:
         for c in choices:
             if chat:  # OpenAI opens each choice with the role
@@ -411,8 +436,7 @@ async def _sse(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice
         async for c, delta in events:
             reason = c.finish_reason
             if reason is not None and reason.startswith("error"):
-                yield "data: " + _json({"error": {"message": reason, "type": "server_error", "param": None,
-                                                  "code": None}}) + "\n\n"
+                yield error_event(reason)
                 reason = "stop"
             if chat:
                 yield chunk([{"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": None,
@@ -421,9 +445,12 @@ async def _sse(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice
                 yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": reason}])
         if include_usage:
             yield chunk([], usage=_usage(prompt_tokens, choices))
-        yield "data: [DONE]\n\n"
+    except Exception as e:  # the headers are sent: end this stream with an error event, log one line
+        log.error("%s failed while streaming: %s", meta["id"], _describe(e))
+        yield error_event(f"internal error: {type(e).__name__}")
     finally:
         _cancel(choices)
+    yield "data: [DONE]\n\n"
 
 
 def _cancel(choices: list[_Choice]) -> None:
