@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.errors import UserError
+from gpt2.hf_tokenizer import save_tokenizer_files
 
 
 @dataclass
@@ -382,6 +383,7 @@ class GPT(nn.Module):
         save_file(self.hf_state_dict(), tmp_weights, metadata={"format": "pt"})
         os.replace(tmp_weights, out / "model.safetensors")
         _atomic_write_text(out / "config.json", json.dumps(_config_to_hf(self.config), indent=2))
+        save_tokenizer_files(out, self.config.block_size)  # transformers' AutoTokenizer/pipeline load the folder
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
