@@ -21,7 +21,7 @@ from gpt2.inference import generate, pad_right
 from gpt2.model import GPT
 from gpt2.serve.api import create_app
 from gpt2.serve.engine import Engine
-from gpt2.serve.schema import ENGINE_FIELDS
+from gpt2.serve.schema import ENGINE_FIELDS, LOGPROBS_WIRED
 from gpt2.tokenizer import decode, encode
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -82,9 +82,10 @@ VALID_TOKENS = st.lists(st.integers(0, 50256), max_size=6)
 PENALTY = st.floats(-2, 2)
 
 
-def engine_knob(valid: st.SearchStrategy, off) -> st.SearchStrategy:
-    """A knob the engine may not have yet: its valid values once it has, else only its "off" value."""
-    return valid if ENGINE_FIELDS & {"logprobs", "logit_bias", "presence_penalty"} else st.just(off)
+def engine_knob(name: str, valid: st.SearchStrategy, off) -> st.SearchStrategy:
+    """A knob the server may not have yet: its valid values once it has, else only its "off" value."""
+    ready = name in ENGINE_FIELDS and (name != "logprobs" or LOGPROBS_WIRED)
+    return valid if ready else st.just(off)
 
 
 # field -> (valid values, extreme values): a body is valid values for a random subset of the fields, then a few
@@ -99,10 +100,11 @@ COMMON = {
     "seed": (st.integers(-(2**63), 2**63 - 1), _extreme(INTS)),
     "stream": (st.booleans(), _json_values()),
     "stream_options": (st.fixed_dictionaries({"include_usage": st.booleans()}), _json_values()),
-    "presence_penalty": (engine_knob(PENALTY, 0.0), _extreme(FLOATS)),
-    "frequency_penalty": (engine_knob(PENALTY, 0.0), _extreme(FLOATS)),
-    "logit_bias": (engine_knob(st.dictionaries(st.integers(0, 50256).map(str), st.floats(-100, 100), max_size=3),
-                               {}), _extreme(st.dictionaries(st.one_of(INTS.map(str), TEXT), FLOATS, max_size=4))),
+    "presence_penalty": (engine_knob("presence_penalty", PENALTY, 0.0), _extreme(FLOATS)),
+    "frequency_penalty": (engine_knob("frequency_penalty", PENALTY, 0.0), _extreme(FLOATS)),
+    "logit_bias": (engine_knob("logit_bias", st.dictionaries(st.integers(0, 50256).map(str), st.floats(-100, 100),
+                                                             max_size=3), {}),
+                   _extreme(st.dictionaries(st.one_of(INTS.map(str), TEXT), FLOATS, max_size=4))),
     "user": (SHORT, _json_values()),
     "service_tier": (st.sampled_from(["auto", "default"]), _extreme(TEXT)),
     "store": (st.just(False), _json_values()),
@@ -114,7 +116,7 @@ COMPLETION = {
                _extreme(st.one_of(TEXT, st.lists(TEXT, max_size=4), TOKENS, st.lists(TOKENS, max_size=4)))),
     "suffix": (st.just(""), _extreme(TEXT)),
     "echo": (st.booleans(), _json_values()),
-    "logprobs": (engine_knob(st.integers(0, 5), None), _extreme(INTS)),
+    "logprobs": (engine_knob("logprobs", st.integers(0, 5), None), _extreme(INTS)),
     "best_of": (st.just(1), _extreme(INTS)),
 }
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"]),
@@ -130,7 +132,7 @@ CHAT = {
     "messages": (st.builds(lambda history, last: history + [last], st.lists(MESSAGE, max_size=3), USER),
                  _extreme(st.lists(st.one_of(MESSAGE, ODD_MESSAGE), max_size=4))),
     "max_completion_tokens": (st.integers(1, 6), _extreme(INTS)),
-    "logprobs": (engine_knob(st.booleans(), False), _json_values()),
+    "logprobs": (engine_knob("logprobs", st.booleans(), False), _json_values()),
     "top_logprobs": (st.none(), _extreme(INTS)),
     "response_format": (st.just({"type": "text"}),
                         _extreme(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}))),
