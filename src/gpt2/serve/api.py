@@ -328,19 +328,23 @@ async def _serve(request: Request, state: ServerState, req: _Common, prompts: li
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     choices: list[_Choice] = []
-    for i, prompt in enumerate(prompts):
-        for j in range(n):
-            index = i * n + j
-            choice = _Choice(index, TextStream(req.stops()), echo[i])
-            choices.append(choice)
-            if max_tokens == 0:  # scoring a prompt (`echo`): nothing to generate
-                queue.put_nowait((index, None, "length"))
-                continue
+    try:
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                index = i * n + j
+                choice = _Choice(index, TextStream(req.stops()), echo[i])
+                choices.append(choice)
+                if max_tokens == 0:  # scoring a prompt (`echo`): nothing to generate
+                    queue.put_nowait((index, None, "length"))
+                    continue
 
-            def sink(token, reason, index=index):
-                loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason))
+                def sink(token, reason, index=index):
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason))
 
-            choice.request = engine.submit(prompt, req.sampling_params(max_tokens, index, logprobs), sink)
+                choice.request = engine.submit(prompt, req.sampling_params(max_tokens, index, logprobs), sink)
+    except BaseException:  # a choice that cannot start must not leave its siblings running unread
+        _cancel(choices)
+        raise
 
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": state.model_name}
