@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.errors import UserError
+from gpt2.hf_tokenizer import save_tokenizer_files
 from gpt2.io import load_safetensors, save_safetensors, write_json_atomic
 
 
@@ -376,6 +377,7 @@ class GPT(nn.Module):
         out = Path(directory)
         save_safetensors(self.hf_state_dict(), out / "model.safetensors")  # with a sha256, checked on load
         write_json_atomic(out / "config.json", _config_to_hf(self.config))
+        save_tokenizer_files(out, self.config.block_size)  # transformers' AutoTokenizer/pipeline load the folder
 
 
 def _config_to_hf(config: GPTConfig) -> dict:
