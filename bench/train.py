@@ -10,6 +10,17 @@ compared (and the median is printed too).
 
     python bench/train.py [--steps 8] [--rounds 2] [--threads N] [--dtype float32|bfloat16] [--compile]
     python bench/train.py --device cuda    # 124M preset, micro batch 32 x 1024, bf16 + compile: tok/s, MFU
+
+Learning, not speed (`--compare-nanogpt`): on tinyshakespeare split as nanoGPT splits it (first 90% of the
+characters train, last 10% val, GPT-2 BPE), `gpt2 pretrain` (its default shuffled window order) against a
+minimal nanoGPT-style trainer written below: each step draws B windows at uniformly random offsets, with
+replacement, as nanoGPT's `get_batch` does. Everything else is the same: the model (our `GPT`, the same
+seed and so the same initial weights), AdamW (0.9, 0.95), weight decay 0.1 on 2-D weights, warmup +
+cosine LR, clipping at 1.0, 4 layers x 128 wide, context 128, 1,024 tokens per step, 300 steps. Both are
+scored by the same function on the same tokens (every 8 x 128 window of the val split, in order) every
+50 steps; the curves and their difference are printed. Target: our final val loss <= the reference's.
+
+    python bench/train.py --compare-nanogpt [--steps 300] [--text ../shared/data/tinyshakespeare.txt]
 """
 
 from __future__ import annotations
@@ -104,6 +115,97 @@ def baseline_step_times(cfg, tokens: np.ndarray, steps: int, device: str) -> lis
     return times
 
 
+# ----------------------------------------------------------------------------- nanoGPT-style data order
+
+
+def random_window_trainer(cfg, train_tokens: np.ndarray, score, steps: int, eval_every: int) -> dict[int, float]:
+    """nanoGPT's training loop, minimal: B windows at random offsets per step (with replacement), one
+    micro-batch per step, our model, AdamW groups and LR schedule. Returns {step: val loss}."""
+    from gpt2.model import GPT
+    from gpt2.train.loop import lr_at
+
+    torch.manual_seed(cfg.seed)  # the same initial weights as `gpt2 pretrain` (which seeds, then builds)
+    model = GPT(cfg.model_config())
+    opt = nanogpt_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), "cpu")
+    data = torch.from_numpy(train_tokens.astype(np.int64))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    B, T = cfg.micro_batch, cfg.seq_len
+    curve = {0: score(model)}
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        ix = torch.randint(len(data) - T, (B,), generator=gen)
+        x = torch.stack([data[i:i + T] for i in ix])  # (B, T)
+        y = torch.stack([data[i + 1:i + 1 + T] for i in ix])  # (B, T)
+        model.loss(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            curve[step + 1] = score(model)
+    return curve
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def compare_nanogpt(text_path: Path, steps: int, workdir: Path) -> None:
+    from dataclasses import replace
+
+    from gpt2.data.loader import ShardLoader
+    from gpt2.data.shards import shard_name, write_shard
+    from gpt2.evaluate import val_loss
+    from gpt2.tokenizer import encode
+    from gpt2.train.pretrain import PRETRAIN_PRESETS, run
+
+    if not text_path.is_file():
+        raise SystemExit(f"bench/train.py: --text {text_path}: no such file")
+    text = text_path.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)  # nanoGPT's shakespeare split: characters, 90/10
+    train_tokens, val_tokens = (np.array(encode(t), dtype=np.uint16) for t in (text[:cut], text[cut:]))
+    data = workdir / "shakespeare"
+    data.mkdir()
+    write_shard(data / shard_name("shakespeare", "train", 1), train_tokens)
+    write_shard(data / shard_name("shakespeare", "val", 0), val_tokens)
+    eval_every = 50
+    cfg = replace(PRETRAIN_PRESETS["tiny"], data=str(data), out=str(workdir / "ours"), device="cpu", dtype="float32",
+                  micro_batch=8, seq_len=128, global_batch=8 * 128, max_steps=steps, warmup_steps=30, lr=2e-3,
+                  min_lr=2e-4, eval_every=eval_every, save_every=0, val_tokens=len(val_tokens), progress=False)
+
+    def score(model) -> float:  # every window of the val split, in order: what `gpt2 pretrain` evaluates too
+        loader = ShardLoader(data, "val", cfg.micro_batch, cfg.seq_len)
+        return val_loss(model, (loader.next_batch() for _ in range(loader.steps_per_epoch)))
+
+    print(f"bench/train.py --compare-nanogpt: CPU {cpu_name()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; tinyshakespeare {len(train_tokens):,} train / {len(val_tokens):,} val tokens; "
+          f"{cfg.n_layer} layers x {cfg.n_embd} wide, context {cfg.seq_len}, {cfg.global_batch:,} tokens/step, "
+          f"{steps} steps", flush=True)
+    t0 = time.perf_counter()
+    run(cfg)
+    ours_curve = {r["step"]: r["val_loss"] for r in map(json.loads, (workdir / "ours" / "metrics.jsonl").read_text()
+                                                           .splitlines()) if r["kind"] == "eval"}
+    t1 = time.perf_counter()
+    ref_curve = random_window_trainer(cfg, train_tokens, score, steps, eval_every)
+    t2 = time.perf_counter()
+    print(f"{'step':>6} {'ours (shuffled windows)':>24} {'nanoGPT-style (random windows)':>31} {'ours - ref':>11}")
+    for step in sorted(ref_curve):
+        ours_loss, ref_loss = ours_curve[step], ref_curve[step]
+        print(f"{step:>6} {ours_loss:>24.4f} {ref_loss:>31.4f} {ours_loss - ref_loss:>+11.4f}")
+    final = ours_curve[steps] - ref_curve[steps]
+    print(f"final val loss: ours {ours_curve[steps]:.4f}, reference {ref_curve[steps]:.4f}, difference {final:+.4f} "
+          f"({'meets' if final <= 0 else 'misses'} the target ours <= reference); wall time ours {t1 - t0:.0f} s, "
+          f"reference {t2 - t1:.0f} s")
+
+
 # ----------------------------------------------------------------------------- ours: the real trainer
 
 
@@ -141,9 +243,18 @@ def main() -> None:
                    help="our autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our training forward (default: on for CUDA, off on CPU)")
+    p.add_argument("--compare-nanogpt", action="store_true", help="val-loss curves of gpt2 pretrain vs a "
+                   "nanoGPT-style random-window trainer on tinyshakespeare, same model/optimizer/steps")
+    p.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data" /
+                   "tinyshakespeare.txt", help="corpus for --compare-nanogpt (default: "
+                   "../shared/data/tinyshakespeare.txt)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_nanogpt:
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_nanogpt(args.text, args.steps or 300, Path(tmp))
+        return
     from gpt2.train.pretrain import PRETRAIN_PRESETS
 
     cuda = args.device == "cuda"

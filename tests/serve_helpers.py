@@ -65,3 +65,47 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class ServerProcess:
+    """`gpt2 serve` in a child process on 127.0.0.1 (its own interpreter, so a test's client threads do not
+    compete with the server for one GIL, as real clients do not)."""
+
+    def __init__(self, model_dir: Path, *flags: str):
+        import os
+        import subprocess
+        import sys
+
+        with socket.socket() as s:  # a free port (the tiny race with other processes is acceptable in tests)
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2", "serve", "--model", str(model_dir), "--host",
+                                      "127.0.0.1", "--port", str(self.port), "--threads", "1", *flags], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> ServerProcess:
+        import httpx
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gpt2 serve exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                return httpx.get(self.url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        if not wait_until(up, timeout=60, interval=0.2):
+            self.__exit__()
+            raise RuntimeError("gpt2 serve did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -6,10 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.data.alpaca import (
-    LengthGroupedBatcher,
     PrepareAlpacaConfig,
     check_record,
-    collate,
     encode_example,
     fit_examples,
     fit_length,
@@ -18,6 +16,7 @@ from gpt2.data.alpaca import (
     read_manifest,
     split_indices,
 )
+from gpt2.data.batching import LengthGroupedBatcher, collate
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.template import format_prompt

@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
-from gpt2.data.alpaca import PrepareAlpacaConfig, collate, encode_example, load_split, prepare
+from gpt2.data.alpaca import PrepareAlpacaConfig, encode_example, load_split, prepare
+from gpt2.data.batching import collate
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.train.finetune import FinetuneConfig, FinetuneTask, answer_prompts, run

@@ -101,6 +101,15 @@ def test_cli_run_layout_and_exact_resume(shards, tmp_path):
     assert train_losses(tmp_path / "split") == train_losses(run)
     resumed = load_checkpoint(tmp_path / "split")["model"]
     assert all(torch.equal(v, resumed[k]) for k, v in ckpt["model"].items())
+    assert ckpt["ranks"][0]["task"]["shuffle"] is True  # shuffled windows by default, resumed mid-epoch
+
+
+def test_no_shuffle_reads_the_stream_in_order(shards, tmp_path):
+    pretrain(shards, tmp_path / "ordered", "--no-shuffle", "--max-steps", "1", "--eval-every", "0")
+    ckpt = load_checkpoint(tmp_path / "ordered")
+    assert ckpt["ranks"][0]["task"]["shuffle"] is False and ckpt["run_config"]["shuffle"] is False
+    pretrain(shards, tmp_path / "shuffled", "--max-steps", "1", "--eval-every", "0")
+    assert train_losses(tmp_path / "ordered") != train_losses(tmp_path / "shuffled")  # other windows
 
 
 def test_cli_errors_are_one_line(shards, tmp_path, capsys):

@@ -72,11 +72,28 @@ def test_dpo_command(setup):
     GPT.from_pretrained(out / "model")  # the policy is an HF checkpoint
 
 
+def test_max_steps_wins_over_epochs_in_every_command(setup, capsys):
+    """One rule (`run_length`): --max-steps when given, else --epochs x steps per epoch; the same help."""
+    tmp, data, sft = setup
+    for cmd in ("dpo", "reward"):
+        out = tmp / f"{cmd}-steps"
+        main([cmd, "--model", str(sft), "--data", str(data), "--out", str(out), "--epochs", "3", "--max-steps", "1",
+              "--eval-every", "0", *COMMON])
+        assert len(_records(out, "train")) == 1  # not 3 epochs x 2 steps
+    helps = []
+    for cmd in ("finetune", "dpo", "reward"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        helps.append(" ".join(capsys.readouterr().out.split()))
+    for text in helps:
+        assert "when given it wins over --epochs" in text and "sets --max-steps when that is not given" in text
+
+
 def test_dpo_resume_matches_an_uninterrupted_run(setup):
     """Stopping and resuming gives the same weights: the reference is rebuilt from --model (the SFT start,
     not the resumed policy) and the data position comes back with the checkpoint."""
     tmp, data, sft = setup
-    args = ["dpo", "--model", str(sft), "--data", str(data), "--epochs", "0", "--max-steps", "4",
+    args = ["dpo", "--model", str(sft), "--data", str(data), "--max-steps", "4",
             "--eval-every", "0", *COMMON]
     main([*args, "--out", str(tmp / "straight")])
     main([*args, "--out", str(tmp / "split"), "--stop-at-step", "2"])
@@ -117,11 +134,24 @@ def test_ppo_command_and_resume(setup):
     GPT.from_pretrained(out / "model")
     with pytest.raises(SystemExit):  # an existing run is never overwritten silently
         main([*args, "--max-steps", "4"])
-    main([*args, "--max-steps", "4", "--resume", "--max-minutes", "0"])  # out of time after one iteration
+    main([*args, "--max-steps", "4", "--resume", "--max-minutes", "1e-9"])  # out of time after one iteration
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
     main([*args, "--max-steps", "4", "--resume"])
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4]
     assert [r["step"] for r in _records(out, "eval")] == [0, 1, 2, 3, 4]
+
+
+def test_ppo_evaluates_where_an_early_stop_ends_the_session(setup):
+    """--max-minutes ends the run after one iteration, between two --eval-every points: it is evaluated there."""
+    tmp, data, sft = setup
+    out = tmp / "ppo-early"
+    args = ppo_args(setup, out, "--ppo-epochs", "1", "--eval-every", "10", "--eval-prompts", "2")
+    main([*args, "--max-steps", "20", "--max-minutes", "1e-9"])
+    assert [r["step"] for r in _records(out, "train")] == [1]
+    evals = _records(out, "eval")
+    assert [r["step"] for r in evals] == [0, 1] and {"score", "kl"} <= evals[1].keys()
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 1 and ckpt["elapsed"] > 0  # resumable, with its training time
 
 
 def test_ppo_sigterm_saves_then_resumes(setup, monkeypatch):

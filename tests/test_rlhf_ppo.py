@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 from rlhf_data import one_thread  # noqa: F401 (autouse fixture)
 
 from gpt2.model import GPT, GPTConfig
 from gpt2.rlhf.heads import ActorCritic
-from gpt2.rlhf.ppo import PPOHyper, complete, ppo_update, rollout
+from gpt2.rlhf.ppo import PPOHyper, PPOTask, complete, rollout
 from gpt2.tokenizer import EOT
+from gpt2.train.loop import TrainConfig, train
 
 # A 16-token vocabulary: a random policy emits the rewarded token 1/16 of the time, so PPO has signal.
 SMALL = GPTConfig(block_size=32, vocab_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -45,19 +47,21 @@ def test_rollout_tensors_share_the_answer_mask():
     assert metrics["kl"] == 0 and abs(metrics["reward"] - metrics["score"]) < 1e-6
 
 
-def test_ppo_raises_a_known_reward_with_bounded_kl():
+def test_ppo_raises_a_known_reward_with_bounded_kl(tmp_path):
+    """30 iterations of PPO's Task on the shared loop (constant LR) under the known reward."""
     policy = GPT(SMALL)
     reference = copy.deepcopy(policy).eval()
     actor = ActorCritic(policy)
     hp = PPOHyper(max_new_tokens=8, kl_coef=0.05, minibatch_size=16, ppo_epochs=4)
-    opt = torch.optim.AdamW(actor.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 16, (4,), generator=gen).tolist() for _ in range(32)]
-    history = []
-    for _ in range(30):
-        batch, metrics = rollout(actor, reference, fraction_of_token, prompts, hp, generator=gen)
-        ppo_update(actor, opt, batch, hp, generator=gen)
-        history.append(metrics)
+    task = PPOTask(actor, reference, fraction_of_token, prompts, [], hp, batch_size=32)
+    cfg = TrainConfig(out=str(tmp_path), max_steps=30, lr=3e-3, min_lr=3e-3, warmup_steps=0, weight_decay=0.0,
+                      betas=(0.9, 0.999), eval_every=0, save_every=0, device="cpu", compile=False, progress=False)
+    train(actor, task, cfg)
+    history = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"]
+    assert len(history) == 30 and {"policy_loss", "value_loss", "clip_frac", "answer_len"} <= history[0].keys()
     start = sum(m["score"] for m in history[:3]) / 3
     end = sum(m["score"] for m in history[-5:]) / 5
     kl_per_token = sum(m["kl"] for m in history[-5:]) / 5 / hp.max_new_tokens

@@ -154,10 +154,9 @@ def assert_error(r, status, param=None):
     (b'{"prompt": "hi", "stream": "yes"}', "stream"),
     (b'{"prompt": 42}', "prompt"),
     (b'{"prompt": "hi", "max_tokens": -1}', "max_tokens"),  # out of range
-    (b'{"prompt": "hi", "max_tokens": 0}', "max_tokens"),
     (b'{"prompt": "hi", "max_tokens": 100000000000000000000}', "max_tokens"),  # absurd
     (b'{"prompt": "hi", "temperature": -1}', "temperature"),
-    (b'{"prompt": "hi", "top_p": 0}', "top_p"),
+    (b'{"prompt": "hi", "top_p": -0.1}', "top_p"),
     (b'{"prompt": "hi", "n": 1000}', "n"),
     (b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
     (b'{"prompt": [99999999]}', "prompt"),
@@ -203,7 +202,7 @@ def test_unknown_route_and_method(server):
 
 
 def test_unknown_fields_are_ignored(server):
-    body = {"prompt": "hi", "max_tokens": 2, "user": "me", "presence_penalty": 0, "logit_bias": {}}
+    body = {"prompt": "hi", "max_tokens": 2, "user": "me", "presence_penalty": 0, "logit_bias": {}, "x-mine": 1}
     assert post(server, "/v1/completions", json.dumps(body)).status_code == 200
 
 
@@ -283,7 +282,9 @@ def test_unexpected_error_is_logged_and_a_user_error_keeps_its_message(server, m
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=30)
     assert r.status_code == 500
     assert "TIKTOKEN_CACHE_DIR" in r.json()["error"]["message"]
-    assert any("/v1/completions failed" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+    lines = [rec.getMessage() for rec in caplog.records if "/v1/completions failed" in rec.getMessage()]
+    assert len(lines) == 1 and "UserError" in lines[0] and "in broken" in lines[0]  # the cause, on one line
+    assert "\n" not in lines[0] and not any(rec.exc_info for rec in caplog.records)
 
 
 def test_serve_fails_fast_without_a_tokenizer(monkeypatch, tmp_path):
@@ -296,3 +297,163 @@ def test_serve_fails_fast_without_a_tokenizer(monkeypatch, tmp_path):
     monkeypatch.setattr(serve_module, "load_model", lambda *a: pytest.fail("the model was loaded first"))
     with pytest.raises(UserError, match="TIKTOKEN_CACHE_DIR"):
         serve_module.run(serve_module.ServeConfig(model=str(tmp_path)))
+
+
+# ------------------------------------------------------------------ OpenAI's whole request schema
+
+@pytest.mark.parametrize("path,extra,param", [
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),  # best_of > n: no server-side ranking
+    ("/v1/completions", {"best_of": 1, "n": 2}, "best_of"),  # best_of < n
+    ("/v1/completions", {"store": True}, "store"),
+    ("/v1/completions", {"logit_bias": {"50257": 1}}, "logit_bias"),  # out of the vocabulary
+    ("/v1/completions", {"logit_bias": {"hello": 1}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"frequency_penalty": -3}, "frequency_penalty"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"seed": 2**64}, "seed"),  # beyond int64
+    ("/v1/completions", {"seed": -(2**63) - 1}, "seed"),
+    ("/v1/completions", {"stop": "x" * 1001}, "stop"),
+    ("/v1/completions", {"service_tier": "platinum"}, "service_tier"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
+    ("/v1/chat/completions", {"web_search_options": {}}, "web_search_options"),
+    ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"temperature": 1e400}, "temperature"),  # JSON's overflow is inf: not finite
+])
+def test_unsupported_or_invalid_openai_fields_get_400_naming_them(server, path, extra, param):
+    base = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    assert_error(post(server, path, json.dumps({**base, "max_tokens": 2, **extra})), 400, param)
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_numbers_get_400(server, literal):
+    assert_error(post(server, "/v1/completions", b'{"prompt": "hi", "temperature": ' + literal + b"}"), 400,
+                 "temperature")
+
+
+@pytest.mark.parametrize("path,extra", [
+    ("/v1/completions", {"best_of": 2, "n": 2, "user": "u", "seed": 2**63 - 1, "echo": False, "suffix": ""}),
+    ("/v1/completions", {"stream_options": {"include_usage": True}, "service_tier": "auto", "metadata": {"a": "b"},
+                         "store": False, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+                         "safety_identifier": "s", "prompt_cache_key": "k", "seed": -(2**63)}),
+    ("/v1/chat/completions", {"tool_choice": "none", "tools": [], "functions": [], "function_call": "none",
+                              "parallel_tool_calls": False, "response_format": {"type": "text"},
+                              "modalities": ["text"], "prediction": {"type": "content", "content": "x"},
+                              "logprobs": False, "max_completion_tokens": 2, "n": 2}),
+    ("/v1/chat/completions", {"temperature": None, "top_p": None, "n": None, "stop": None, "seed": None,
+                              "max_tokens": None, "audio": None, "reasoning_effort": None}),  # null = default
+])
+def test_supported_openai_fields_are_accepted(server, path, extra):
+    base = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi",
+                                                                              "name": "me"}]}
+    r = post(server, path, json.dumps({**base, "max_tokens": 2, **extra}))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == (extra.get("n") or 1)
+
+
+@pytest.mark.parametrize("extra", [{"logprobs": 1}, {"logit_bias": {"50256": -100}}, {"presence_penalty": 1.0},
+                                   {"frequency_penalty": -0.5}])
+def test_engine_controls_are_honoured_or_refused_by_name(server, extra):
+    """Before the decoding core has these knobs they are refused naming them; after, they are accepted."""
+    from gpt2.serve.schema import ENGINE_FIELDS, LOGPROBS_WIRED
+
+    (name, _), = extra.items()
+    r = post(server, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, **extra}))
+    if name in ENGINE_FIELDS and (name != "logprobs" or LOGPROBS_WIRED):
+        assert r.status_code == 200, r.text
+    else:
+        assert assert_error(r, 400, name)["code"] == "unsupported_parameter"
+
+
+def test_echo_and_max_tokens_zero(client, model):
+    r = client.completions.create(model="tiny", prompt="Echo me", max_tokens=0, echo=True)
+    assert r.choices[0].text == "Echo me" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(encode("Echo me"))
+    r = client.completions.create(model="tiny", prompt=encode("Echo me"), max_tokens=4, echo=True, temperature=0)
+    assert r.choices[0].text == "Echo me" + greedy_text(model, "Echo me", 4)
+    streamed = list(client.completions.create(model="tiny", prompt="Echo me", max_tokens=4, echo=True,
+                                              temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=0).choices[0].text == ""
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1e-40},
+                                   {"top_p": 1e-300}, {"top_p": 0}, {"top_p": 1e-100, "temperature": 1e-45}])
+def test_extreme_sampling_values_behave_as_greedy(server, model, extra):
+    """A temperature or top_p that underflows float32 means greedy / the top token, never a 500."""
+    body = {"prompt": "The sea", "max_tokens": 6, "seed": 3, **extra}
+    r = post(server, "/v1/completions", json.dumps(body))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == greedy_text(model, "The sea", 6)
+
+
+def test_seed_at_the_int64_edges_is_deterministic(client):
+    for seed in (2**63 - 1, -(2**63)):
+        a, b = [client.completions.create(model="tiny", prompt="A", max_tokens=5, seed=seed, n=2) for _ in range(2)]
+        assert [c.text for c in a.choices] == [c.text for c in b.choices]
+
+
+# ------------------------------------------------------------------ operability
+
+def test_openapi_and_docs(server):
+    doc = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(doc["paths"])
+    body = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/CompletionRequest"}
+    props = doc["components"]["schemas"]["ChatRequest"]["properties"]
+    assert {"messages", "logit_bias", "tools", "response_format", "top_logprobs", "seed"} <= set(props)
+    assert "ChatMessage" in doc["components"]["schemas"]  # nested models resolve inside the document
+    docs = httpx.get(server.url + "/docs")
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+
+
+def test_model_by_id(client, server):
+    assert client.models.retrieve("tiny").id == "tiny"
+    err = assert_error(httpx.get(server.url + "/v1/models/gpt-4"), 404, "model")
+    assert err["code"] == "model_not_found"
+
+
+def test_405_names_the_allowed_methods(server):
+    r = httpx.get(server.url + "/v1/chat/completions")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "POST"
+
+
+def test_queue_full_gets_429_with_retry_after(model):
+    engine = Engine(model)
+    app = create_app(engine, model_name="tiny", max_waiting=1, start_engine=False)
+    with LiveServer(app) as s:
+        engine.submit([1, 2], engine_params(), lambda *a: None)  # never stepped: stays queued
+        r = post(s, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}))
+        assert_error(r, 429)
+        assert r.headers["retry-after"] == "1"
+
+
+def engine_params():
+    from gpt2.serve.engine import SamplingParams
+
+    return SamplingParams(max_tokens=2)
+
+
+def test_disconnect_mid_body_is_one_log_line(server, caplog):
+    with caplog.at_level("INFO", logger="gpt2.serve"):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": \"hi")
+        time.sleep(0.1)
+        sock.close()
+        assert wait_until(lambda: any("disconnected" in r.getMessage() for r in caplog.records), timeout=5)
+    records = [r for r in caplog.records if r.name.startswith("gpt2.serve")]
+    assert len(records) == 1 and records[0].exc_info is None and "\n" not in records[0].getMessage()

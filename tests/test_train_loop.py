@@ -16,8 +16,9 @@ import torch
 import torch.multiprocessing as mp
 
 from gpt2.checkpoint import load_checkpoint, load_model
+from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
-from gpt2.train.loop import NonFiniteLossError, TrainConfig, lr_at, train
+from gpt2.train.loop import NonFiniteLossError, TrainConfig, lr_at, run_length, train
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +106,13 @@ def test_lr_schedule_warmup_peak_cosine_floor():
 
 
 # --------------------------------------------------------------------------- resume and stop_at_step
+
+
+def test_run_length_rule():
+    assert run_length(None, 2, 10) == 20 and run_length(None, 0.25, 10) == 3 and run_length(None, 0.01, 10) == 1
+    assert run_length(7, 2, 10) == 7  # --max-steps wins whenever it is given
+    with pytest.raises(UserError, match="--epochs must be > 0"):
+        run_length(None, 0, 10)
 
 
 def test_resume_is_exact(tmp_path):
@@ -237,6 +245,106 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, grad_accum: int) -> 
         train(make_model(), ListTask(make_data(), rank, world), cfg_for(Path(out)), grad_accum_steps=grad_accum)
     finally:
         destroy_distributed()
+
+
+# --------------------------------------------------------------------------- token-weighted losses
+
+# One global batch of 8 rows with very uneven numbers of valid targets, cut into 4 uneven micro batches.
+KEEP = [2, 16, 5, 9, 1, 12, 3, 7]  # valid targets per row; the rest of each row is -100
+PARTS = [(0, 1), (1, 5), (5, 6), (6, 8)]  # row ranges of the micro batches: 2, 37, 1 and 10 targets
+
+
+def masked_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, MODEL.vocab_size, (len(KEEP), T), generator=g)
+    y = torch.randint(0, MODEL.vocab_size, (len(KEEP), T), generator=g)
+    for row, keep in enumerate(KEEP):
+        y[row, keep:] = -100
+    return x, y
+
+
+class MaskedTask(ListTask):
+    """Micro batch p of rank r is part p * world + r; the loss is a mean over valid targets."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        x, y = masked_batch()
+        super().__init__([(x[a:b], y[a:b]) for a, b in PARTS], rank, world)
+
+    def next_batch(self):
+        part = self.data[(self.pos * self.world + self.rank) % len(self.data)]
+        self.pos += 1
+        return part
+
+    def loss_weight(self, batch):
+        return int((batch[1] != -100).sum())
+
+
+def train_capturing_grads(task, out: Path, grad_accum: int, monkeypatch=None) -> list[torch.Tensor]:
+    """One step of the loop; the gradients the optimizer is about to apply."""
+    import gpt2.train.loop as loop
+
+    grads, real = [], loop.build_optimizer
+
+    def build(model, cfg, device):
+        opt = real(model, cfg, device)
+        opt.register_step_pre_hook(lambda o, a, k: grads.extend(p.grad.clone() for p in model.parameters()))
+        return opt
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(loop, "build_optimizer", build)
+    else:  # a spawned worker: nothing to restore
+        loop.build_optimizer = build
+    train(make_model(), task, cfg_for(out, max_steps=1, grad_clip=0.0), grad_accum_steps=grad_accum)
+    return grads
+
+
+def reference_grads(weighted: bool = True) -> list[torch.Tensor]:
+    """The gradient of the mean loss over every valid target of the global batch, in one pass (or, for
+    contrast, of the mean of the micro batches' means)."""
+    model, (x, y) = make_model(), masked_batch()
+    if weighted:
+        model.loss(x, y).backward()
+    else:
+        sum(model.loss(x[a:b], y[a:b]) for a, b in PARTS).div(len(PARTS)).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    # float32: the same terms summed in other groupings differ by a few ulps of the largest partial sums
+    # (|grad| <~ 1, eps 1.2e-7), far below the gap to the unweighted gradient checked in the test.
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_uneven_micro_batches_give_the_gradient_of_the_global_token_mean(tmp_path, monkeypatch):
+    want = reference_grads()
+    assert_grads_close(train_capturing_grads(MaskedTask(), tmp_path / "one", 4, monkeypatch), want)
+    # not trivially: the mean of the micro batches' means is a different gradient
+    unweighted = reference_grads(weighted=False)
+    assert max((u - w).abs().max().item() for u, w in zip(unweighted, want)) > 1e-2
+
+
+def _weighted_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpt2.distributed import destroy_distributed
+
+    try:
+        grads = train_capturing_grads(MaskedTask(rank, world), Path(out), 2)
+        torch.save(grads, Path(out) / f"grads{rank}.pt")
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_uneven_ranks_give_the_gradient_of_the_global_token_mean(tmp_path):
+    """2 gloo ranks x 2 micro batches holding 3 and 47 valid targets: DDP's average over ranks is undone."""
+    mp.spawn(_weighted_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    want = reference_grads()
+    for rank in range(2):
+        assert_grads_close(torch.load(tmp_path / f"grads{rank}.pt"), want)
 
 
 @pytest.mark.slow

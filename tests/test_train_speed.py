@@ -1,6 +1,6 @@
-"""The training loop's speed fixes (issue 16), on CPU: torch.compile after DDP, one host sync per step, batches
-fetched one ahead without moving the saved data position, evaluation without full logits, no recompiles on
-fine-tuning's variable lengths, checkpoints written in the background."""
+"""The training loop's speed fixes (issue 16), on CPU: torch.compile after DDP, one host sync per optimizer
+update, a step's batches fetched without moving the saved data position, evaluation without full logits, no
+recompiles on fine-tuning's variable lengths, checkpoints written in the background."""
 
 from __future__ import annotations
 
@@ -13,10 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train_loop import ListTask, _free_port, cfg_for, load_checkpoint, losses, make_data, make_model
+from test_train_loop import (
+    ListTask,
+    MaskedTask,
+    _free_port,
+    cfg_for,
+    load_checkpoint,
+    losses,
+    make_data,
+    make_model,
+)
 
 from gpt2.checkpoint import BackgroundWriter, state_to_cpu
-from gpt2.train.loop import DeviceBatches, reduce_step_stats, train
+from gpt2.train.loop import fetch_step, reduce_step_stats, train
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +36,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-# --------------------------------------------------------------------------- batches fetched ahead
+# --------------------------------------------------------------------------- batches
 
 
 class CountingTask(ListTask):
@@ -57,23 +66,30 @@ def test_prefetched_batch_never_counts_in_the_saved_position(tmp_path):
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
-def test_device_batches_fetch_once_and_count_tokens_on_the_host():
+class SplitTask(ListTask):
+    """Each batch becomes two optimizer updates of one micro batch each (the `updates()` of PPO)."""
+
+    def updates(self, batch):
+        x, y = batch
+        half = x.size(0) // 2
+        return [[(x[:half], y[:half])], [(x[half:], y[half:])]], {"rows": float(x.size(0))}
+
+
+def test_a_step_fetches_its_micro_batches_in_order_and_no_more():
     task = CountingTask(make_data())
-    batches = DeviceBatches(task, torch.device("cpu"))
-    batches.prefetch()
-    batches.prefetch()  # already one pending: no second fetch
-    assert batches.pending and task.fetched == 1
-    (x, y), n = batches.take()
-    assert not batches.pending and n == x.numel() and torch.equal(x, make_data()[0][:, :-1])
-    batches.take()
-    assert task.fetched == 2
+    updates, metrics = fetch_step(task, 3)
+    assert task.fetched == 3 and metrics == {} and len(updates) == 1
+    assert [torch.equal(x, d[:, :-1]) for (x, _), d in zip(updates[0], make_data())] == [True] * 3
+    updates, metrics = fetch_step(SplitTask(make_data()), 3)  # updates(): one batch, whatever the accumulation
+    assert len(updates) == 2 and metrics == {"rows": 2.0}
 
 
 # --------------------------------------------------------------------------- host syncs
 
 
 def test_one_host_sync_per_step(tmp_path, monkeypatch):
-    """Tensor -> Python conversions made by the loop itself: exactly one per step (the stats' .tolist())."""
+    """Tensor -> Python conversions made by the loop itself: exactly one per optimizer update (the stats'
+    .tolist()), so one per step, except for a task whose updates() splits a step into several updates."""
     import gpt2.train.loop as loop_mod
 
     calls = []
@@ -90,8 +106,14 @@ def test_one_host_sync_per_step(tmp_path, monkeypatch):
 
     for name in ("tolist", "item", "__float__", "__int__", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    train(make_model(), ListTask(make_data()), cfg_for(tmp_path, max_steps=4), grad_accum_steps=2)
+    train(make_model(), ListTask(make_data()), cfg_for(tmp_path / "plain", max_steps=4), grad_accum_steps=2)
     assert calls == ["tolist"] * 4
+    calls.clear()  # token-weighted losses: the weights and their total G are host numbers on one process
+    train(make_model(), MaskedTask(), cfg_for(tmp_path / "weighted", max_steps=4), grad_accum_steps=2)
+    assert calls == ["tolist"] * 4
+    calls.clear()  # updates(): one per optimizer update, each needing its NaN check before the optimizer step
+    train(make_model(), SplitTask(make_data()), cfg_for(tmp_path / "split", max_steps=4), grad_accum_steps=1)
+    assert calls == ["tolist"] * 8
 
 
 def test_step_stats_keep_host_numbers_on_the_host():
@@ -174,7 +196,7 @@ class VarLenTask(ListTask):
     """Fine-tuning-like micro batches: lengths (and the last batch's size) vary, answers are masked -100."""
 
     def next_batch(self):
-        from gpt2.data.alpaca import collate
+        from gpt2.data.batching import collate
 
         rng = random.Random(self.pos)
         self.pos += 1

@@ -4,8 +4,9 @@ Design decisions:
 - A run directory holds `checkpoint.pt` (everything needed to continue exactly: model, optimizer, step, each
   rank's data position and RNG states, configs) and `model/` (the same weights in Hugging Face format, which
   is what every other command loads).
-- Files are written under a temporary name and `os.replace`d, so a crash or a SIGKILL mid-write leaves the
-  previous checkpoint intact rather than half a file.
+- Files are written with `gpt2.io.save_torch` (temp file, fsync, rename: a crash, a SIGKILL or a full disk
+  mid-write leaves the previous checkpoint intact rather than half a file) and carry a sha256 trailer that
+  `load_checkpoint` verifies, so a corrupted file is an error rather than weights that load and talk nonsense.
 - Exact resume needs every source of randomness: Python's `random`, NumPy's global generator, torch's CPU
   generator and, when present, the CUDA generator of this process's device.
 """
@@ -23,18 +24,16 @@ import numpy as np
 import torch
 
 from gpt2.errors import UserError
+from gpt2.io import load_torch, save_torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_DIR = "model"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """`torch.save` to a temporary file beside `path`, then rename over it."""
+    """`torch.save` atomically, with a checksum (`gpt2.io.save_torch`); a full disk is a UserError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch(state, path)
     return path
 
 
@@ -47,9 +46,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} does not exist")
     try:
         # Our own file, holding NumPy RNG state and plain dicts: not loadable with weights_only.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_torch(path, weights_only=False)
+    except UserError:
+        raise
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from e
 
 
 def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -67,9 +69,12 @@ def restore_rng_state(state: dict[str, Any], device: torch.device | None = None)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device | None = None):
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None):
     """A `GPT` from a training run directory (its `model/` export), a `checkpoint.pt` file, a Hugging Face
-    checkpoint directory, or a hub name such as "gpt2"."""
+    checkpoint directory, or a hub name such as "gpt2"; moved to `device` ("auto" or a name as `--device`
+    takes it) and its weights cast to `dtype` when given. The one model loader of every command."""
+    from gpt2.distributed import pick_device
     from gpt2.model import GPT, GPTConfig
 
     p = Path(path)
@@ -86,7 +91,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
             raise UserError(f"{p}: weights do not match its model config: {str(e).splitlines()[0]}") from e
     else:
         model = GPT.from_pretrained(path)
-    return model.to(device) if device is not None else model
+    if isinstance(device, str):
+        device = pick_device(device)
+    return model.to(device=device, dtype=dtype)
 
 
 def state_to_cpu(obj: Any, _memo: dict | None = None) -> Any:

@@ -9,13 +9,24 @@ argparse tree from them, so adding a command never touches another command's cod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gpt2.config import add_dataclass_args, build_config
+from gpt2.config import (
+    ANNOUNCE,
+    APPLY,
+    SESSION,
+    add_dataclass_args,
+    build_config,
+    default_config,
+    flag_name,
+    resume_rule,
+)
 from gpt2.errors import UserError
 
 # Modules that register commands, imported when the CLI starts.
@@ -85,12 +96,49 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             sub = groups[group].add_parser(leaf, help=cmd.help, description=cmd.description or cmd.help)
         if cmd.presets:
-            sub.add_argument("--preset", choices=sorted(cmd.presets), default=next(iter(cmd.presets)),
+            # SUPPRESS: on --resume we must know whether it was typed (the saved settings replace it).
+            sub.add_argument("--preset", choices=sorted(cmd.presets), default=argparse.SUPPRESS,
                              help=f"named starting config; flags override its fields (default: "
-                                  f"{next(iter(cmd.presets))})")
-        add_dataclass_args(sub, cmd.config)
+                                  f"{next(iter(cmd.presets))}; ignored on --resume of a saved run)")
+        add_dataclass_args(sub, cmd.config, cmd.presets)
+        if _resumable(cmd):
+            sub.epilog = resume_help(cmd)
         sub.set_defaults(_command=cmd)
     return parser
+
+
+def _resumable(cmd: Command) -> bool:
+    return {"resume", "out"} <= {f.name for f in dataclasses.fields(cmd.config)}
+
+
+def resume_help(cmd: Command) -> str:
+    """The --resume rule of this command's flags, listed from their `on_resume` declarations."""
+    names = [f.name for f in dataclasses.fields(cmd.config) if f.name not in ("resume", "out")]
+    by_rule = lambda rule: ", ".join(flag_name(n) for n in names if resume_rule(cmd.config, n) == rule)  # noqa: E731
+    return (f"--resume: `gpt2 {cmd.name} --out RUN --resume` alone continues RUN with the settings it was saved "
+            f"with (RUN/config.json), not the preset's or the defaults. Flags given again with the saved value "
+            f"change nothing. A new value of {by_rule(ANNOUNCE)} is applied from the checkpoint's step and printed "
+            f"(the LR schedule changes there); {by_rule(APPLY)} just apply; {by_rule(SESSION)} apply to this "
+            f"session only; any other flag with a new value is refused (it would change the model, the data "
+            f"or the recipe: start a new run with another --out instead).")
+
+
+def saved_settings(cmd: Command, ns: argparse.Namespace) -> dict[str, Any] | None:
+    """On `--resume` of a run that has a checkpoint: its saved settings (printed where they come from), which
+    `build_config` uses instead of the preset. None otherwise (no --resume, or nothing saved yet)."""
+    if not (_resumable(cmd) and getattr(ns, "resume", False)):
+        return None
+    from gpt2.train.loop import saved_run_config
+
+    out = getattr(ns, "out", None) or default_config(cmd.config, ns, cmd.presets).out
+    found = saved_run_config(out)
+    if found is None:
+        return None
+    saved, source = found
+    if os.environ.get("RANK", "0") == "0":
+        unused = f"; --preset {ns.preset} is not used" if getattr(ns, "preset", None) else ""
+        print(f"--resume: continuing {out} with the settings saved in {source}{unused}", flush=True)
+    return {**saved, "out": out}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     cmd: Command = ns._command
     try:
-        cfg = build_config(cmd.config, ns, cmd.presets)
+        cfg = build_config(cmd.config, ns, cmd.presets, saved=saved_settings(cmd, ns))
         cmd.run(cfg)
     except UserError as e:
         print(f"gpt2 {cmd.name}: error: {e}", file=sys.stderr)

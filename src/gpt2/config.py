@@ -7,31 +7,47 @@ Design decisions:
   the command line overrides that field. No `exec`, no config files that run code.
 - Field types drive parsing: `bool` fields become `--flag/--no-flag`, `list[str]` fields take several
   values, `X | None` fields accept `none`.
+- `--help` shows the default that will apply: the class default, or with presets the default preset's value
+  and every other preset's where they differ.
+- Resume: a resumed run's saved settings replace the preset as the base (`build_config(..., saved=...)`).
+  Each field says what a flag given again on resume does (`on_resume`): SESSION (this session only, never
+  inherited: --stop-at-step), APPLY (inherited; a new value just applies: --device, --eval-every), ANNOUNCE
+  (inherited; a new value applies on purpose and the loop prints the change: --max-steps, --lr) or REFUSE
+  (the default: a new value would silently make another run, so it is an error: the model shape, the data,
+  the batch, the seed). A subclass that redeclares a field inherits its base's rule.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, TypeVar
+
+from gpt2.errors import UserError
 
 T = TypeVar("T")
 
 _MISSING = dataclasses.MISSING
 
+# What a flag given again on `--resume` does (see the module docstring).
+SESSION, APPLY, ANNOUNCE, REFUSE = "session", "apply", "announce", "refuse"
+
 
 def arg(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, positional: bool = False,
-        choices: list[str] | None = None, metavar: str | None = None) -> Any:
-    """A dataclass field carrying its CLI help text (and optionally choices / positional)."""
-    meta = {"help": help, "positional": positional, "choices": choices, "metavar": metavar}
+        choices: list[str] | None = None, metavar: str | None = None, on_resume: str | None = None) -> Any:
+    """A dataclass field carrying its CLI help text (and optionally choices / positional, and its rule on
+    `--resume`: SESSION, APPLY, ANNOUNCE or REFUSE; None = the base class's rule for this name, else REFUSE)."""
+    meta = {"help": help, "positional": positional, "choices": choices, "metavar": metavar,
+            "on_resume": on_resume}
     if factory is not _MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _flag_name(name: str) -> str:
+def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -55,9 +71,28 @@ def _scalar_parser(tp: Any, optional: bool):
     return parse
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+def _default_text(f: dataclasses.Field, presets: dict[str, Any] | None) -> str:
+    """"(default: X)", or with presets whose values differ "(default: X with preset A, Y with B)": the value
+    that applies when the flag is not given."""
+    if presets:
+        values = {name: getattr(p, f.name) for name, p in presets.items()}
+        first, *rest = values.items()
+        if any(v != first[1] for _, v in rest):
+            others = ", ".join(f"{v!r} with {name}" for name, v in rest)
+            return f"(default: {first[1]!r} with preset {first[0]}, {others})"
+        default = first[1]
+    else:
+        default = f.default if f.default is not _MISSING else (
+            f.default_factory() if f.default_factory is not _MISSING else None)
+    if default is None and "default" in f.metadata.get("help", ""):
+        return ""  # the help text already says what None means ("default: lr / 10")
+    return f"(default: {default!r})"
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, presets: dict[str, Any] | None = None) -> None:
     """Add one flag per field of dataclass `cls`. Flags default to `argparse.SUPPRESS`, so the namespace holds
-    only what the user typed (an explicit `none` included) and only that overrides the preset."""
+    only what the user typed (an explicit `none` included) and only that overrides the preset (or, on
+    resume, the saved run). The help shows the default the preset gives."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name.startswith("_"):
@@ -65,15 +100,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, optional = _unwrap_optional(hints[f.name])
         meta = f.metadata
         help_text = meta.get("help") or f.name.replace("_", " ")
-        default = f.default if f.default is not _MISSING else (
-            f.default_factory() if f.default_factory is not _MISSING else None)
-        kwargs: dict[str, Any] = {"help": f"{help_text} (default: {default!r})", "dest": f.name}
+        kwargs: dict[str, Any] = {"help": f"{help_text} {_default_text(f, presets)}".rstrip(), "dest": f.name}
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if tp is bool:
-            parser.add_argument(_flag_name(f.name), action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, **kwargs)
             continue
         if typing.get_origin(tp) in (list, tuple):
@@ -89,19 +122,69 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["nargs"] = "?" if f.default is not _MISSING else None
             parser.add_argument(f.name, **{k: v for k, v in kwargs.items() if v is not None})
         else:
-            parser.add_argument(_flag_name(f.name), default=argparse.SUPPRESS, **kwargs)
+            parser.add_argument(flag_name(f.name), default=argparse.SUPPRESS, **kwargs)
 
 
-def build_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | None = None) -> T:
-    """The preset named by `ns.preset` (or the class defaults), with every flag the user gave applied."""
-    base = cls() if not presets else presets[getattr(ns, "preset", None) or next(iter(presets))]
-    overrides = {}
+def given_fields(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` the user typed on the command line (flags default to SUPPRESS), with their values."""
     given = vars(ns)
-    for f in dataclasses.fields(cls):
-        if f.name in given:
-            value = given[f.name]
-            overrides[f.name] = list(value) if isinstance(value, list) else value
-    return dataclasses.replace(base, **overrides)
+    return {f.name: list(given[f.name]) if isinstance(given[f.name], list) else given[f.name]
+            for f in dataclasses.fields(cls) if f.name in given}
+
+
+def default_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | None = None) -> T:
+    """The preset named by `ns.preset` (the first preset when none was typed), or the class defaults."""
+    return cls() if not presets else presets[getattr(ns, "preset", None) or next(iter(presets))]
+
+
+def build_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | None = None,
+                 saved: dict[str, Any] | None = None) -> T:
+    """The preset named by `ns.preset` (or the class defaults), with every flag the user gave applied.
+
+    saved: a resumed run's saved config (`to_dict` of it); it is the base instead of the preset, and the flags
+    given are checked against it by their `on_resume` rule (`resumed_config`)."""
+    if saved is not None:
+        return resumed_config(cls, saved, given_fields(cls, ns))
+    return dataclasses.replace(default_config(cls, ns, presets), **given_fields(cls, ns))
+
+
+def resume_rule(cls: type, name: str) -> str:
+    """The `on_resume` rule of field `name`: the most derived declaration that sets one, else REFUSE."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("on_resume"):
+            return f.metadata["on_resume"]
+    return REFUSE
+
+
+def same_setting(a: Any, b: Any) -> bool:
+    """Equal as saved in JSON (tuples come back as lists; "runs/x/" and "runs/x" name one folder)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, str) and isinstance(b, str):
+        return os.path.normpath(a) == os.path.normpath(b)
+    return a == b
+
+
+def resumed_config(cls: type[T], saved: dict[str, Any], given: dict[str, Any]) -> T:
+    """The saved run's config with the flags `given` on resume applied by their rule: SESSION fields start
+    from the class default (a saved --stop-at-step must not end the resumed session at once), APPLY and
+    ANNOUNCE values apply (the training loop announces schedule changes), and a REFUSE field given with a
+    new value is a UserError naming every such flag."""
+    defaults = cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    base = {k: v for k, v in saved.items() if k in names}
+    for name in names:
+        if resume_rule(cls, name) == SESSION:
+            base[name] = getattr(defaults, name)
+    refused = [f"{flag_name(k)} {v!r} (saved: {base.get(k, getattr(defaults, k))!r})"
+               for k, v in given.items()
+               if resume_rule(cls, k) == REFUSE and not same_setting(v, base.get(k, getattr(defaults, k)))]
+    if refused:
+        raise UserError(f"--resume: {', '.join(refused)} would change the saved run's model, data or recipe; "
+                        "drop these flags to continue it, or start a new run with another --out")
+    cfg = dataclasses.replace(defaults, **base)
+    return dataclasses.replace(cfg, **given)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -45,13 +45,21 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r}: {e}") from e
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device; choose cpu, cuda, cuda:N, mps or auto") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine")
         if device.index is None:  # one GPU per process under torchrun
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: Apple's MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: unsupported device type; choose cpu, cuda, cuda:N, mps or auto")
     return device
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from torch import nn
 from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
+from gpt2.io import atomic_write
 
 IGNORE_INDEX = -100
 HELLASWAG_URLS = {
@@ -115,15 +115,11 @@ def download_hellaswag(split: str = "val", data_dir: str | os.PathLike = HELLASW
     if path.is_file():
         return path
     url = HELLASWAG_URLS[split]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+        with atomic_write(path, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
-        os.replace(tmp, path)
-    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
-        Path(tmp).unlink(missing_ok=True)
+    except OSError as e:  # URLError and timeouts (a full disk is already a UserError naming the file)
         raise UserError(f"cannot download HellaSwag from {url} ({e}); offline, pass a local copy of "
                         f"hellaswag_{split}.jsonl with --source FILE") from e
     return path
@@ -200,7 +196,7 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     Rows are right-padded into one batch; pads sit after every real token, so with causal attention they
     change nothing before them, and the mask keeps them out of the sums.
     """
-    from gpt2.inference import pad_right
+    from gpt2.data.batching import pad_right
     from gpt2.train.loop import autocast_context
 
     device = device or next(model.parameters()).device
@@ -329,6 +325,7 @@ def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from gpt2.data.loader import ShardLoader
+    from gpt2.data.shards import checked_batch
 
     if not cfg.data:
         raise UserError("give the shard folder: gpt2 eval val-loss --model M --data DIR")
@@ -341,9 +338,8 @@ def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
     loader = ShardLoader(cfg.data, cfg.split, cfg.batch_size, seq_len)
     # never wrap into a second epoch: that would count tokens twice
     steps = max(1, min(cfg.tokens // loader.window, loader.steps_per_epoch))
-    batches = (loader.next_batch() for _ in tqdm(range(steps), desc=f"{cfg.split} loss", unit="batch",
-                                                 dynamic_ncols=True))
-    loss = val_loss(model, batches, device, dtype)
+    with tqdm(range(steps), desc=f"{cfg.split} loss", unit="batch", dynamic_ncols=True) as bar:  # closed on errors
+        loss = val_loss(model, (checked_batch(loader, model.config.vocab_size) for _ in bar), device, dtype)
     n_tokens = steps * loader.window
     print(f"{cfg.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {n_tokens} tokens "
           f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}")

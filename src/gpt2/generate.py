@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -25,6 +26,27 @@ class GenerateConfig:
     seed: int = arg(1337, help="random seed, for reproducible sampling")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
 
+    def validate(self) -> None:
+        if not self.prompts:
+            raise UserError("give at least one prompt, e.g. gpt2 generate --model DIR \"Hello, I'm a language "
+                            "model,\"")
+        empty = [i + 1 for i, p in enumerate(self.prompts) if not p]
+        if empty:
+            raise UserError(f"prompt {empty[0]} is empty: GPT-2 continues text, give it at least one character")
+        if self.max_steps < 0:
+            raise UserError(f"--max-steps must be >= 0 (got {self.max_steps})")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """One-line errors for sampling flags that mean nothing (shared by every command that samples)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be >= 0, 0 = greedy (got {temperature})")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (got {top_k}); leave it out (or none) to sample from every token")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (got {top_p}); leave it out (or none) for no nucleus cut")
+
 
 def run(cfg: GenerateConfig) -> list[str]:
     from gpt2.checkpoint import load_model
@@ -33,10 +55,7 @@ def run(cfg: GenerateConfig) -> list[str]:
     from gpt2.serve.text import TextStream
     from gpt2.tokenizer import decode_bytes
 
-    if not cfg.prompts:
-        raise UserError("give at least one prompt, e.g. gpt2 generate --model DIR \"Hello, I'm a language model,\"")
-    if cfg.max_steps < 0 or cfg.temperature < 0:
-        raise UserError("--max-steps and --temperature must be >= 0")
+    cfg.validate()
     device = pick_device(cfg.device)
     model = load_model(cfg.model, device).eval()
     ids, mask = tokenize_batch_input(cfg.prompts)
@@ -63,7 +82,18 @@ def run(cfg: GenerateConfig) -> list[str]:
     else:
         for i, (prompt, text) in enumerate(zip(cfg.prompts, texts)):
             print(f"--- [{i + 1}] ---\n{prompt}{text}")
+    _note_window_stops(mask.sum(1).tolist(), outputs, cfg.max_steps, model.config.block_size)
     return texts
+
+
+def _note_window_stops(prompt_lengths: list[int], outputs: list[list[int]], max_steps: int, window: int) -> None:
+    """Say on stderr when a prompt stopped short of --max-steps because it filled the context window."""
+    cut = [i for i, (n, out) in enumerate(zip(prompt_lengths, outputs)) if len(out) < max_steps and n + len(out)
+           >= window]
+    if cut:
+        which = "" if len(outputs) == 1 else f"prompt {cut[0] + 1}{' and others' if len(cut) > 1 else ''}: "
+        print(f"note: {which}stopped after {len(outputs[cut[0]])} of --max-steps {max_steps} new tokens at the "
+              f"model's context window ({window} tokens)", file=sys.stderr)
 
 
 register(Command("generate", "sample continuations of prompts from a model", GenerateConfig, run))

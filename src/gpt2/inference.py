@@ -24,28 +24,16 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from gpt2.data.batching import PAD_ID, pad_right  # noqa: F401 (re-exported: the seed's API pads here)
 from gpt2.kernels import frozen
 from gpt2.model import GPT, KVCache
 from gpt2.tokenizer import EOT, encode
-
-PAD_ID = 0
 
 
 def tokenize_batch_input(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts into right-padded (input_ids, attention_masks), both LongTensor [B, T]."""
     encoded = [encode(p) for p in prompts]
     return pad_right(encoded)
-
-
-def pad_right(sequences: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> right-padded ids and 1/0 mask, LongTensor [B, max_len]."""
-    T = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,

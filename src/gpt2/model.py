@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.errors import UserError
+from gpt2.hf_tokenizer import save_tokenizer_files
+from gpt2.io import load_safetensors, save_safetensors, write_json_atomic
 
 
 @dataclass
@@ -373,21 +374,10 @@ class GPT(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel` loads.
         Files are written under temporary names and renamed, so a crash never leaves half a checkpoint."""
-        from safetensors.torch import save_file
-
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
-            tmp_weights = f.name
-        save_file(self.hf_state_dict(), tmp_weights, metadata={"format": "pt"})
-        os.replace(tmp_weights, out / "model.safetensors")
-        _atomic_write_text(out / "config.json", json.dumps(_config_to_hf(self.config), indent=2))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        save_safetensors(self.hf_state_dict(), out / "model.safetensors")  # with a sha256, checked on load
+        write_json_atomic(out / "config.json", _config_to_hf(self.config))
+        save_tokenizer_files(out, self.config.block_size)  # transformers' AutoTokenizer/pipeline load the folder
 
 
 def _config_to_hf(config: GPTConfig) -> dict:
@@ -462,11 +452,11 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     st, pt = path / "model.safetensors", path / "pytorch_model.bin"
     try:
         if st.exists():
-            from safetensors.torch import load_file
-
-            return load_file(str(st))
+            return load_safetensors(st)
         if pt.exists():
             return torch.load(pt, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot read weights in {path}: {type(e).__name__}: {e}") from e
     raise UserError(f"{path} has neither model.safetensors nor pytorch_model.bin")

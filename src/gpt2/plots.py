@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
+from gpt2.io import atomic_write
 
 # Keys of eval lines that are bookkeeping, not metrics to draw.
 _EVAL_SKIP = {"kind", "step", "val_loss", "time"}
@@ -155,15 +155,8 @@ def draw(records: list[dict], out: str | os.PathLike, title: str = "") -> Path:
     axes[-1].set_xlabel("step")
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return out
 
 

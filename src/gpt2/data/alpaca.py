@@ -9,10 +9,8 @@ Design decisions:
   input)` (the one template, ending in "### Response:\\n") and the answer is the output (surrounding
   whitespace stripped) followed by `<|endoftext|>` (50256), which is how the model learns to stop.
   The two are tokenized separately, so the question/answer boundary is exact.
-- The batch layout is the seed's, exactly (`collate`): `seq = question_ids + answer_ids`, right-padded with
-  token 0 to the batch's longest `seq`; `targets[t] = seq[t + 1]` where position t + 1 is an answer
-  position, else -100. So `F.cross_entropy(ignore_index=-100)` averages over answer tokens (and the final
-  `<|endoftext|>`) only: the question and the padding are read but never trained on.
+- Batches (the seed's layout, `-100` outside the answer) and length-grouped batch order live in
+  `gpt2.data.batching`, shared with DPO, the reward model and PPO.
 - Over-length rule (`fit_length`, applied by fine-tuning with the model's context window, so prepared data
   does not depend on the model): an answer is never cut (that would lose its `<|endoftext|>`). If
   `len(seq) > max_len`, the question is truncated *from the left*, keeping its last `max_len -
@@ -21,13 +19,6 @@ Design decisions:
   example is dropped. Both cases are counted ("truncated", "dropped_too_long").
 - Held-out split (`split_indices`): a seeded permutation of the valid examples, `round(n * val_fraction)`
   of them (at least one when the fraction is > 0 and n >= 2) held out. Same data + seed -> same split.
-- Length-grouped batches (`LengthGroupedBatcher`): each epoch, a seeded shuffle is cut into groups of
-  `group_batches * batch_size` examples; each group is sorted by length and cut into batches, and the batch
-  order is shuffled again. Batches hold similar lengths (little padding) while epochs stay random. The
-  batch with the longest sequence goes first, so an out-of-memory batch shows up at step 1, not hours in.
-  Under DDP the epoch's batch list is the same on every rank and rank r takes batches r, r+W, r+2W, ...
-  (disjoint; the last `len % W` batches are left out that epoch so ranks take equal steps). The position
-  (epoch, batch index) is the whole state: `state_dict()` / `load_state_dict()` resume exactly.
 
 Data layout written by `gpt2 prepare alpaca --out DIR`:
     DIR/train.jsonl, DIR/val.jsonl   one example per line: {"question_ids": [...], "answer_ids": [...]}
@@ -43,28 +34,24 @@ import itertools
 import json
 import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gpt2.cli import Command, register
 from gpt2.config import arg
+from gpt2.data.batching import Example
 from gpt2.errors import UserError
+from gpt2.io import atomic_write, write_json_atomic
 from gpt2.template import format_prompt
 from gpt2.tokenizer import EOT, encode_batch
 
 HUB_ID = "tatsu-lab/alpaca"
-PAD_ID = 0  # the seed pads with token 0 ("!"); it is never a target, so any id would do
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 MIN_QUESTION_TOKENS = 16  # below this a left-truncated question has lost its instruction: drop instead
 MANIFEST = "manifest.json"
 
-Example = tuple[list[int], list[int]]  # (question_ids, answer_ids)
 
 
 # ---------------------------------------------------------------- records -> examples
@@ -102,29 +89,6 @@ def encode_examples(records: Sequence[dict]) -> list[Example]:
     pairs = [_texts(r) for r in records]
     ids = encode_batch([t for pair in pairs for t in pair])
     return [(ids[2 * i], ids[2 * i + 1] + [EOT]) for i in range(len(pairs))]
-
-
-# ---------------------------------------------------------------- the batch layout
-
-
-def collate(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, targets), LongTensor [B, T], T = the longest question + answer in the batch.
-
-    input_ids[i] = seq + [0] * (T - len(seq)) with seq = question_ids + answer_ids;
-    targets[i] = [-100] * (len(question_ids) - 1) + answer_ids + [-100] * (T - len(seq) + 1),
-    i.e. targets[i][t] = seq[t + 1] where t + 1 is an answer position, else -100.
-    """
-    if not examples:
-        raise ValueError("collate needs at least one example")
-    T = max(len(q) + len(a) for q, a in examples)
-    input_ids = torch.full((len(examples), T), PAD_ID, dtype=torch.long)
-    targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (q, a) in enumerate(examples):
-        if not q or not a:
-            raise ValueError(f"example {i}: question and answer must both be non-empty")
-        input_ids[i, : len(q) + len(a)] = torch.tensor(q + a, dtype=torch.long)
-        targets[i, len(q) - 1 : len(q) - 1 + len(a)] = torch.tensor(a, dtype=torch.long)  # answer shifted left
-    return input_ids, targets
 
 
 def fit_length(example: Example, max_len: int) -> Example | None:
@@ -167,97 +131,13 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-# ---------------------------------------------------------------- length-grouped batching
-
-
-class LengthGroupedBatcher:
-    """Endless stream of this rank's batches of example indices, grouped by length (module docstring).
-
-    lengths: the token length of every example. group_batches: how many batches are formed from one
-    sorted group (larger = less padding, less randomness). `next_batch()` wraps into the next epoch.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, group_batches: int = 16):
-        if batch_size < 1 or group_batches < 1:
-            raise UserError("batch size and group size must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.lengths = list(lengths)
-        self.batch_size, self.seed, self.group_batches = batch_size, seed, group_batches
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.pos = 0, 0
-        self._batches = self.epoch_batches(0)
-        if not self._batches:
-            raise UserError(f"{len(self.lengths)} examples make fewer batches of {batch_size} than there are "
-                            f"ranks ({world_size}): lower the batch size")
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches for `epoch`, in order (a pure function of seed and epoch)."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        group = self.batch_size * self.group_batches
-        batches: list[list[int]] = []
-        for start in range(0, len(order), group):
-            chunk = sorted(order[start : start + group], key=lambda i: self.lengths[i], reverse=True)
-            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(batches)
-        if batches:  # longest batch first: a batch that does not fit in memory fails at step 1
-            longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
-            batches[0], batches[longest] = batches[longest], batches[0]
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[self.rank : usable : self.world_size]
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches this rank takes per epoch (the same every epoch and on every rank)."""
-        return len(self._batches)
-
-    def next_batch(self) -> list[int]:
-        if self.pos >= len(self._batches):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._batches = self.epoch_batches(self.epoch)
-        batch = self._batches[self.pos]
-        self.pos += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "num_examples": len(self.lengths),
-                "batch_size": self.batch_size, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "num_examples", "batch_size", "world_size"):
-            if state[key] != mine[key]:
-                raise UserError(f"cannot resume: the checkpoint's batches were made with {key}={state[key]}, "
-                                f"this run has {key}={mine[key]}")
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._batches = self.epoch_batches(self.epoch)
-
-
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_examples(path: Path, examples: Iterable[Example]) -> None:
-    def write(f) -> None:
+    with atomic_write(path, "w") as f:
         for q, a in examples:
             f.write(json.dumps({"question_ids": q, "answer_ids": a}, separators=(",", ":")) + "\n")
-
-    _atomic_write(Path(path), write)
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
@@ -375,7 +255,7 @@ def prepare(cfg: PrepareAlpacaConfig) -> dict:
         "tokens": {"total": sum(lengths), "max_len": lengths[-1], "median_len": lengths[len(lengths) // 2],
                    "over_1024": sum(n > 1024 for n in lengths)},
     }
-    _atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2) + "\n"))
+    write_json_atomic(out / MANIFEST, manifest)
     print(report(manifest, out))
     return manifest
 

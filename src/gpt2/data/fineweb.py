@@ -42,6 +42,7 @@ from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.data.shards import SPLITS, list_shards, read_header, read_shard, shard_name, write_shard
 from gpt2.errors import UserError
+from gpt2.io import write_json_atomic
 
 DATASETS = {  # --dataset -> (hub id, config, shard file prefix)
     "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT", "fineweb"),
@@ -62,6 +63,17 @@ class PrepareFinewebConfig:
     workers: int | None = arg(None, "tokenizer processes; none means one per available core")
     max_docs: int | None = arg(None, "stop after this many documents (in total, across resumed runs)")
     max_tokens: int | None = arg(None, "stop after this many tokens (in total, across resumed runs)")
+
+    def validate(self) -> None:
+        if self.shard_tokens < 1 or self.shard_tokens > 2**31 - 1:
+            raise UserError(f"--shard-tokens {self.shard_tokens}: must be between 1 and 2147483647")
+        if self.val_tokens < 0 or self.val_tokens > 2**31 - 1:
+            raise UserError(f"--val-tokens {self.val_tokens}: must be between 0 and 2147483647")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers {self.workers}: must be >= 1")
+        for flag, value in (("--max-docs", self.max_docs), ("--max-tokens", self.max_tokens)):
+            if value is not None and value < 0:
+                raise UserError(f"{flag} {value}: must be >= 0")
 
 
 def tokenize_document(text: str) -> np.ndarray:
@@ -172,7 +184,8 @@ class ShardWriter:
         are not part of the recorded state: remove them so they are rewritten, never counted twice."""
         recorded = {s["name"] for s in self.shards}
         for p in self.out.iterdir():
-            if p.name.startswith(f".{self.prefix}_") and ".bin.tmp" in p.name:
+            # atomic_write's temp names: ".NAME.XXXXXXXX.tmp" (a SIGKILL mid-write leaves one behind)
+            if p.name.startswith((f".{self.prefix}_", f".{PROGRESS}.")) and p.name.endswith(".tmp"):
                 p.unlink()
         for split in SPLITS:
             for p in list_shards(self.out, split):
@@ -227,10 +240,7 @@ def load_progress(out: Path) -> dict[str, Any] | None:
 
 
 def save_progress(out: Path, state: dict[str, Any]) -> None:
-    path = out / PROGRESS
-    tmp = path.with_name(f".{PROGRESS}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(out / PROGRESS, state, indent=1)
 
 
 def available_cpus() -> int:
@@ -241,18 +251,6 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _check(cfg: PrepareFinewebConfig) -> None:
-    if cfg.shard_tokens < 1 or cfg.shard_tokens > 2**31 - 1:
-        raise UserError(f"--shard-tokens {cfg.shard_tokens}: must be between 1 and 2147483647")
-    if cfg.val_tokens < 0 or cfg.val_tokens > 2**31 - 1:
-        raise UserError(f"--val-tokens {cfg.val_tokens}: must be between 0 and 2147483647")
-    if cfg.workers is not None and cfg.workers < 1:
-        raise UserError(f"--workers {cfg.workers}: must be >= 1")
-    for flag, value in (("--max-docs", cfg.max_docs), ("--max-tokens", cfg.max_tokens)):
-        if value is not None and value < 0:
-            raise UserError(f"{flag} {value}: must be >= 0")
-
-
 def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
     """Prepare (or resume preparing) the shards; returns a summary {shards, docs, tokens, out}."""
     from tqdm import tqdm
@@ -260,7 +258,7 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
     from gpt2.data.sources import iter_records
     from gpt2.tokenizer import get_encoding
 
-    _check(cfg)
+    cfg.validate()
     hub_id, hub_config, prefix = DATASETS[cfg.dataset]
     out = Path(cfg.out or f"data/{cfg.dataset}")
     settings = {"input": str(Path(cfg.source).resolve()) if cfg.source else f"{hub_id}/{hub_config}",
@@ -280,6 +278,15 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
     records = iter_records(cfg.source, hub_id, hub_config, split="train")
     records = itertools.islice(records, start_doc, cfg.max_docs)  # resume: past what is written
     texts = iter_texts(records, cfg.text_field, cfg.source or hub_id, first_index=start_doc)
+    with_text = 0  # documents of this run that hold any text
+
+    def counted(texts: Iterator[str]) -> Iterator[str]:
+        nonlocal with_text
+        for text in texts:
+            with_text += bool(text.strip())
+            yield text
+
+    texts = counted(texts)
     budget = None if cfg.max_tokens is None else cfg.max_tokens - writer.tokens  # tokens this run may add
     exhausted = budget is None or budget > 0
     t0 = shown = time.time()
@@ -305,6 +312,9 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
         bar.close()
     if cfg.max_docs is not None and writer.docs >= cfg.max_docs:
         exhausted = False
+    if start_doc == 0 and with_text == 0 and exhausted:
+        raise UserError(f"{cfg.source or hub_id}: no text to tokenize (none of its {writer.docs} record(s) has text "
+                        f"in field {cfg.text_field!r})")
     writer.finish(exhausted)
     rate = new_tokens / max(time.time() - t0, 1e-9)
     print(f"{out}: {len(writer.shards)} shards, {writer.tokens:,} tokens from {writer.docs:,} documents "

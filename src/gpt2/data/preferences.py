@@ -7,7 +7,7 @@ Design decisions:
   fine-tuning template (`gpt2.template.format_chat`: the last Human turn is the instruction, earlier turns
   the input), and each answer is its text followed by `<|endoftext|>`, so a pair trains exactly like two
   fine-tuning examples `(prompt_ids, answer_ids)` and batches use the fine-tuning layout
-  (`gpt2.data.alpaca.collate`: prompt and padding positions have target -100).
+  (`gpt2.data.batching.collate`: prompt and padding positions have target -100).
 - Malformed pairs are counted by reason and reported, never a crash mid-run: a dialogue that does not
   parse into Human/Assistant turns, one that does not end with an Assistant turn, chosen and rejected
   prompts that differ, identical answers (no preference signal), missing or non-string fields.
@@ -29,7 +29,6 @@ import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +36,9 @@ import torch
 
 from gpt2.cli import Command, register
 from gpt2.config import arg
-from gpt2.data.alpaca import collate
+from gpt2.data.batching import collate
 from gpt2.errors import UserError
+from gpt2.io import atomic_write, write_json_atomic
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, encode
 
@@ -125,14 +125,6 @@ def collate_pairs(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line)
-    os.replace(tmp, path)
-
-
 def load_pairs(path: str | os.PathLike) -> list[Pair]:
     """The pairs of a `train.jsonl`/`val.jsonl` written by `gpt2 prepare hh`."""
     path = Path(path)
@@ -204,10 +196,11 @@ def prepare(cfg: PrepareHHConfig) -> dict:
     if not splits["train"]:
         raise UserError(f"no usable preference pairs in {cfg.source or HUB_ID} (counts: {dict(counts)})")
     for split, lines in splits.items():
-        _atomic_write(out / f"{split}.jsonl", lines)
+        with atomic_write(out / f"{split}.jsonl", "w") as f:
+            f.writelines(lines)
     meta = {"source": cfg.source or HUB_ID, "max_len": cfg.max_len, "train": len(splits["train"]),
             "val": len(splits["val"]), **dict(counts)}
-    _atomic_write(out / "meta.json", [json.dumps(meta, indent=2) + "\n"])
+    write_json_atomic(out / "meta.json", meta)
     skipped = {k: v for k, v in counts.items() if k not in ("read", "truncated")}
     print(f"prepare hh: {meta['train']} train + {meta['val']} val pairs -> {out} "
           f"({counts['read']} read, {counts['truncated']} truncated, skipped {skipped or 'none'})")

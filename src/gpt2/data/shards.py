@@ -16,21 +16,21 @@ Design decisions:
 - `read_shard` memory-maps the tokens and never copies the file: a 100M-token shard costs nothing until a
   batch touches it. It checks the magic, the version, and that the file size is exactly header + 2N bytes,
   so a truncated or foreign file is a `UserError` naming the file, never a silent misread.
-- `write_shard` writes to a temporary name in the same folder and renames it (`os.replace` is atomic), so
-  a crash mid-write never leaves a file that looks like a complete shard.
+- `write_shard` writes through `gpt2.io.atomic_write` (temp file in the same folder, fsync, rename), so a
+  crash or a full disk mid-write never leaves a file that looks like a complete shard.
 - Names are `{prefix}_{split}_{index:06d}.bin` (e.g. `fineweb_val_000000.bin`, `fineweb_train_000001.bin`);
   `list_shards` finds one split's shards in index order.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from gpt2.errors import UserError
+from gpt2.io import atomic_write
 
 MAGIC = 20240520
 VERSION = 1
@@ -60,16 +60,9 @@ def write_shard(path: str | Path, tokens: np.ndarray | list[int]) -> Path:
         arr = arr.astype(_TOKEN_DTYPE)
     header = np.zeros(HEADER_INTS, dtype=_HEADER_DTYPE)
     header[:3] = (MAGIC, VERSION, len(arr))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(arr.tobytes())
-            f.flush()
-            os.fsync(f.fileno())  # the rename must never publish a file whose bytes are still in flight
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(arr.tobytes())
     return path
 
 
@@ -124,3 +117,27 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     if len(prefixes) > 1:  # two datasets in one folder would be silently concatenated
         raise UserError(f"{data_dir}: shards of several datasets ({', '.join(prefixes)}) in one folder")
     return [p for _, _, p in sorted(found, key=lambda t: t[1])]
+
+
+def check_token_ids(tokens, vocab_size: int, shards: list[Path]) -> None:
+    """Raise a UserError naming the shard if `tokens` (a batch read from `shards`, tensor or array) holds an id
+    >= vocab_size, which would otherwise be an IndexError deep inside the embedding. The batch's max is one
+    cheap reduction per batch (scanning every shard up front would read the whole dataset before step 1);
+    the shards themselves are scanned only to name the culprit."""
+    if len(tokens) == 0 or int(tokens.max()) < vocab_size:
+        return
+    for path in shards:
+        ids = read_shard(path)
+        if len(ids) and (top := int(ids.max())) >= vocab_size:
+            raise UserError(f"{path}: token id {top} is outside the model's vocabulary ({vocab_size} ids, "
+                            "--vocab-size); were these shards made with another tokenizer?")
+    raise UserError(f"token id {int(tokens.max())} read from {len(shards)} shard(s) is outside the model's "
+                    f"vocabulary ({vocab_size} ids)")
+
+
+def checked_batch(loader, vocab_size: int):
+    """`loader.next_batch()` -> (x, y), checked with `check_token_ids` against the loader's `shards`."""
+    x, y = loader.next_batch()
+    check_token_ids(x.reshape(-1), vocab_size, loader.shards)
+    check_token_ids(y.reshape(-1), vocab_size, loader.shards)
+    return x, y

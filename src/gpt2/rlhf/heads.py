@@ -16,13 +16,13 @@ Design decisions:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from gpt2.errors import UserError
+from gpt2.io import load_safetensors, save_safetensors
 from gpt2.model import GPT
 
 REWARD_HEAD = "reward_head.safetensors"
@@ -37,21 +37,13 @@ def scalar_head(n_embd: int) -> nn.Linear:
 
 
 def save_head(head: nn.Linear, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        tmp = f.name
-    save_file({"weight": head.weight.detach().cpu().contiguous(), "bias": head.bias.detach().cpu().contiguous()},
-              tmp)
-    os.replace(tmp, path)
+    save_safetensors({"weight": head.weight, "bias": head.bias}, path)  # atomic, with a sha256
 
 
 def load_head(head: nn.Linear, path: Path) -> None:
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise UserError(f"{path} not found: not a folder saved by `gpt2 reward` / `gpt2 ppo`")
-    sd = load_file(str(path))
+    sd = load_safetensors(path)  # a corrupted file is a UserError naming it
     if set(sd) != {"weight", "bias"} or sd["weight"].shape != head.weight.shape:
         raise UserError(f"{path}: expected weight {tuple(head.weight.shape)} and bias, got "
                         f"{ {k: tuple(v.shape) for k, v in sd.items()} }")

@@ -5,16 +5,18 @@ Design decisions:
   the B rejected ones, so one forward pass scores both sides of every pair.
 - Batches come from the fine-tuning `LengthGroupedBatcher` (rank-aware, resumable, little padding), with a
   pair's length taken as prompt + its longer answer.
+- A stage's loss is a mean over the batch's pairs and `loss_weight` is their number, so a step averages
+  over every pair of the global batch (a short last batch of a length group weighs less).
 - A stage only says how a batch becomes a loss (`pair_loss`); training steps and held-out evaluation both
   go through it, so the logged training and validation metrics are the same quantities.
 - The two pair stages share their flags (`PairStageConfig`: the shared loop's `TrainConfig` plus model,
-  data, batch size, epochs) and their setup (`run_pair_stage`): `--epochs` sets `--max-steps` from the
-  data size, and evaluation on the held-out pairs defaults to once an epoch.
+  data, batch size, epochs) and their setup (`run_pair_stage`): the run's length follows the rule of
+  every command (`gpt2.train.loop.run_length`: `--max-steps` when given, else `--epochs` x steps per
+  epoch), and evaluation on the held-out pairs defaults to once an epoch.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,12 +26,12 @@ import torch.nn as nn
 
 from gpt2.checkpoint import load_model
 from gpt2.config import arg
-from gpt2.data.alpaca import LengthGroupedBatcher
+from gpt2.data.batching import LengthGroupedBatcher
 from gpt2.data.preferences import Pair, collate_pairs, load_pairs, pair_length, split_file
 from gpt2.distributed import DistInfo, all_gather_object, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT
-from gpt2.train.loop import TrainConfig, train
+from gpt2.train.loop import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
 
 
 class PairTask:
@@ -60,6 +62,10 @@ class PairTask:
         device = next(model.parameters()).device
         input_ids, targets = (t.to(device, non_blocking=True) for t in batch)
         return self.pair_loss(model, input_ids, targets)
+
+    def loss_weight(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """Pair losses are means over pairs: the loop weights each micro batch by its number of pairs."""
+        return batch[0].size(0) // 2
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -101,7 +107,8 @@ class PairStageConfig(TrainConfig):
     data: str = arg("data/hh", "folder written by `gpt2 prepare hh` (train.jsonl, val.jsonl)")
     batch_size: int = arg(8, "preference pairs per micro batch per process (each pair is two sequences)")
     grad_accum: int = arg(1, "micro batches per optimizer step")
-    epochs: float = arg(1.0, "passes over the training pairs; sets --max-steps (0: use --max-steps instead)")
+    epochs: float = arg(1.0, EPOCHS_HELP)
+    max_steps: int | None = arg(None, MAX_STEPS_HELP)
     eval_every: int | None = arg(None, "evaluate on the held-out pairs every N steps; default once an epoch")
     max_len: int | None = arg(None, "skip pairs longer than this many tokens (default: the model's context)")
     lr: float = arg(5e-6, "peak learning rate (reached after warmup)")
@@ -127,16 +134,15 @@ def load_train_val(cfg: PairStageConfig, block_size: int) -> tuple[list[Pair], l
 def run_pair_stage(cfg: PairStageConfig, make_model: Callable[[GPT], nn.Module],
                    make_task: Callable[[GPT, list[Pair], list[Pair], DistInfo], PairTask]) -> nn.Module:
     """Load the starting GPT and the pairs, build the stage's model and task, and train on the shared loop."""
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 0:
-        raise UserError("--batch-size and --grad-accum must be >= 1 and --epochs >= 0")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be >= 1")
     dist = init_distributed(cfg.device)
     try:
         start = load_model(cfg.model)
         train_pairs, val_pairs = load_train_val(cfg, start.config.block_size)
         task = make_task(start, train_pairs, val_pairs, dist)
         steps_per_epoch = max(1, task.steps_per_epoch // cfg.grad_accum)
-        if cfg.epochs > 0:
-            cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+        cfg = replace(cfg, max_steps=run_length(cfg.max_steps, cfg.epochs, steps_per_epoch))
         if cfg.eval_every is None:
             cfg = replace(cfg, eval_every=steps_per_epoch if val_pairs else 0)
         if dist.is_main:

@@ -7,50 +7,41 @@ One iteration:
      Record the policy's log-probs and values, the reference's log-probs, and the reward model's score.
   2. Rewards: -kl_coef * (logp - ref_logp) at every answer token, plus the score at the last one
      (`kl_penalized_rewards`). Advantages by GAE(gamma, lam), whitened over the batch; returns = A + V.
-  3. Update: `ppo_epochs` passes over the rollout batch in shuffled minibatches, minimising the clipped
-     policy loss + vf_coef * the clipped value loss, with gradient clipping.
+  3. Update: `ppo_epochs` passes over the rollout batch in shuffled minibatches, one optimizer update each,
+     minimising the clipped policy loss + vf_coef * the clipped value loss, with gradient clipping.
 Design decisions:
 - The value function is a scalar head on the policy's own backbone (`ActorCritic`): one forward pass
   gives logits and values, and there is one model to shard, checkpoint and export. The policy alone is
   exported as a Hugging Face checkpoint; the value head is saved beside it.
 - The reward is any function `(input_ids, targets) -> scores (B,)`; the command uses a `RewardModel`
   trained by `gpt2 reward`, the tests a known rule, so the algorithm is checked on its own.
-- PPO alternates generation and optimisation, which the step-driven shared loop does not do, so it has
-  this small outer loop built from the loop's pieces (optimizer, LR schedule, checkpoints, metrics,
-  progress bar, plots) rather than a second copy of them.
+- PPO runs on the shared loop (`gpt2.train.loop.train`) as a Task like every other stage: a loop step is
+  one iteration, `next_batch()` is a rollout and `updates(rollout)` cuts it into the epochs x minibatches
+  of optimizer updates (the loop's one extension for this). So resume, metrics, stop signals,
+  `--max-minutes`, the NaN check before each optimizer step, evaluation (also at an early stop) and
+  checkpoints are the loop's. The policy and value losses are means over answer tokens, weighted by their
+  number across minibatches and ranks as every masked loss is (`loss_weight`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
-import time
-from collections import defaultdict
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from gpt2.checkpoint import (
-    CHECKPOINT_FILE,
-    MODEL_DIR,
-    capture_rng_state,
-    load_checkpoint,
-    load_model,
-    restore_rng_state,
-    save_checkpoint,
-)
+from gpt2.checkpoint import load_model
 from gpt2.cli import Command, register
-from gpt2.config import arg, to_dict
-from gpt2.data.alpaca import LengthGroupedBatcher, collate
+from gpt2.config import arg
+from gpt2.data.batching import LengthGroupedBatcher, collate, pad_right
 from gpt2.data.preferences import load_pairs, split_file
-from gpt2.distributed import all_gather_object, all_reduce_mean, destroy_distributed, init_distributed
+from gpt2.distributed import all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
-from gpt2.inference import generate, pad_right
+from gpt2.inference import generate
 from gpt2.model import GPT
 from gpt2.rlhf.heads import ActorCritic, RewardModel
 from gpt2.rlhf.losses import (
@@ -64,20 +55,7 @@ from gpt2.rlhf.losses import (
 )
 from gpt2.template import format_prompt
 from gpt2.tokenizer import EOT, encode
-from gpt2.train.loop import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    MetricsLogger,
-    NonFiniteLossError,
-    StopSignals,
-    TrainConfig,
-    apply_lr,
-    autocast_context,
-    autocast_dtype,
-    build_optimizer,
-    plot,
-    seed_everything,
-)
+from gpt2.train.loop import TrainConfig, autocast_context, autocast_dtype, seed_everything, train
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, targets) -> scores (B,)
 
@@ -95,7 +73,6 @@ class PPOHyper:
     vf_coef: float = 0.1
     ppo_epochs: int = 4
     minibatch_size: int = 8
-    grad_clip: float = 1.0
 
 
 def complete(prompt: list[int], answer: list[int], max_new_tokens: int, block_size: int) -> list[int]:
@@ -141,35 +118,72 @@ def rollout(actor: ActorCritic, reference: GPT, reward_fn: RewardFn, prompts: li
     return batch, metrics
 
 
-def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], hp: PPOHyper,
-               generator: torch.Generator | None = None,
-               autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
-    """`ppo_epochs` passes of clipped-loss minibatch steps over one rollout batch. `model` is the
-    ActorCritic (or its DDP wrapper). Returns metrics averaged over the minibatch steps."""
-    B = batch["input_ids"].size(0)
-    totals: dict[str, float] = defaultdict(float)
-    steps = 0
-    model.train()
-    for _ in range(hp.ppo_epochs):
-        order = torch.randperm(B, generator=generator)
-        for start in range(0, B, hp.minibatch_size):
-            mb = {k: v[order[start:start + hp.minibatch_size].to(v.device)] for k, v in batch.items()}
-            with autocast():
-                logits, values = model(mb["input_ids"])
-            logp = token_logprobs(logits, mb["targets"])
-            policy_loss, pm = ppo_policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], hp.clip)
-            value_loss, vm = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], hp.value_clip)
-            loss = policy_loss + hp.vf_coef * value_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
-            optimizer.step()
-            step_metrics = {"loss": loss.item(), "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
-                            "grad_norm": grad_norm.item(), **pm, **vm}
-            for k, v in step_metrics.items():
-                totals[k] += v
-            steps += 1
-    return {k: v / steps for k, v in totals.items()}
+class PPOTask:
+    """PPO as a Task of the shared loop (module docstring): a batch is a rollout, split into updates."""
+
+    def __init__(self, actor: ActorCritic, reference: GPT, reward_fn: RewardFn, train_prompts: list[list[int]],
+                 eval_prompts: list[list[int]], hp: PPOHyper, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: torch.device | None = None, amp: torch.dtype | None = None):
+        self.actor, self.reference, self.reward_fn, self.hp = actor, reference, reward_fn, hp
+        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device, self.amp = device or torch.device("cpu"), amp
+        self.sampler = LengthGroupedBatcher([len(p) for p in train_prompts], batch_size, seed=seed, rank=rank,
+                                            world_size=world_size)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed + rank)  # rollout sampling
+        self.shuffle = torch.Generator().manual_seed(seed + rank)  # minibatch order
+
+    def next_batch(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """A rollout of this rank's next prompts: (batch of (B, T) tensors, rollout metrics)."""
+        prompts = [self.train_prompts[i] for i in self.sampler.next_batch()]
+        with autocast_context(self.device, self.amp):
+            return rollout(self.actor, self.reference, self.reward_fn, prompts, self.hp, generator=self.gen)
+
+    def updates(self, batch: tuple[dict[str, torch.Tensor], dict[str, float]],
+                ) -> tuple[list[list[dict[str, torch.Tensor]]], dict[str, float]]:
+        """`ppo_epochs` shuffled passes over the rollout in minibatches: one optimizer update each."""
+        rolled, metrics = batch
+        B = rolled["input_ids"].size(0)
+        steps = []
+        for _ in range(self.hp.ppo_epochs):
+            order = torch.randperm(B, generator=self.shuffle)
+            for start in range(0, B, self.hp.minibatch_size):
+                idx = order[start:start + self.hp.minibatch_size]
+                steps.append([{k: v[idx.to(v.device)] for k, v in rolled.items()}])
+        return steps, metrics
+
+    def loss(self, model: nn.Module, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Clipped policy loss + vf_coef * clipped value loss, both means over the minibatch's answer tokens."""
+        logits, values = model(mb["input_ids"])
+        logp = token_logprobs(logits, mb["targets"])
+        policy_loss, pm = ppo_policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], self.hp.clip)
+        value_loss, vm = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], self.hp.value_clip)
+        loss = policy_loss + self.hp.vf_coef * value_loss
+        return loss, {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), **pm, **vm}
+
+    def loss_weight(self, mb: dict[str, torch.Tensor]) -> int:
+        return int(mb["mask"].sum())
+
+    def num_tokens(self, mb: dict[str, torch.Tensor]) -> int:
+        return mb["input_ids"].numel()
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Mean reward-model score and KL of greedy-free (seeded) answers to the held-out prompts."""
+        if not self.eval_prompts:
+            return {}
+        mine = self.eval_prompts[self.rank::self.world_size] or self.eval_prompts[:1]
+        _, m = rollout(self.actor, self.reference, self.reward_fn, mine, self.hp,
+                       generator=torch.Generator(device=self.device).manual_seed(self.seed))
+        score, kl = all_reduce_mean(torch.tensor([m["score"], m["kl"]], device=self.device)).tolist()
+        return {"score": score, "kl": kl}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "gen": self.gen.get_state(), "shuffle": self.shuffle.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.gen.set_state(state["gen"])
+        self.shuffle.set_state(state["shuffle"])
 
 
 # ----------------------------------------------------------------------------- `gpt2 ppo`
@@ -234,139 +248,36 @@ def load_prompts(cfg: PPOConfig, max_prompt_len: int) -> tuple[list[list[int]], 
 def _check(cfg: PPOConfig) -> None:
     if min(cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs, cfg.max_new_tokens) < 1:
         raise UserError("--batch-size, --minibatch-size, --ppo-epochs and --max-new-tokens must be >= 1")
-    if cfg.max_steps < 1 or cfg.eval_every < 0 or cfg.save_every < 0:
-        raise UserError("--max-steps must be >= 1 and --eval-every/--save-every >= 0")
 
 
 def run(cfg: PPOConfig) -> ActorCritic:
-    """The outer PPO loop, built from the shared loop's optimizer, LR schedule, autocast, checkpoint files,
-    metrics logger and plot."""
+    """Load the policy, reference and reward model, and train PPO's Task on the shared loop."""
     _check(cfg)
     dist = init_distributed(cfg.device)
     try:
-        return _run(cfg, dist)
+        device = dist.device
+        policy = load_model(cfg.model)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+        scorer = RewardModel.from_pretrained(cfg.reward_model).eval().requires_grad_(False).to(device)
+        context = min(policy.config.block_size, scorer.config.block_size)
+        train_prompts, eval_prompts = load_prompts(cfg, context - cfg.max_new_tokens - 1)
+        seed_everything(cfg.seed)  # the value head's initial weights (DDP broadcasts rank 0's anyway)
+        actor = ActorCritic(policy).to(device)
+
+        def reward_fn(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return scorer(input_ids, last_token_index(targets))
+
+        hp = PPOHyper(**{f.name: getattr(cfg, f.name) for f in fields(PPOHyper)})
+        task = PPOTask(actor, reference, reward_fn, train_prompts, eval_prompts, hp, cfg.batch_size,
+                       seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=device,
+                       amp=autocast_dtype(cfg.dtype, device))
+        if dist.is_main:
+            print(f"{len(train_prompts)} prompts ({len(eval_prompts)} for evaluation); {cfg.max_steps} iterations "
+                  f"of {cfg.batch_size * dist.world_size} rollouts", flush=True)
+        train(actor, task, cfg, 1, dist=dist, run_config=cfg)
+        return actor
     finally:
         destroy_distributed()
-
-
-def _run(cfg: PPOConfig, dist) -> ActorCritic:
-    device, run_dir = dist.device, Path(cfg.out)
-    ckpt_path = run_dir / CHECKPOINT_FILE
-    if ckpt_path.exists() and not cfg.resume:
-        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    seed_everything(cfg.seed + dist.rank)
-    policy = load_model(cfg.model)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-    scorer = RewardModel.from_pretrained(cfg.reward_model).eval().requires_grad_(False).to(device)
-    context = min(policy.config.block_size, scorer.config.block_size)
-    train_prompts, eval_prompts = load_prompts(cfg, context - cfg.max_new_tokens - 1)
-    sampler = LengthGroupedBatcher([len(p) for p in train_prompts], cfg.batch_size, seed=cfg.seed, rank=dist.rank,
-                                   world_size=dist.world_size)
-    actor = ActorCritic(policy).to(device)
-    optimizer = build_optimizer(actor, cfg, device)
-    hp = PPOHyper(**{f.name: getattr(cfg, f.name) for f in fields(PPOHyper)})
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank)  # rollout sampling
-    shuffle = torch.Generator().manual_seed(cfg.seed + dist.rank)  # minibatch order
-
-    def reward_fn(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return scorer(input_ids, last_token_index(targets))
-
-    start = 0
-    if cfg.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.get("world_size", 1) != dist.world_size:
-            raise UserError(f"{ckpt_path} was written by {state['world_size']} processes; resume with as many")
-        actor.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        mine = state["ranks"][dist.rank]
-        sampler.load_state_dict(mine["sampler"])
-        restore_rng_state(mine["rng"], device)
-        gen.set_state(mine["gen"])
-        shuffle.set_state(mine["shuffle"])
-        start = state["step"]
-    model: nn.Module = actor
-    if dist.is_distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(actor, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = autocast_dtype(cfg.dtype, device)
-    autocast = lambda: autocast_context(device, amp)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        print(f"{len(train_prompts)} prompts ({len(eval_prompts)} for evaluation); {cfg.max_steps} iterations of "
-              f"{cfg.batch_size * dist.world_size} rollouts", flush=True)
-    metrics = MetricsLogger(run_dir / METRICS_FILE, enabled=dist.is_main, keep_until_step=start if start else None)
-
-    def evaluate(step: int) -> None:
-        if not eval_prompts:
-            return
-        with autocast():
-            _, m = rollout(actor, reference, reward_fn, eval_prompts[dist.rank::dist.world_size] or eval_prompts[:1],
-                           hp, generator=torch.Generator(device=device).manual_seed(cfg.seed))
-        values = all_reduce_mean(torch.tensor([m["score"], m["kl"]], device=device)).tolist()
-        if dist.is_main:
-            metrics.log({"kind": "eval", "step": step, "score": values[0], "kl": values[1]})
-            bar.write(f"step {step}: held-out score {values[0]:.4f}, kl {values[1]:.4f}")
-            if step:  # the graph needs training lines
-                plot(run_dir)
-
-    def save(step: int) -> None:
-        ranks = all_gather_object({"sampler": sampler.state_dict(), "rng": capture_rng_state(device),
-                                   "gen": gen.get_state(), "shuffle": shuffle.get_state()})
-        if dist.is_main:
-            save_checkpoint({"model": actor.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "world_size": dist.world_size, "ranks": ranks, "train_config": to_dict(cfg),
-                             "model_config": asdict(policy.config)}, ckpt_path)
-            actor.save_pretrained(run_dir / MODEL_DIR)
-            plot(run_dir)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not (dist.is_main and cfg.progress), unit="it",
-               dynamic_ncols=True, desc=run_dir.name)
-    if start == 0 and cfg.eval_every:
-        evaluate(0)
-    t_start = time.perf_counter()
-    end = cfg.stop_at_step or cfg.max_steps
-    with StopSignals() as signals:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            lr = apply_lr(optimizer, step, cfg)
-            prompts = [train_prompts[i] for i in sampler.next_batch()]
-            with autocast():
-                batch, roll = rollout(actor, reference, reward_fn, prompts, hp, generator=gen)
-            upd = ppo_update(model, optimizer, batch, hp, generator=shuffle, autocast=autocast)
-            keys = sorted(roll) + sorted(upd)
-            out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
-            flags = [float(out_of_time), float(signals.signum)]
-            values = all_reduce_mean(torch.tensor([*({**roll, **upd}[k] for k in keys), *flags],
-                                                  device=device, dtype=torch.float64)).tolist()
-            record = dict(zip(keys, values))
-            timed_out, signalled = values[-2] > 0, values[-1] > 0  # every rank stops at the same iteration
-            stop = timed_out or signalled
-            if not math.isfinite(record["loss"]):
-                raise NonFiniteLossError(f"PPO stopped at iteration {step + 1}: loss {record['loss']}; lower --lr")
-            done, now = step + 1, time.perf_counter()
-            tokens = batch["input_ids"].numel() * dist.world_size
-            metrics.log({"kind": "train", "step": done, "lr": lr, "tokens_per_s": tokens / (now - t0), "mfu": None,
-                         "time": now - t_start, **record})
-            bar.update(1)
-            bar.set_postfix_str(f"score {record['score']:.3f} kl {record['kl']:.3f}", refresh=False)
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-                evaluate(done)
-            if done == end or stop or (cfg.save_every and done % cfg.save_every == 0):
-                save(done)
-            if stop:
-                if dist.is_main:
-                    why = "--max-minutes reached" if timed_out else "signalled"
-                    bar.write(f"{why}: saved iteration {done}; continue with --resume")
-                if signalled:
-                    bar.close()
-                    signals.exit()
-                break
-    bar.close()
-    return actor
 
 
 register(Command("ppo", "InstructGPT-style PPO of a fine-tuned policy against a reward model", PPOConfig, run))

@@ -1,18 +1,21 @@
 """An OpenAI-compatible HTTP API (FastAPI) over the continuous-batching engine, plus the web chat page.
 
 Endpoints: `POST /v1/completions` (raw prompt), `POST /v1/chat/completions` (messages rendered with
-`gpt2.template.format_chat`, the one prompt template), `GET /v1/models`, `GET /health`, and `GET /` (the
-chat page in `static/index.html`).
+`gpt2.template.format_chat`, the one prompt template), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`,
+`GET /openapi.json` and `/docs` (the request schemas of `gpt2.serve.schema`), and `GET /` (the chat page in
+`static/index.html`).
 
 Design decisions:
 - Request and response bodies follow OpenAI's schemas, so the `openai` client, curl scripts and browsers
-  work unchanged: temperature, top_p, max_tokens (max_completion_tokens), stop, n, seed, stream (server-sent
-  events ending with `data: [DONE]`, `stream_options.include_usage`), finish_reason "stop"/"length" and
-  usage counts. Unknown fields are ignored (clients send many); known fields are validated strictly
-  (a string where a number belongs is an error, not a guess).
+  work unchanged: temperature, top_p, max_tokens (max_completion_tokens), stop, n, seed, echo, stream
+  (server-sent events ending with `data: [DONE]`, `stream_options.include_usage`), finish_reason
+  "stop"/"length" and usage counts. Every OpenAI field is declared in `gpt2.serve.schema` and either honoured
+  or refused with a 400 naming it; fields OpenAI does not have are ignored (clients send many).
 - Every bad request gets a 4xx with OpenAI's error object `{"error": {"message", "type", "param", "code"}}`,
   never a 500 or a hung connection: the body is read here with a size limit and parsed by pydantic, so
-  FastAPI's own 422 format never shows; 404/405 use the same object.
+  FastAPI's own 422 format never shows; 404/405 use the same object (a 405 keeps its `Allow` header), a
+  429 (queue full) carries `Retry-After`. An unexpected exception is a 500 for that request alone, logged as
+  one line with its cause; a client that hangs up mid-body is one info line, not a traceback.
 - The engine runs in its own thread; each HTTP request gets one asyncio queue that the engine's callbacks
   fill through `call_soon_threadsafe`. When a client goes away (a closed stream, or a dropped connection
   while waiting for a non-streamed answer) its engine requests are cancelled, which frees their batch slots
@@ -24,93 +27,45 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gpt2.errors import UserError
-from gpt2.serve.engine import Engine, SamplingParams
+from gpt2.serve.engine import Engine
+from gpt2.serve.schema import MAX_N, APIError, ChatRequest, CompletionRequest, _Common
 from gpt2.serve.text import TextStream
 from gpt2.template import format_chat
-from gpt2.tokenizer import EOT, VOCAB_SIZE, encode
+from gpt2.tokenizer import EOT, VOCAB_SIZE, decode, encode
 
 log = logging.getLogger("gpt2.serve")
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a GPT-2 context window
-MAX_N = 16  # choices per request
-MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+RETRY_AFTER_S = 1  # a 429's Retry-After: a queue slot frees as soon as one request finishes
 
 
 def error_response(err: APIError) -> JSONResponse:
     body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(body, status_code=err.status, headers=headers)
-
-
-# ---------------------------------------------------------------------------------------- request schemas
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _SamplingFields(_Strict):
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    headers = dict(err.headers or {})
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=err.status, headers=headers or None)
 
 
 # ---------------------------------------------------------------------------------------- the app
@@ -125,10 +80,65 @@ class ServerState:
     created: int
 
 
+def _body_doc(schema: type[BaseModel]) -> dict:
+    """OpenAPI text for a body this module parses itself (with a size limit and OpenAI's error object)."""
+    ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}},
+            "responses": {"400": {"description": "invalid or unsupported field: OpenAI's error object naming it"},
+                          "429": {"description": "queue full; see Retry-After"}}}
+
+
+def _openapi(app: FastAPI):
+    """app.openapi with the request schemas added (the routes read their bodies themselves)."""
+    def build() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                              description="OpenAI-compatible completions over a GPT-2 model")
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CompletionRequest, ChatRequest):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = doc
+        return app.openapi_schema
+    return build
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A 500 for this request alone: the client gets the exception's name (or a UserError's own one-line
+    message); the log gets one line with the cause and where it was raised."""
+    log.error("%s %s failed: %s", request.method, request.url.path, _describe(exc))
+    detail = str(exc) if isinstance(exc, UserError) else type(exc).__name__
+    return error_response(APIError(500, f"internal error: {detail}", type="server_error"))
+
+
+def _guarded(route):
+    """Answer an unexpected exception inside `route` here: past the route, Starlette's error middleware would
+    answer it too but then re-raise it, and uvicorn would log a multi-line traceback."""
+    @functools.wraps(route)
+    async def wrapper(request: Request):
+        try:
+            return await route(request)
+        except (APIError, StarletteHTTPException, ClientDisconnect):
+            raise
+        except Exception as e:
+            return _internal_error(request, e)
+    return wrapper
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: the exception and where it was raised (the log's cause, without a multi-line traceback)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
 def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = None,
                default_max_tokens: int = 256, max_waiting: int = 256, start_engine: bool = True) -> FastAPI:
     """The FastAPI app. With `start_engine`, the engine thread runs for the app's lifetime."""
-    state = ServerState(engine, model_name, api_key, default_max_tokens, max_waiting, int(time.time()))
+    # a chat request without max_tokens may run to the end of the context window, no further
+    state = ServerState(engine, model_name, api_key, min(default_max_tokens, engine.block_size), max_waiting,
+                        int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -140,7 +150,8 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
             if start_engine:
                 engine.stop()
 
-    app = FastAPI(title="gpt2-scratch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gpt2-scratch", lifespan=lifespan, redoc_url=None)
+    app.openapi = _openapi(app)
     app.state.serve = state
 
     @app.exception_handler(APIError)
@@ -150,14 +161,19 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+        # keep the exception's headers: a 405 carries `Allow`
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # routine (a client timed out or was killed): one line, no traceback; nobody reads the answer
+        log.info("%s %s: client disconnected before sending the whole request body", request.method,
+                 request.url.path)
+        return JSONResponse({}, status_code=499)
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        # the client gets the exception's name (or a UserError's own one-line message); the log gets the rest
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        detail = str(exc) if isinstance(exc, UserError) else type(exc).__name__
-        return error_response(APIError(500, f"internal error: {detail}", type="server_error"))
+        return _internal_error(request, exc)  # last resort: Starlette re-raises, so uvicorn logs it again
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -165,26 +181,44 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
 
     @app.get("/health")
     async def health() -> dict:
+        # reads counters only: never waits on the engine thread
         return {"status": "ok", "model": state.model_name, "active": engine.num_active,
                 "waiting": engine.num_waiting, "max_batch_size": engine.max_batch_size}
+
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "gpt2-scratch"}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         _authorize(request, state)
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "gpt2-scratch"}]}
+        return {"object": "list", "data": [model_card()]}
 
-    @app.post("/v1/completions")
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        _authorize(request, state)
+        if model_id != state.model_name:
+            raise APIError(404, f"the model '{model_id}' does not exist; this server serves '{state.model_name}'",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions", openapi_extra=_body_doc(CompletionRequest))
+    @_guarded
     async def completions(request: Request):
         _authorize(request, state)
         req = await _parse(request, CompletionRequest)
+        req.check()
         prompts = _completion_prompts(req.prompt, engine.block_size)
-        return await _serve(request, state, req, prompts, req.max_tokens or 16, chat=False)
+        echo = [decode(p) if req.echo else "" for p in prompts]
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        return await _serve(request, state, req, [p or [EOT] for p in prompts], max_tokens, chat=False, echo=echo,
+                            logprobs=req.logprobs)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
+    @_guarded
     async def chat_completions(request: Request):
         _authorize(request, state)
         req = await _parse(request, ChatRequest)
+        req.check()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
@@ -194,7 +228,8 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
         prompt = encode(text)
         _check_prompt_length(prompt, engine.block_size, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens
-        return await _serve(request, state, req, [prompt], max_tokens, chat=True)
+        return await _serve(request, state, req, [prompt], max_tokens, chat=True, echo=[""],
+                            logprobs=req.num_logprobs())
 
     return app
 
@@ -246,7 +281,8 @@ def _check_prompt_length(prompt: list[int], block_size: int, param: str) -> None
 
 def _completion_prompts(prompt: str | list, block_size: int) -> list[list[int]]:
     """OpenAI's prompt forms: a string, a list of strings, a token list, or a list of token lists.
-    An empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do."""
+    An empty prompt is returned empty; the caller starts it from <|endoftext|>, as GPT-2's unconditional
+    samples do."""
     if isinstance(prompt, str):
         prompts = [encode(prompt)]
     elif prompt and all(isinstance(p, str) for p in prompt):
@@ -261,7 +297,7 @@ def _completion_prompts(prompt: str | list, block_size: int) -> list[list[int]]:
         if any(not 0 <= t < VOCAB_SIZE for t in p):
             raise APIError(400, f"token ids must be in [0, {VOCAB_SIZE})", param="prompt")
         _check_prompt_length(p, block_size, "prompt")
-    return [p or [EOT] for p in prompts]
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -270,47 +306,50 @@ def _completion_prompts(prompt: str | list, block_size: int) -> list[list[int]]:
 class _Choice:
     index: int
     text: TextStream
-    request: object = None  # the engine's Request
+    echo: str = ""  # the prompt's text, returned before the completion (`echo`)
+    request: object = None  # the engine's Request; None when nothing is generated (max_tokens 0)
     tokens: int = 0
     finish_reason: str | None = None
 
 
-async def _serve(request: Request, state: ServerState, req: _SamplingFields, prompts: list[list[int]],
-                 max_tokens: int, chat: bool):
+async def _serve(request: Request, state: ServerState, req: _Common, prompts: list[list[int]],
+                 max_tokens: int, chat: bool, echo: list[str], logprobs: int | None):
     engine = state.engine
     if max_tokens > engine.block_size:
         raise APIError(400, f"max_tokens ({max_tokens}) is larger than the context window "
                             f"({engine.block_size} tokens)", param="max_tokens", code="invalid_value")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP:
-        raise APIError(400, f"at most {MAX_STOP} stop sequences", param="stop")
-    if len(prompts) * req.n > MAX_N:
+    n = req.choices()
+    if len(prompts) * n > MAX_N:
         raise APIError(400, f"prompts x n must be at most {MAX_N}", param="n")
     if engine.num_waiting >= state.max_waiting:
         raise APIError(429, "server busy: too many queued requests, retry later", type="server_error",
-                       code="server_busy")
+                       code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     choices: list[_Choice] = []
-    for i, prompt in enumerate(prompts):
-        for j in range(req.n):
-            index = i * req.n + j
-            choice = _Choice(index, TextStream(stop))
-            params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
-                                    top_p=req.top_p if req.top_p < 1 else None,
-                                    seed=None if req.seed is None else req.seed + index)
+    try:
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                index = i * n + j
+                choice = _Choice(index, TextStream(req.stops()), echo[i])
+                choices.append(choice)
+                if max_tokens == 0:  # scoring a prompt (`echo`): nothing to generate
+                    queue.put_nowait((index, None, "length"))
+                    continue
 
-            def sink(token, reason, index=index):
-                loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason))
+                def sink(token, reason, index=index):
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason))
 
-            choice.request = engine.submit(prompt, params, sink)
-            choices.append(choice)
+                choice.request = engine.submit(prompt, req.sampling_params(max_tokens, index, logprobs), sink)
+    except BaseException:  # a choice that cannot start must not leave its siblings running unread
+        _cancel(choices)
+        raise
 
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": state.model_name}
     prompt_tokens = sum(len(p) for p in prompts)
-    events = _events(queue, choices)
+    events = _events(queue, choices, meta["id"])
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _sse(events, choices, meta, chat, prompt_tokens, include_usage)
@@ -324,12 +363,13 @@ async def _serve(request: Request, state: ServerState, req: _SamplingFields, pro
         return JSONResponse({}, status_code=499)
     _raise_if_failed(choices)
     return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
-                         "choices": [_final_choice(c, texts[c.index], chat) for c in choices],
+                         "choices": [_final_choice(c, c.echo + texts[c.index], chat) for c in choices],
                          "usage": _usage(prompt_tokens, choices)})
 
 
-async def _events(queue: asyncio.Queue, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, str]]:
-    """(choice, new text) as tokens arrive; a choice's last event comes with its finish_reason set."""
+async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str) -> AsyncIterator[tuple[_Choice, str]]:
+    """(choice, new text) as tokens arrive; a choice's last event comes with its finish_reason set. A choice
+    the engine failed is logged here with the engine's reason (the cause), once."""
     by_index = {c.index: c for c in choices}
     remaining = len(choices)
     while remaining:
@@ -346,6 +386,8 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice]) -> AsyncIterator
         else:
             delta = c.text.finish()
             c.finish_reason = reason
+            if reason.startswith("error"):
+                log.error("%s choice %d failed in the engine: %s", rid, index, reason)
         if c.finish_reason is not None:
             remaining -= 1
         if delta or c.finish_reason is not None:
@@ -384,16 +426,21 @@ async def _sse(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice
     def chunk(choice_list: list[dict], **extra) -> str:
         return "data: " + _json({**meta, "object": obj, "choices": choice_list, **extra}) + "\n\n"
 
+    def error_event(message: str) -> str:
+        return "data: " + _json({"error": {"message": message, "type": "server_error", "param": None,
+                                          "code": None}}) + "\n\n"
+
     try:
-        if chat:
-            for c in choices:  # OpenAI opens each choice with the role
+        for c in choices:
+            if chat:  # OpenAI opens each choice with the role
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
+            elif c.echo:
+                yield chunk([{"index": c.index, "text": c.echo, "logprobs": None, "finish_reason": None}])
         async for c, delta in events:
             reason = c.finish_reason
             if reason is not None and reason.startswith("error"):
-                yield "data: " + _json({"error": {"message": reason, "type": "server_error", "param": None,
-                                                  "code": None}}) + "\n\n"
+                yield error_event(reason)
                 reason = "stop"
             if chat:
                 yield chunk([{"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": None,
@@ -402,9 +449,12 @@ async def _sse(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice
                 yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": reason}])
         if include_usage:
             yield chunk([], usage=_usage(prompt_tokens, choices))
-        yield "data: [DONE]\n\n"
+    except Exception as e:  # the headers are sent: end this stream with an error event, log one line
+        log.error("%s failed while streaming: %s", meta["id"], _describe(e))
+        yield error_event(f"internal error: {type(e).__name__}")
     finally:
         _cancel(choices)
+    yield "data: [DONE]\n\n"
 
 
 def _cancel(choices: list[_Choice]) -> None:

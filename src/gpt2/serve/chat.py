@@ -19,13 +19,14 @@ from typing import TextIO
 
 import torch
 
+from gpt2.checkpoint import load_model
 from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
 from gpt2.inference import generate_stream, pad_right
 from gpt2.kernels import freeze
 from gpt2.model import GPT
-from gpt2.serve.server import DTYPES, load_model
+from gpt2.serve.server import DTYPES
 from gpt2.serve.text import TextStream
 from gpt2.template import format_chat
 from gpt2.tokenizer import encode
@@ -143,7 +144,7 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
 def run(cfg: ChatConfig) -> list[dict]:
     if cfg.max_tokens < 1 or cfg.temperature < 0:
         raise UserError("--max-tokens must be >= 1 and --temperature >= 0")
-    model = load_model(cfg.model, cfg.device, cfg.dtype)
+    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
     session = ChatSession(model, cfg)
     if cfg.prompt is not None:
         session.reply(cfg.prompt)

@@ -5,7 +5,7 @@ Design decisions:
   by accident. `--api-key` (or the GPT2_API_KEY environment variable, which keeps the key out of `ps`)
   requires `Authorization: Bearer KEY` on every /v1 route.
 - This module only parses flags, loads the model and starts uvicorn; FastAPI is imported lazily so that
-  other `gpt2` commands start without it. `load_model` is shared with `gpt2 chat`.
+  other `gpt2` commands start without it. Models load through `gpt2.checkpoint.load_model`, as everywhere.
 """
 
 from __future__ import annotations
@@ -17,24 +17,13 @@ from pathlib import Path
 
 import torch
 
-from gpt2.checkpoint import load_model as load_checkpoint_model
+from gpt2.checkpoint import load_model
 from gpt2.cli import Command, register
 from gpt2.config import arg
-from gpt2.distributed import pick_device
 from gpt2.errors import UserError
-from gpt2.model import GPT
 from gpt2.tokenizer import get_encoding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_model(name_or_dir: str, device: str = "auto", dtype: str = "float32") -> GPT:
-    """A model (training run directory, checkpoint.pt, HF directory or hub name) on `device` in eval mode,
-    weights cast to `dtype`."""
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    model = load_checkpoint_model(name_or_dir)
-    return model.to(device=pick_device(device), dtype=DTYPES[dtype]).eval()
 
 
 @dataclass
@@ -66,7 +55,7 @@ def run(cfg: ServeConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request
-    model = load_model(cfg.model, cfg.device, cfg.dtype)
+    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
     app = create_app(Engine(model, max_batch_size=cfg.max_batch_size), model_name=name, api_key=api_key,

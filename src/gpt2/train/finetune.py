@@ -9,29 +9,33 @@ Design decisions:
   `--max-len`), and the truncated/dropped counts are printed.
 - Batches: `LengthGroupedBatcher` (similar lengths together, so little padding; each rank takes disjoint
   batches; its (epoch, position) is the task state that checkpoints hold), laid out by
-  `gpt2.data.alpaca.collate`, and the loss is `model.loss(input_ids, targets)`: mean cross-entropy over the
-  batch's answer tokens (question and padding positions are -100). `answer_tokens` is logged per step.
+  `gpt2.data.batching.collate`, and the loss is `model.loss(input_ids, targets)`: mean cross-entropy over the
+  batch's answer tokens (question and padding positions are -100), and `loss_weight` tells the loop how
+  many, so a step averages over every answer token of the global batch (`gpt2.train.loop`: a micro batch
+  with 10 answer tokens counts 10/500 of one with 500, not as much). `answer_tokens` is logged per step.
   On CPU the same loss is computed by `gpt2.train.losses.gpt_loss_chunked` (equal values and gradients,
   without materialising the (B*T, 50257) logits), as pretraining does.
 - Under torch.compile (the default on CUDA) the varying lengths cost one recompile, after which the sequence
   dimension is dynamic (and one more for a short last batch): 3 graphs in all, measured with dynamo's counters
   in tests/test_train_speed.py, with no graph break, so no padding to fixed buckets is needed.
-- Length of the run: `--epochs` (2) x steps per epoch, where a step is `--grad-accum` micro batches of
-  `--batch-size` examples on every rank; `--max-steps` overrides. Validation loss on the held-out split is
+- Length of the run: the rule of every command (`gpt2.train.loop.run_length`): `--max-steps` when given,
+  else `--epochs` (2) x steps per epoch, where a step is `--grad-accum` micro batches of `--batch-size`
+  examples on every rank. Validation loss on the held-out split is
   computed at step 0, after every epoch (`--eval-every` defaults to the steps per epoch) and at the end. It
   is token-weighted over the whole split: each rank evaluates every W-th batch and the sums are all-reduced.
 - Before/after report: greedy (or `--sample-temperature`) answers to `--sample-prompts`, each formatted with
   `gpt2.template.format_prompt`, from the starting model and from the fine-tuned one, side by side in
   `RUN_DIR/samples.md` with whether each answer ended with <|endoftext|>. The "before" answers are kept in
   `RUN_DIR/samples_before.json`, so a resumed run still compares against the model it started from.
-- Presets: `gpt2` (OpenAI's 124M at LR 2e-5, the recipe for real use) and `tiny` (a CPU demo: the tiny
-  pretrained model from `gpt2 pretrain --preset tiny`, a higher LR, short answers).
+- Presets: `gpt2` (OpenAI's 124M at LR 2e-5, the recipe for real use) and `tiny` (`make demo`'s: the tiny
+  pretrained model from `gpt2 pretrain --preset tiny`, 8 epochs at a high LR, and sample questions taken
+  from the training records, which is what a 7M model can learn to answer).
 """
 
 from __future__ import annotations
 
 import json
-import os
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,16 +43,12 @@ import torch
 import torch.nn as nn
 
 from gpt2.cli import Command, register
-from gpt2.config import arg, from_dict, to_dict
-from gpt2.data.alpaca import (
-    Example,
-    LengthGroupedBatcher,
-    collate,
-    fit_examples,
-    load_split,
-)
+from gpt2.config import APPLY, arg, from_dict, to_dict
+from gpt2.data.alpaca import fit_examples, load_split
+from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
 from gpt2.errors import UserError
-from gpt2.train.loop import CHECKPOINT_FILE, TrainConfig, train
+from gpt2.io import dir_lock, write_json_atomic, write_text_atomic
+from gpt2.train.loop import CHECKPOINT_FILE, EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
 from gpt2.train.losses import gpt_loss_chunked
 
 DEFAULT_PROMPTS = [
@@ -66,7 +66,7 @@ class FinetuneConfig(TrainConfig):
     init: str = arg("gpt2", "starting model: a training run dir (ours), a Hugging Face checkpoint dir, or a hub "
                             "name such as gpt2")
     data: str = arg("data/alpaca", "folder written by `gpt2 prepare alpaca --out`")
-    epochs: int = arg(2, "passes over the training split (sets --max-steps unless that is given)")
+    epochs: float = arg(2.0, EPOCHS_HELP)
     batch_size: int = arg(16, "examples per micro batch on each rank")
     grad_accum: int = arg(2, "micro batches per optimizer step (global batch = batch size x grad accum x ranks)")
     max_len: int | None = arg(None, "longest question + answer in tokens (default: the model's context window); "
@@ -74,15 +74,16 @@ class FinetuneConfig(TrainConfig):
     group_batches: int = arg(16, "length grouping: sort this many batches' worth of shuffled examples by "
                                  "length before cutting batches (more = less padding, less randomness)")
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
-                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
-    sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS),
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)",
+                                  on_resume=APPLY)
+    sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS), on_resume=APPLY,
                                     help="questions answered before and after fine-tuning (RUN_DIR/samples.md)")
-    sample_max_tokens: int = arg(128, "longest answer generated for samples.md")
-    sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy")
+    sample_max_tokens: int = arg(128, "longest answer generated for samples.md", on_resume=APPLY)
+    sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy", on_resume=APPLY)
     # Loop fields whose fine-tuning defaults differ (None = derived from the data, see --epochs).
     out: str = arg("runs/finetune", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png, "
                                     "samples.md")
-    max_steps: int | None = arg(None, "optimizer steps of the whole run (default: epochs x steps per epoch)")
+    max_steps: int | None = arg(None, MAX_STEPS_HELP)
     eval_every: int | None = arg(None, "validation loss every N steps (default: once per epoch); 0 = never")
     lr: float = arg(2e-5, "peak learning rate (reached after warmup)")
     min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)")
@@ -91,11 +92,35 @@ class FinetuneConfig(TrainConfig):
     save_every: int = arg(500, "checkpoint every N steps; 0 = only at the end, at --stop-at-step and on "
                                "SIGTERM/Ctrl-C")
 
+    def validate(self) -> None:
+        super().validate()
+        if not self.epochs > 0:
+            raise UserError(f"--epochs must be > 0 (got {self.epochs})")
+        for flag in ("batch_size", "grad_accum", "group_batches", "sample_max_tokens"):
+            if getattr(self, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)})")
+        if self.max_len is not None and self.max_len < 2:
+            raise UserError(f"--max-len must be >= 2 (got {self.max_len})")
+        if not self.sample_temperature >= 0:
+            raise UserError(f"--sample-temperature must be >= 0, 0 = greedy (got {self.sample_temperature})")
+
+
+# The `tiny` preset is `make demo`'s recipe: a 7M model pretrained for two minutes on a CPU, fine-tuned on
+# the 327 training records of ../shared/data/alpaca_sample.json. Such a model can learn the format and the
+# answers it was trained on, not answer new questions, so its sample questions are training records with short
+# answers; several epochs at a high LR are what it takes for it to give them back and stop.
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "What are the three primary colors?",
+    "What does DNA stand for?",
+    "Name three fruits that are rich in Vitamin C.",
+]
 
 PRESETS = {
     "gpt2": FinetuneConfig(),
     "tiny": FinetuneConfig(init="runs/demo/pretrain", out="runs/demo/finetune", batch_size=8, grad_accum=1,
-                           lr=1e-3, warmup_steps=10, sample_max_tokens=48, save_every=0),
+                           epochs=8, lr=2e-3, warmup_steps=20, sample_prompts=list(DEMO_PROMPTS),
+                           sample_max_tokens=48, save_every=0),
 }
 
 
@@ -128,6 +153,10 @@ class FinetuneTask:
         input_ids, targets = batch
         loss = gpt_loss_chunked(model, input_ids, targets) if self.fused_loss else model.loss(input_ids, targets)
         return loss, {"answer_tokens": (targets != -100).sum()}
+
+    def loss_weight(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """The loss is a mean over answer tokens: the loop weights each micro batch by their number."""
+        return num_targets(batch[1])
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.has_val:
@@ -205,12 +234,6 @@ def samples_header(cfg: FinetuneConfig, done: int, max_steps: int, steps_per_epo
             "each question is formatted with `gpt2.template.format_prompt`.")
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list[dict]:
     """The starting model's answers, generated once per run and kept in RUN_DIR for resumed runs."""
     path = run_dir / SAMPLES_BEFORE_FILE
@@ -220,7 +243,7 @@ def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list
             return saved["answers"]
     answers = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps({"prompts": cfg.sample_prompts, "answers": answers}, indent=2) + "\n")
+    write_json_atomic(path, {"prompts": cfg.sample_prompts, "answers": answers})
     return answers
 
 
@@ -247,8 +270,7 @@ def run(cfg: FinetuneConfig):
     from gpt2.checkpoint import load_model
     from gpt2.distributed import destroy_distributed, init_distributed
 
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise UserError("--epochs, --batch-size and --grad-accum must be >= 1")
+    cfg.validate()
     run_dir = Path(cfg.out)
     if (run_dir / CHECKPOINT_FILE).exists() and not cfg.resume:
         raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
@@ -264,25 +286,27 @@ def run(cfg: FinetuneConfig):
         if steps_per_epoch < 1:
             raise UserError(f"one epoch is {task.batches_per_epoch} micro batches per rank, fewer than "
                             f"--grad-accum {cfg.grad_accum}: lower --batch-size or --grad-accum")
-        max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        max_steps = run_length(cfg.max_steps, cfg.epochs, steps_per_epoch)
         eval_every = cfg.eval_every if cfg.eval_every is not None else steps_per_epoch if val_ex else 0
         loop_cfg = from_dict(TrainConfig, {**to_dict(cfg), "max_steps": max_steps, "eval_every": eval_every})
 
-        header = lambda done: samples_header(cfg, done, max_steps, steps_per_epoch)
-        before = None
-        if dist.is_main:
-            print(f"finetune: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps per "
-                  f"epoch on {dist.world_size} rank(s), {max_steps} steps", flush=True)
-            before = before_answers(model, cfg, run_dir)
-            _write_text(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
-        result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
-                       run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
-        if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
-            after = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature,
-                                   cfg.seed)
-            text = render_samples(cfg.sample_prompts, before, after, header(result.step))
-            _write_text(run_dir / SAMPLES_FILE, text)
-            print(text, flush=True)
+        # the run's lock spans samples_before.json, samples.md and the loop (which takes it again)
+        with dir_lock(run_dir) if dist.is_main else nullcontext():
+            header = lambda done: samples_header(cfg, done, max_steps, steps_per_epoch)
+            before = None
+            if dist.is_main:
+                print(f"finetune: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps per "
+                      f"epoch on {dist.world_size} rank(s), {max_steps} steps", flush=True)
+                before = before_answers(model, cfg, run_dir)
+                write_text_atomic(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
+            result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
+                           run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
+            if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
+                after = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature,
+                                       cfg.seed)
+                text = render_samples(cfg.sample_prompts, before, after, header(result.step))
+                write_text_atomic(run_dir / SAMPLES_FILE, text)
+                print(text, flush=True)
         return result
     finally:
         destroy_distributed()

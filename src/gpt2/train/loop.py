@@ -3,13 +3,22 @@
 A `Task` supplies this rank's micro batches, a loss, an evaluation and its own data position; the loop does
 everything else, the same way for every stage:
 
-- Gradient accumulation: each micro-step's loss is divided by the number of micro-steps, so the summed
-  gradient is the gradient of the mean loss over the global batch. Under DDP the gradient all-reduce runs only
-  on the last micro-step (`no_sync()` on the others); DDP averages over ranks, so N ranks x k micro-steps give
-  the same update as 1 rank x N*k micro-steps.
-- The logged loss (and every task metric) is averaged over micro-steps and ranks with one all-reduce per step
-  that also carries the token count, the gradient norm and the "stop now" flag, so every rank agrees on when
-  to stop. gloo has no AVG: we sum and divide.
+- Loss weighting (torchtitan's rule): the step's gradient is the gradient of the mean loss over every
+  valid target of the global batch, all micro-steps and ranks, however the batch is split. A task whose
+  loss is a mean over a varying number of targets (answer tokens of fine-tuning and PPO, pairs of DPO and
+  the reward model) says how many with `loss_weight(batch)`; the loop all-reduces the step's count G
+  before the first backward and scales micro-batch m's mean loss by n_m * W / G (W ranks: DDP averages
+  gradients over ranks, the factor W undoes that), so the summed gradient is sum_m n_m * grad(mean_m) / G.
+  Without `loss_weight` every micro-batch weighs the same (1 / (k * W)), right when all hold equally many
+  targets, as pretraining's do. Under DDP the gradient all-reduce runs only on the last micro-step
+  (`no_sync()` on the others), so N ranks x k micro-steps give the update of 1 rank x N*k micro-steps.
+- The logged loss is the same weighted mean; task metrics are averaged over micro-steps and ranks. One
+  all-reduce per update carries them, the token count, the gradient norm and the "stop now" flags, so every
+  rank agrees on when to stop. gloo has no AVG: we sum and divide.
+- One step, several updates (PPO): a task may split each batch into several optimizer updates with
+  `updates(batch) -> (list of updates, each a list of micro batches; metrics of the batch)`; a PPO step is
+  one rollout and its epochs x minibatches of updates, and everything below (schedule, checkpoints, stop
+  signals, time limit, NaN check before each optimizer step, evaluation) works per step as for any stage.
 - AdamW with weight decay on 2-D weights only (matmuls and embeddings; never biases or LayerNorm gains), fused
   kernels where PyTorch has them; global-norm gradient clipping; LR linear warmup then cosine decay to min_lr
   (`lr_at`, a pure function of the step, so resuming never needs scheduler state).
@@ -19,15 +28,19 @@ everything else, the same way for every stage:
   DDP wrapper it splits the compiled graph at DDP's gradient-bucket boundaries (DDPOptimizer), so each bucket's
   all-reduce starts while the backward of the earlier layers still runs. Compiling first and wrapping after
   gives DDP one opaque backward whose gradients all appear at its end: no overlap.
-- Host syncs: one per step, the `.tolist()` of the step's statistics (needed to log, to stop on NaN before the
-  optimizer step and for every rank to agree on stopping). Everything known on the host (token count, stop
-  flags, task metrics given as Python numbers) stays on the host; on one process nothing is copied to the
-  device at all, under DDP it travels with the one all-reduce (a non-blocking copy from pinned memory).
-- Batches (`DeviceBatches`): each micro batch is fetched from the task, pinned (CUDA only) and copied with
-  `non_blocking=True` one micro-step ahead, right after the current one's forward/backward is queued, so the
-  host-side work overlaps the GPU's (CUDA runs asynchronously; no thread is needed, which keeps the tasks'
-  RNG use in the same order as a plain loop). The next step's first batch is fetched after the step's
-  checkpoint, never before it, so a checkpoint's data position never counts a fetched-but-unused batch.
+- Host syncs: one per update (one per step, except for a task whose `updates()` makes several), the
+  `.tolist()` of the update's statistics (needed to log, to stop on NaN before the optimizer step and for every
+  rank to agree on stopping). Everything known on the host (token counts, loss weights, stop flags, task
+  metrics given as Python numbers) stays on the host; on one process nothing is copied to the device at all.
+  Under DDP the host numbers travel with the one all-reduce, and the count G with its own all-reduce whose
+  result stays on the device (the losses are scaled by it there): both are non-blocking copies from pinned
+  memory, so neither waits for the GPU.
+- Batches (`fetch_step`): a step's micro batches are fetched from the task on the host at the start of the
+  step, after the previous step's checkpoint, so a checkpoint's data position never counts a fetched-but-unused
+  batch (loss weighting needs all of them before the first backward anyway; host batches are small). At the
+  start of each update all of its micro batches are pinned (CUDA only) and queued for copy with
+  `non_blocking=True`, so the copies overlap the GPU's work; the task's host work for the step overlaps the
+  previous optimizer step still running on the GPU (no thread, which keeps the tasks' RNG use in plain order).
 - Checkpoints (every `save_every` steps, at the end, at `stop_at_step`, on SIGTERM/Ctrl-C) hold the model,
   optimizer, step, each rank's task state and RNG states, and the configs; they are written atomically and the
   weights are exported to `RUN_DIR/model/` in Hugging Face format each time. `resume` continues exactly.
@@ -35,12 +48,16 @@ everything else, the same way for every stage:
   written by a background thread (`gpt2.checkpoint.BackgroundWriter`), joined before the next save and
   before `train()` returns or exits.
 - A NaN/inf loss or gradient norm stops the run before the optimizer step, so the last checkpoint stays good.
+  A failed save (a full disk) is a one-line error saying which step checkpoint.pt still holds. The write runs
+  in the background, so its error is raised at the next save, evaluation or the end of the run (the last
+  save is always joined before `train()` returns): by then training may have gone on, but the message names
+  the step that failed and the one the file holds, and the atomic write left no temp file.
+- One run per directory: `train()` holds RUN_DIR/run.lock (`gpt2.io.dir_lock`, flock) from before its first
+  write; a second run on the same --out is refused at start, a crashed or killed one never leaves it stuck.
 - Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval), a tqdm bar on rank 0 and the loss
   graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
   (None when the card is unknown or on CPU) rather than one hard-coded card.
 
-Stages with their own outer loop (PPO) can reuse the pieces: `build_optimizer`, `lr_at`, `apply_lr`, `autocast_context`,
-`MetricsLogger`, `peak_flops`, `StopSignals`.
 """
 
 from __future__ import annotations
@@ -73,9 +90,10 @@ from gpt2.checkpoint import (
     save_checkpoint,
     state_to_cpu,
 )
-from gpt2.config import arg, to_dict
+from gpt2.config import ANNOUNCE, APPLY, REFUSE, SESSION, arg, flag_name, resume_rule, same_setting, to_dict
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
+from gpt2.io import dir_lock, disk_error, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -83,30 +101,82 @@ CONFIG_FILE = "config.json"
 
 @dataclass
 class TrainConfig:
-    """Fields of the training loop shared by every stage (each becomes a CLI flag)."""
+    """Fields of the training loop shared by every stage (each becomes a CLI flag). `on_resume` says what the
+    flag does when given again on `--resume` (see `gpt2.config`): ANNOUNCE for the schedule (applied from the
+    checkpoint's step and printed), APPLY for how and where to run, SESSION for this session's limits, REFUSE
+    (the default) for what the saved optimizer state or data order already holds (betas, weight decay, seed)."""
 
-    out: str = arg("runs/run", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png")
-    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)")
+    out: str = arg("runs/run", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png",
+                   on_resume=APPLY)
+    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)", on_resume=ANNOUNCE)
     stop_at_step: int | None = arg(None, "end after this step with a checkpoint, keeping the schedule of "
-                                         "--max-steps (split a long run across time-limited jobs)")
+                                         "--max-steps (split a long run across time-limited jobs)", on_resume=SESSION)
     max_minutes: float | None = arg(None, "end with a checkpoint after this many minutes of training in this "
-                                          "process, keeping the schedule of --max-steps (--resume continues)")
-    lr: float = arg(6e-4, "peak learning rate (reached after warmup)")
-    min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)")
-    warmup_steps: int = arg(100, "steps of linear LR warmup")
+                                          "process, keeping the schedule of --max-steps (--resume continues)",
+                                    on_resume=SESSION)
+    lr: float = arg(6e-4, "peak learning rate (reached after warmup)", on_resume=ANNOUNCE)
+    min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)",
+                               on_resume=ANNOUNCE)
+    warmup_steps: int = arg(100, "steps of linear LR warmup", on_resume=ANNOUNCE)
     weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)")
     betas: tuple[float, float] = arg((0.9, 0.95), "AdamW betas (two numbers)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = no clipping")
-    eval_every: int = arg(250, "evaluate and redraw loss.png every N steps (and at the end); 0 = never")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = no clipping", on_resume=ANNOUNCE)
+    eval_every: int = arg(250, "evaluate and redraw loss.png every N steps (and at the end); 0 = never",
+                          on_resume=APPLY)
     save_every: int = arg(500, "checkpoint every N steps; 0 = only at the end, at --stop-at-step and on "
-                               "SIGTERM/Ctrl-C")
-    resume: bool = arg(False, "continue the run in --out from its checkpoint.pt (starts fresh if it has none)")
+                               "SIGTERM/Ctrl-C", on_resume=APPLY)
+    resume: bool = arg(False, "continue the run in --out from its checkpoint.pt with the settings it was saved "
+                              "with (see below); starts a new run when --out has no checkpoint", on_resume=SESSION)
     seed: int = arg(1337, "random seed (model init, data order, dropout)")
-    device: str = arg("auto", "cpu, cuda, cuda:N, mps or auto (under torchrun: this process's GPU)")
+    device: str = arg("auto", "cpu, cuda, cuda:N, mps or auto (under torchrun: this process's GPU)", on_resume=APPLY)
     dtype: str = arg("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32",
-                     choices=["auto", "bfloat16", "float32"])
-    compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)")
-    progress: bool = arg(True, "show a progress bar (rank 0)")
+                     choices=["auto", "bfloat16", "float32"], on_resume=APPLY)
+    compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)",
+                               on_resume=APPLY)
+    progress: bool = arg(True, "show a progress bar (rank 0)", on_resume=APPLY)
+
+    def validate(self) -> None:
+        """Raise a one-line UserError naming the first flag whose value makes no sense. Stages with more
+        fields extend this (calling super); `train()` and each command's `run` call it before any work.
+        Fields a stage derives later (None, e.g. finetune's max_steps) are checked once they are set."""
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1 (got {self.max_steps})")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be >= 0 (got {self.warmup_steps})")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= (self.max_steps or self.stop_at_step):
+            raise UserError(f"--stop-at-step must be between 1 and --max-steps ({self.max_steps}), got "
+                            f"{self.stop_at_step}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserError(f"--max-minutes must be > 0 (got {self.max_minutes}); leave it out for no time limit")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number (got {self.lr})")
+        if self.min_lr is not None and not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise UserError(f"--min-lr must be >= 0 (got {self.min_lr})")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise UserError(f"--grad-clip must be >= 0, 0 = no clipping (got {self.grad_clip})")
+        for flag in ("eval_every", "save_every"):
+            value = getattr(self, flag)
+            if value is not None and value < 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be >= 0, 0 = never (got {value})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"--betas takes two numbers in [0, 1) (got {list(self.betas)})")
+
+
+# The one rule for the length of a run, in every command that has both flags (finetune, dpo, reward).
+MAX_STEPS_HELP = ("optimizer steps of the whole run (the LR schedule ends here); when given it wins over "
+                  "--epochs")
+EPOCHS_HELP = "passes over the training data (may be fractional); sets --max-steps when that is not given"
+
+
+def run_length(max_steps: int | None, epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: `max_steps` when given, else ceil(epochs x steps_per_epoch), at least 1."""
+    if max_steps is not None:
+        return max_steps
+    if not epochs > 0:
+        raise UserError(f"--epochs must be > 0 (got {epochs}); or give --max-steps")
+    return max(1, math.ceil(epochs * steps_per_epoch))
 
 
 @runtime_checkable
@@ -121,6 +191,11 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """(scalar loss to minimise, extra metrics as floats or 0-d tensors). Called inside autocast; `model`
         is the plain module (the loop compiles/wraps around this call, so gradients sync under DDP)."""
+
+    # Optional, see the module docstring:
+    #   loss_weight(batch) -> int: what the batch's loss is a mean over (valid targets, pairs).
+    #   updates(batch) -> (list[list[micro batch]], dict of metrics): several optimizer updates from one batch.
+    #   num_tokens(batch) -> int: tokens of a micro batch for tokens/s and MFU.
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Evaluation metrics (e.g. {"val_loss": ...}); may be {}. Called on every rank under no_grad,
@@ -239,14 +314,15 @@ class MetricsLogger:
                     continue  # a line cut short by a crash
                 if rec.get("step", 0) <= keep_until_step:
                     kept.append(line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:  # an append: a line cut short by a crash is skipped on reading
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise (disk_error(self.path, e) or e) from e
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -286,32 +362,35 @@ def plot(run_dir: Path) -> None:
         print(f"warning: loss graph not drawn: {e}", file=sys.stderr)
 
 
-class DeviceBatches:
-    """The task's micro batches on the device, fetched one ahead (module docstring: "Batches").
+def fetch_step(task: Task, grad_accum_steps: int) -> tuple[list[list[Any]], dict[str, float]]:
+    """One step's batches from the task, on the host, all before the step's first backward (the loss weights
+    need every micro batch's count first): (updates, each a list of micro batches; the batch's metrics)."""
+    split = getattr(task, "updates", None)
+    if split:
+        return split(task.next_batch())
+    return [[task.next_batch() for _ in range(grad_accum_steps)]], {}
 
-    `take()` returns (batch on device, token count); `prefetch()` fetches the next one now so that its host
-    work and copy overlap what the GPU is doing. Tokens are counted on the host copy (no device sync)."""
 
-    def __init__(self, task: Task, device: torch.device):
-        self.task, self.device = task, device
-        self.num_tokens = getattr(task, "num_tokens", None)
-        self._next: tuple[Any, int] | None = None
+def host_to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Python numbers as a float64 vector on `device` without a host sync: on CUDA a non-blocking copy from
+    pinned memory (from pageable memory it would be a synchronous one)."""
+    vec = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        vec = vec.pin_memory()
+    return vec.to(device, non_blocking=True)
 
-    @property
-    def pending(self) -> bool:
-        """A batch has been fetched from the task and not taken yet."""
-        return self._next is not None
 
-    def prefetch(self) -> None:
-        if self._next is None:
-            batch = self.task.next_batch()
-            tokens = int(self.num_tokens(batch)) if self.num_tokens else _first_tensor(batch).numel()
-            self._next = (to_device(batch, self.device), tokens)
-
-    def take(self) -> tuple[Any, int]:
-        self.prefetch()
-        out, self._next = self._next, None
-        return out
+def global_count(weights: list[int], loss_weight: bool, world_size: int, device: torch.device,
+                 ) -> float | torch.Tensor:
+    """G, the update's count over all ranks that micro-batch losses are weighted by (module docstring). Known
+    on the host without `loss_weight` (micro batches x ranks) and on one process; under DDP with weights it is
+    all-reduced and stays a device tensor, so it costs no host sync: the losses are scaled by it on the
+    device."""
+    if not loss_weight:
+        return float(len(weights) * world_size)
+    if world_size == 1:
+        return float(max(sum(weights), 1))
+    return all_reduce_sum(host_to_device([float(sum(weights))], device)[0]).clamp(min=1)
 
 
 def reduce_step_stats(on_device: list[torch.Tensor], on_host: list[float], distributed: bool) -> list[float]:
@@ -320,10 +399,7 @@ def reduce_step_stats(on_device: list[torch.Tensor], on_host: list[float], distr
     device_vec = torch.stack([t.detach().to(torch.float64).reshape(()) for t in on_device])
     if not distributed:
         return device_vec.tolist() + [float(v) for v in on_host]
-    host_vec = torch.tensor(on_host, dtype=torch.float64)
-    if device_vec.device.type == "cuda":
-        host_vec = host_vec.pin_memory()
-    return all_reduce_sum(torch.cat([device_vec, host_vec.to(device_vec.device, non_blocking=True)])).tolist()
+    return all_reduce_sum(torch.cat([device_vec, host_to_device(on_host, device_vec.device)])).tolist()
 
 
 class _TaskLoss(nn.Module):
@@ -377,25 +453,85 @@ class StopSignals:
 
 
 def validate(cfg: TrainConfig, grad_accum_steps: int) -> None:
-    if cfg.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1 (got {cfg.max_steps})")
-    if cfg.warmup_steps < 0:
-        raise UserError(f"--warmup-steps must be >= 0 (got {cfg.warmup_steps})")
-    if cfg.stop_at_step is not None and not 1 <= cfg.stop_at_step <= cfg.max_steps:
-        raise UserError(f"--stop-at-step must be between 1 and --max-steps ({cfg.max_steps}), got "
-                        f"{cfg.stop_at_step}")
+    cfg.validate()
+    if cfg.max_steps is None:
+        raise UserError("--max-steps must be set before training starts")
     if grad_accum_steps < 1:
         raise UserError(f"gradient accumulation steps must be >= 1 (got {grad_accum_steps})")
-    if cfg.eval_every < 0 or cfg.save_every < 0:
-        raise UserError("--eval-every and --save-every must be >= 0")
-    if len(cfg.betas) != 2:
-        raise UserError(f"--betas takes two numbers (got {list(cfg.betas)})")
+
+
+def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
+    """The settings of the run in `run_dir` and the file they came from, when it has a checkpoint to resume:
+    its config.json (rewritten by every session, so it holds changes announced since the last checkpoint),
+    else the checkpoint's own copy. None when there is no checkpoint (`--resume` then starts a new run)."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT_FILE
+    if not ckpt.exists():
+        return None
+    path = run_dir / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(saved, dict):
+            return saved, path
+    except (OSError, ValueError):
+        pass  # missing or cut short: the checkpoint has the same settings
+    state = load_checkpoint(ckpt)
+    saved = state.get("run_config") or state.get("train_config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{ckpt} holds no saved settings and {path} is missing: cannot resume with them")
+    return dict(saved), ckpt
+
+
+_SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")
+
+
+def resume_changes(saved: dict[str, Any], cfg: Any, step: int) -> list[str]:
+    """Compare the checkpoint's loop settings with the resumed session's: a REFUSE field that differs is a
+    UserError (the optimizer state or data order already holds the saved value, so the new one would be
+    silently ignored or make another run); an ANNOUNCE field that differs is returned as one line to print."""
+    lines, refused = [], []
+    for name, new in to_dict(cfg).items():
+        if name not in saved or same_setting(saved[name], new):
+            continue
+        rule = resume_rule(type(cfg), name)
+        if rule == REFUSE:
+            refused.append(f"{flag_name(name)} {new!r} (saved: {saved[name]!r})")
+        elif rule == ANNOUNCE:
+            what = "the LR schedule changes" if name in _SCHEDULE_FIELDS else "applies"
+            lines.append(f"--resume: {flag_name(name)} {saved[name]} -> {new} ({what} from step {step})")
+    if refused:
+        raise UserError(f"--resume: {', '.join(refused)} differs from the checkpoint; drop it to continue the run")
+    return lines
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int = 1, *,
           dist: DistInfo | None = None, run_config: Any = None,
           export: Callable[[nn.Module, Path], None] | None = None,
           flops_per_token: float | None = None) -> TrainResult:
+    """`_train` (below) while holding RUN_DIR/run.lock, taken before anything is written to the run directory,
+    so a second run on the same --out is refused at start instead of interleaving metrics and checkpoints."""
+    validate(cfg, grad_accum_steps)
+    dist = dist or init_distributed(cfg.device)
+    with dir_lock(cfg.out) if dist.is_main else nullcontext():
+        try:
+            return _train(model, task, cfg, grad_accum_steps, dist=dist, run_config=run_config, export=export,
+                          flops_per_token=flops_per_token)
+        except UserError:
+            _close_progress_bars()  # the error line then starts a line of its own, not the bar's
+            raise
+
+
+def _close_progress_bars() -> None:
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int = 1, *,
+           dist: DistInfo | None = None, run_config: Any = None,
+           export: Callable[[nn.Module, Path], None] | None = None,
+           flops_per_token: float | None = None) -> TrainResult:
     """Train `model` on `task` for cfg.max_steps optimizer steps of `grad_accum_steps` micro batches each.
 
     dist: from `init_distributed()` (default: called here). run_config: the stage's whole config (a dataclass
@@ -405,7 +541,6 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     Raises NonFiniteLossError on a NaN/inf loss; on SIGTERM/Ctrl-C saves, then raises SystemExit(143) /
     KeyboardInterrupt.
     """
-    validate(cfg, grad_accum_steps)
     dist = dist or init_distributed(cfg.device)
     device, is_main = dist.device, dist.is_main
     run_dir = Path(cfg.out)
@@ -428,6 +563,9 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
         optimizer.load_state_dict(resumed["optimizer"])
         task.load_state_dict(resumed["ranks"][dist.rank]["task"])
         start_step, elapsed0 = resumed["step"], resumed.get("elapsed", 0.0)
+        for line in resume_changes(resumed.get("train_config", {}), cfg, start_step):
+            if is_main:
+                print(line, flush=True)
     elif ckpt_path.exists() and not cfg.resume:
         raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
                         "--out")
@@ -438,7 +576,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
+        write_json_atomic(run_dir / CONFIG_FILE, run_config)
     metrics = MetricsLogger(run_dir / METRICS_FILE, enabled=is_main,
                             keep_until_step=start_step if resumed else None)
 
@@ -453,7 +591,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     amp = autocast_dtype(cfg.dtype, device)
     peak = peak_flops(device)
     export = export or (lambda m, d: m.save_pretrained(d) if hasattr(m, "save_pretrained") else None)
-    batches = DeviceBatches(task, device)
+    num_tokens = getattr(task, "num_tokens", None)
     writer = BackgroundWriter()
     shadow: list[nn.Module] = []  # a host copy of the model that the writer exports from (made at the first save)
     end_step = cfg.stop_at_step or cfg.max_steps
@@ -472,11 +610,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
 
     def save(step: int, elapsed: float) -> None:
         nonlocal last_saved
-        assert not batches.pending, "a fetched batch would be missing from the saved data position"
         ranks = all_gather_object({"task": task.state_dict(), "rng": capture_rng_state(device)})
         if is_main:
             config = getattr(model, "config", None)
-            writer.wait()  # the previous save is complete (and its errors raised) before this one starts
+            writer.wait()  # the previous save is complete (its error raised here) before this one starts
             if not shadow:
                 import copy
 
@@ -488,11 +625,18 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                 "train_config": to_dict(cfg), "run_config": run_config,
                 "model_config": asdict(config) if is_dataclass(config) else None,
             })
+            previous = last_saved  # written: a failed write would have been raised by wait() above
 
             def write() -> None:
-                save_checkpoint(state, ckpt_path)
-                shadow[0].load_state_dict(state["model"])
-                export(shadow[0], run_dir / MODEL_DIR)
+                written = previous
+                try:  # a full disk: a one-line error; the atomic writes keep the previous files whole
+                    save_checkpoint(state, ckpt_path)
+                    written = step
+                    shadow[0].load_state_dict(state["model"])
+                    export(shadow[0], run_dir / MODEL_DIR)
+                except UserError as e:
+                    kept = f"{ckpt_path} holds step {written}" if written is not None else "no checkpoint was written"
+                    raise UserError(f"saving step {step} failed: {e}; {kept}") from e
                 plot(run_dir)
 
             writer.submit(write)
@@ -511,61 +655,81 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     t_session = time.perf_counter()
     t_start = t_session - elapsed0
     loss_value = None
+    loss_weight = getattr(task, "loss_weight", None)
+    W = dist.world_size
+
+    def update(micro_batches: list, batch_metrics: dict[str, float], flags: list[float],
+               ) -> tuple[list[float], list[str], Any]:
+        """Forward/backward over one update's micro batches, then one optimizer step. Returns (the all-reduced
+        [weighted loss, *task metrics, grad norm, tokens, *batch metrics, *flags], the task metrics' names,
+        the last micro batch). One host sync: the stats' `.tolist()` in `reduce_step_stats`."""
+        # Weights and tokens are counted on the host batches; then every micro batch's copy is queued at once
+        # (pinned, non-blocking on CUDA), so the copies overlap the GPU's work instead of waiting on the host.
+        weights = [int(loss_weight(b)) if loss_weight else 1 for b in micro_batches]
+        tokens = sum(int(num_tokens(b)) if num_tokens else _first_tensor(b).numel() for b in micro_batches)
+        total = global_count(weights, loss_weight is not None, W, device)
+        on_device = [to_device(b, device) for b in micro_batches]
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        extra: dict[str, Any] = {}  # task metrics: 0-d device tensors or host numbers, summed
+        for micro, (batch, weight) in enumerate(zip(on_device, weights)):
+            sync = ddp is None or micro == len(on_device) - 1
+            with nullcontext() if sync else ddp.no_sync():
+                with autocast_context(device, amp):
+                    loss, step_metrics = forward(batch)
+                (loss * (weight * W / total)).backward()
+            loss_sum += loss.detach() * (weight / total)
+            for k, v in step_metrics.items():
+                v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                extra[k] = extra[k] + v if k in extra else v
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        dev_keys = sorted(k for k, v in extra.items() if isinstance(v, torch.Tensor))
+        host_keys = sorted(k for k in extra if k not in dev_keys)
+        micro_steps = len(on_device)
+        r = reduce_step_stats([loss_sum, *(extra[n] / micro_steps for n in dev_keys), grad_norm],
+                              [*(extra[n] / micro_steps for n in host_keys), tokens,
+                               *(batch_metrics[n] for n in sorted(batch_metrics)), *flags], dist.is_distributed)
+        nd, nh = len(dev_keys), len(host_keys)
+        values = r[:1 + nd] + r[2 + nd:2 + nd + nh] + [r[1 + nd]] + r[2 + nd + nh:]  # the layout above
+        keys = dev_keys + host_keys
+        loss_value, norm = values[0], values[1 + len(keys)] / W
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            bar.close()
+            where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
+                     if last_saved is not None else "no checkpoint had been written yet")
+            raise NonFiniteLossError(f"training stopped at step {step + 1}: loss {loss_value}, grad norm "
+                                     f"{norm} (not finite); {where}. Lower --lr or check the data.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return values, keys, micro_batches[-1]
+
     with StopSignals() as stop, writer:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
             lr = apply_lr(optimizer, step, cfg)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            extra: dict[str, Any] = {}  # task metrics: 0-d device tensors or host numbers, summed
-            tokens = 0
-            for micro in range(grad_accum_steps):
-                batch, n = batches.take()
-                tokens += n
-                sync = ddp is None or micro == grad_accum_steps - 1
-                with nullcontext() if sync else ddp.no_sync():
-                    with autocast_context(device, amp):
-                        loss, step_metrics = forward(batch)
-                    (loss / grad_accum_steps).backward()
-                if micro + 1 < grad_accum_steps:
-                    batches.prefetch()  # while the GPU runs this micro-step
-                loss_sum += loss.detach()
-                for k, v in step_metrics.items():
-                    v = v.detach() if isinstance(v, torch.Tensor) else float(v)
-                    extra[k] = extra[k] + v if k in extra else v
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            # One all-reduce and one host sync: mean loss, mean task metrics, grad norm, then the host-side
-            # numbers: token count, stop flags (so all ranks stop at the same step).
-            out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_session > 60 * cfg.max_minutes
-            dev_keys = sorted(k for k, v in extra.items() if isinstance(v, torch.Tensor))
-            host_keys = sorted(k for k in extra if k not in dev_keys)
-            keys = dev_keys + host_keys
-            values = reduce_step_stats(
-                [loss_sum / grad_accum_steps, *(extra[k] / grad_accum_steps for k in dev_keys), grad_norm],
-                [*(extra[k] / grad_accum_steps for k in host_keys), tokens, out_of_time, stop.signum],
-                dist.is_distributed)
-            # values: loss, device metrics, grad norm, host metrics, tokens, out_of_time, signum
-            nd = len(dev_keys)
-            loss_value, norm = values[0] / dist.world_size, values[1 + nd] / dist.world_size
-            metric_values = values[1:1 + nd] + values[2 + nd:2 + nd + len(host_keys)]
-            if not (math.isfinite(loss_value) and math.isfinite(norm)):
-                bar.close()
-                where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
-                         if last_saved is not None else "no checkpoint had been written yet")
-                raise NonFiniteLossError(f"training stopped at step {step + 1}: loss {loss_value}, grad norm "
-                                         f"{norm} (not finite); {where}. Lower --lr or check the data.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # Fetched here, after the previous step's checkpoint: a saved data position never counts a batch
+            # that was fetched but not trained on.
+            updates, batch_metrics = fetch_step(task, grad_accum_steps)
+            totals = None
+            for micro_batches in updates:
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_session > 60 * cfg.max_minutes
+                values, keys, batch = update(micro_batches, batch_metrics, [float(out_of_time), float(stop.signum)])
+                totals = values if totals is None else [a + b for a, b in zip(totals, values)]
+            n = len(updates)
+            loss_value, norm = totals[0] / n, totals[1 + len(keys)] / (n * W)
+            tokens = totals[2 + len(keys)]
+            batch_values = [v / W for v in values[3 + len(keys):len(values) - 2]]  # from the last update
             done = step + 1
             now = time.perf_counter()
-            tok_per_s = values[-3] / (now - t0)
+            tok_per_s = tokens / (now - t0)
             fpt = flops_per_token
             if fpt is None and hasattr(model, "flops_per_token"):
                 fpt = model.flops_per_token(_first_tensor(batch).shape[-1])
             mfu = tok_per_s * fpt / (peak * dist.world_size) if peak and fpt else None
             record = {"kind": "train", "step": done, "loss": loss_value, "lr": lr, "grad_norm": norm,
                       "tokens_per_s": tok_per_s, "mfu": mfu, "time": now - t_start}
-            record.update({k: v / dist.world_size for k, v in zip(keys, metric_values)})
+            record.update({k: v / (n * W) for k, v in zip(keys, totals[1:1 + len(keys)])})
+            record.update(zip(sorted(batch_metrics), batch_values))
             metrics.log(record)
             bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {tok_per_s:,.0f} tok/s"
                                 + (f" mfu {mfu:.1%}" if mfu is not None else ""), refresh=False)
@@ -587,8 +751,6 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
             if timed_out:
                 end_step = done
                 break
-            if done < end_step:
-                batches.prefetch()  # after the checkpoint: its data position excludes this batch
     bar.close()
     if is_main and start_step < end_step < cfg.max_steps:
         print(f"stopped at step {end_step} of {cfg.max_steps}; continue with --resume", flush=True)

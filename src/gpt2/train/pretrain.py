@@ -13,8 +13,10 @@ Design decisions:
 - On CPU the loss is `gpt2.train.losses.gpt_loss_chunked` (same values and gradients as `GPT.loss`,
   without materialising the (B*T, 50257) logits), which is most of the CPU speed-up in bench/train.py.
 - The task is thin: a rank-aware `ShardLoader` on the train split gives micro batches and its position
-  (resume); evaluation is `gpt2.evaluate.val_loss` over a *fresh* val loader on a fixed token budget (the
-  same tokens every time, shared out between ranks, averaged with an all-reduce) and optionally HellaSwag.
+  (resume), its windows in a seeded random order by default (`--no-shuffle`: stream order; see
+  `gpt2.data.loader` for why windows rather than blocks); evaluation is `gpt2.evaluate.val_loss` over a
+  *fresh* val loader (in order) on a fixed token budget (the same tokens every time, shared out between
+  ranks, averaged with an all-reduce) and optionally HellaSwag.
 - The `gpt2-124m` preset is the seed's recipe (build-nanogpt): 2^19 tokens/step, micro batch 32 x 1024,
   max LR 6e-4 with 715 warmup steps and cosine decay to 10% over 19073 steps (one epoch of FineWeb
   sample-10BT), AdamW (0.9, 0.95), weight decay 0.1, clip 1.0.
@@ -27,7 +29,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from gpt2.cli import Command, register
-from gpt2.config import arg
+from gpt2.config import APPLY, arg
+from gpt2.data.shards import checked_batch
 from gpt2.distributed import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT, PRESETS, GPTConfig
@@ -43,12 +46,17 @@ class PretrainConfig(TrainConfig):
     seq_len: int = arg(1024, "tokens per training sequence (at most --block-size)")
     global_batch: int = arg(524_288, "tokens per optimizer step over all processes; must be a multiple of "
                                      "micro-batch x seq-len x processes")
-    val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)")
+    shuffle: bool = arg(True, "read training windows of --seq-len tokens in a seeded random order, each once per "
+                              "epoch (--no-shuffle: in stream order, as the shards lie)")
+    val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)",
+                          on_resume=APPLY)
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
-                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)")
-    hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation")
-    hellaswag_source: str | None = arg(None, "local HellaSwag jsonl instead of downloading the validation set")
-    hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples")
+                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)",
+                                  on_resume=APPLY)
+    hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation", on_resume=APPLY)
+    hellaswag_source: str | None = arg(None, "local HellaSwag jsonl instead of downloading the validation set",
+                                       on_resume=APPLY)
+    hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples", on_resume=APPLY)
     # the model (GPTConfig fields)
     block_size: int = arg(1024, "model: context window (learned positions)")
     vocab_size: int = arg(50257, "model: vocabulary size (GPT-2 BPE)")
@@ -59,6 +67,22 @@ class PretrainConfig(TrainConfig):
     layer_norm_epsilon: float = arg(1e-5, "model: LayerNorm epsilon")
     vocab_pad_multiple: int = arg(64, "model: pad the embedding rows to this multiple (GPU speed; outputs "
                                       "unchanged)")
+
+    def validate(self) -> None:
+        super().validate()
+        for flag in ("micro_batch", "seq_len", "global_batch", "val_tokens", "block_size", "vocab_size", "n_layer",
+                     "n_head", "n_embd", "vocab_pad_multiple"):
+            if getattr(self, flag) < 1:
+                hint = "; use --eval-every 0 to skip evaluation" if flag == "val_tokens" else ""
+                raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)}){hint}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if not self.layer_norm_epsilon > 0:
+            raise UserError(f"--layer-norm-epsilon must be > 0 (got {self.layer_norm_epsilon})")
+        if self.seq_len > self.block_size:
+            raise UserError(f"--seq-len {self.seq_len} exceeds --block-size {self.block_size}")
+        if self.hellaswag_limit is not None and self.hellaswag_limit < 1:
+            raise UserError(f"--hellaswag-limit must be >= 1 (got {self.hellaswag_limit})")
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
@@ -104,7 +128,8 @@ class PretrainTask:
 
         self.cfg, self.dist = cfg, dist
         self.fused_loss = cfg.fused_loss if cfg.fused_loss is not None else dist.device.type == "cpu"
-        self.loader = ShardLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
+        self.loader = ShardLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size,
+                                  shuffle=cfg.shuffle, seed=cfg.seed)
         self.has_val = bool(list_shards(cfg.data, "val"))
         if not self.has_val and cfg.eval_every and dist.is_main:
             print(f"note: {cfg.data} has no val shards; no validation loss will be measured", flush=True)
@@ -115,7 +140,7 @@ class PretrainTask:
             self.hellaswag = load_hellaswag(cfg.hellaswag_source, "val", limit=cfg.hellaswag_limit)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loader.next_batch()
+        return checked_batch(self.loader, self.cfg.vocab_size)
 
     def loss(self, model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         x, y = batch
@@ -140,7 +165,7 @@ class PretrainTask:
         # A fresh loader: every evaluation sees the same val tokens, split between the ranks.
         loader = ShardLoader(cfg.data, "val", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
         steps = max(1, min(cfg.val_tokens // (loader.window * dist.world_size), loader.steps_per_epoch))
-        loss = val_loss(model, (loader.next_batch() for _ in range(steps)))
+        loss = val_loss(model, (checked_batch(loader, cfg.vocab_size) for _ in range(steps)))
         return all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=dist.device)).item()
 
     def state_dict(self) -> dict:
@@ -151,11 +176,10 @@ class PretrainTask:
 
 
 def run(cfg: PretrainConfig):
+    cfg.validate()
     dist = init_distributed(cfg.device)
     try:
         model_cfg = cfg.model_config()
-        if cfg.seq_len > model_cfg.block_size:
-            raise UserError(f"--seq-len {cfg.seq_len} exceeds --block-size {model_cfg.block_size}")
         accum = grad_accum_steps(cfg.global_batch, cfg.micro_batch, cfg.seq_len, dist.world_size)
         task = PretrainTask(cfg, dist)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
