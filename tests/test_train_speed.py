@@ -162,6 +162,30 @@ def test_background_writer_runs_in_order_and_reraises():
     w.wait()  # raised once
 
 
+def test_a_failed_background_save_is_raised_at_the_next_one(tmp_path, monkeypatch):
+    """The write of step 4 fails in the writer thread while training goes on; the next save joins it and
+    raises the loop's one-line error naming the failed step and the step the file still holds."""
+    import gpt2.train.loop as loop_mod
+    from gpt2.errors import UserError
+
+    real, calls = loop_mod.save_checkpoint, []
+
+    def flaky(state, path):
+        calls.append(state["step"])
+        if state["step"] == 4:
+            raise UserError(f"cannot write {path}: No space left on device (errno 28)")
+        return real(state, path)
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", flaky)
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as err:
+        train(make_model(), ListTask(make_data()), cfg_for(run, max_steps=8, save_every=2))
+    ckpt = run / "checkpoint.pt"
+    assert str(err.value) == (f"saving step 4 failed: cannot write {ckpt}: No space left on device (errno 28); "
+                              f"{ckpt} holds step 2")
+    assert calls == [2, 4] and load_checkpoint(run)["step"] == 2  # raised at step 6's save, before its write
+
+
 def test_checkpoint_holds_the_weights_of_its_step(tmp_path):
     """The background write must not see the updates made after the save was taken."""
     cfg = cfg_for(tmp_path / "a", max_steps=4, save_every=2)
