@@ -10,8 +10,9 @@ import pytest
 import torch
 from serve_helpers import one_torch_thread
 
+from gpt2.decoder import KVCache
 from gpt2.inference import generate, pad_right
-from gpt2.model import GPT, GPTConfig, KVCache
+from gpt2.model import GPT, GPTConfig
 from gpt2.serve.engine import Engine, SamplingParams
 from gpt2.serve.text import TextStream
 
@@ -54,7 +55,7 @@ def run_schedule(engine: Engine, arrivals: dict[int, list[tuple[int, list[int], 
         engine.step()
         assert engine.num_active <= engine.max_batch_size
         if engine.cache is not None:
-            assert engine.cache.max_len <= engine.block_size + engine.headroom
+            assert engine.cache.capacity <= engine.block_size + engine.headroom
         if step >= last_arrival and not engine.has_work():
             return col
     raise AssertionError("engine did not finish")
@@ -70,8 +71,8 @@ def random_requests(n: int, seed: int, block: int):
 
 
 class PoisonedCache(KVCache):
-    """KVCache memory is uninitialised: fill it with NaN to prove the engine never reads a slot it did not
-    write (a NaN value survives even a zero attention weight)."""
+    """Fill new caches with NaN to prove that decoding never reads a slot before it was written (a NaN
+    value survives even a zero attention weight)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -81,7 +82,7 @@ class PoisonedCache(KVCache):
 
 @pytest.mark.parametrize("seed,max_batch", [(0, 3), (1, 8)])
 def test_batched_greedy_equals_one_at_a_time(model, seed, max_batch, monkeypatch):
-    monkeypatch.setattr("gpt2.serve.engine.KVCache", PoisonedCache)
+    monkeypatch.setattr("gpt2.decoder.KVCache", PoisonedCache)
     prompts, max_tokens, steps = random_requests(10, seed, model.config.block_size)
     arrivals: dict = {}
     for i, (p, m, s) in enumerate(zip(prompts, max_tokens, steps)):

@@ -1,18 +1,12 @@
-"""Batched autoregressive generation with a KV cache.
+"""The seed's generation API, on the decoding core (`gpt2.decoder`).
 
 Design decisions:
 - The seed's API is kept exactly: `tokenize_batch_input(prompts) -> (input_ids, attention_masks)` gives
   right-padded LongTensors (pad id 0, mask 1/0), and `generate(model, input_ids, attention_masks,
   temperature, max_steps)` returns each prompt's new tokens, cut before `<|endoftext|>`.
-- Right padding is handled by *left-aligning* internally: each row is shifted so that its last real token
-  sits in the last column. Then every row's next token goes into the same cache slot, one forward pass per
-  step serves the whole batch, and padding slots are masked out of attention. Positions come from the
-  mask (`cumsum(mask) - 1`), so a prompt's output does not depend on what else is in its batch.
-- Rows that have finished (emitted `<|endoftext|>`) are dropped from the batch and its cache, so a batch
-  gets cheaper as its prompts end.
-- On a CPU, decoding runs inside `gpt2.kernels.frozen`: MKL pre-packed weights for the projections, and for
-  greedy decoding an exact argmax that screens the vocabulary with an int8 copy of the head before
-  recomputing the few possible winners in fp32 (the tokens are those of the fp32 logits).
+- Everything about decoding (cache, left-aligned prefill, steps, sampling) is `gpt2.decoder`'s, the same
+  code the serving engine runs, so a prompt's greedy tokens are the same here, in a batch, and in the
+  server. Rows that finish are dropped from the batch, which gets cheaper as its prompts end.
 - GPT-2 has learned absolute positions: nothing can be generated past `block_size`. A prompt longer than
   the context window is an error; generation stops early when a row reaches the window's end.
 - This module works on token ids only; `tokenize_batch_input` is the one place that calls the tokenizer.
@@ -24,49 +18,17 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from gpt2.data.batching import PAD_ID, pad_right  # noqa: F401 (re-exported: the seed's API pads here)
-from gpt2.kernels import frozen
-from gpt2.model import GPT, KVCache
+from gpt2.decoder import PAD_ID, Decoder, RowSampler, SamplingParams, choose, left_align, pad_right, sample_next
+from gpt2.model import GPT
 from gpt2.tokenizer import EOT, encode
+
+__all__ = ["PAD_ID", "generate", "generate_stream", "left_align", "pad_right", "sample_next",
+           "tokenize_batch_input"]
 
 
 def tokenize_batch_input(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts into right-padded (input_ids, attention_masks), both LongTensor [B, T]."""
-    encoded = [encode(p) for p in prompts]
-    return pad_right(encoded)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from logits (B, V): greedy at temperature 0, else softmax(logits / T) with
-    optional top-k and nucleus (top-p) filtering."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass of the tokens strictly before it already reaches top_p
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def left_align(input_ids: torch.Tensor, attention_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift each row's real tokens to end in the last column. Returns (ids, valid) with valid bool."""
-    B, T = input_ids.shape
-    lengths = attention_masks.sum(dim=1)  # (B,)
-    cols = torch.arange(T, device=input_ids.device)[None]  # (1, T)
-    # For output column c of row b, take source column c - (T - len_b) (a real token, or padding before).
-    src = cols - (T - lengths)[:, None]  # (B, T)
-    valid = src >= 0
-    ids = torch.gather(input_ids, 1, src.clamp(min=0)).masked_fill(~valid, PAD_ID)
-    return ids, valid
+    return pad_right([encode(p) for p in prompts])
 
 
 @torch.inference_mode()
@@ -77,43 +39,35 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
     """Yield, for each decoding step, the (prompt index, token) pairs produced at that step (rows that
     emit `eos_id` yield nothing for it and stop). See `generate` for the arguments."""
     _check_inputs(model, input_ids, attention_masks, max_steps)
-    device = next(model.parameters()).device
-    input_ids, attention_masks = input_ids.to(device), attention_masks.to(device)
-    lengths = attention_masks.sum(dim=1)  # (B,)
-    B, T = input_ids.shape
-    steps = min(max_steps, model.config.block_size - int(lengths.min()))
-    if steps <= 0 or B == 0:
+    lengths = attention_masks.sum(dim=1).tolist()
+    prompts = [row[:n] for row, n in zip(input_ids.tolist(), lengths)]
+    block = model.config.block_size
+    steps = min(max_steps, block - min(lengths)) if prompts else 0
+    if steps <= 0:
         return
-    ids, valid = left_align(input_ids, attention_masks)
-    position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T): each row's own positions
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, B, T + steps, device=device, dtype=dtype)
-
     was_training = model.training
     model.eval()
     try:
-        with frozen(model, work=B * steps) as head:  # weights do not change while decoding: packed on CPU
-            hidden = model.hidden_states(ids, position_ids, cache.attn_mask(valid), cache)  # (B, T, C)
-            last = hidden[:, -1]  # (B, C): last column = each row's last real token
-            alive = torch.arange(B, device=device)  # original prompt index of each remaining row
-            next_pos = lengths.clone()  # (B,) position of each row's next token
-            for _ in range(steps):
-                if temperature <= 0 and head is not None:
-                    tokens = head.argmax(last)  # (b,) the fp32 argmax, on CPU without all fp32 logits
-                else:
-                    tokens = sample_next(model.logits(last, head), temperature, top_k, top_p, generator)  # (b,)
-                is_eos = tokens == eos_id if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
-                yield [(i, t) for i, t, e in zip(alive.tolist(), tokens.tolist(), is_eos.tolist()) if not e]
-                # a row also stops when its token took the context window's last position
-                keep = ~(is_eos | (next_pos >= model.config.block_size - 1))
-                if not bool(keep.any()):
-                    return
-                if not bool(keep.all()):
-                    rows = keep.nonzero().squeeze(1)
-                    alive, tokens, next_pos = alive[rows], tokens[rows], next_pos[rows]
-                    cache.select_rows(rows)
-                last = model.hidden_states(tokens[:, None], next_pos[:, None], None, cache)[:, -1]  # (b, C)
-                next_pos = next_pos + 1
+        decoder = Decoder(model)  # per call: the weights may have changed since the last one
+        rows = decoder.prefill(prompts, room=steps)
+        params = SamplingParams(max_tokens=steps, temperature=temperature, top_p=top_p, top_k=top_k)
+        samplers = [RowSampler(params, generator) for _ in prompts]
+        alive = list(range(len(prompts)))  # original prompt index of each remaining row
+        for _ in range(steps):
+            chosen = choose(rows.logits, samplers)
+            for c in chosen:
+                if isinstance(c, Exception):
+                    raise c
+            tokens = [c.token for c in chosen]
+            yield [(i, t) for i, t in zip(alive, tokens) if t != eos_id]
+            # a row also stops when its token took the context window's last position
+            keep = [t != eos_id and pos < block - 1 for t, pos in zip(tokens, rows.positions)]
+            if not any(keep):
+                return
+            rows.keep(keep)
+            alive = [i for i, k in zip(alive, keep) if k]
+            samplers = [s for s, k in zip(samplers, keep) if k]
+            decoder.step(rows, [t for t, k in zip(tokens, keep) if k])
     finally:
         model.train(was_training)
 

@@ -10,18 +10,20 @@ Design decisions:
   their logits are sliced off, so outputs are unchanged; `num_params()` does not count them and checkpoints
   are written without them.
 - The model knows nothing of data, tokenizers or distributed training. It exposes `forward` (logits),
-  `hidden_states` (the final LayerNorm output, for reward/value heads) and an optional `KVCache` for
-  incremental decoding. Positions and attention masks can be given explicitly, which is what batched
-  generation with padding needs.
+  `hidden_states` (the final LayerNorm output, for reward/value heads) and `logits`. It holds nothing that
+  exists for decoding speed: incremental decoding passes a cache through one narrow interface (`KVStore`:
+  attention stores its new keys/values and reads all of them back) and explicit positions and attention
+  masks, which batched generation with padding needs. The cache and everything else about decoding live in
+  `gpt2.decoder`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -68,79 +70,14 @@ PRESETS: dict[str, GPTConfig] = {
 PRESETS["gpt2-124m"] = PRESETS["gpt2"]
 
 
-class KVCache:
-    """Pre-allocated keys/values for incremental decoding.
+class KVStore(Protocol):
+    """The one interface through which attention reads a key/value cache (the decoder owns the cache).
 
-    Columns are shared "slots" in time: every row of the batch writes its step-`t` key into column `t`.
-    `valid[b, s]` says whether slot `s` of row `b` holds a real token; padding slots are never attended to.
-    Positions are passed separately (`position_ids`), so a row's slots need not equal its positions.
-    """
+    `update(layer, k, v)` stores the keys and values (B, nh, T, hs) of this forward's T new tokens for
+    `layer` and returns every key and value the queries may attend to, each (B, nh, S, hs). Which of the S
+    slots a query may see is the `attn_mask` passed to the forward alongside the cache."""
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        shape = (config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim)
-        # Keys and values side by side, so that a step writes both with one copy. Uninitialised is safe: a
-        # slot is only ever read after it has been written.
-        self.kv = torch.empty(shape, device=device, dtype=dtype)  # (L, 2, B, nh, S, hs)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
-        self.length = 0  # slots filled so far
-        self.max_len = max_len
-        self._make_views()
-
-    def _make_views(self) -> None:
-        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # each (L, B, nh, S, hs)
-        self.layers = self.kv.unbind(0)  # per layer (2, B, nh, S, hs), made once rather than on every step
-
-    def attn_mask(self, new_valid: torch.Tensor) -> torch.Tensor:
-        """Record the validity of the next T slots and return the (B, 1, T, S_used) boolean mask: a query
-        sees valid keys at or before its own slot, and always itself (so no row is fully masked: padded
-        queries would otherwise give NaNs that leak through 0 * NaN in later layers)."""
-        B, T = new_valid.shape
-        start, end = self._claim(T)
-        self.valid[:, start:end] = new_valid
-        q = torch.arange(start, end, device=new_valid.device)[:, None]  # (T, 1)
-        k = torch.arange(end, device=new_valid.device)[None, :]  # (1, S)
-        causal = k <= q  # (T, S)
-        mask = causal[None] & self.valid[:, None, :end]  # (B, T, S)
-        mask |= (k == q)[None]
-        return mask[:, None]  # (B, 1, T, S)
-
-    def causal_mask(self, B: int, T: int) -> torch.Tensor | None:
-        """Record T real (unpadded) new slots; return the mask for them, or None where attention needs none
-        beyond SDPA's `is_causal` (see `CausalSelfAttention`): the first block (nothing cached yet), and a
-        single new token when every cached slot is valid (then it may see them all). Decoding without padding
-        takes the second case on every step, which spares building and reading a mask."""
-        start = self.length
-        if start > 0 and not (T == 1 and bool(self.valid[:, :start].all())):
-            return self.attn_mask(torch.ones(B, T, dtype=torch.bool, device=self.valid.device))
-        start, end = self._claim(T)
-        self.valid[:, start:end] = True
-        return None
-
-    def _claim(self, T: int) -> tuple[int, int]:
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} slots > capacity {self.max_len}")
-        return self.length, end
-
-    def update(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys and values (2, B, nh, T, hs) for `layer`; return all keys and values so far,
-        each (B, nh, S, hs)."""
-        T = kv.size(3)
-        start = self.length
-        cache = self.layers[layer]  # (2, B, nh, S_max, hs)
-        cache[:, :, :, start:start + T] = kv
-        k, v = cache[:, :, :, :start + T].unbind(0)
-        return k, v
-
-    def advance(self, T: int) -> None:
-        """Called by the model after a forward pass has written T new slots."""
-        self.length += T
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (drop finished sequences)."""
-        self.kv = self.kv[:, :, rows]
-        self.valid = self.valid[rows]
-        self._make_views()
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -156,16 +93,9 @@ class Projection(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
         self.residual_scale = residual_scale  # GPT-2 init: residual projections scaled by 1/sqrt(2 * n_layer)
-        # Optional replacement for the product, (N, in) -> (N, out), used without autograd only:
-        # `gpt2.kernels` installs MKL pre-packed weights here for decoding on a CPU.
-        self.product: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.size(-1))  # (B*T, in)
-        if self.product is not None and not torch.is_grad_enabled():  # never under autograd: training is live
-            y = self.product(x2)  # (B*T, out)
-        else:
-            y = torch.addmm(self.bias, x2, self.weight)  # (B*T, out)
+        y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)  # (B*T, out)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
@@ -177,30 +107,18 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Projection(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = Projection(config.n_embd, config.n_embd, residual_scale=True)
         self.dropout = config.dropout
-        # Optional replacement for the attention of one decoding step (one new token, a cache, no autograd):
-        # (qkv (B, 3C), cache, layer index, masked) -> (B, C); it also writes the step's keys and values into
-        # the cache, and `masked` says whether to leave out the slots `cache.valid` marks as padding.
-        # `gpt2.kernels` installs a native one for decoding on a CPU.
-        self.step_attention: Callable[[torch.Tensor, KVCache, int, bool], torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVStore | None) -> torch.Tensor:
         B, T, C = x.size()
-        if (T == 1 and cache is not None and self.step_attention is not None and not self.training
-                and not torch.is_grad_enabled()):
-            y = self.step_attention(self.c_attn(x).view(B, 3 * C), cache, self.layer_idx, attn_mask is not None)
-            return self.c_proj(y.view(B, 1, C))
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, per head
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        q = qkv[0]  # (B, nh, T, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, qkv[1:])  # each (B, nh, S, hs)
-        else:
-            k, v = qkv[1], qkv[2]
+            k, v = cache.update(self.layer_idx, k, v)  # each (B, nh, S, hs)
         dropout = self.dropout if self.training else 0.0
         if attn_mask is None:
-            # Fast path (training, unpadded prompts, decoding without padding): flash/efficient kernels with
-            # SDPA's own causal mask. It aligns queries with the *first* keys, so it is right when there are as
-            # many keys as queries; one query (a decoding step) may see every key: no mask at all.
+            # Fast path (training, unpadded input): flash/efficient kernels with SDPA's own causal mask. It
+            # aligns queries with the *first* keys, so with a cache it is right for a first block (as many keys
+            # as queries) and a single new token sees every key; otherwise the decoder passes a mask.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
@@ -230,7 +148,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVStore | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -275,50 +193,39 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     def hidden_states(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                      attn_mask: torch.Tensor | None = None, cache: KVStore | None = None) -> torch.Tensor:
         """Final-LayerNorm activations (B, T, n_embd).
 
-        idx: (B, T) token ids. position_ids: (B, T), default 0..T-1 (offset by the cache length).
-        attn_mask: (B, 1, T, S) boolean, True = may attend; None = plain causal. With `cache`, pass either
-        None (all T new tokens are real) or `cache.attn_mask(valid)` for padded input; the cache is advanced
-        by T slots after the forward pass.
+        idx: (B, T) token ids. position_ids: (B or 1, T), default 0..T-1.
+        attn_mask: (B, 1, T, S) boolean (True = may attend) or additive float; None = plain causal over the
+        T tokens. cache: where attention stores and reads keys/values (`KVStore`); then `attn_mask` says
+        which of the cache's S slots each query sees. The decoder (`gpt2.decoder`) owns both.
         """
         B, T = idx.size()
-        start = cache.length if cache is not None else 0
         if position_ids is None:
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-            position_ids = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+            position_ids = torch.arange(T, device=idx.device)[None]  # (1, T)
         tok = self.transformer.wte(idx)  # (B, T, C)
         pos = self.transformer.wpe(position_ids)  # (B or 1, T, C)
         x = _dropout(tok + pos, self.config.dropout if self.training else 0.0)
-        if cache is not None and attn_mask is None:
-            attn_mask = cache.causal_mask(B, T)  # None where SDPA's own masking is exact
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             # once here rather than inside SDPA in every layer: 0 where attending, -inf elsewhere
             attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~attn_mask,
                                                                                                  float("-inf"))
         for block in self.transformer.h:
             x = block(x, attn_mask, cache)
-        if cache is not None:
-            cache.advance(T)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: KVStore | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size); the padded vocabulary columns are sliced off."""
         return self.logits(self.hidden_states(idx, position_ids, attn_mask, cache))
 
-    def logits(self, hidden: torch.Tensor,
-               head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Project hidden states (..., n_embd) to vocabulary logits (..., vocab_size). Generation calls this
-        on the last position only: the 50304-wide head over a whole prompt would cost more than the prompt.
-        `head` optionally replaces the product, (N, n_embd) -> (N, padded_vocab): decoding passes the
-        frozen-weight one from `gpt2.kernels.frozen`."""
-        if head is None:
-            return self.lm_head(hidden)[..., : self.config.vocab_size]
-        out = head(hidden.reshape(-1, hidden.size(-1)))  # (N, V_padded)
-        return out.view(*hidden.shape[:-1], out.size(-1))[..., : self.config.vocab_size]
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states (..., n_embd) to vocabulary logits (..., vocab_size). Decoding calls this on
+        the last position only: the 50304-wide head over a whole prompt would cost more than the prompt."""
+        return self.lm_head(hidden)[..., : self.config.vocab_size]
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; target -100 is ignored (prompt and padding positions)."""

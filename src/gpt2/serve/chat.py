@@ -24,7 +24,6 @@ from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
 from gpt2.inference import generate_stream, pad_right
-from gpt2.kernels import freeze
 from gpt2.model import GPT
 from gpt2.serve.server import DTYPES
 from gpt2.serve.text import TextStream
@@ -53,7 +52,6 @@ class ChatSession:
 
     def __init__(self, model: GPT, cfg: ChatConfig, out: TextIO | None = None):
         self.model, self.cfg, self.out = model, cfg, out or sys.stdout
-        freeze(model)  # the weights stay fixed for the whole chat: pack them for decoding once
         self.temperature = cfg.temperature
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
