@@ -3,7 +3,7 @@ UTF-8 tokens, text offsets across a character split over tokens, echo's null fir
 
 from __future__ import annotations
 
-from gpt2.serve.logprobs import TokenLogprob, chat, legacy, merge_legacy, text_offsets, token_text
+from gpt2.serve.logprobs import TokenLogprob, chat, legacy, merge_legacy, text_offsets, token_text, unscored
 from gpt2.tokenizer import decode, decode_bytes, encode
 
 
@@ -30,7 +30,7 @@ def test_text_offsets_index_the_returned_text(tokenizer_ok):
 
 def test_legacy_shape_with_echo(tokenizer_ok):
     prompt, answer = encode("Hello world"), encode("!")
-    echoed = [TokenLogprob(prompt[0], None)] + [TokenLogprob(t, -1.5, [(t, -1.5), (0, -2.0)]) for t in prompt[1:]]
+    echoed = [unscored(prompt[0])] + [TokenLogprob(t, -1.5, [(t, -1.5), (0, -2.0)]) for t in prompt[1:]]
     generated = [TokenLogprob(answer[0], -0.25, [(answer[0], -0.25)])]
     out = merge_legacy([legacy(echoed), legacy(generated, start=len("Hello world"))])
     assert out["tokens"] == ["Hello", " world", "!"]

@@ -22,6 +22,14 @@ Design decisions:
   at the next step.
 - Stop strings are matched on decoded text (`TextStream`), so they work across token boundaries and never
   leak to the client; when one matches, the request is cancelled in the engine.
+- Log-probabilities (`logprobs`; chat's `logprobs` + `top_logprobs`) are the decoding core's: the engine
+  attaches each generated token's entry to its request, and `echo` scores the prompt with one full forward
+  (`score_tokens`, in a worker thread so the event loop keeps serving). They follow the text the client
+  gets: a token is returned once some of its text is (a chunk carries the tokens whose text starts in that
+  chunk's text; a character split over tokens goes with the token that completes it), and a stop string's
+  cut drops the tokens that begin after it. A choice that ends on <|endoftext|> lists that token last
+  (no text), as OpenAI and vLLM do, so `echo` + `max_tokens: 1` always ends with one generated entry
+  (lm-evaluation-harness drops the last entry when it sums a continuation).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -46,7 +54,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from gpt2.decoder import TokenLogprob, score_tokens
 from gpt2.errors import UserError
+from gpt2.model import GPT
+from gpt2.serve import logprobs as lp
 from gpt2.serve.engine import Engine
 from gpt2.serve.schema import MAX_N, APIError, ChatRequest, CompletionRequest, _Common
 from gpt2.serve.text import TextStream
@@ -207,11 +218,10 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
         _authorize(request, state)
         req = await _parse(request, CompletionRequest)
         req.check()
-        prompts = _completion_prompts(req.prompt, engine.block_size)
-        echo = [decode(p) if req.echo else "" for p in prompts]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        return await _serve(request, state, req, [p or [EOT] for p in prompts], max_tokens, chat=False, echo=echo,
-                            logprobs=req.logprobs)
+        prompts = _completion_prompts(req.prompt, engine.block_size, scoring_only=max_tokens == 0)
+        return await _serve(request, state, req, [p or [EOT] for p in prompts], max_tokens, chat=False,
+                            echo=prompts if req.echo else None, logprobs=req.logprobs)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
     @_guarded
@@ -228,7 +238,7 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
         prompt = encode(text)
         _check_prompt_length(prompt, engine.block_size, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens
-        return await _serve(request, state, req, [prompt], max_tokens, chat=True, echo=[""],
+        return await _serve(request, state, req, [prompt], max_tokens, chat=True, echo=None,
                             logprobs=req.num_logprobs())
 
     return app
@@ -272,17 +282,20 @@ async def _parse(request: Request, schema: type[BaseModel]):
         raise APIError(400, f"{err['msg']}{where}", param=param, code="invalid_value") from e
 
 
-def _check_prompt_length(prompt: list[int], block_size: int, param: str) -> None:
-    if len(prompt) >= block_size:
+def _check_prompt_length(prompt: list[int], block_size: int, param: str, scoring_only: bool = False) -> None:
+    if scoring_only and len(prompt) > block_size:
+        raise APIError(400, f"prompt has {len(prompt)} tokens; this model's context window is {block_size} tokens",
+                       param=param, code="context_length_exceeded")
+    if not scoring_only and len(prompt) >= block_size:
         raise APIError(400, f"prompt has {len(prompt)} tokens; this model's context window is {block_size} tokens "
                             f"and at least one must be left for the answer", param=param,
                        code="context_length_exceeded")
 
 
-def _completion_prompts(prompt: str | list, block_size: int) -> list[list[int]]:
+def _completion_prompts(prompt: str | list, block_size: int, scoring_only: bool = False) -> list[list[int]]:
     """OpenAI's prompt forms: a string, a list of strings, a token list, or a list of token lists.
     An empty prompt is returned empty; the caller starts it from <|endoftext|>, as GPT-2's unconditional
-    samples do."""
+    samples do. With `scoring_only` (max_tokens 0) a prompt may fill the whole context window."""
     if isinstance(prompt, str):
         prompts = [encode(prompt)]
     elif prompt and all(isinstance(p, str) for p in prompt):
@@ -296,24 +309,50 @@ def _completion_prompts(prompt: str | list, block_size: int) -> list[list[int]]:
     for p in prompts:
         if any(not 0 <= t < VOCAB_SIZE for t in p):
             raise APIError(400, f"token ids must be in [0, {VOCAB_SIZE})", param="prompt")
-        _check_prompt_length(p, block_size, "prompt")
+        _check_prompt_length(p, block_size, "prompt", scoring_only)
     return prompts
 
 
 # ---------------------------------------------------------------------------------------- generation
 
+Entry = tuple[int, TokenLogprob]  # a generated token's log-prob entry and its character offset in the completion
+
+
 @dataclass
 class _Choice:
     index: int
     text: TextStream
+    prompt: list[int]
+    top: int | None = None  # log-probs asked: alternatives per token (None: not asked)
     echo: str = ""  # the prompt's text, returned before the completion (`echo`)
+    echo_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's, with `echo` and `logprobs`
     request: object = None  # the engine's Request; None when nothing is generated (max_tokens 0)
     tokens: int = 0
     finish_reason: str | None = None
+    generated: list[int] = field(default_factory=list)
+    pending: list[Entry] = field(default_factory=list)  # entries whose text has not reached the client yet
+
+
+def _score_prompts(model: GPT, prompts: list[list[int]], top: int) -> list[list[TokenLogprob]]:
+    """Echo's log-probs: each prompt token given the ones before it (the first one unscored). One forward per
+    prompt, so memory stays that of one prompt's (T, vocab) log-probs however many prompts a request has."""
+    out = []
+    for p in prompts:
+        row = score_tokens(model, [p], top)[0]
+        out.append([lp.unscored(p[0]), *row[1:]] if p else [])
+    return out
+
+
+def _eos_logprob(model: GPT, c: _Choice) -> TokenLogprob:
+    """<|endoftext|>'s entry for a choice the model ended: the engine does not report the token it stops on,
+    so it is scored here, from the same full forward `echo` uses."""
+    return score_tokens(model, [c.prompt + c.generated + [EOT]], c.top or 0)[0][-1]
 
 
 async def _serve(request: Request, state: ServerState, req: _Common, prompts: list[list[int]],
-                 max_tokens: int, chat: bool, echo: list[str], logprobs: int | None):
+                 max_tokens: int, chat: bool, echo: list[list[int]] | None, logprobs: int | None):
+    """Run `prompts` x n choices on the engine; `echo` is the prompts' tokens to return before the completions
+    (None: no echo), and `logprobs` the alternatives per token when log-probs are asked (None: not asked)."""
     engine = state.engine
     if max_tokens > engine.block_size:
         raise APIError(400, f"max_tokens ({max_tokens}) is larger than the context window "
@@ -324,6 +363,10 @@ async def _serve(request: Request, state: ServerState, req: _Common, prompts: li
     if engine.num_waiting >= state.max_waiting:
         raise APIError(429, "server busy: too many queued requests, retry later", type="server_error",
                        code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+    echo_text = [decode(p) for p in echo] if echo is not None else [""] * len(prompts)
+    echo_logprobs = [[] for _ in prompts]
+    if echo is not None and logprobs is not None:
+        echo_logprobs = await asyncio.to_thread(_score_prompts, engine.model, echo, logprobs)
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -332,7 +375,7 @@ async def _serve(request: Request, state: ServerState, req: _Common, prompts: li
         for i, prompt in enumerate(prompts):
             for j in range(n):
                 index = i * n + j
-                choice = _Choice(index, TextStream(req.stops()), echo[i])
+                choice = _Choice(index, TextStream(req.stops()), prompt, logprobs, echo_text[i], echo_logprobs[i])
                 choices.append(choice)
                 if max_tokens == 0:  # scoring a prompt (`echo`): nothing to generate
                     queue.put_nowait((index, None, "length"))
@@ -349,27 +392,30 @@ async def _serve(request: Request, state: ServerState, req: _Common, prompts: li
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": state.model_name}
     prompt_tokens = sum(len(p) for p in prompts)
-    events = _events(queue, choices, meta["id"])
+    events = _events(queue, choices, meta["id"], engine.model)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _sse(events, choices, meta, chat, prompt_tokens, include_usage)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        texts = await _until_done_or_disconnect(request, _collect(events, choices))
+        done = await _until_done_or_disconnect(request, _collect(events, choices))
     finally:
         _cancel(choices)
-    if texts is None:  # the client went away; nobody reads this
+    if done is None:  # the client went away; nobody reads this
         return JSONResponse({}, status_code=499)
     _raise_if_failed(choices)
     return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
-                         "choices": [_final_choice(c, c.echo + texts[c.index], chat) for c in choices],
+                         "choices": [_final_choice(c, *done[c.index], chat) for c in choices],
                          "usage": _usage(prompt_tokens, choices)})
 
 
-async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str) -> AsyncIterator[tuple[_Choice, str]]:
-    """(choice, new text) as tokens arrive; a choice's last event comes with its finish_reason set. A choice
-    the engine failed is logged here with the engine's reason (the cause), once."""
+Event = tuple[_Choice, str, list[Entry]]  # a choice, its new text, and the log-prob entries that go with it
+
+
+async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str, model: GPT) -> AsyncIterator[Event]:
+    """(choice, new text, entries) as tokens arrive; a choice's last event comes with its finish_reason set.
+    A choice the engine failed is logged here with the engine's reason (the cause), once."""
     by_index = {c.index: c for c in choices}
     remaining = len(choices)
     while remaining:
@@ -378,7 +424,10 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str) -> Asy
         if c.finish_reason is not None:
             continue  # already ended by a stop string; late tokens from the engine are dropped
         if token is not None:
+            if c.top is not None:  # the engine appended this token's entry before sending the token
+                c.pending.append((len(c.text.text), c.request.token_logprobs[c.tokens]))
             c.tokens += 1
+            c.generated.append(token)
             delta = c.text.push(token)
             if c.text.stopped:
                 c.request.cancel()
@@ -388,17 +437,30 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str) -> Asy
             c.finish_reason = reason
             if reason.startswith("error"):
                 log.error("%s choice %d failed in the engine: %s", rid, index, reason)
+        entries = _released(c)
+        if reason == "stop" and c.top is not None:  # ended on <|endoftext|> (a stop string sets no reason)
+            entries.append((len(c.text.text), await asyncio.to_thread(_eos_logprob, model, c)))
         if c.finish_reason is not None:
             remaining -= 1
-        if delta or c.finish_reason is not None:
-            yield c, delta
+        if delta or entries or c.finish_reason is not None:
+            yield c, delta, entries
 
 
-async def _collect(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice]) -> dict[int, str]:
-    texts = {c.index: "" for c in choices}
-    async for c, delta in events:
-        texts[c.index] += delta
-    return texts
+def _released(c: _Choice) -> list[Entry]:
+    """The pending entries whose token's text starts in the text sent so far; once the choice is finished the
+    rest (tokens wholly past a stop string's cut) are dropped."""
+    out = [e for e in c.pending if e[0] < c.text.sent]
+    c.pending = [] if c.finish_reason is not None else c.pending[len(out):]
+    return out
+
+
+async def _collect(events: AsyncIterator[Event], choices: list[_Choice]) -> dict[int, tuple[str, list[Entry]]]:
+    """Each choice's whole text (the echo first) and its generated tokens' entries."""
+    done: dict[int, tuple[str, list[Entry]]] = {c.index: (c.echo, []) for c in choices}
+    async for c, delta, entries in events:
+        text, all_entries = done[c.index]
+        done[c.index] = (text + delta, all_entries + entries)
+    return done
 
 
 async def _until_done_or_disconnect(request: Request, work):
@@ -418,7 +480,7 @@ async def _until_done_or_disconnect(request: Request, work):
             t.cancel()
 
 
-async def _sse(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice], meta: dict, chat: bool,
+async def _sse(events: AsyncIterator[Event], choices: list[_Choice], meta: dict, chat: bool,
                prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; cancelling this generator (client gone) frees the slots."""
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -435,18 +497,20 @@ async def _sse(events: AsyncIterator[tuple[_Choice, str]], choices: list[_Choice
             if chat:  # OpenAI opens each choice with the role
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-            elif c.echo:
-                yield chunk([{"index": c.index, "text": c.echo, "logprobs": None, "finish_reason": None}])
-        async for c, delta in events:
+            elif c.echo or c.echo_logprobs:
+                yield chunk([{"index": c.index, "text": c.echo, "logprobs": _logprobs(c, [], chat, echo=True),
+                              "finish_reason": None}])
+        async for c, delta, entries in events:
             reason = c.finish_reason
             if reason is not None and reason.startswith("error"):
                 yield error_event(reason)
                 reason = "stop"
+            logprobs = _logprobs(c, entries, chat, echo=False)
             if chat:
-                yield chunk([{"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": None,
+                yield chunk([{"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
                               "finish_reason": reason}])
             else:
-                yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": reason}])
+                yield chunk([{"index": c.index, "text": delta, "logprobs": logprobs, "finish_reason": reason}])
         if include_usage:
             yield chunk([], usage=_usage(prompt_tokens, choices))
     except Exception as e:  # the headers are sent: end this stream with an error event, log one line
@@ -469,11 +533,25 @@ def _raise_if_failed(choices: list[_Choice]) -> None:
             raise APIError(500, c.finish_reason, type="server_error")
 
 
-def _final_choice(c: _Choice, text: str, chat: bool) -> dict:
+def _logprobs(c: _Choice, entries: list[Entry], chat: bool, echo: bool) -> dict | None:
+    """A choice's `logprobs` object for `entries` (generated tokens), in the endpoint's shape; with `echo`
+    the legacy object starts with the prompt's entries. None when the request did not ask."""
+    if c.top is None:
+        return None
+    generated = [e for _, e in entries]
     if chat:
-        return {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return lp.chat(generated)
+    parts = [lp.legacy(c.echo_logprobs)] if echo else []
+    parts.append(lp.legacy(generated, start=len(c.echo), offsets=[o for o, _ in entries]))
+    return lp.merge_legacy(parts)
+
+
+def _final_choice(c: _Choice, text: str, entries: list[Entry], chat: bool) -> dict:
+    logprobs = _logprobs(c, entries, chat, echo=True)
+    if chat:
+        return {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": c.finish_reason}
-    return {"index": c.index, "text": text, "logprobs": None, "finish_reason": c.finish_reason}
+    return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 
 def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:

@@ -11,23 +11,24 @@ Design decisions:
 - `text_offset` is where the token's text starts in the returned text, counted in characters of the text
   decoded incrementally (so a character split over tokens belongs to the token that completes it), starting
   at the caller's offset: 0, or the echoed prompt's length for the generated part.
-- This module only shapes; the decoding core computes the numbers (the wiring is `gpt2.serve.api`'s).
+- This module only shapes; the decoding core computes the numbers (`gpt2.decoder.TokenLogprob`, whose
+  `logprob` is None here for echo's first prompt token: `unscored`). The wiring is `gpt2.serve.api`'s.
 """
 
 from __future__ import annotations
 
 import codecs
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
+from gpt2.decoder import TokenLogprob
 from gpt2.tokenizer import decode_bytes
 
+__all__ = ["TokenLogprob", "chat", "legacy", "merge_legacy", "text_offsets", "token_text", "unscored"]
 
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float | None  # None: the first prompt token, which nothing predicts
-    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely tokens at this position
+
+def unscored(token: int) -> TokenLogprob:
+    """Echo's first prompt token: nothing before it predicts it, so it has no log-prob (OpenAI's null)."""
+    return TokenLogprob(token, None, [])  # type: ignore[arg-type]
 
 
 def token_text(token: int) -> str:
@@ -48,13 +49,16 @@ def text_offsets(tokens: Sequence[int], start: int = 0) -> list[int]:
     return offsets
 
 
-def legacy(entries: Sequence[TokenLogprob], start: int = 0) -> dict:
-    """Completions' `logprobs` object for `entries` whose text begins at character `start`."""
+def legacy(entries: Sequence[TokenLogprob], start: int = 0, offsets: Sequence[int] | None = None) -> dict:
+    """Completions' `logprobs` object for `entries` whose text begins at character `start`; `offsets` (each
+    token's character offset from `start`) when the caller tracked them across chunks."""
+    if offsets is None:
+        offsets = text_offsets([e.token for e in entries])
     return {
         "tokens": [token_text(e.token) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": [None if e.logprob is None else {token_text(t): lp for t, lp in e.top} for e in entries],
-        "text_offset": text_offsets([e.token for e in entries], start),
+        "text_offset": [start + o for o in offsets],
     }
 
 

@@ -9,10 +9,9 @@ Design decisions:
   NaN/Infinity are refused, and numbers are range-checked before anything touches the model, so no value
   within a field's type can reach the engine and fail there (5xx). Ranges follow OpenAI's reference; where it
   gives none (seed, stop length, logit_bias size) the limit is what the engine can represent.
-- Sampling knobs the engine does not have yet (logit_bias, penalties) are looked up on `SamplingParams`'
+- Sampling knobs beyond the basic ones (logit_bias, penalties, logprobs) are looked up on `SamplingParams`'
   dataclass fields: present -> passed through, absent -> a 400 naming the field when a request asks for a
-  non-default value. So this layer works unchanged before and after the engine grows them. Log-probabilities
-  also need the response side (`LOGPROBS_WIRED`).
+  non-default value, so this layer never silently drops a knob a decoding core lacks.
 - Numerically extreme values that are valid requests are normalised to what they mean: a temperature below
   `MIN_TEMPERATURE` is greedy (logits / 1e-40 overflow float32 to inf, and the argmax is what such a
   temperature selects anyway); top_p below `MIN_TOP_P` keeps exactly the top token, as any top_p <= 1/vocab
@@ -38,9 +37,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MIN_TEMPERATURE = 1e-5  # below: greedy
 MIN_TOP_P = 1e-6  # below 1/vocab (2e-5) every top_p keeps just the top token; this floor keeps it off 0
 ENGINE_FIELDS = frozenset(f.name for f in fields(SamplingParams))
-# Log-probabilities are accepted once the decoding core computes them AND `gpt2.serve.api` puts them into the
-# responses (`gpt2.serve.logprobs` shapes them); until both, a request for them is a 400, never a silent null.
-LOGPROBS_WIRED = False
 
 
 class APIError(Exception):
@@ -132,8 +128,8 @@ class _Common(_Strict):
         for name, value in self.wanted().items():
             if value is not None and name not in ENGINE_FIELDS:
                 raise unsupported(name, "the decoding engine has no such control yet")
-        if logprobs is not None and not (LOGPROBS_WIRED and "logprobs" in ENGINE_FIELDS):
-            raise unsupported(logprobs_param, "this server does not return log-probabilities yet")
+        if logprobs is not None and "logprobs" not in ENGINE_FIELDS:
+            raise unsupported(logprobs_param, "the decoding engine does not compute log-probabilities")
 
 
 class CompletionRequest(_Common):
