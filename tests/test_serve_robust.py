@@ -21,7 +21,7 @@ from gpt2.inference import generate, pad_right
 from gpt2.model import GPT
 from gpt2.serve.api import create_app
 from gpt2.serve.engine import Engine
-from gpt2.serve.schema import ENGINE_FIELDS, LOGPROBS_WIRED
+from gpt2.serve.schema import ENGINE_FIELDS
 from gpt2.tokenizer import decode, encode
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -84,8 +84,7 @@ PENALTY = st.floats(-2, 2)
 
 def engine_knob(name: str, valid: st.SearchStrategy, off) -> st.SearchStrategy:
     """A knob the server may not have yet: its valid values once it has, else only its "off" value."""
-    ready = name in ENGINE_FIELDS and (name != "logprobs" or LOGPROBS_WIRED)
-    return valid if ready else st.just(off)
+    return valid if name in ENGINE_FIELDS else st.just(off)
 
 
 # field -> (valid values, extreme values): a body is valid values for a random subset of the fields, then a few
