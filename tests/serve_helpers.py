@@ -59,6 +59,20 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
     return predicate()
 
 
+def tiny_model(tmp_path_factory, tokenizer_ok) -> GPT:
+    """Fixture body: the tiny checkpoint, loaded as the server loads it."""
+    return GPT.from_pretrained(tiny_checkpoint(tmp_path_factory.mktemp("tiny"))).eval()
+
+
+def tiny_server(model: GPT):
+    """Fixture body: the API on `model` (named "tiny") served on 127.0.0.1 in this process."""
+    from gpt2.serve.api import create_app
+    from gpt2.serve.engine import Engine
+
+    with LiveServer(create_app(Engine(model), model_name="tiny")) as s:
+        yield s
+
+
 def one_torch_thread():
     """Fixture body: tiny models run fastest on one thread, and far faster than on two on a busy machine."""
     before = torch.get_num_threads()

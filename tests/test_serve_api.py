@@ -10,11 +10,10 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import LiveServer, one_torch_thread, tiny_checkpoint, wait_until
+from serve_helpers import LiveServer, one_torch_thread, tiny_model, tiny_server, wait_until
 
 from gpt2.errors import UserError
 from gpt2.inference import generate, pad_right
-from gpt2.model import GPT
 from gpt2.serve.api import MAX_BODY_BYTES, create_app
 from gpt2.serve.engine import Engine
 from gpt2.template import format_chat
@@ -23,16 +22,8 @@ from gpt2.tokenizer import decode, encode
 openai = pytest.importorskip("openai")
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, tokenizer_ok):
-    return GPT.from_pretrained(tiny_checkpoint(tmp_path_factory.mktemp("tiny"))).eval()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with LiveServer(create_app(Engine(model), model_name="tiny")) as s:
-        yield s
+model = pytest.fixture(scope="module", name="model")(tiny_model)
+server = pytest.fixture(scope="module", name="server")(tiny_server)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,9 @@ import json
 import httpx
 import pytest
 import torch
-from serve_helpers import LiveServer, one_torch_thread, tiny_checkpoint
+from serve_helpers import one_torch_thread, tiny_model, tiny_server
 
 from gpt2.model import GPT
-from gpt2.serve.api import create_app
-from gpt2.serve.engine import Engine
 from gpt2.serve.logprobs import token_text
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, decode, encode
@@ -28,16 +26,8 @@ from gpt2.tokenizer import EOT, decode, encode
 TOL = 1e-4
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, tokenizer_ok):
-    return GPT.from_pretrained(tiny_checkpoint(tmp_path_factory.mktemp("tiny"))).eval()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with LiveServer(create_app(Engine(model), model_name="tiny")) as s:
-        yield s
+model = pytest.fixture(scope="module", name="model")(tiny_model)
+server = pytest.fixture(scope="module", name="server")(tiny_server)
 
 
 def post(server, path: str, body: dict) -> dict:
