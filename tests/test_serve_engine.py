@@ -10,7 +10,7 @@ import pytest
 import torch
 from serve_helpers import one_torch_thread
 
-from gpt2.decoder import KVCache
+from gpt2.decoder import KVCache, score_tokens
 from gpt2.inference import generate, pad_right
 from gpt2.model import GPT, GPTConfig
 from gpt2.serve.engine import Engine, SamplingParams
@@ -112,6 +112,22 @@ def test_end_of_text_finishes_with_stop(model):
         assert col.tokens[i] == expected
         assert col.reason[i] == ("stop" if eos in f else "length")
     assert col.tokens[0] == free[0][:cut] and col.reason[0] == "stop"
+
+
+def test_the_end_of_text_token_gets_its_logprob(model):
+    """A request asking for log-probs gets one for the <|endoftext|> it stopped on too (clients list that token
+    last; lm-eval drops it), equal to a full forward's (float32 sums in another order: 1e-4)."""
+    eos = 7
+    got: list = []
+    engine = Engine(model, eos_id=eos)
+    params = SamplingParams(max_tokens=4, temperature=0.0, logit_bias={eos: 100.0}, logprobs=1)
+    req = engine.submit([1, 2, 3], params, lambda token, reason: got.append((token, reason)))
+    while engine.has_work():
+        engine.step()
+    assert got == [(None, "stop")]
+    (entry,) = req.token_logprobs
+    expected = score_tokens(model, [[1, 2, 3, eos]], 1)[0][-1]
+    assert entry.token == eos and entry.logprob == pytest.approx(expected.logprob, abs=1e-4)
 
 
 def test_seeded_sampling_is_independent_of_batch_mates(model):

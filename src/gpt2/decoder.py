@@ -64,7 +64,7 @@ class TokenLogprob:
     """A token's log-probability under the model (raw logits) and the `top` most likely alternatives."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None only for echo's first prompt token (nothing predicts it)
     top: list[tuple[int, float]]
 
 

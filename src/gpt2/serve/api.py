@@ -343,12 +343,6 @@ def _score_prompts(model: GPT, prompts: list[list[int]], top: int) -> list[list[
     return out
 
 
-def _eos_logprob(model: GPT, c: _Choice) -> TokenLogprob:
-    """<|endoftext|>'s entry for a choice the model ended: the engine does not report the token it stops on,
-    so it is scored here, from the same full forward `echo` uses."""
-    return score_tokens(model, [c.prompt + c.generated + [EOT]], c.top or 0)[0][-1]
-
-
 async def _serve(request: Request, state: ServerState, req: _Common, prompts: list[list[int]],
                  max_tokens: int, chat: bool, echo: list[list[int]] | None, logprobs: int | None):
     """Run `prompts` x n choices on the engine; `echo` is the prompts' tokens to return before the completions
@@ -439,7 +433,7 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str, model:
                 log.error("%s choice %d failed in the engine: %s", rid, index, reason)
         entries = _released(c)
         if reason == "stop" and c.top is not None:  # ended on <|endoftext|> (a stop string sets no reason)
-            entries.append((len(c.text.text), await asyncio.to_thread(_eos_logprob, model, c)))
+            entries.append((len(c.text.text), c.request.token_logprobs[c.tokens]))  # the engine's, for EOT
         if c.finish_reason is not None:
             remaining -= 1
         if delta or entries or c.finish_reason is not None:

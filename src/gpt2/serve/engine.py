@@ -19,7 +19,8 @@ Design decisions:
   background thread that sleeps while there is no work. Results go out through a per-request callback
   (`sink(token, None)` for each token, then `sink(None, finish_reason)`), which the HTTP layer turns into an
   asyncio queue with `call_soon_threadsafe`. A request that asked for log-probs gets each token's
-  `TokenLogprob` appended to `request.token_logprobs` just before its `sink(token, None)`.
+  `TokenLogprob` appended to `request.token_logprobs` just before its `sink(token, None)` (and before
+  `sink(None, "stop")` for the `<|endoftext|>` it stopped on).
 """
 
 from __future__ import annotations
@@ -190,12 +191,12 @@ class Engine:
                       exc_info=c)
             self._send(r, None, "error")
             return False
+        if c.logprob is not None:  # also for <|endoftext|>: clients list the token a choice stopped on
+            r.token_logprobs.append(c.logprob)
         if self.eos_id is not None and c.token == self.eos_id:
             self._send(r, None, "stop")
             return False
         r.generated += 1
-        if c.logprob is not None:
-            r.token_logprobs.append(c.logprob)
         if not self._send(r, c.token, None):
             return False
         # the token just placed at `pos` used the window's last position, or the budget is spent

@@ -28,7 +28,7 @@ __all__ = ["TokenLogprob", "chat", "legacy", "merge_legacy", "text_offsets", "to
 
 def unscored(token: int) -> TokenLogprob:
     """Echo's first prompt token: nothing before it predicts it, so it has no log-prob (OpenAI's null)."""
-    return TokenLogprob(token, None, [])  # type: ignore[arg-type]
+    return TokenLogprob(token, None, [])
 
 
 def token_text(token: int) -> str:
