@@ -28,8 +28,8 @@ Design decisions:
   `RUN_DIR/samples.md` with whether each answer ended with <|endoftext|>. The "before" answers are kept in
   `RUN_DIR/samples_before.json`, so a resumed run still compares against the model it started from.
 - Presets: `gpt2` (OpenAI's 124M at LR 2e-5, the recipe for real use) and `tiny` (`make demo`'s: the tiny
-  pretrained model from `gpt2 pretrain --preset tiny`, 8 epochs at a high LR, and sample questions taken
-  from the training records, which is what a 7M model can learn to answer).
+  pretrained model from `gpt2 pretrain --preset tiny`, 80 epochs at a high LR over a few short records, and
+  sample questions taken from them, which is what a 7M model can learn to answer).
 """
 
 from __future__ import annotations
@@ -105,10 +105,11 @@ class FinetuneConfig(TrainConfig):
             raise UserError(f"--sample-temperature must be >= 0, 0 = greedy (got {self.sample_temperature})")
 
 
-# The `tiny` preset is `make demo`'s recipe: a 7M model pretrained for two minutes on a CPU, fine-tuned on
-# the 327 training records of ../shared/data/alpaca_sample.json. Such a model can learn the format and the
-# answers it was trained on, not answer new questions, so its sample questions are training records with short
-# answers; several epochs at a high LR are what it takes for it to give them back and stop.
+# The `tiny` preset is `make demo`'s recipe: a 7M model pretrained for a minute on a CPU, fine-tuned on the 34
+# Alpaca records (of the first 335) that have no input and an answer of at most 16 tokens. Such a model can
+# learn the format and the answers it was trained on, not answer new questions, so its sample questions are
+# four of those records; measured: 80 epochs at LR 3e-3 (400 steps) give all four back word for word and stop
+# with <|endoftext|> (8 epochs over all 327 records gave word salad or nothing).
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "What are the three primary colors?",
@@ -119,7 +120,7 @@ DEMO_PROMPTS = [
 PRESETS = {
     "gpt2": FinetuneConfig(),
     "tiny": FinetuneConfig(init="runs/demo/pretrain", out="runs/demo/finetune", batch_size=8, grad_accum=1,
-                           epochs=8, lr=2e-3, warmup_steps=20, sample_prompts=list(DEMO_PROMPTS),
+                           epochs=80, lr=3e-3, warmup_steps=20, sample_prompts=list(DEMO_PROMPTS),
                            sample_max_tokens=48, save_every=0),
 }
 
