@@ -33,7 +33,7 @@ if [ ! -d "$DATA" ] || [ -n "$SOURCE" ]; then
 fi
 
 # The tiny preset (4 layers, 128 wide, 2048 tokens a step) with a shorter schedule than its 300 steps.
-echo "== 2/5 pretrain the tiny preset on CPU (${GPT2_PRETRAIN_STEPS:=80} steps)"
+echo "== 2/5 pretrain the tiny preset on CPU (${GPT2_PRETRAIN_STEPS:=60} steps)"
 gpt2 pretrain --preset tiny --data "$DATA" --out "$RUN" --device cpu --max-steps "$GPT2_PRETRAIN_STEPS" \
   --warmup-steps 10 --eval-every 10 --save-every 0 --val-tokens 8192
 
