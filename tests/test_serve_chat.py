@@ -66,5 +66,10 @@ def test_bad_flags_are_user_errors(ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         main(["chat", "--model", str(ckpt), "--prompt", "hi", "--max-tokens", "0"])
     assert e.value.code == 2 and "--max-tokens" in capsys.readouterr().err
+    for flag, value in (("--top-k", "0"), ("--top-p", "1.5"), ("--temperature", "-1")):
+        with pytest.raises(SystemExit) as e:
+            main(["chat", "--model", str(ckpt), "--prompt", "hi", flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"gpt2 chat: error: {flag} must be") and err.count("\n") == 1
     with pytest.raises(SystemExit):
         main(["chat", "--model", str(ckpt / "missing"), "--prompt", "hi"])

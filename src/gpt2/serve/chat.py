@@ -140,8 +140,11 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
 
 
 def run(cfg: ChatConfig) -> list[dict]:
-    if cfg.max_tokens < 1 or cfg.temperature < 0:
-        raise UserError("--max-tokens must be >= 1 and --temperature >= 0")
+    from gpt2.generate import check_sampling
+
+    if cfg.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1 (got {cfg.max_tokens})")
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
     session = ChatSession(model, cfg)
     if cfg.prompt is not None:
