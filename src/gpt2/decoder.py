@@ -5,8 +5,8 @@ on this module; nothing else reads or writes a cache. The model (`gpt2.model`) s
 and reads keys/values through `KVStore.update`, and this module passes it positions and masks.
 
 Design decisions:
-- **Rows and shared columns.** A `KVCache` is pre-allocated once per batch, (L, B, nh, S, hs) for keys and
-  for values, zero-filled (a slot that is masked out still enters attention with weight 0, and 0 * NaN from
+- **Rows and shared columns.** A `KVCache` is pre-allocated once per batch, (B, nh, S, hs) per layer for keys
+  and for values, zero-filled (a slot that is masked out still enters attention with weight 0, and 0 * NaN from
   uninitialised memory would be NaN). Its columns are time slots shared by all rows: every row writes its
   next token into the same column, so one forward of shape (B, 1) advances the whole batch. `valid[b, s]`
   says whether slot `s` of row `b` holds a real token; positions are passed separately, so a row's slots
@@ -34,9 +34,12 @@ Design decisions:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 from gpt2.data.batching import PAD_ID, pad_right
 from gpt2.model import GPT, GPTConfig
@@ -121,9 +124,11 @@ class KVCache:
     makes them part of the cache once every layer has written."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device=None, dtype=None):
-        shape = (config.n_layer, batch_size, config.n_head, capacity, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
+        shape = (batch_size, config.n_head, capacity, config.head_dim)
+        # one tensor per layer, not one (L, ...) tensor: the compiled step writes each in place, which it can
+        # only do to a whole graph input (a write into a slice of a shared base makes it copy the base)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # (B, nh, S, hs)
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # (B, nh, S, hs)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, S)
         self.length = 0  # columns filled so far
         self.holes = False  # some filled slot is padding: attention needs a mask
@@ -162,17 +167,19 @@ class KVCache:
         """Write the claimed columns' keys and values (B, nh, T, hs) for `layer`; return the used part of the
         cache, each (B, nh, S_used, hs)."""
         start, end = self.length, self.length + self._pending
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def commit(self) -> None:
         self.length += self._pending
         self._pending = 0
 
+    @torch.inference_mode()  # like every cache tensor: a compiled step would recompile for a normal one
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given rows (in that order)."""
-        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+        self.k, self.v = [t[rows] for t in self.k], [t[rows] for t in self.v]
+        self.valid = self.valid[rows]
 
     def used_span(self) -> tuple[int, int]:
         """(first, end): the columns some row still uses (leading ones may be unused after rows left)."""
@@ -181,25 +188,26 @@ class KVCache:
         return first, self.length
 
     @classmethod
+    @torch.inference_mode()
     def stack(cls, caches: list[KVCache], headroom: int) -> KVCache:
         """The rows of `caches` in one new cache, each right-aligned so that every row's next slot is the same
         column, without leading columns no row uses, with `headroom` free columns."""
         spans = [c.used_span() for c in caches]
         width = max(end - start for start, end in spans)
-        first = caches[0]
-        L, _, nh, _, hs = first.k.shape
+        first = caches[0].k[0]
+        _, nh, _, hs = first.shape
         out = cls.__new__(cls)
-        shape = (L, sum(c.batch_size for c in caches), nh, width + headroom, hs)
-        out.k = torch.zeros(shape, device=first.k.device, dtype=first.k.dtype)
-        out.v = torch.zeros(shape, device=first.k.device, dtype=first.k.dtype)
-        out.valid = torch.zeros(shape[1], shape[3], dtype=torch.bool, device=first.k.device)
+        shape = (sum(c.batch_size for c in caches), nh, width + headroom, hs)
+        out.k = [first.new_zeros(shape) for _ in caches[0].k]
+        out.v = [first.new_zeros(shape) for _ in caches[0].v]
+        out.valid = torch.zeros(shape[0], shape[2], dtype=torch.bool, device=first.device)
         out.length, out._pending = width, 0
         out.holes = any(c.holes for c in caches) or len({end - start for start, end in spans}) > 1
         b = 0
         for c, (start, end) in zip(caches, spans):
             n, span = c.batch_size, end - start
-            out.k[:, b:b + n, :, width - span:width] = c.k[:, :, :, start:end]
-            out.v[:, b:b + n, :, width - span:width] = c.v[:, :, :, start:end]
+            for dst, src in zip(out.k + out.v, c.k + c.v):
+                dst[b:b + n, :, width - span:width] = src[:, :, start:end]
             out.valid[b:b + n, width - span:width] = c.valid[:, start:end]
             b += n
         return out
@@ -237,28 +245,98 @@ class Rows:
         return Rows(cache, [q for p in parts for q in p.positions], torch.cat([p.logits for p in parts]))
 
 
+class _ColumnStore:
+    """The compiled step's `gpt2.model.KVStore`: writes each row's new key/value into column `col` of every
+    layer's cache in place and returns the cache. `col` is a tensor and the caches are views of the used columns,
+    so neither the column nor the cache's width is baked into the compiled graph."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], col: torch.Tensor):
+        self.k, self.v, self.col = k, v, col
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer][:, :, self.col] = k  # (B, nh, 1, hs) into (B, nh, S, hs)
+        self.v[layer][:, :, self.col] = v
+        return self.k[layer], self.v[layer]
+
+
+class _Step(nn.Module):
+    """One decoding step as a module, which is what `torch.compile` freezes: each row's token (B, 1) at position
+    `pos` (B, 1) enters column `col` of the cache -> the logits (B, V) of the token after it. `valid` (B, S)
+    marks the real slots, the new column included (the columns after it are not filled yet)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tok: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, valid: torch.Tensor,
+                k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:
+        hidden = self.model.hidden_states(tok, pos, valid[:, None, None, :], _ColumnStore(k, v, col))
+        return self.model.logits(hidden[:, -1])  # (B, V)
+
+
+def compile_step(model: GPT) -> Callable[..., torch.Tensor]:
+    """`_Step` compiled with inductor: parameters frozen into the graph (constants the compiler may pre-pack),
+    shapes dynamic (one graph for every cache width and every batch of two or more rows; one row is a second
+    graph), and on a CPU the matrix products autotuned between inductor's generated C++ GEMM and ATen's (BLAS),
+    keeping whichever measures faster on this machine. All three are documented `torch.compile` settings."""
+    import torch._inductor.config as inductor_config  # here: importing inductor takes a while
+
+    options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if model.lm_head.weight.is_cpu else {}
+    compiled = torch.compile(_Step(model), dynamic=True, fullgraph=True, options=options)
+
+    def step(*args) -> torch.Tensor:
+        # freezing is read when a graph compiles (first call, or a new batch class), not from `options`
+        with inductor_config.patch(freezing=True):
+            return compiled(*args)
+    return step
+
+
 class Decoder:
     """Prefill and batched single-token steps of a `GPT` (evaluation mode, no autograd).
 
-    The vocabulary head is applied with a transposed copy of the tied embedding, (n_embd, vocab_size), made when
-    the decoder is: for the few-row products of decoding, CPU BLAS runs `x @ W` with W (in, out) faster than `x
-    @ W.T` (measured on the 124M head on an AMD EPYC, AVX2: 30% at one row, 12% at eight), and the head is a
-    third of the weights a step reads. The copy leaves out the padding rows and costs n_embd * vocab_size floats
-    (154 MB at 124M). A decoder therefore belongs to one set of weights: `generate` makes one per call (training
-    may change the weights between calls, and fused optimizers do not bump tensor versions, so staleness cannot
-    be detected); the serving engine, whose weights are fixed, keeps one."""
+    Two ways to run a step, the same arithmetic:
+    - **eager** (default): the model's forward on the cache's used columns. The vocabulary head is applied with
+      a transposed copy of the tied embedding, (n_embd, vocab_size), made when the decoder is: for the few-row
+      products of decoding, CPU BLAS runs `x @ W` with W (in, out) faster than `x @ W.T` (measured on the 124M
+      head on an AMD EPYC, AVX2: 30% at one row, 12% at eight), and the head is a third of the weights a step
+      reads. The copy leaves out the padding rows and costs n_embd * vocab_size floats (154 MB at 124M).
+    - **compiled** (`compile=True`): the step through `torch.compile` (`compile_step`), which on a CPU is about
+      twice as fast at one row and two and a half times at eight (`bench/generate.py`), at a one-time cost:
+      compiling and autotuning, tens of seconds on a first run, less once inductor's on-disk caches hold it.
+      `warm_up` pays it up front. The prefill stays eager (it runs once per prompt, with many rows).
+    Either way a decoder belongs to one set of weights (the head copy; the frozen graph): `generate` makes one per
+    call (training may change the weights between calls, and fused optimizers do not bump tensor versions, so
+    staleness cannot be detected); the chat and the serving engine, whose weights are fixed, keep one."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, compile: bool = False):
         self.model = model
         self.config = model.config
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
-        with torch.no_grad():
-            self.head = w[: self.config.vocab_size].t().contiguous()  # (C, V)
+        self._compiled = compile_step(model) if compile else None
+        self.head: torch.Tensor | None = None
+        if not compile:
+            with torch.no_grad():
+                self.head = w[: self.config.vocab_size].t().contiguous()  # (C, V)
+        self.compile_seconds = self.warm_up() if compile else 0.0  # the one-time cost, paid here
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits (B, V) of the last hidden states (B, C): `model.logits`, as `x @ W`."""
-        return hidden @ self.head
+        """Vocabulary logits (B, V) of the last hidden states (B, C): `model.logits`, as `x @ W` when eager."""
+        return self.model.logits(hidden) if self.head is None else hidden @ self.head
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run throw-away steps of one row and of several (compiling the step's two graphs if it is compiled);
+        returns the seconds it took. The sizes differ from the head count and head size: the compiler treats
+        equal sizes as one symbol, and a graph traced with, say, two rows and two heads would not serve three rows."""
+        t0 = time.perf_counter()
+        fixed = {self.config.n_head, self.config.head_dim}
+        width = max(fixed) + 2  # the cache's used columns at the step
+        rows = min(b for b in range(2, width) if b not in fixed)
+        for n in (1, rows):
+            batch = self.prefill([[PAD_ID] * (width - 1)] * n, room=1)
+            self.step(batch, [PAD_ID] * n)
+        return time.perf_counter() - t0
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], room: int) -> Rows:
@@ -269,7 +347,10 @@ class Decoder:
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T): each row's own positions
         B, T = ids.shape
         lengths = [len(p) for p in prompts]
-        cache = KVCache(self.config, B, T + room, device=self.device, dtype=self.dtype)
+        # the compiled step gets views of the used columns; one spare column keeps them from ever being the whole
+        # (contiguous) tensor, which would be a different graph to compile
+        spare = 0 if self._compiled is None else 1
+        cache = KVCache(self.config, B, T + room + spare, device=self.device, dtype=self.dtype)
         attn_mask = cache.extend(T, valid, any_padding=min(lengths) < T)
         hidden = self.model.hidden_states(ids, positions, attn_mask, cache)  # (B, T, C)
         cache.commit()
@@ -280,11 +361,19 @@ class Decoder:
         """Feed each row its chosen token; the rows' logits become those for the token after it."""
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         pos = torch.tensor(rows.positions, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        attn_mask = rows.cache.extend(1)
-        hidden = self.model.hidden_states(tok, pos, attn_mask, rows.cache)  # (B, 1, C)
-        rows.cache.commit()
+        cache = rows.cache
+        col = cache.length
+        attn_mask = cache.extend(1)
+        if self._compiled is None:
+            hidden = self.model.hidden_states(tok, pos, attn_mask, cache)  # (B, 1, C)
+            logits = self.logits(hidden[:, -1])
+        else:
+            end = col + 1
+            logits = self._compiled(tok, pos, torch.tensor([col], device=self.device), cache.valid[:, :end],
+                                    [t[:, :, :end] for t in cache.k], [t[:, :, :end] for t in cache.v])
+        cache.commit()
         rows.positions = [p + 1 for p in rows.positions]
-        rows.logits = self.logits(hidden[:, -1])  # (B, V)
+        rows.logits = logits  # (B, V)
 
 
 # ---------------------------------------------------------------------------------------------- choosing
