@@ -8,6 +8,10 @@ vector extensions, tokens/s of each and ours' ratio to each, ours with temperatu
 cost, peak memory of ours against transformers (each in a fresh process), and two checks: ours' greedy
 tokens equal transformers' at batch 1, and each batch row equals that prompt decoded alone.
 
+"ours" is the compiled decoding step (`Decoder(model, compile=True)`: what `gpt2 chat`, `gpt2 serve` and
+`gpt2 generate --compile` run); "eager" is the same decoder without compiling (`--no-compile`, and
+`generate()` called without a decoder, as training's samples do).
+
 ONNX Runtime runs an ONNX export of the same fp32 weights: one graph taking the past keys/values as inputs
 and returning them extended (the plain way to run GPT-2 with a KV cache there). It is an optional bench
 dependency (`pip install -e ".[bench]"`); without it that column says why it is missing.
@@ -143,12 +147,14 @@ def peak_memory_child(impl: str, directory: str, batch: int, prompt_len: int, ne
     """In a fresh process: load, generate once, print the peak resident memory in MB."""
     torch.manual_seed(0)
     ids = torch.randint(0, 50257, (batch, prompt_len))
-    if impl == "ours":
+    if impl.startswith("ours"):
+        from gpt2.decoder import Decoder
         from gpt2.inference import generate
         from gpt2.model import GPT
 
         model = GPT.from_pretrained(directory).eval()
-        generate(model, ids, torch.ones_like(ids), 0.0, new_tokens, eos_id=None)
+        decoder = Decoder(model, compile=impl == "ours")
+        generate(model, ids, torch.ones_like(ids), 0.0, new_tokens, eos_id=None, decoder=decoder)
     else:
         import transformers
 
@@ -192,7 +198,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every implementation "
                                                               "(default: torch's choice)")
     p.add_argument("--temperature", type=float, default=0.8, help="temperature of ours' sampled row")
-    p.add_argument("--peak-memory-of", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--peak-memory-of", choices=["ours", "ours-eager", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -216,10 +222,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {threads}, "
           f"{args.preset} ({ours.num_params() / 1e6:.1f}M params, fp32), prompt {args.prompt_len}, "
           f"new {args.new_tokens}, greedy, best of {args.rounds} alternated rounds")
-    t0 = time.perf_counter()
-    Decoder(ours)
-    print(f"one-time cost (ours: the decoder's transposed head copy, per generate call / once per server): "
-          f"{time.perf_counter() - t0:.2f} s")
+    compiled = Decoder(ours, compile=True)
+    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_" + os.environ.get("USER", "$USER"))
+    print(f"one-time cost (ours: compiling and warming up the decoding step, once per chat/server start): "
+          f"{compiled.compile_seconds:.1f} s (inductor's cache {cache_dir}: a first run on a machine takes longer)")
     try:
         import onnxruntime
 
@@ -231,26 +237,29 @@ def main() -> None:
         print(f"ONNX Runtime skipped: {why} (pip install -e '.[bench]')")
 
     header = (f"{'batch':>5} {'ours':>7} {'HF':>7} {'ORT':>7} {'vs HF':>6} {'vs ORT':>6} "
-              f"{'sampled':>8} {'/greedy':>7}  checks")
-    print("tok/s\n" + header)
+              f"{'sampled':>8} {'/greedy':>7} {'eager':>7}  checks")
+    print("tok/s (ours: the compiled step, as chat, serve and generate --compile run; eager: --no-compile)\n"
+          + header)
     for B in args.batch_sizes:
-        measure_batch(B, ours, hf, ort, args)
-    mb = {impl: peak_memory(impl, tmp.name, args) for impl in ("ours", "transformers")}
-    print(f"peak memory at batch {max(args.batch_sizes)} (fresh process each): ours {mb['ours']:.0f} MB, "
-          f"transformers {mb['transformers']:.0f} MB ({mb['ours'] / mb['transformers']:.2f}x)")
+        measure_batch(B, ours, compiled, hf, ort, args)
+    mb = {impl: peak_memory(impl, tmp.name, args) for impl in ("ours", "ours-eager", "transformers")}
+    print(f"peak memory at batch {max(args.batch_sizes)} (fresh process each, compiling included): ours "
+          f"{mb['ours']:.0f} MB ({mb['ours'] / mb['transformers']:.2f}x), eager {mb['ours-eager']:.0f} MB "
+          f"({mb['ours-eager'] / mb['transformers']:.2f}x), transformers {mb['transformers']:.0f} MB")
     tmp.cleanup()
 
 
-def measure_batch(B: int, ours, hf, ort: OrtGreedy | None, args) -> None:
+def measure_batch(B: int, ours, compiled, hf, ort: OrtGreedy | None, args) -> None:
     """One table row: all implementations at batch B, alternated."""
     from gpt2.inference import generate
 
     ids = torch.randint(0, 50257, (B, args.prompt_len))
     mask = torch.ones_like(ids)
     runs: dict[str, Callable[[], object]] = {
-        "ours": lambda: generate(ours, ids, mask, 0.0, args.new_tokens, eos_id=None),
+        "ours": lambda: generate(ours, ids, mask, 0.0, args.new_tokens, eos_id=None, decoder=compiled),
         "sampled": lambda: generate(ours, ids, mask, args.temperature, args.new_tokens, eos_id=None,
-                                    generator=torch.Generator().manual_seed(0)),
+                                    generator=torch.Generator().manual_seed(0), decoder=compiled),
+        "eager": lambda: generate(ours, ids, mask, 0.0, args.new_tokens, eos_id=None),
         "hf": lambda: hf_greedy(hf, ids, mask, args.new_tokens),
     }
     if ort is not None:
@@ -264,13 +273,14 @@ def measure_batch(B: int, ours, hf, ort: OrtGreedy | None, args) -> None:
         if ort is not None:
             checks.append(f"== ORT: {out['ours'] == out['ort']}")
     else:
-        alone = [generate(ours, ids[i:i + 1], mask[i:i + 1], 0.0, args.new_tokens, eos_id=None)[0]
-                 for i in range(B)]
+        alone = [generate(ours, ids[i:i + 1], mask[i:i + 1], 0.0, args.new_tokens, eos_id=None,
+                          decoder=compiled)[0] for i in range(B)]
         checks.append(f"rows == alone: {alone == out['ours']}")
     ort_rate = f"{rate['ort']:>7.1f}" if ort is not None else f"{'-':>7}"
     ort_ratio = f"{rate['ours'] / rate['ort']:>5.2f}x" if ort is not None else f"{'-':>6}"
     print(f"{B:>5} {rate['ours']:>7.1f} {rate['hf']:>7.1f} {ort_rate} {rate['ours'] / rate['hf']:>5.2f}x "
-          f"{ort_ratio} {rate['sampled']:>8.1f} {rate['sampled'] / rate['ours']:>6.2f}x  {', '.join(checks)}",
+          f"{ort_ratio} {rate['sampled']:>8.1f} {rate['sampled'] / rate['ours']:>6.2f}x {rate['eager']:>7.1f}  "
+          f"{', '.join(checks)}",
           flush=True)
 
 

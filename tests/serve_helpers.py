@@ -97,7 +97,8 @@ class ServerProcess:
         src = str(Path(__file__).resolve().parents[1] / "src")
         env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen([sys.executable, "-m", "gpt2", "serve", "--model", str(model_dir), "--host",
-                                      "127.0.0.1", "--port", str(self.port), "--threads", "1", *flags], env=env,
+                                      "127.0.0.1", "--port", str(self.port), "--threads", "1", "--no-compile", *flags],
+                                     env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def __enter__(self) -> ServerProcess:

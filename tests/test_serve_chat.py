@@ -31,7 +31,7 @@ def test_prompt_mode_prints_the_answer(ckpt, capsys, tmp_path):
     # a training run directory (its HF export in RUN_DIR/model/) loads like the checkpoint itself
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "model").symlink_to(ckpt, target_is_directory=True)
-    main(["chat", "--model", str(tmp_path / "run"), "--prompt", "What is 2+2?", "--temperature", "0",
+    main(["chat", "--no-compile", "--model", str(tmp_path / "run"), "--prompt", "What is 2+2?", "--temperature", "0",
           "--max-tokens", "12", "--device", "cpu"])
     out = capsys.readouterr().out
     assert out == greedy_answer(ckpt, [{"role": "user", "content": "What is 2+2?"}], 12) + "\n"
@@ -40,7 +40,7 @@ def test_prompt_mode_prints_the_answer(ckpt, capsys, tmp_path):
 def test_interactive_commands_via_stdin(ckpt, capsys, monkeypatch):
     script = "/temperature 0\nHello there\nHow are you?\n/reset\nHello there\n/bogus\n/quit\nnever read\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(script))
-    main(["chat", "--model", str(ckpt), "--max-tokens", "8", "--device", "cpu", "--system", "Be kind."])
+    main(["chat", "--no-compile", "--model", str(ckpt), "--max-tokens", "8", "--device", "cpu", "--system", "Be kind."])
     out = capsys.readouterr().out
     system = {"role": "system", "content": "Be kind."}
     first = greedy_answer(ckpt, [system, {"role": "user", "content": "Hello there"}], 8)
@@ -57,19 +57,19 @@ def test_interactive_commands_via_stdin(ckpt, capsys, monkeypatch):
 def test_overlong_conversation_drops_oldest_turns(ckpt, capsys, monkeypatch):
     long_line = "tell me more " * 12  # each turn is ~40 tokens; the window (128) holds only a few
     monkeypatch.setattr("sys.stdin", io.StringIO((long_line + "\n") * 4 + ("word " * 200) + "\n"))
-    main(["chat", "--model", str(ckpt), "--max-tokens", "4", "--temperature", "0", "--device", "cpu"])
+    main(["chat", "--no-compile", "--model", str(ckpt), "--max-tokens", "4", "--temperature", "0", "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.count("error: the message is too long") == 1  # only the message that alone cannot fit
 
 
 def test_bad_flags_are_user_errors(ckpt, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["chat", "--model", str(ckpt), "--prompt", "hi", "--max-tokens", "0"])
+        main(["chat", "--no-compile", "--model", str(ckpt), "--prompt", "hi", "--max-tokens", "0"])
     assert e.value.code == 2 and "--max-tokens" in capsys.readouterr().err
     for flag, value in (("--top-k", "0"), ("--top-p", "1.5"), ("--temperature", "-1")):
         with pytest.raises(SystemExit) as e:
-            main(["chat", "--model", str(ckpt), "--prompt", "hi", flag, value])
+            main(["chat", "--no-compile", "--model", str(ckpt), "--prompt", "hi", flag, value])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"gpt2 chat: error: {flag} must be") and err.count("\n") == 1
     with pytest.raises(SystemExit):
-        main(["chat", "--model", str(ckpt / "missing"), "--prompt", "hi"])
+        main(["chat", "--no-compile", "--model", str(ckpt / "missing"), "--prompt", "hi"])

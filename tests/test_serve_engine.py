@@ -76,8 +76,8 @@ class PoisonedCache(KVCache):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.k.fill_(float("nan"))
-        self.v.fill_(float("nan"))
+        for t in self.k + self.v:
+            t.fill_(float("nan"))
 
 
 @pytest.mark.parametrize("seed,max_batch", [(0, 3), (1, 8)])

@@ -34,6 +34,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,12 +125,14 @@ class KVCache:
     makes them part of the cache once every layer has written."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device=None, dtype=None):
-        shape = (batch_size, config.n_head, capacity, config.head_dim)
+        # one column more than `capacity`, never filled: the compiled step reads views of the used columns, and a
+        # view that was the whole (contiguous) tensor would have other strides, which is another graph to compile
+        shape = (batch_size, config.n_head, capacity + 1, config.head_dim)
         # one tensor per layer, not one (L, ...) tensor: the compiled step writes each in place, which it can
         # only do to a whole graph input (a write into a slice of a shared base makes it copy the base)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # (B, nh, S, hs)
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # (B, nh, S, hs)
-        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, S)
+        self.valid = torch.zeros(batch_size, capacity + 1, dtype=torch.bool, device=device)  # (B, S + 1)
         self.length = 0  # columns filled so far
         self.holes = False  # some filled slot is padding: attention needs a mask
         self._pending = 0  # columns claimed by the forward in progress
@@ -140,7 +143,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.valid.size(1)
+        return self.valid.size(1) - 1  # the spare column is not part of it
 
     def extend(self, T: int, new_valid: torch.Tensor | None = None, any_padding: bool = False,
                ) -> torch.Tensor | None:
@@ -189,26 +192,27 @@ class KVCache:
 
     @classmethod
     @torch.inference_mode()
-    def stack(cls, caches: list[KVCache], headroom: int) -> KVCache:
-        """The rows of `caches` in one new cache, each right-aligned so that every row's next slot is the same
-        column, without leading columns no row uses, with `headroom` free columns."""
+    def stack(cls, caches: list[KVCache], headroom: int, rows: list[int]) -> KVCache:
+        """The first `rows[i]` rows of each of `caches` (the rest are copies of a row: see `Decoder`) in one new
+        cache, each right-aligned so that every row's next slot is the same column, without leading columns no
+        row uses, with `headroom` free columns."""
         spans = [c.used_span() for c in caches]
         width = max(end - start for start, end in spans)
         first = caches[0].k[0]
         _, nh, _, hs = first.shape
         out = cls.__new__(cls)
-        shape = (sum(c.batch_size for c in caches), nh, width + headroom, hs)
+        shape = (sum(rows), nh, width + headroom + 1, hs)  # + the spare column
         out.k = [first.new_zeros(shape) for _ in caches[0].k]
         out.v = [first.new_zeros(shape) for _ in caches[0].v]
         out.valid = torch.zeros(shape[0], shape[2], dtype=torch.bool, device=first.device)
         out.length, out._pending = width, 0
         out.holes = any(c.holes for c in caches) or len({end - start for start, end in spans}) > 1
         b = 0
-        for c, (start, end) in zip(caches, spans):
-            n, span = c.batch_size, end - start
+        for c, n, (start, end) in zip(caches, rows, spans):
+            span = end - start
             for dst, src in zip(out.k + out.v, c.k + c.v):
-                dst[b:b + n, :, width - span:width] = src[:, :, start:end]
-            out.valid[b:b + n, width - span:width] = c.valid[:, start:end]
+                dst[b:b + n, :, width - span:width] = src[:n, :, start:end]
+            out.valid[b:b + n, width - span:width] = c.valid[:n, start:end]
             b += n
         return out
 
@@ -241,7 +245,7 @@ class Rows:
     @staticmethod
     def stack(parts: list[Rows], headroom: int) -> Rows:
         """Admit rows: one `Rows` holding all of `parts`' rows, in order (see `KVCache.stack`)."""
-        cache = KVCache.stack([p.cache for p in parts], headroom)
+        cache = KVCache.stack([p.cache for p in parts], headroom, [len(p) for p in parts])
         return Rows(cache, [q for p in parts for q in p.positions], torch.cat([p.logits for p in parts]))
 
 
@@ -276,9 +280,10 @@ class _Step(nn.Module):
 
 def compile_step(model: GPT) -> Callable[..., torch.Tensor]:
     """`_Step` compiled with inductor: parameters frozen into the graph (constants the compiler may pre-pack),
-    shapes dynamic (one graph for every cache width and every batch of two or more rows; one row is a second
-    graph), and on a CPU the matrix products autotuned between inductor's generated C++ GEMM and ATen's (BLAS),
-    keeping whichever measures faster on this machine. All three are documented `torch.compile` settings."""
+    shapes dynamic (one graph for every cache width and every batch of two or more rows: the compiler makes a
+    separate graph for a size of 1, so `Decoder.step` runs a single row as two copies of it), and on a CPU
+    the matrix products autotuned between inductor's generated C++ GEMM and ATen's (BLAS), keeping whichever
+    measures faster on this machine. All three are documented `torch.compile` settings."""
     import torch._inductor.config as inductor_config  # here: importing inductor takes a while
 
     options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if model.lm_head.weight.is_cpu else {}
@@ -303,7 +308,9 @@ class Decoder:
     - **compiled** (`compile=True`): the step through `torch.compile` (`compile_step`), which on a CPU is about
       twice as fast at one row and two and a half times at eight (`bench/generate.py`), at a one-time cost:
       compiling and autotuning, tens of seconds on a first run, less once inductor's on-disk caches hold it.
-      `warm_up` pays it up front. The prefill stays eager (it runs once per prompt, with many rows).
+      `warm_up` pays it up front. The prefill stays eager (it runs once per prompt, with many rows). A single
+      row is stepped as two copies of itself: a step reads every weight once whatever the number of rows, so the
+      copy costs little, and one compiled graph (one set of pre-packed weights, one compile) serves every batch.
     Either way a decoder belongs to one set of weights (the head copy; the frozen graph): `generate` makes one per
     call (training may change the weights between calls, and fused optimizers do not bump tensor versions, so
     staleness cannot be detected); the chat and the serving engine, whose weights are fixed, keep one."""
@@ -326,16 +333,15 @@ class Decoder:
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Run throw-away steps of one row and of several (compiling the step's two graphs if it is compiled);
-        returns the seconds it took. The sizes differ from the head count and head size: the compiler treats
-        equal sizes as one symbol, and a graph traced with, say, two rows and two heads would not serve three rows."""
+        """Run a throw-away step of several rows (compiling the step's graph if it is compiled); returns the
+        seconds it took. The sizes differ from the head count and head size: the compiler treats equal sizes as one
+        symbol, and a graph traced with, say, two rows and two heads would not serve three rows."""
         t0 = time.perf_counter()
         fixed = {self.config.n_head, self.config.head_dim}
         width = max(fixed) + 2  # the cache's used columns at the step
         rows = min(b for b in range(2, width) if b not in fixed)
-        for n in (1, rows):
-            batch = self.prefill([[PAD_ID] * (width - 1)] * n, room=1)
-            self.step(batch, [PAD_ID] * n)
+        batch = self.prefill([[PAD_ID] * (width - 1)] * rows, room=1)
+        self.step(batch, [PAD_ID] * rows)
         return time.perf_counter() - t0
 
     @torch.inference_mode()
@@ -347,10 +353,7 @@ class Decoder:
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T): each row's own positions
         B, T = ids.shape
         lengths = [len(p) for p in prompts]
-        # the compiled step gets views of the used columns; one spare column keeps them from ever being the whole
-        # (contiguous) tensor, which would be a different graph to compile
-        spare = 0 if self._compiled is None else 1
-        cache = KVCache(self.config, B, T + room + spare, device=self.device, dtype=self.dtype)
+        cache = KVCache(self.config, B, T + room, device=self.device, dtype=self.dtype)
         attn_mask = cache.extend(T, valid, any_padding=min(lengths) < T)
         hidden = self.model.hidden_states(ids, positions, attn_mask, cache)  # (B, T, C)
         cache.commit()
@@ -359,9 +362,13 @@ class Decoder:
     @torch.inference_mode()
     def step(self, rows: Rows, tokens: list[int]) -> None:
         """Feed each row its chosen token; the rows' logits become those for the token after it."""
-        tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        pos = torch.tensor(rows.positions, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         cache = rows.cache
+        if self._compiled is not None and cache.batch_size == 1:
+            cache.select_rows(torch.zeros(2, dtype=torch.long, device=self.device))  # one row runs as two copies
+        twins = cache.batch_size - len(tokens)  # 1 for a single row in a compiled decoder, else 0
+        tok = torch.tensor(tokens + tokens[-1:] * twins, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        pos = torch.tensor(rows.positions + rows.positions[-1:] * twins, dtype=torch.long,
+                           device=self.device)[:, None]  # (B, 1)
         col = cache.length
         attn_mask = cache.extend(1)
         if self._compiled is None:
@@ -373,7 +380,24 @@ class Decoder:
                                     [t[:, :, :end] for t in cache.k], [t[:, :, :end] for t in cache.v])
         cache.commit()
         rows.positions = [p + 1 for p in rows.positions]
-        rows.logits = logits  # (B, V)
+        rows.logits = logits[: len(tokens)]  # (B, V)
+
+
+def decoder_for(model: GPT, compile: bool) -> Decoder:
+    """The decoder a command runs on: compiled when asked and the device supports it, with the one-time cost
+    said on stderr (stdout stays the command's output)."""
+    if compile and model.lm_head.weight.device.type not in ("cpu", "cuda"):
+        print(f"note: --compile is for CPU and CUDA; decoding on {model.lm_head.weight.device.type} runs eagerly",
+              file=sys.stderr)
+        compile = False
+    if not compile:
+        return Decoder(model)
+    print("compiling the decoding step for this machine (once per start; inductor's cache, "
+          "$TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER, makes later starts faster; --no-compile skips it)",
+          file=sys.stderr, flush=True)
+    decoder = Decoder(model, compile=True)
+    print(f"compiled in {decoder.compile_seconds:.0f} s", file=sys.stderr, flush=True)
+    return decoder
 
 
 # ---------------------------------------------------------------------------------------------- choosing

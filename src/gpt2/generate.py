@@ -25,6 +25,9 @@ class GenerateConfig:
     top_p: float | None = arg(None, help="nucleus sampling: smallest token set with this probability mass")
     seed: int = arg(1337, help="random seed, for reproducible sampling")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
+    compile: bool = arg(False, help="compile the decoding step first (torch.compile): about twice as many tokens "
+                                    "per second on a CPU, after tens of seconds of compiling (less once cached); "
+                                    "worth it for long outputs")
 
     def validate(self) -> None:
         if not self.prompts:
@@ -50,6 +53,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 def run(cfg: GenerateConfig) -> list[str]:
     from gpt2.checkpoint import load_model
+    from gpt2.decoder import decoder_for
     from gpt2.distributed import pick_device
     from gpt2.inference import generate, tokenize_batch_input
     from gpt2.serve.text import TextStream
@@ -63,6 +67,7 @@ def run(cfg: GenerateConfig) -> list[str]:
     if too_long:
         raise UserError(f"prompt {too_long[0] + 1} is longer than the model's context window "
                         f"({model.config.block_size} tokens)")
+    decoder = decoder_for(model, cfg.compile)  # before the prompt is printed: it may say it is compiling
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     single = len(cfg.prompts) == 1
     stream = TextStream()
@@ -75,7 +80,7 @@ def run(cfg: GenerateConfig) -> list[str]:
         sys.stdout.flush()
 
     outputs = generate(model, ids, mask, cfg.temperature, cfg.max_steps, top_k=cfg.top_k, top_p=cfg.top_p,
-                       generator=gen, on_tokens=on_tokens if single else None)
+                       generator=gen, on_tokens=on_tokens if single else None, decoder=decoder)
     texts = [decode_bytes(o).decode("utf-8", errors="replace") for o in outputs]
     if single:
         print(stream.finish())

@@ -35,7 +35,7 @@ def tokenize_batch_input(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor
 def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.Tensor, temperature: float,
                     max_steps: int, *, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, eos_id: int | None = EOT,
-                    ) -> Iterator[list[tuple[int, int]]]:
+                    decoder: Decoder | None = None) -> Iterator[list[tuple[int, int]]]:
     """Yield, for each decoding step, the (prompt index, token) pairs produced at that step (rows that
     emit `eos_id` yield nothing for it and stop). See `generate` for the arguments."""
     _check_inputs(model, input_ids, attention_masks, max_steps)
@@ -48,7 +48,8 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
     was_training = model.training
     model.eval()
     try:
-        decoder = Decoder(model)  # per call: the weights may have changed since the last one
+        # per call unless given one: the weights may have changed since the last call
+        decoder = decoder if decoder is not None else Decoder(model)
         rows = decoder.prefill(prompts, room=steps)
         params = SamplingParams(max_tokens=steps, temperature=temperature, top_p=top_p, top_k=top_k)
         samplers = [RowSampler(params, generator) for _ in prompts]
@@ -75,7 +76,8 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
 def generate(model: GPT, input_ids: torch.Tensor, attention_masks: torch.Tensor, temperature: float,
              max_steps: int, *, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, eos_id: int | None = EOT,
-             on_tokens: Callable[[list[tuple[int, int]]], None] | None = None) -> list[list[int]]:
+             on_tokens: Callable[[list[tuple[int, int]]], None] | None = None,
+             decoder: Decoder | None = None) -> list[list[int]]:
     """Sample up to `max_steps` new tokens for each right-padded prompt.
 
     input_ids, attention_masks: LongTensor [B, T], real tokens first, then padding (mask 0).
@@ -83,11 +85,12 @@ def generate(model: GPT, input_ids: torch.Tensor, attention_masks: torch.Tensor,
     Each prompt stops at its first `<|endoftext|>` (not included in the output) or at the context window's
     end; the loop ends when every prompt has stopped or after `max_steps` tokens.
     Returns each prompt's generated tokens, prompt excluded. `on_tokens` is called after every step
-    with that step's (prompt index, token) pairs, for streaming.
+    with that step's (prompt index, token) pairs, for streaming. `decoder`: a `gpt2.decoder.Decoder` of this
+    model to run on (say a compiled one, kept across calls while the weights stay fixed); default: a new one.
     """
     results: list[list[int]] = [[] for _ in range(input_ids.size(0))]
     for produced in generate_stream(model, input_ids, attention_masks, temperature, max_steps, top_k=top_k,
-                                    top_p=top_p, generator=generator, eos_id=eos_id):
+                                    top_p=top_p, generator=generator, eos_id=eos_id, decoder=decoder):
         for i, tok in produced:
             results[i].append(tok)
         if on_tokens is not None:

@@ -62,9 +62,10 @@ class Request:
 class Engine:
     """Continuous-batching scheduler on the decoding core (see the module docstring)."""
 
-    def __init__(self, model: GPT, max_batch_size: int = 16, eos_id: int | None = EOT, headroom: int = 64):
+    def __init__(self, model: GPT, max_batch_size: int = 16, eos_id: int | None = EOT, headroom: int = 64,
+                 decoder: Decoder | None = None):
         self.model = model.eval()
-        self.decoder = Decoder(self.model)  # the weights stay fixed while serving
+        self.decoder = decoder or Decoder(self.model)  # one for the server's life: the weights stay fixed
         self.device = self.decoder.device
         self.block_size = model.config.block_size
         self.max_batch_size = max_batch_size
