@@ -51,7 +51,7 @@ def start_server(model_dir: Path, port: int, args: argparse.Namespace, log) -> s
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # the server's log goes to a file (a pipe nobody reads would fill up and stall it), shown if anything fails
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # the server compiles its decoding step before it listens (minutes on 2 cores)
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited early:\n{log_tail(log)}")
@@ -61,7 +61,7 @@ def start_server(model_dir: Path, port: int, args: argparse.Namespace, log) -> s
         except httpx.HTTPError:
             time.sleep(0.5)
     proc.kill()
-    raise SystemExit("server did not start within 180 s")
+    raise SystemExit("server did not start within 600 s")
 
 
 def prompt(client: int, request: int, n_tokens: int) -> list[int]:
