@@ -45,3 +45,12 @@ def test_errors_are_one_line(tokenizer_ok, model_dir, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("gpt2 generate: error:") and "\n" not in err
+
+
+def test_compile_flag_gives_the_same_text_and_says_it_compiles(tokenizer_ok, model_dir, capsys):
+    prompts = ["Hello there", "A", "Once upon a time"]
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "6", "--compile", *prompts])
+    captured = capsys.readouterr()
+    assert "compiling the decoding step" in captured.err and "compiled in" in captured.err
+    for i, (p, text) in enumerate(zip(prompts, expected(model_dir, prompts, 6))):
+        assert f"--- [{i + 1}] ---\n{p}{text}\n" in captured.out
