@@ -48,6 +48,8 @@ def start_server(model_dir: Path, port: int, args: argparse.Namespace, log) -> s
            "--port", str(port), "--device", args.device, "--max-batch-size", str(max(args.clients))]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.no_compile:
+        cmd += ["--no-compile"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # the server's log goes to a file (a pipe nobody reads would fill up and stall it), shown if anything fails
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -99,6 +101,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads in the server")
+    ap.add_argument("--no-compile", action="store_true", help="serve with the eager decoding step (gpt2 serve "
+                                                               "--no-compile) instead of the compiled one")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of all concurrency levels, interleaved; each level's median rate counts "
                          "(a shared machine's load comes and goes)")

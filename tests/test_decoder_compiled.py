@@ -103,3 +103,38 @@ def test_engine_equals_eager(model, compiled, no_recompiles):
 
 def test_compiled_decoder_keeps_no_head_copy(compiled):
     assert compiled.head is None and compiled.compile_seconds > 0
+
+
+def test_engine_makes_its_decoder_in_its_own_thread(model, compiled):
+    """A compiled step runs fastest in the thread that compiled it, so `gpt2 serve` hands the engine a function
+    that makes the decoder and `start()` calls it in the engine's thread."""
+    import threading
+
+    made_in: list[str] = []
+
+    def make() -> Decoder:
+        made_in.append(threading.current_thread().name)
+        return compiled
+
+    engine = Engine(model, eos_id=None, decoder=make)
+    engine.start()
+    try:
+        assert made_in == ["gpt2-engine"] and engine.decoder is compiled
+        done = threading.Event()
+        tokens: list[int] = []
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=5, temperature=0),
+                      lambda t, reason: done.set() if reason else tokens.append(t))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    expected = generate(model, torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), 0.0, 5, eos_id=None)
+    assert tokens == expected[0]
+
+
+def test_engine_start_raises_what_making_the_decoder_raised(model):
+    def broken() -> Decoder:
+        raise RuntimeError("no compiler here")
+
+    engine = Engine(model, decoder=broken)
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        engine.start()

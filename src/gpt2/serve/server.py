@@ -62,7 +62,9 @@ def run(cfg: ServeConfig) -> None:
     model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
-    engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=decoder_for(model, cfg.compile))
+    # the decoder is made (compiled) in the engine's thread, where its steps run fastest (see Engine.start)
+    engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=lambda: decoder_for(model, cfg.compile))
+    engine.start()  # before listening: requests never wait for the compiler
     app = create_app(engine, model_name=name, api_key=api_key,
                      default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
                      max_waiting=cfg.max_waiting)
