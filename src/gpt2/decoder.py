@@ -305,9 +305,10 @@ class Decoder:
       products of decoding, CPU BLAS runs `x @ W` with W (in, out) faster than `x @ W.T` (measured on the 124M
       head on an AMD EPYC, AVX2: 30% at one row, 12% at eight), and the head is a third of the weights a step
       reads. The copy leaves out the padding rows and costs n_embd * vocab_size floats (154 MB at 124M).
-    - **compiled** (`compile=True`): the step through `torch.compile` (`compile_step`), which on a CPU is about
-      twice as fast at one row and two and a half times at eight (`bench/generate.py`), at a one-time cost:
-      compiling and autotuning, tens of seconds on a first run, less once inductor's on-disk caches hold it.
+    - **compiled** (`compile=True`): the step through `torch.compile` (`compile_step`), measured 1.4-1.8x as
+      fast at one row and 2x at eight on a 2-core AVX2 CPU (`bench/generate.py`), at a one-time cost: compiling
+      and autotuning, about a minute for 124M there, and memory (the compiled GEMMs read pre-packed copies of
+      the weights).
       `warm_up` pays it up front. The prefill stays eager (it runs once per prompt, with many rows). A single
       row is stepped as two copies of itself: a step reads every weight once whatever the number of rows, so the
       copy costs little, and one compiled graph (one set of pre-packed weights, one compile) serves every batch.
