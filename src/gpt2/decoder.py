@@ -290,7 +290,7 @@ def compile_step(model: GPT) -> Callable[..., torch.Tensor]:
     compiled = torch.compile(_Step(model), dynamic=True, fullgraph=True, options=options)
 
     def step(*args) -> torch.Tensor:
-        # freezing is read when a graph compiles (first call, or a new batch class), not from `options`
+        # freezing is read when a graph compiles (on the first call), not from `options` (which ignore it)
         with inductor_config.patch(freezing=True):
             return compiled(*args)
     return step
