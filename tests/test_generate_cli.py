@@ -54,3 +54,21 @@ def test_compile_flag_gives_the_same_text_and_says_it_compiles(tokenizer_ok, mod
     assert "compiling the decoding step" in captured.err and "compiled in" in captured.err
     for i, (p, text) in enumerate(zip(prompts, expected(model_dir, prompts, 6))):
         assert f"--- [{i + 1}] ---\n{p}{text}\n" in captured.out
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_line(tokenizer_ok, model_dir, capsys, monkeypatch):
+    """No C++ compiler (or any other compile failure) must not cost the user their output or show a traceback."""
+    import gpt2.decoder
+
+    def broken(model):
+        def step(*args):
+            raise RuntimeError("C++ compile error: g++ not found\nlong compiler output")
+        return step
+
+    monkeypatch.setattr(gpt2.decoder, "compile_step", broken)
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "6", "--compile", "Hello there"])
+    captured = capsys.readouterr()
+    assert ("note: compiling failed (RuntimeError: C++ compile error: g++ not found); decoding eagerly, as with "
+            "--no-compile") in captured.err
+    assert "Traceback" not in captured.err and "long compiler output" not in captured.err
+    assert captured.out == "Hello there" + expected(model_dir, ["Hello there"], 6)[0] + "\n"

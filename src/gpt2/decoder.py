@@ -339,8 +339,8 @@ class Decoder:
         symbol, and a graph traced with, say, two rows and two heads would not serve three rows."""
         t0 = time.perf_counter()
         fixed = {self.config.n_head, self.config.head_dim}
-        width = max(fixed) + 2  # the cache's used columns at the step
-        rows = min(b for b in range(2, width) if b not in fixed)
+        width = min(max(max(fixed) + 2, 3), self.config.block_size)  # the cache's used columns at the step
+        rows = min((b for b in range(2, width) if b not in fixed), default=2)
         batch = self.prefill([[PAD_ID] * (width - 1)] * rows, room=1)
         self.step(batch, [PAD_ID] * rows)
         return time.perf_counter() - t0
@@ -396,7 +396,13 @@ def decoder_for(model: GPT, compile: bool) -> Decoder:
     print("compiling the decoding step for this machine (once per start; inductor's cache, "
           "$TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER, makes later starts faster; --no-compile skips it)",
           file=sys.stderr, flush=True)
-    decoder = Decoder(model, compile=True)
+    try:
+        decoder = Decoder(model, compile=True)
+    except Exception as e:  # no C++ compiler, an unsupported platform...: decoding still works, eagerly
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"note: compiling failed ({type(e).__name__}: {reason}); decoding eagerly, as with --no-compile",
+              file=sys.stderr, flush=True)
+        return Decoder(model)
     print(f"compiled in {decoder.compile_seconds:.0f} s", file=sys.stderr, flush=True)
     return decoder
 

@@ -67,10 +67,8 @@ class Engine:
         """`decoder`: the decoder to run on (one for the server's life: the weights stay fixed), or a function
         that makes it, which `start()` calls in the engine's own thread (see `start`); default: an eager one."""
         self.model = model.eval()
-        self._make_decoder = decoder if callable(decoder) and not isinstance(decoder, Decoder) else None
-        self.decoder: Decoder = decoder if isinstance(decoder, Decoder) else None  # type: ignore[assignment]
-        if self.decoder is None and self._make_decoder is None:
-            self.decoder = Decoder(self.model)
+        self._make_decoder = None if isinstance(decoder, Decoder) else decoder
+        self.decoder = decoder if isinstance(decoder, Decoder) else None if decoder else Decoder(self.model)
         self.device = model.lm_head.weight.device
         self.block_size = model.config.block_size
         self.max_batch_size = max_batch_size
