@@ -138,3 +138,9 @@ def test_engine_start_raises_what_making_the_decoder_raised(model):
     engine = Engine(model, decoder=broken)
     with pytest.raises(RuntimeError, match="no compiler here"):
         engine.start()
+
+
+def test_a_decoder_of_another_model_is_refused(compiled):
+    other = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=48, vocab_size=VOCAB)).eval()
+    with pytest.raises(ValueError, match="another model"):
+        generate(other, *prompts([3]), 0.0, 2, eos_id=None, decoder=compiled)

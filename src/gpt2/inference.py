@@ -49,6 +49,8 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
     model.eval()
     try:
         # per call unless given one: the weights may have changed since the last call
+        if decoder is not None and decoder.model is not model:
+            raise ValueError("decoder= was made for another model: make it with Decoder(model)")
         decoder = decoder if decoder is not None else Decoder(model)
         rows = decoder.prefill(prompts, room=steps)
         params = SamplingParams(max_tokens=steps, temperature=temperature, top_p=top_p, top_k=top_k)
