@@ -144,7 +144,8 @@ class OrtGreedy:
 
 
 def peak_memory_child(impl: str, directory: str, batch: int, prompt_len: int, new_tokens: int) -> None:
-    """In a fresh process: load, generate once, print the peak resident memory in MB."""
+    """In a fresh process: load, generate once, print the peak resident memory and the resident memory at the
+    end (what a chat or server keeps while it runs) in MB."""
     torch.manual_seed(0)
     ids = torch.randint(0, 50257, (batch, prompt_len))
     if impl.startswith("ours"):
@@ -162,26 +163,27 @@ def peak_memory_child(impl: str, directory: str, batch: int, prompt_len: int, ne
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    print(json.dumps({"peak_mb": peak_rss_mb()}))
+    print(json.dumps({"peak_mb": rss_mb("VmHWM"), "resident_mb": rss_mb("VmRSS")}))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory: VmHWM (ru_maxrss would include the forking parent's on Linux)."""
+def rss_mb(field: str) -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory; ru_maxrss would include the forking
+    parent's on Linux, so it is only the fallback where /proc is absent (then for both)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory(impl: str, directory: str, args) -> float:
+def peak_memory(impl: str, directory: str, args) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--peak-memory-of", impl, "--checkpoint", directory,
            "--batch-sizes", str(max(args.batch_sizes)), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -243,9 +245,10 @@ def main() -> None:
     for B in args.batch_sizes:
         measure_batch(B, ours, compiled, hf, ort, args)
     mb = {impl: peak_memory(impl, tmp.name, args) for impl in ("ours", "ours-eager", "transformers")}
-    print(f"peak memory at batch {max(args.batch_sizes)} (fresh process each, compiling included): ours "
-          f"{mb['ours']:.0f} MB ({mb['ours'] / mb['transformers']:.2f}x), eager {mb['ours-eager']:.0f} MB "
-          f"({mb['ours-eager'] / mb['transformers']:.2f}x), transformers {mb['transformers']:.0f} MB")
+    for key, what in (("peak_mb", "peak memory"), ("resident_mb", "resident memory after generating")):
+        ours, eager, hf = mb["ours"][key], mb["ours-eager"][key], mb["transformers"][key]
+        print(f"{what} at batch {max(args.batch_sizes)} (fresh process each, compiling included): ours {ours:.0f} MB "
+              f"({ours / hf:.2f}x), eager {eager:.0f} MB ({eager / hf:.2f}x), transformers {hf:.0f} MB")
     tmp.cleanup()
 
 

@@ -3,13 +3,17 @@ penalties) and failure isolation in the engine, scoring for `echo`."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
+import platform
 
 import pytest
 import torch
 from serve_helpers import one_torch_thread
 
-from gpt2.decoder import Decoder, RowSampler, SamplingParams, choose, pad_right, score_tokens
+from gpt2.decoder import Decoder, RowSampler, SamplingParams, choose, pad_right, return_freed_memory, score_tokens
 from gpt2.inference import generate
 from gpt2.model import GPT, GPTConfig
 from gpt2.serve.engine import Engine
@@ -148,3 +152,30 @@ def test_generate_follows_weight_changes(model):
     fresh.load_state_dict(m.state_dict())
     after = generate(m, ids, mask, 0.0, 5, eos_id=None)
     assert after == generate(fresh, ids, mask, 0.0, 5, eos_id=None) != before
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_freed_heap_memory_goes_back_to_the_os():
+    """What a compiled decoder does after its warm-up: heap pages that were freed (compiling's temporaries) stop
+    counting in the process's resident memory. Freed blocks between blocks still in use stay resident until
+    trimmed, as compiling's do."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 << 10  # below malloc's mmap threshold: on the heap
+    blocks = [libc.malloc(size) for _ in range(3200)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)  # touched: resident
+    for block in blocks[::2]:  # 100 MB, every other block: each lies between blocks in use, so none coalesce
+        libc.free(block)
+    before = resident_mb()
+    assert return_freed_memory()
+    after = resident_mb()
+    for block in blocks[1::2]:
+        libc.free(block)
+    assert before - after > 50, (before, after)
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

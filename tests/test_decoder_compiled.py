@@ -32,7 +32,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def compiled(model):
-    return Decoder(model, compile=True)  # compiles both graphs (one row, several rows) in its warm-up
+    return Decoder(model, compile=True)  # compiles its one graph (every batch size, cache width) in its warm-up
 
 
 @pytest.fixture

@@ -34,6 +34,8 @@ Design decisions:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sys
 import time
 from collections.abc import Callable
@@ -327,6 +329,8 @@ class Decoder:
             with torch.no_grad():
                 self.head = w[: self.config.vocab_size].t().contiguous()  # (C, V)
         self.compile_seconds = self.warm_up() if compile else 0.0  # the one-time cost, paid here
+        if compile:
+            return_freed_memory()  # compiling leaves ~440 MB (124M) of freed temporaries in the process
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (B, V) of the last hidden states (B, C): `model.logits`, as `x @ W` when eager."""
@@ -382,6 +386,20 @@ class Decoder:
         cache.commit()
         rows.positions = [p + 1 for p in rows.positions]
         rows.logits = logits[: len(tokens)]  # (B, V)
+
+
+def return_freed_memory() -> bool:
+    """Hand memory that has been freed but is still held by the C allocator back to the OS (glibc's
+    `malloc_trim`); returns whether it could. Compiling the step frees the temporaries of freezing and packing
+    (about as large as the weights), but glibc keeps freed heap pages mapped, so a chat or server would carry
+    them for its whole life: measured on 124M, resident memory after the warm-up fell from 1.83 GB to 1.39 GB.
+    Elsewhere (macOS, musl) there is no such call and nothing happens."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)  # its result only says whether any page was released
+    return True
 
 
 def decoder_for(model: GPT, compile: bool) -> Decoder:
