@@ -106,8 +106,8 @@ def test_compiled_decoder_keeps_no_head_copy(compiled):
 
 
 def test_engine_makes_its_decoder_in_its_own_thread(model, compiled):
-    """A compiled step runs fastest in the thread that compiled it, so `gpt2 serve` hands the engine a function
-    that makes the decoder and `start()` calls it in the engine's thread."""
+    """An engine started in a thread of its own, given a function that makes its decoder, makes it there: the
+    thread that runs the steps does all the tensor work, compiling included (see `gpt2.serve.engine`)."""
     import threading
 
     made_in: list[str] = []

@@ -195,6 +195,35 @@ def test_background_thread_serves_requests(model):
         engine.stop()
 
 
+def test_call_runs_in_the_engine_thread_between_steps(model):
+    """Tensor work besides decoding (echo's scoring) runs in the engine's thread: its result or its exception
+    comes back through the future, and requests go on being served."""
+    engine = Engine(model, eos_id=None)
+    engine.start()
+    try:
+        assert engine.call(threading.get_ident).result(20) == engine._thread.ident
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0).result(20)
+        done = threading.Event()
+        engine.submit([1, 2], SamplingParams(max_tokens=3, temperature=0.0), lambda t, r: r and done.set())
+        assert done.wait(20)
+    finally:
+        engine.stop()
+
+
+def test_run_serves_in_the_calling_thread_until_stopped(model):
+    """`run()` (what `gpt2 serve` does in its main thread) serves requests there and returns on `stop()`."""
+    engine = Engine(model, eos_id=None)
+    col = Collector()
+    sink = col.sink(0)
+    engine.submit([3, 4], SamplingParams(max_tokens=4, temperature=0.0),
+                  lambda t, r: (sink(t, r), r and threading.Thread(target=engine.stop).start()))
+    served_in = engine.call(threading.get_ident)
+    engine.run()  # returns once the request's end has stopped it
+    assert served_in.result(0) == threading.get_ident()
+    assert col.tokens[0] == generate(model, *pad_right([[3, 4]]), 0.0, 4, eos_id=None)[0]
+
+
 def test_submit_rejects_impossible_prompts(model):
     engine = Engine(model)
     with pytest.raises(ValueError):

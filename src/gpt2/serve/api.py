@@ -360,7 +360,8 @@ async def _serve(request: Request, state: ServerState, req: _Common, prompts: li
     echo_text = [decode(p) for p in echo] if echo is not None else [""] * len(prompts)
     echo_logprobs = [[] for _ in prompts]
     if echo is not None and logprobs is not None:
-        echo_logprobs = await asyncio.to_thread(_score_prompts, engine.model, echo, logprobs)
+        # in the engine's thread, the one that does the server's tensor work (see `gpt2.serve.engine`)
+        echo_logprobs = await asyncio.wrap_future(engine.call(lambda: _score_prompts(engine.model, echo, logprobs)))
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()

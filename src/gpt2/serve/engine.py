@@ -15,12 +15,19 @@ Design decisions:
   with its cause; a failing forward pass ends the requests it served.
 - Sampling is per row: each request's own parameters and a `torch.Generator` seeded from its seed, so a
   seeded request gives the same tokens alone or in a crowd.
-- The engine is plain synchronous code (`step()`), which the tests drive by hand; `start()` runs it in a
-  background thread that sleeps while there is no work. Results go out through a per-request callback
-  (`sink(token, None)` for each token, then `sink(None, finish_reason)`), which the HTTP layer turns into an
-  asyncio queue with `call_soon_threadsafe`. A request that asked for log-probs gets each token's
-  `TokenLogprob` appended to `request.token_logprobs` just before its `sink(token, None)` (and before
-  `sink(None, "stop")` for the `<|endoftext|>` it stopped on).
+- The engine is plain synchronous code (`step()`), which the tests drive by hand; `run()` runs it in the
+  calling thread and `start()` in a background one, either sleeping while there is no work. Results go out
+  through a per-request callback (`sink(token, None)` for each token, then `sink(None, finish_reason)`),
+  which the HTTP layer turns into an asyncio queue with `call_soon_threadsafe`. A request that asked for
+  log-probs gets each token's `TokenLogprob` appended to `request.token_logprobs` just before its
+  `sink(token, None)` (and before `sink(None, "stop")` for the `<|endoftext|>` it stopped on).
+- **One thread does the tensor work.** PyTorch's CPU threads are OpenMP's, which keeps a pool of workers per
+  thread that runs parallel work; once two threads have, their pools contend for the cores and every parallel
+  region waits longer (measured on a 2-core AMD EPYC, 124M compiled: 64 steps in 1.4 s when one thread does
+  everything, 2.2-3.0 s when the main thread had loaded the model and another ran the steps). So `gpt2 serve`
+  runs the engine in its main thread, where it loaded the model (the HTTP server runs in another, which does
+  no tensor work), and other tensor work the server needs (scoring a prompt for `echo`) goes through the
+  engine's thread with `call()`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +88,7 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # see `call`
         self.steps = 0  # decode steps run (for tests and stats)
 
     # ------------------------------------------------------------------ public API
@@ -116,13 +125,29 @@ class Engine:
         return len(self.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self._jobs)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` in the engine's thread before its next step (thread-safe); the future gets its result or
+        its exception. For tensor work besides decoding, which would slow decoding from another thread (see the
+        module docstring)."""
+        future: Future = Future()
+        with self._cv:
+            self._jobs.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def run(self) -> None:
+        """Run `step()` in the calling thread until `stop()` (from another thread or a signal handler). If
+        the engine was given a function that makes its decoder, it is called here first."""
+        self._stopping = False
+        self._make()
+        self._loop()
 
     def start(self) -> None:
         """Run `step()` in a daemon thread until `stop()`. If the engine was given a function that makes its
-        decoder, the thread calls it first and this returns once it is done (raising what it raised): a compiled
-        step runs fastest in the thread that compiled it (measured on 2 cores: 1.6 s for 64 steps of 124M
-        there, 2.8 s from any other thread), so the decoder is made where the steps will run."""
+        decoder, the thread calls it first and this returns once it is done (raising what it raised), so that the
+        decoder is made (compiled) in the thread that runs it."""
         if self._thread is not None:
             return
         self._stopping = False
@@ -131,8 +156,7 @@ class Engine:
 
         def run() -> None:
             try:
-                if self._make_decoder is not None:
-                    self.decoder, self._make_decoder = self._make_decoder(), None
+                self._make()
                 ready.append(None)
             except BaseException as e:  # handed to start(), which raises it in the caller's thread
                 ready.append(e)
@@ -148,6 +172,10 @@ class Engine:
             self._thread = None
             raise ready[0]
 
+    def _make(self) -> None:
+        if self._make_decoder is not None:
+            self.decoder, self._make_decoder = self._make_decoder(), None
+
     def stop(self) -> None:
         with self._cv:
             self._stopping = True
@@ -160,7 +188,8 @@ class Engine:
 
     def step(self) -> None:
         """Drop cancelled requests, admit waiting ones (prefill + first token), then decode one token for
-        every running row in a single batched forward pass."""
+        every running row in a single batched forward pass. Jobs given to `call` run first."""
+        self._run_jobs()
         self._keep([not r.cancelled for r in self.rows])
         with self._cv:
             for req in [r for r in self.waiting if r.cancelled]:
@@ -171,6 +200,16 @@ class Engine:
             self._admit(new)
         if self.rows:
             self._decode()
+
+    def _run_jobs(self) -> None:
+        while self._jobs:
+            with self._cv:
+                fn, future = self._jobs.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # the caller gets it; the engine goes on
+                    future.set_exception(e)
 
     def _admit(self, new: list[Request]) -> None:
         room = self.headroom if self.batch is None else 0  # re-packing below adds the headroom anyway

@@ -4,16 +4,20 @@ Design decisions:
 - Binds 127.0.0.1 unless `--host` says otherwise: a model server should not be reachable from the network
   by accident. `--api-key` (or the GPT2_API_KEY environment variable, which keeps the key out of `ps`)
   requires `Authorization: Bearer KEY` on every /v1 route.
-- This module only parses flags, loads the model and starts uvicorn; FastAPI is imported lazily so that
-  other `gpt2` commands start without it. Models load through `gpt2.checkpoint.load_model`, as everywhere.
+- This module only parses flags, loads the model and runs uvicorn in a thread beside the engine, which keeps
+  the main thread (see `serve_http_beside`); FastAPI is imported lazily so that other `gpt2` commands start
+  without it. Models load through `gpt2.checkpoint.load_model`, as everywhere.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +26,11 @@ from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
 from gpt2.tokenizer import get_encoding
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from gpt2.serve.engine import Engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,18 +71,48 @@ def run(cfg: ServeConfig) -> None:
     model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
-    # the decoder is made (compiled) in the engine's thread, where its steps run fastest (see Engine.start)
-    engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=lambda: decoder_for(model, cfg.compile))
-    engine.start()  # before listening: requests never wait for the compiler
+    # compiled before listening (requests never wait for the compiler), in this thread, which runs the engine
+    engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=decoder_for(model, cfg.compile))
     app = create_app(engine, model_name=name, api_key=api_key,
                      default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
-                     max_waiting=cfg.max_waiting)
+                     max_waiting=cfg.max_waiting, start_engine=False)
     if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
           f"{'(API key required)' if api_key else ''}", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+                                          timeout_graceful_shutdown=5))
+    if not serve_http_beside(engine, server):
+        raise SystemExit(1)  # uvicorn could not start (say the port is taken) and has said why
+
+
+def serve_http_beside(engine: Engine, server: uvicorn.Server) -> bool:
+    """Run the HTTP server in a thread of its own and the engine in this one (the thread that loaded the model
+    and compiled the step: see "One thread does the tensor work" in `gpt2.serve.engine`) until the HTTP server
+    ends: Ctrl+C or SIGTERM shut it down gracefully (a second Ctrl+C at once), and the engine then stops.
+    Returns whether the HTTP server had started."""
+    def http() -> None:
+        try:
+            server.run()  # outside the main thread it installs no signal handlers: ours below do its part
+        finally:
+            engine.stop()
+
+    def on_signal(signum, frame) -> None:
+        server.force_exit = server.should_exit  # the second time
+        server.should_exit = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="http", daemon=True)
+    thread.start()
+    try:
+        engine.run()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return server.started
 
 
 register(Command("serve", "OpenAI-compatible HTTP server with continuous batching and a web chat page",

@@ -1,0 +1,49 @@
+"""`gpt2 serve` as a process: the engine runs in its main thread and uvicorn beside it, so these check what that
+arrangement owns: echo's scoring (tensor work handed to the engine's thread) in the real server, a graceful exit
+on Ctrl+C and on SIGTERM, and a taken port ending the command with uvicorn's reason."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from serve_helpers import ServerProcess, tiny_checkpoint
+
+from gpt2.decoder import score_tokens
+from gpt2.model import GPT
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_ok):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serves_echo_logprobs_then_exits_cleanly_on_a_signal(checkpoint, sig):
+    prompt = [5, 17, 99, 3]
+    with ServerProcess(checkpoint) as s:
+        body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["logprobs"]["token_logprobs"][1:len(prompt)]
+        want = [lp.logprob for lp in score_tokens(GPT.from_pretrained(checkpoint).eval(), [prompt])[0][1:]]
+        assert got == pytest.approx(want, abs=1e-4)  # another process, threads and batch shapes: last bits differ
+        s.proc.send_signal(sig)
+        assert s.proc.wait(timeout=20) == 0
+        assert "Traceback" not in s.proc.stderr.read()
+
+
+def test_a_taken_port_ends_the_command_with_the_reason(checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "gpt2", "serve", "--model", str(checkpoint), "--port",
+                               str(port), "--threads", "1", "--no-compile"], capture_output=True, text=True,
+                              timeout=120)
+    assert proc.returncode == 1
+    assert "address already in use" in proc.stderr.lower() and "Traceback" not in proc.stderr
