@@ -50,8 +50,8 @@ class ServeConfig:
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
     threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)")
     compile: bool = arg(True, help="compile the decoding step at start (torch.compile; about a minute for 124M on "
-                                   "2 CPU cores): measured 1.5x the tokens/s with 8 concurrent clients, none "
-                                   "gained with one; more memory; --no-compile starts at once")
+                                   "2 CPU cores): measured 1.3x the tokens/s with one client and 2.1x with 8 "
+                                   "concurrent ones; more memory; --no-compile starts at once")
 
 
 def run(cfg: ServeConfig) -> None:
