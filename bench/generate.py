@@ -178,7 +178,8 @@ def rss_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory(impl: str, directory: str, args) -> dict[str, float]:
+def memory_use(impl: str, directory: str, args) -> dict[str, float]:
+    """Peak and final resident memory (MB) of `impl` generating once, in a fresh process."""
     cmd = [sys.executable, __file__, "--peak-memory-of", impl, "--checkpoint", directory,
            "--batch-sizes", str(max(args.batch_sizes)), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -244,7 +245,7 @@ def main() -> None:
           + header)
     for B in args.batch_sizes:
         measure_batch(B, ours, compiled, hf, ort, args)
-    mb = {impl: peak_memory(impl, tmp.name, args) for impl in ("ours", "ours-eager", "transformers")}
+    mb = {impl: memory_use(impl, tmp.name, args) for impl in ("ours", "ours-eager", "transformers")}
     for key, what in (("peak_mb", "peak memory"), ("resident_mb", "resident memory after generating")):
         ours, eager, hf = mb["ours"][key], mb["ours-eager"][key], mb["transformers"][key]
         print(f"{what} at batch {max(args.batch_sizes)} (fresh process each, compiling included): ours {ours:.0f} MB "

@@ -105,41 +105,6 @@ def test_compiled_decoder_keeps_no_head_copy(compiled):
     assert compiled.head is None and compiled.compile_seconds > 0
 
 
-def test_engine_makes_its_decoder_in_its_own_thread(model, compiled):
-    """An engine started in a thread of its own, given a function that makes its decoder, makes it there: the
-    thread that runs the steps does all the tensor work, compiling included (see `gpt2.serve.engine`)."""
-    import threading
-
-    made_in: list[str] = []
-
-    def make() -> Decoder:
-        made_in.append(threading.current_thread().name)
-        return compiled
-
-    engine = Engine(model, eos_id=None, decoder=make)
-    engine.start()
-    try:
-        assert made_in == ["gpt2-engine"] and engine.decoder is compiled
-        done = threading.Event()
-        tokens: list[int] = []
-        engine.submit([1, 2, 3], SamplingParams(max_tokens=5, temperature=0),
-                      lambda t, reason: done.set() if reason else tokens.append(t))
-        assert done.wait(60)
-    finally:
-        engine.stop()
-    expected = generate(model, torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), 0.0, 5, eos_id=None)
-    assert tokens == expected[0]
-
-
-def test_engine_start_raises_what_making_the_decoder_raised(model):
-    def broken() -> Decoder:
-        raise RuntimeError("no compiler here")
-
-    engine = Engine(model, decoder=broken)
-    with pytest.raises(RuntimeError, match="no compiler here"):
-        engine.start()
-
-
 def test_a_decoder_of_another_model_is_refused(compiled):
     other = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=48, vocab_size=VOCAB)).eval()
     with pytest.raises(ValueError, match="another model"):

@@ -211,6 +211,17 @@ def test_call_runs_in_the_engine_thread_between_steps(model):
         engine.stop()
 
 
+def test_stop_cancels_calls_not_yet_run(model):
+    """A caller waiting on a job the engine will never run gets CancelledError, not a hang."""
+    from concurrent.futures import CancelledError
+
+    engine = Engine(model)  # not running: the job waits for a step
+    future = engine.call(lambda: 1)
+    engine.stop()
+    with pytest.raises(CancelledError):
+        future.result(0)
+
+
 def test_run_serves_in_the_calling_thread_until_stopped(model):
     """`run()` (what `gpt2 serve` does in its main thread) serves requests there and returns on `stop()`."""
     engine = Engine(model, eos_id=None)

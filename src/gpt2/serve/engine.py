@@ -71,12 +71,11 @@ class Engine:
     """Continuous-batching scheduler on the decoding core (see the module docstring)."""
 
     def __init__(self, model: GPT, max_batch_size: int = 16, eos_id: int | None = EOT, headroom: int = 64,
-                 decoder: Decoder | Callable[[], Decoder] | None = None):
-        """`decoder`: the decoder to run on (one for the server's life: the weights stay fixed), or a function
-        that makes it, which `start()` calls in the engine's own thread (see `start`); default: an eager one."""
+                 decoder: Decoder | None = None):
+        """`decoder`: the decoder to run on (one for the server's life: the weights stay fixed); default: an
+        eager one. Make it in the thread that will run the engine (see "One thread does the tensor work")."""
         self.model = model.eval()
-        self._make_decoder = None if isinstance(decoder, Decoder) else decoder
-        self.decoder = decoder if isinstance(decoder, Decoder) else None if decoder else Decoder(self.model)
+        self.decoder = decoder if decoder is not None else Decoder(self.model)
         self.device = model.lm_head.weight.device
         self.block_size = model.config.block_size
         self.max_batch_size = max_batch_size
@@ -138,47 +137,26 @@ class Engine:
         return future
 
     def run(self) -> None:
-        """Run `step()` in the calling thread until `stop()` (from another thread or a signal handler). If
-        the engine was given a function that makes its decoder, it is called here first."""
+        """Run `step()` in the calling thread until `stop()` (from another thread or a signal handler)."""
         self._stopping = False
-        self._make()
         self._loop()
 
     def start(self) -> None:
-        """Run `step()` in a daemon thread until `stop()`. If the engine was given a function that makes its
-        decoder, the thread calls it first and this returns once it is done (raising what it raised), so that the
-        decoder is made (compiled) in the thread that runs it."""
+        """Run `step()` in a daemon thread until `stop()` (for embedding the engine beside other work; see
+        "One thread does the tensor work" for what a second thread doing tensor work costs)."""
         if self._thread is not None:
             return
         self._stopping = False
-        ready: list[BaseException | None] = []
-        started = threading.Event()
-
-        def run() -> None:
-            try:
-                self._make()
-                ready.append(None)
-            except BaseException as e:  # handed to start(), which raises it in the caller's thread
-                ready.append(e)
-                return
-            finally:
-                started.set()
-            self._loop()
-
-        self._thread = threading.Thread(target=run, name="gpt2-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="gpt2-engine", daemon=True)
         self._thread.start()
-        started.wait()
-        if ready[0] is not None:
-            self._thread = None
-            raise ready[0]
-
-    def _make(self) -> None:
-        if self._make_decoder is not None:
-            self.decoder, self._make_decoder = self._make_decoder(), None
 
     def stop(self) -> None:
+        """Stop the loop after its current step; jobs given to `call` and not started are cancelled."""
         with self._cv:
             self._stopping = True
+            for _, future in self._jobs:  # their callers get CancelledError rather than waiting for ever
+                future.cancel()
+            self._jobs.clear()
             self._cv.notify()
         if self._thread is not None:
             self._thread.join()
@@ -202,8 +180,10 @@ class Engine:
             self._decode()
 
     def _run_jobs(self) -> None:
-        while self._jobs:
+        while True:
             with self._cv:
+                if not self._jobs:
+                    return
                 fn, future = self._jobs.popleft()
             if future.set_running_or_notify_cancel():
                 try:
