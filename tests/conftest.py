@@ -19,6 +19,13 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache(tmp_path_factory) -> None:
+    """Compiled decoding pieces (`gpt2.compiled`) go to a folder of this session, not the user's cache, and are
+    shared by its tests (child processes inherit it)."""
+    os.environ["GPT2_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compiled"))
+
+
 def _tokenizer_available() -> bool:
     try:
         import tiktoken

@@ -1,45 +1,44 @@
-"""The compiled decoding step (`Decoder(model, compile=True)`) against the eager one: the same tokens and
-log-probabilities through `generate` and the serving engine (rows admitted and dropped), and no compiling
-after the warm-up whatever the batch size, prompt lengths or cache width."""
+"""The compiled decoder (`Decoder(model, compile=True)`, `gpt2.compiled`) against the eager one: the same tokens
+and log-probabilities through `generate`, the serving engine (rows admitted and dropped) and echo scoring; the
+compiled pieces are cached (a second start compiles nothing) and a cache entry is whole or absent; with
+`release_weights` the model holds no weights and decoding is unchanged."""
 
 from __future__ import annotations
+
+import copy
+import stat
 
 import pytest
 import torch
 from serve_helpers import one_torch_thread
 
-from gpt2.decoder import Decoder, SamplingParams
+import gpt2.compiled
+from gpt2.decoder import Decoder, SamplingParams, score_tokens
 from gpt2.inference import generate
 from gpt2.model import GPT, GPTConfig
 from gpt2.serve.engine import Engine
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
-# The compiled step multiplies with other kernels (inductor's generated GEMMs, fused layer norms) than eager
+# The compiled pieces multiply with other kernels (inductor's generated GEMMs, fused layer norms) than eager
 # PyTorch, so logits differ in the last bits: ~1e-6 relative on this model. 1e-4 on log-probabilities leaves
 # two orders of magnitude of room while catching a real error (a wrong column, mask or row: >= 1e-2).
 ATOL = 1e-4
 VOCAB = 300
+CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=48, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(3)
     # a small vocabulary: greedy tokens are compared exactly, and the gap between the two likeliest of a few
-    # hundred logits is far wider than the compiled step's last-bit differences (no near-ties to flip)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=48, vocab_size=VOCAB)).eval()
+    # hundred logits is far wider than the compiled pieces' last-bit differences (no near-ties to flip)
+    return GPT(CONFIG).eval()
 
 
 @pytest.fixture(scope="module")
 def compiled(model):
-    return Decoder(model, compile=True)  # compiles its one graph (every batch size, cache width) in its warm-up
-
-
-@pytest.fixture
-def no_recompiles():
-    """Any compiling after the warm-up raises: the decoder compiles once, at start."""
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        yield
+    return Decoder(model, compile=True)  # compiles the pieces into the test session's cache (conftest)
 
 
 def prompts(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +51,14 @@ def prompts(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("lengths", [[5], [7, 2, 11], [3, 3, 3, 3, 3, 3]])
-def test_generate_equals_eager(model, compiled, no_recompiles, lengths):
+@pytest.mark.parametrize("lengths", [[5], [1], [7, 2, 11], [3, 3, 3, 3, 3, 3]])
+def test_generate_equals_eager(model, compiled, lengths):
     ids, mask = prompts(lengths)
     eager = generate(model, ids, mask, 0.0, 20, eos_id=None)
     assert generate(model, ids, mask, 0.0, 20, eos_id=None, decoder=compiled) == eager
 
 
-def test_logits_equal_eager_at_every_step(model, compiled, no_recompiles):
+def test_logits_equal_eager_at_every_step(model, compiled):
     eager = Decoder(model)
     batch = [[11, 12, 13], [7], [1, 2, 3, 4, 5, 6, 7, 8]]
     a, b = eager.prefill(batch, room=12), compiled.prefill(batch, room=12)
@@ -70,6 +69,9 @@ def test_logits_equal_eager_at_every_step(model, compiled, no_recompiles):
         if step == 4:  # a row leaves mid-way, as in the engine
             a.keep([True, False, True]), b.keep([True, False, True])
             tokens = [tokens[0], tokens[2]]
+        if step == 8:  # and then another: one row is left
+            a.keep([True, False]), b.keep([True, False])
+            tokens = tokens[:1]
         eager.step(a, tokens), compiled.step(b, tokens)
 
 
@@ -93,12 +95,58 @@ def serve(model, decoder: Decoder | None) -> list[tuple[list[int], list[float]]]
     return out
 
 
-def test_engine_equals_eager(model, compiled, no_recompiles):
+def test_engine_equals_eager(model, compiled):
     eager = serve(model, None)
     fast = serve(model, compiled)
     assert [t for t, _ in fast] == [t for t, _ in eager]
     for (_, lf), (_, le) in zip(fast, eager):
         torch.testing.assert_close(torch.tensor(lf), torch.tensor(le), atol=ATOL, rtol=0)
+
+
+def test_scoring_equals_the_full_forward(model, compiled):
+    sequences = [[5, 6, 7, 8, 9], [1], [40, 41]]
+    eager, fast = score_tokens(model, sequences, top=3), score_tokens(compiled, sequences, top=3)
+    for row_e, row_f in zip(eager, fast):
+        assert [lp.token if lp else None for lp in row_f] == [lp.token if lp else None for lp in row_e]
+        for e, f in zip(row_e[1:], row_f[1:]):
+            assert abs(f.logprob - e.logprob) < ATOL
+            assert [t for t, _ in f.top] == [t for t, _ in e.top]
+
+
+def test_a_second_start_loads_the_cached_pieces(model, compiled, monkeypatch):
+    def no_build(*args):
+        raise AssertionError("compiled again although the pieces are cached")
+
+    monkeypatch.setattr(gpt2.compiled, "build_in_child", no_build)
+    again = Decoder(model, compile=True)
+    ids, mask = prompts([4, 9])
+    assert generate(model, ids, mask, 0.0, 8, eos_id=None, decoder=again) == generate(model, ids, mask, 0.0, 8,
+                                                                                        eos_id=None)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.transformer.h[1].mlp.c_fc.bias[0] += 1e-3  # other weights: another cache entry
+    assert gpt2.compiled.cache_key(other) != gpt2.compiled.cache_key(model)
+
+
+def test_released_weights_are_held_by_the_pieces_only(model, compiled):
+    own = copy.deepcopy(model)
+    decoder = Decoder(own, compile=True, release_weights=True)
+    assert all(p.is_meta for p in own.parameters())
+    ids, mask = prompts([6, 2])
+    assert generate(own, ids, mask, 0.0, 10, eos_id=None, decoder=decoder) == generate(model, ids, mask, 0.0, 10,
+                                                                                        eos_id=None)
+
+
+def test_a_failed_compile_says_why_and_leaves_no_cache_entry(model, tmp_path, monkeypatch):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'inductor log line'\necho 'CppCompileError: g++ not found'\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(gpt2.compiled.sys, "executable", str(fake))
+    monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="^CppCompileError: g\\+\\+ not found$"):
+        Decoder(model, compile=True, release_weights=True)
+    assert not any(p.is_meta for p in model.parameters())  # nothing was released: the caller can decode eagerly
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-built entry
 
 
 def test_compiled_decoder_keeps_no_head_copy(compiled):

@@ -51,7 +51,7 @@ def test_compile_flag_gives_the_same_text_and_says_it_compiles(tokenizer_ok, mod
     prompts = ["Hello there", "A", "Once upon a time"]
     main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "6", "--compile", *prompts])
     captured = capsys.readouterr()
-    assert "compiling the decoding step" in captured.err and "compiled in" in captured.err
+    assert "compiling the model's" in captured.err and "compiled decoding ready in" in captured.err
     for i, (p, text) in enumerate(zip(prompts, expected(model_dir, prompts, 6))):
         assert f"--- [{i + 1}] ---\n{p}{text}\n" in captured.out
 
@@ -60,12 +60,10 @@ def test_a_failed_compile_falls_back_to_eager_with_one_line(tokenizer_ok, model_
     """No C++ compiler (or any other compile failure) must not cost the user their output or show a traceback."""
     import gpt2.decoder
 
-    def broken(model):
-        def step(*args):
-            raise RuntimeError("C++ compile error: g++ not found\nlong compiler output")
-        return step
+    def broken(model, release_weights=False):
+        raise RuntimeError("C++ compile error: g++ not found\nlong compiler output")
 
-    monkeypatch.setattr(gpt2.decoder, "compile_step", broken)
+    monkeypatch.setattr(gpt2.decoder, "load_compiled", broken)
     main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "6", "--compile", "Hello there"])
     captured = capsys.readouterr()
     assert ("note: compiling failed (RuntimeError: C++ compile error: g++ not found); decoding eagerly, as with "

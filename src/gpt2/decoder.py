@@ -1,8 +1,10 @@
 """The one decoding core: the KV cache, prefill, one batched step, and choosing each row's next token.
 
 `gpt2.inference.generate` (the seed's API, the chat) and `gpt2.serve.engine` (continuous batching) both run
-on this module; nothing else reads or writes a cache. The model (`gpt2.model`) stays pure: attention stores
-and reads keys/values through `KVStore.update`, and this module passes it positions and masks.
+on this module; nothing else reads or writes a cache. Its forward is the model's own or, compiled, the model's
+pieces from `gpt2.compiled` with the same attention between them: the cache and the masks are the same. The
+model (`gpt2.model`) stays pure: attention stores and reads keys/values through `KVStore.update`, and this
+module passes it positions and masks.
 
 Design decisions:
 - **Rows and shared columns.** A `KVCache` is pre-allocated once per batch, (B, nh, S, hs) per layer for keys
@@ -38,12 +40,12 @@ import ctypes
 import ctypes.util
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
+from gpt2.compiled import CompiledForward
+from gpt2.compiled import load as load_compiled
 from gpt2.data.batching import PAD_ID, pad_right
 from gpt2.model import GPT, GPTConfig
 
@@ -127,14 +129,10 @@ class KVCache:
     makes them part of the cache once every layer has written."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device=None, dtype=None):
-        # one column more than `capacity`, never filled: the compiled step reads views of the used columns, and a
-        # view that was the whole (contiguous) tensor would have other strides, which is another graph to compile
-        shape = (batch_size, config.n_head, capacity + 1, config.head_dim)
-        # one tensor per layer, not one (L, ...) tensor: the compiled step writes each in place, which it can
-        # only do to a whole graph input (a write into a slice of a shared base makes it copy the base)
+        shape = (batch_size, config.n_head, capacity, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # (B, nh, S, hs)
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # (B, nh, S, hs)
-        self.valid = torch.zeros(batch_size, capacity + 1, dtype=torch.bool, device=device)  # (B, S + 1)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, S)
         self.length = 0  # columns filled so far
         self.holes = False  # some filled slot is padding: attention needs a mask
         self._pending = 0  # columns claimed by the forward in progress
@@ -145,7 +143,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.valid.size(1) - 1  # the spare column is not part of it
+        return self.valid.size(1)
 
     def extend(self, T: int, new_valid: torch.Tensor | None = None, any_padding: bool = False,
                ) -> torch.Tensor | None:
@@ -180,7 +178,7 @@ class KVCache:
         self.length += self._pending
         self._pending = 0
 
-    @torch.inference_mode()  # like every cache tensor: a compiled step would recompile for a normal one
+    @torch.inference_mode()
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given rows (in that order)."""
         self.k, self.v = [t[rows] for t in self.k], [t[rows] for t in self.v]
@@ -194,16 +192,17 @@ class KVCache:
 
     @classmethod
     @torch.inference_mode()
-    def stack(cls, caches: list[KVCache], headroom: int, rows: list[int]) -> KVCache:
-        """The first `rows[i]` rows of each of `caches` (the rest are copies of a row: see `Decoder`) in one new
-        cache, each right-aligned so that every row's next slot is the same column, without leading columns no
+    def stack(cls, caches: list[KVCache], headroom: int) -> KVCache:
+        """The rows of all `caches` in one new cache, each right-aligned so that every row's next slot is the same
+        column, without leading columns no
         row uses, with `headroom` free columns."""
         spans = [c.used_span() for c in caches]
         width = max(end - start for start, end in spans)
         first = caches[0].k[0]
         _, nh, _, hs = first.shape
         out = cls.__new__(cls)
-        shape = (sum(rows), nh, width + headroom + 1, hs)  # + the spare column
+        rows = [c.batch_size for c in caches]
+        shape = (sum(rows), nh, width + headroom, hs)
         out.k = [first.new_zeros(shape) for _ in caches[0].k]
         out.v = [first.new_zeros(shape) for _ in caches[0].v]
         out.valid = torch.zeros(shape[0], shape[2], dtype=torch.bool, device=first.device)
@@ -247,107 +246,57 @@ class Rows:
     @staticmethod
     def stack(parts: list[Rows], headroom: int) -> Rows:
         """Admit rows: one `Rows` holding all of `parts`' rows, in order (see `KVCache.stack`)."""
-        cache = KVCache.stack([p.cache for p in parts], headroom, [len(p) for p in parts])
+        cache = KVCache.stack([p.cache for p in parts], headroom)
         return Rows(cache, [q for p in parts for q in p.positions], torch.cat([p.logits for p in parts]))
-
-
-class _ColumnStore:
-    """The compiled step's `gpt2.model.KVStore`: writes each row's new key/value into column `col` of every
-    layer's cache in place and returns the cache. `col` is a tensor and the caches are views of the used columns,
-    so neither the column nor the cache's width is baked into the compiled graph."""
-
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], col: torch.Tensor):
-        self.k, self.v, self.col = k, v, col
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer][:, :, self.col] = k  # (B, nh, 1, hs) into (B, nh, S, hs)
-        self.v[layer][:, :, self.col] = v
-        return self.k[layer], self.v[layer]
-
-
-class _Step(nn.Module):
-    """One decoding step as a module, which is what `torch.compile` freezes: each row's token (B, 1) at position
-    `pos` (B, 1) enters column `col` of the cache -> the logits (B, V) of the token after it. `valid` (B, S)
-    marks the real slots, the new column included (the columns after it are not filled yet)."""
-
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tok: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, valid: torch.Tensor,
-                k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:
-        hidden = self.model.hidden_states(tok, pos, valid[:, None, None, :], _ColumnStore(k, v, col))
-        return self.model.logits(hidden[:, -1])  # (B, V)
-
-
-def compile_step(model: GPT) -> Callable[..., torch.Tensor]:
-    """`_Step` compiled with inductor: parameters frozen into the graph (constants the compiler may pre-pack),
-    shapes dynamic (one graph for every cache width and every batch of two or more rows: the compiler makes a
-    separate graph for a size of 1, so `Decoder.step` runs a single row as two copies of it), and on a CPU
-    the matrix products autotuned between inductor's generated C++ GEMM and ATen's (BLAS), keeping whichever
-    measures faster on this machine. All three are documented `torch.compile` settings."""
-    import torch._inductor.config as inductor_config  # here: importing inductor takes a while
-
-    options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if model.lm_head.weight.is_cpu else {}
-    compiled = torch.compile(_Step(model), dynamic=True, fullgraph=True, options=options)
-
-    def step(*args) -> torch.Tensor:
-        # freezing is read when a graph compiles (on the first call), not from `options` (which ignore it)
-        with inductor_config.patch(freezing=True):
-            return compiled(*args)
-    return step
 
 
 class Decoder:
     """Prefill and batched single-token steps of a `GPT` (evaluation mode, no autograd).
 
-    Two ways to run a step, the same arithmetic:
-    - **eager** (default): the model's forward on the cache's used columns. The vocabulary head is applied with
-      a transposed copy of the tied embedding, (n_embd, vocab_size), made when the decoder is: for the few-row
-      products of decoding, CPU BLAS runs `x @ W` with W (in, out) faster than `x @ W.T` (measured on the 124M
-      head on an AMD EPYC, AVX2: 30% at one row, 12% at eight), and the head is a third of the weights a step
-      reads. The copy leaves out the padding rows and costs n_embd * vocab_size floats (154 MB at 124M).
-    - **compiled** (`compile=True`): the step through `torch.compile` (`compile_step`), measured 1.4-1.8x as
-      fast at one row and 2x at eight on a 2-core AVX2 CPU (`bench/generate.py`), at a one-time cost: compiling
-      and autotuning, about a minute for 124M there, and memory (the compiled GEMMs read pre-packed copies of
-      the weights).
-      `warm_up` pays it up front. The prefill stays eager (it runs once per prompt, with many rows). A single
-      row is stepped as two copies of itself: a step reads every weight once whatever the number of rows, so the
-      copy costs little, and one compiled graph (one set of pre-packed weights, one compile) serves every batch.
-    Either way a decoder belongs to one set of weights (the head copy; the frozen graph): `generate` makes one per
-    call (training may change the weights between calls, and fused optimizers do not bump tensor versions, so
-    staleness cannot be detected); the chat and the serving engine, whose weights are fixed, keep one."""
+    Two ways to run the forward, the same arithmetic:
+    - **eager** (default): the model's own forward. The vocabulary head is applied with a transposed copy of the
+      tied embedding, (n_embd, vocab_size), made when the decoder is: for the few-row products of decoding, CPU
+      BLAS runs `x @ W` with W (in, out) faster than `x @ W.T` (measured on the 124M head on an AMD EPYC, AVX2:
+      30% at one row, 12% at eight), and the head is a third of the weights a step reads. The copy leaves out
+      the padding rows and costs n_embd * vocab_size floats (154 MB at 124M).
+    - **compiled** (`compile=True`, CPU): the model's weight-bearing parts compiled ahead of time for this
+      machine (`gpt2.compiled`: AOTInductor, pre-packed weights, autotuned GEMMs), with attention between them
+      on this decoder's cache as in eager. Prefill, steps and `score` all run on it. The one-time cost (minutes
+      for 124M) is paid in a child process on the first start with given weights, torch and CPU, and cached;
+      later starts load the compiled pieces in seconds (`compile_seconds` says how long it took).
+      `release_weights=True` empties the model once the pieces hold the weights, so they are held once.
+    Either way a decoder belongs to one set of weights (the head copy; the compiled pieces): `generate` makes one
+    per call (training may change the weights between calls, and fused optimizers do not bump tensor versions,
+    so staleness cannot be detected); the chat and the serving engine, whose weights are fixed, keep one."""
 
-    def __init__(self, model: GPT, compile: bool = False):
+    def __init__(self, model: GPT, compile: bool = False, release_weights: bool = False):
         self.model = model
         self.config = model.config
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
-        self._compiled = compile_step(model) if compile else None
         self.head: torch.Tensor | None = None
-        if not compile:
+        self._compiled: CompiledForward | None = None
+        t0 = time.perf_counter()
+        if compile:
+            self._compiled = load_compiled(model, release_weights=release_weights)
+            return_freed_memory()  # the released weights and the packages' loading buffers
+        else:
             with torch.no_grad():
                 self.head = w[: self.config.vocab_size].t().contiguous()  # (C, V)
-        self.compile_seconds = self.warm_up() if compile else 0.0  # the one-time cost, paid here
-        if compile:
-            return_freed_memory()  # compiling leaves ~440 MB (124M) of freed temporaries in the process
+        self.compile_seconds = time.perf_counter() - t0 if compile else 0.0  # the one-time cost, paid here
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """`GPT.hidden_states` (B, T, C), compiled or eager."""
+        if self._compiled is None:
+            return self.model.hidden_states(ids, positions, attn_mask, cache)
+        return self._compiled.hidden_states(self.model, ids, positions, attn_mask, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits (B, V) of the last hidden states (B, C): `model.logits`, as `x @ W` when eager."""
-        return self.model.logits(hidden) if self.head is None else hidden @ self.head
-
-    @torch.inference_mode()
-    def warm_up(self) -> float:
-        """Run a throw-away step of several rows (compiling the step's graph if it is compiled); returns the
-        seconds it took. The sizes differ from the head count and head size: the compiler treats equal sizes as one
-        symbol, and a graph traced with, say, two rows and two heads would not serve three rows."""
-        t0 = time.perf_counter()
-        fixed = {self.config.n_head, self.config.head_dim}
-        width = min(max(max(fixed) + 2, 3), self.config.block_size)  # the cache's used columns at the step
-        rows = min((b for b in range(2, width) if b not in fixed), default=2)
-        batch = self.prefill([[PAD_ID] * (width - 1)] * rows, room=1)
-        self.step(batch, [PAD_ID] * rows)
-        return time.perf_counter() - t0
+        """Vocabulary logits (..., V) of hidden states (..., C): `model.logits`, as `x @ W` when eager."""
+        if self._compiled is not None:
+            return self._compiled.logits(hidden)
+        return hidden @ self.head
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], room: int) -> Rows:
@@ -360,7 +309,7 @@ class Decoder:
         lengths = [len(p) for p in prompts]
         cache = KVCache(self.config, B, T + room, device=self.device, dtype=self.dtype)
         attn_mask = cache.extend(T, valid, any_padding=min(lengths) < T)
-        hidden = self.model.hidden_states(ids, positions, attn_mask, cache)  # (B, T, C)
+        hidden = self.hidden_states(ids, positions, attn_mask, cache)  # (B, T, C)
         cache.commit()
         return Rows(cache, lengths, self.logits(hidden[:, -1]))  # (B, V): last column only
 
@@ -368,31 +317,25 @@ class Decoder:
     def step(self, rows: Rows, tokens: list[int]) -> None:
         """Feed each row its chosen token; the rows' logits become those for the token after it."""
         cache = rows.cache
-        if self._compiled is not None and cache.batch_size == 1:
-            cache.select_rows(torch.zeros(2, dtype=torch.long, device=self.device))  # one row runs as two copies
-        twins = cache.batch_size - len(tokens)  # 1 for a single row in a compiled decoder, else 0
-        tok = torch.tensor(tokens + tokens[-1:] * twins, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        pos = torch.tensor(rows.positions + rows.positions[-1:] * twins, dtype=torch.long,
-                           device=self.device)[:, None]  # (B, 1)
-        col = cache.length
+        tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        pos = torch.tensor(rows.positions, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         attn_mask = cache.extend(1)
-        if self._compiled is None:
-            hidden = self.model.hidden_states(tok, pos, attn_mask, cache)  # (B, 1, C)
-            logits = self.logits(hidden[:, -1])
-        else:
-            end = col + 1
-            logits = self._compiled(tok, pos, torch.tensor([col], device=self.device), cache.valid[:, :end],
-                                    [t[:, :, :end] for t in cache.k], [t[:, :, :end] for t in cache.v])
+        hidden = self.hidden_states(tok, pos, attn_mask, cache)  # (B, 1, C)
         cache.commit()
         rows.positions = [p + 1 for p in rows.positions]
-        rows.logits = logits[: len(tokens)]  # (B, V)
+        rows.logits = self.logits(hidden[:, -1])  # (B, V)
+
+    @torch.inference_mode()
+    def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) at every position of unpadded or right-padded ids (B, T), no cache: `model(ids)`."""
+        return self.logits(self.hidden_states(ids))
 
 
 def return_freed_memory() -> bool:
     """Hand memory that has been freed but is still held by the C allocator back to the OS (glibc's
-    `malloc_trim`); returns whether it could. Compiling the step frees the temporaries of freezing and packing
-    (about as large as the weights), but glibc keeps freed heap pages mapped, so a chat or server would carry
-    them for its whole life: measured on 124M, resident memory after the warm-up fell from 1.83 GB to 1.39 GB.
+    `malloc_trim`); returns whether it could. A compiled decoder frees the released model's weights and the
+    compiled pieces' loading buffers (together larger than the weights), but glibc keeps freed heap pages
+    mapped, so a chat or server would carry them for its whole life.
     Elsewhere (macOS, musl) there is no such call and nothing happens."""
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
@@ -403,25 +346,25 @@ def return_freed_memory() -> bool:
 
 
 def decoder_for(model: GPT, compile: bool) -> Decoder:
-    """The decoder a command runs on: compiled when asked and the device supports it, with the one-time cost
-    said on stderr (stdout stays the command's output)."""
-    if compile and model.lm_head.weight.device.type not in ("cpu", "cuda"):
-        print(f"note: --compile is for CPU and CUDA; decoding on {model.lm_head.weight.device.type} runs eagerly",
+    """The decoder a command runs on: compiled when asked and on a CPU, with the one-time cost said on stderr
+    (stdout stays the command's output). A compiled decoder takes the model's weights over (`release_weights`):
+    the command uses the model only through it."""
+    if compile and model.lm_head.weight.device.type != "cpu":
+        print(f"note: --compile is for CPUs; decoding on {model.lm_head.weight.device.type} runs eagerly",
               file=sys.stderr)
         compile = False
     if not compile:
         return Decoder(model)
-    print("compiling the decoding step for this machine (once per start; inductor's cache, "
-          "$TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER, makes later starts faster; --no-compile skips it)",
-          file=sys.stderr, flush=True)
     try:
-        decoder = Decoder(model, compile=True)
+        decoder = Decoder(model, compile=True, release_weights=True)
     except Exception as e:  # no C++ compiler, an unsupported platform...: decoding still works, eagerly
+        if model.lm_head.weight.is_meta:  # failed after the weights were handed over: nothing to fall back on
+            raise
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         print(f"note: compiling failed ({type(e).__name__}: {reason}); decoding eagerly, as with --no-compile",
               file=sys.stderr, flush=True)
         return Decoder(model)
-    print(f"compiled in {decoder.compile_seconds:.0f} s", file=sys.stderr, flush=True)
+    print(f"compiled decoding ready in {decoder.compile_seconds:.0f} s", file=sys.stderr, flush=True)
     return decoder
 
 
@@ -537,18 +480,22 @@ def _choose_row(logits: torch.Tensor, s: RowSampler) -> Choice | Exception:
 
 
 @torch.inference_mode()
-def score_tokens(model: GPT, sequences: list[list[int]], top: int = 0) -> list[list[TokenLogprob | None]]:
+def score_tokens(model: GPT | Decoder, sequences: list[list[int]], top: int = 0) -> list[list[TokenLogprob | None]]:
     """For each sequence, each token's log-probability given the tokens before it and the `top` most likely
-    alternatives there, from one full forward; the first token has no prefix (None)."""
+    alternatives there, from one full forward (the model's, or a decoder's: compiled, if it is); the first token
+    has no prefix (None)."""
     if not any(sequences):
         return [[] for _ in sequences]
-    device = next(model.parameters()).device
+    if isinstance(model, Decoder):  # (a compiled decoder's model may hold no weights: ask the decoder)
+        forward, device, model = model.full_logits, model.device, model.model
+    else:
+        forward, device = model, model.lm_head.weight.device
     ids, mask = pad_right(sequences)
     if ids.size(1) > model.config.block_size:
         raise ValueError(f"a sequence of {ids.size(1)} tokens is longer than the context window "
                          f"({model.config.block_size} tokens)")
     # right padding needs no mask: a real token only attends to the real tokens before it
-    logp = model(ids.to(device)).float().log_softmax(-1)  # (B, T, V)
+    logp = forward(ids.to(device)).float().log_softmax(-1)  # (B, T, V)
     out: list[list[TokenLogprob | None]] = []
     for b, seq in enumerate(sequences):
         row: list[TokenLogprob | None] = [None] if seq else []

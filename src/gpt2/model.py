@@ -10,7 +10,9 @@ Design decisions:
   their logits are sliced off, so outputs are unchanged; `num_params()` does not count them and checkpoints
   are written without them.
 - The model knows nothing of data, tokenizers or distributed training. It exposes `forward` (logits),
-  `hidden_states` (the final LayerNorm output, for reward/value heads) and `logits`. It holds nothing that
+  `hidden_states` (the final LayerNorm output, for reward/value heads) and `logits`, and its parts as named
+  pieces: attention's weightless middle (`CausalSelfAttention.attend`) and a block's second half
+  (`Block.mlp_residual`), which the compiled decoder (`gpt2.compiled`) runs between. It holds nothing that
   exists for decoding speed: incremental decoding passes a cache through one narrow interface (`KVStore`:
   attention stores its new keys/values and reads all of them back) and explicit positions and attention
   masks, which batched generation with padding needs. The cache and everything else about decoding live in
@@ -85,6 +87,14 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(x, p) if p > 0 else x
 
 
+def additive_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean attention mask (True = may attend) as SDPA's additive form: 0 where attending, -inf elsewhere.
+    Made once per forward rather than inside SDPA in every layer; other masks are returned as they are."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(~attn_mask, float("-inf"))
+
+
 class Projection(nn.Module):
     """Affine map `x @ weight + bias` with weight stored (in, out): OpenAI's checkpoint layout (HF's Conv1D)."""
 
@@ -109,9 +119,16 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVStore | None) -> torch.Tensor:
-        B, T, C = x.size()
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side, per head
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        y = self.attend(self.c_attn(x), attn_mask, cache)
+        return _dropout(self.c_proj(y), self.dropout if self.training else 0.0)
+
+    def attend(self, qkv: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVStore | None) -> torch.Tensor:
+        """The weightless middle of attention: queries, keys and values (B, T, 3 * C), as `c_attn` makes them,
+        -> the heads' outputs side by side (B, T, C), before `c_proj`. (Separate so that the decoder can run the
+        weight-bearing parts between two attentions as one compiled piece: `gpt2.compiled`.)"""
+        B, T, C3 = qkv.size()
+        C = C3 // 3
+        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # each (B, nh, S, hs)
         dropout = self.dropout if self.training else 0.0
@@ -122,8 +139,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble heads side by side
-        return _dropout(self.c_proj(y), dropout)
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble heads side by side
 
 
 class MLP(nn.Module):
@@ -150,6 +166,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVStore | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return self.mlp_residual(x)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's second half, x + mlp(ln(x))."""
         return x + self.mlp(self.ln_2(x))
 
 
@@ -209,10 +229,7 @@ class GPT(nn.Module):
         tok = self.transformer.wte(idx)  # (B, T, C)
         pos = self.transformer.wpe(position_ids)  # (B or 1, T, C)
         x = _dropout(tok + pos, self.config.dropout if self.training else 0.0)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            # once here rather than inside SDPA in every layer: 0 where attending, -inf elsewhere
-            attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~attn_mask,
-                                                                                                 float("-inf"))
+        attn_mask = additive_mask(attn_mask, x.dtype)
         for block in self.transformer.h:
             x = block(x, attn_mask, cache)
         return self.transformer.ln_f(x)  # (B, T, C)
@@ -278,13 +295,15 @@ class GPT(nn.Module):
             out[k] = v.contiguous().cpu().clone()
         return out
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel` loads.
-        Files are written under temporary names and renamed, so a crash never leaves half a checkpoint."""
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: bool = True) -> None:
+        """Write `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel` loads, and with
+        `tokenizer` GPT-2's tokenizer files. Files are written under temporary names and renamed, so a crash
+        never leaves half a checkpoint."""
         out = Path(directory)
         save_safetensors(self.hf_state_dict(), out / "model.safetensors")  # with a sha256, checked on load
         write_json_atomic(out / "config.json", _config_to_hf(self.config))
-        save_tokenizer_files(out, self.config.block_size)  # transformers' AutoTokenizer/pipeline load the folder
+        if tokenizer:
+            save_tokenizer_files(out, self.config.block_size)  # transformers' AutoTokenizer/pipeline load the folder
 
 
 def _config_to_hf(config: GPTConfig) -> dict:

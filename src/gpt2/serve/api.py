@@ -54,7 +54,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from gpt2.decoder import TokenLogprob, score_tokens
+from gpt2.decoder import Decoder, TokenLogprob, score_tokens
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.serve import logprobs as lp
@@ -333,12 +333,12 @@ class _Choice:
     pending: list[Entry] = field(default_factory=list)  # entries whose text has not reached the client yet
 
 
-def _score_prompts(model: GPT, prompts: list[list[int]], top: int) -> list[list[TokenLogprob]]:
+def _score_prompts(decoder: Decoder, prompts: list[list[int]], top: int) -> list[list[TokenLogprob]]:
     """Echo's log-probs: each prompt token given the ones before it (the first one unscored). One forward per
     prompt, so memory stays that of one prompt's (T, vocab) log-probs however many prompts a request has."""
     out = []
     for p in prompts:
-        row = score_tokens(model, [p], top)[0]
+        row = score_tokens(decoder, [p], top)[0]
         out.append([lp.unscored(p[0]), *row[1:]] if p else [])
     return out
 
@@ -361,7 +361,7 @@ async def _serve(request: Request, state: ServerState, req: _Common, prompts: li
     echo_logprobs = [[] for _ in prompts]
     if echo is not None and logprobs is not None:
         # in the engine's thread, the one that does the server's tensor work (see `gpt2.serve.engine`)
-        echo_logprobs = await asyncio.wrap_future(engine.call(lambda: _score_prompts(engine.model, echo, logprobs)))
+        echo_logprobs = await asyncio.wrap_future(engine.call(lambda: _score_prompts(engine.decoder, echo, logprobs)))
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()

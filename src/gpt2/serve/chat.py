@@ -60,7 +60,7 @@ class ChatSession:
         self.model, self.cfg, self.out = model, cfg, out or sys.stdout
         self.decoder = decoder or Decoder(model)  # one for the session: its weights stay fixed
         self.temperature = cfg.temperature
-        self.device = next(model.parameters()).device
+        self.device = self.decoder.device  # (a compiled decoder's model may hold no weights)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.messages: list[dict] = []
         self.reset()

@@ -76,7 +76,7 @@ class Engine:
         eager one. Make it in the thread that will run the engine (see "One thread does the tensor work")."""
         self.model = model.eval()
         self.decoder = decoder if decoder is not None else Decoder(self.model)
-        self.device = model.lm_head.weight.device
+        self.device = self.decoder.device  # (a compiled decoder's model may hold no weights)
         self.block_size = model.config.block_size
         self.max_batch_size = max_batch_size
         self.eos_id = eos_id
