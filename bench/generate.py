@@ -249,14 +249,15 @@ def main() -> None:
 
     header = (f"{'batch':>5} {'ours':>7} {'HF':>7} {'ORT':>7} {'vs HF':>6} {'vs ORT':>6} "
               f"{'sampled':>8} {'/greedy':>7} {'eager':>7}  checks")
-    print("tok/s (ours: the compiled step, as chat, serve and generate --compile run; eager: --no-compile)\n"
+    print("tok/s (ours: the compiled pieces, as chat, serve and generate --compile run; eager: --no-compile)\n"
           + header)
     for B in args.batch_sizes:
         measure_batch(B, ours, compiled, hf, ort, args)
     mb = {impl: memory_use(impl, tmp.name, args) for impl in ("ours", "ours-eager", "transformers")}
     for key, what in (("peak_mb", "peak memory"), ("resident_mb", "resident memory after generating")):
         ours, eager, hf = mb["ours"][key], mb["ours-eager"][key], mb["transformers"][key]
-        print(f"{what} at batch {max(args.batch_sizes)} (fresh process each, compiling included): ours {ours:.0f} MB "
+        print(f"{what} at batch {max(args.batch_sizes)} (fresh process each; ours as a start with its compiled "
+              f"pieces cached): ours {ours:.0f} MB "
               f"({ours / hf:.2f}x), eager {eager:.0f} MB ({eager / hf:.2f}x), transformers {hf:.0f} MB")
     tmp.cleanup()
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -53,7 +54,7 @@ def start_server(model_dir: Path, port: int, args: argparse.Namespace, log) -> s
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # the server's log goes to a file (a pipe nobody reads would fill up and stall it), shown if anything fails
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    deadline = time.time() + 600  # the server compiles its decoding step before it listens (minutes on 2 cores)
+    deadline = time.time() + 900  # a first start compiles the model's pieces before it listens (minutes)
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited early:\n{log_tail(log)}")
@@ -109,6 +110,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)  # the weights bench/generate.py uses: their compiled pieces may already be cached
         model = GPT(PRESETS[args.preset])
         model.save_pretrained(tmp)
         n_params = model.num_params()

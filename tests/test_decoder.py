@@ -156,9 +156,9 @@ def test_generate_follows_weight_changes(model):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_freed_heap_memory_goes_back_to_the_os():
-    """What a compiled decoder does after its warm-up: heap pages that were freed (compiling's temporaries) stop
-    counting in the process's resident memory. Freed blocks between blocks still in use stay resident until
-    trimmed, as compiling's do."""
+    """What a compiled decoder does once its pieces are loaded: heap pages that were freed (the released weights,
+    the loading buffers) stop counting in the process's resident memory. Freed blocks between blocks still in use
+    stay resident until trimmed."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]

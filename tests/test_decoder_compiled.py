@@ -126,6 +126,10 @@ def test_a_second_start_loads_the_cached_pieces(model, compiled, monkeypatch):
     with torch.no_grad():
         other.transformer.h[1].mlp.c_fc.bias[0] += 1e-3  # other weights: another cache entry
     assert gpt2.compiled.cache_key(other) != gpt2.compiled.cache_key(model)
+    padded = copy.deepcopy(model)
+    with torch.no_grad():
+        padded.transformer.wte.weight[VOCAB:] = 7.0  # padding rows (never an output): the same entry
+    assert padded.config.padded_vocab_size > VOCAB and gpt2.compiled.cache_key(padded) == gpt2.compiled.cache_key(model)
 
 
 def test_released_weights_are_held_by_the_pieces_only(model, compiled):
@@ -135,6 +139,10 @@ def test_released_weights_are_held_by_the_pieces_only(model, compiled):
     ids, mask = prompts([6, 2])
     assert generate(own, ids, mask, 0.0, 10, eos_id=None, decoder=decoder) == generate(model, ids, mask, 0.0, 10,
                                                                                         eos_id=None)
+    # what `gpt2 serve` does with it: the engine and echo scoring, with no weights left in the model
+    assert [t for t, _ in serve(own, decoder)] == [t for t, _ in serve(model, None)]
+    scored = score_tokens(decoder, [[3, 4, 5]])[0]
+    assert all(abs(f.logprob - e.logprob) < ATOL for f, e in zip(scored[1:], score_tokens(model, [[3, 4, 5]])[0][1:]))
 
 
 def test_a_failed_compile_says_why_and_leaves_no_cache_entry(model, tmp_path, monkeypatch):

@@ -25,9 +25,10 @@ class GenerateConfig:
     top_p: float | None = arg(None, help="nucleus sampling: smallest token set with this probability mass")
     seed: int = arg(1337, help="random seed, for reproducible sampling")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
-    compile: bool = arg(False, help="compile the decoding step first (torch.compile; about a minute for 124M on "
-                                    "2 CPU cores): measured 1.4-1.8x the tokens/s at one prompt and 2x at eight "
-                                    "there, more memory; worth it for long outputs")
+    compile: bool = arg(False, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
+                                    "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
+                                    "~/.cache/gpt2-scratch/compiled; later runs load it in seconds); measured "
+                                    "GENFIG")
 
     def validate(self) -> None:
         if not self.prompts:

@@ -6,8 +6,8 @@ Design decisions:
   (the template re-renders history into the "### Input:" block, so the prefix changes anyway).
 - When the conversation no longer fits the context window (with room for an answer), the oldest turns are
   dropped; a system message (`--system`) is kept.
-- One decoder for the session (the weights do not change): compiled at start unless `--no-compile`, so the
-  one-time cost is paid before the first message, not in the middle of an answer.
+- One decoder for the session (the weights do not change): compiled unless `--no-compile`, loaded (or, the
+  first time, compiled) before the first message, not in the middle of an answer.
 - Tokens are decoded through `TextStream`, so a character split over several tokens prints whole.
 - `--prompt` answers one message and exits (for scripts); otherwise lines are read from stdin, with
   /temperature X, /reset, /help and /quit (end of input also quits).
@@ -48,9 +48,10 @@ class ChatConfig:
     seed: int = arg(1337, help="random seed, for reproducible answers")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
-    compile: bool = arg(True, help="compile the decoding step at start (torch.compile; about a minute for 124M on "
-                                   "2 CPU cores): measured 1.4-1.8x the tokens/s of eager decoding there, more "
-                                   "memory; --no-compile starts at once")
+    compile: bool = arg(True, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
+                                   "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
+                                   "~/.cache/gpt2-scratch/compiled; later starts load it in seconds); measured "
+                                   "1.3-2x the tokens/s of eager decoding there; --no-compile decodes eagerly")
 
 
 class ChatSession:

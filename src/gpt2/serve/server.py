@@ -49,9 +49,10 @@ class ServeConfig:
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
     threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)")
-    compile: bool = arg(True, help="compile the decoding step at start (torch.compile; about a minute for 124M on "
-                                   "2 CPU cores): measured 1.3x the tokens/s with one client and 2.1x with 8 "
-                                   "concurrent ones; more memory; --no-compile starts at once")
+    compile: bool = arg(True, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
+                                   "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
+                                   "~/.cache/gpt2-scratch/compiled; later starts load it in seconds); measured "
+                                   "SERVEFIG; --no-compile decodes eagerly")
 
 
 def run(cfg: ServeConfig) -> None:
