@@ -28,7 +28,7 @@ class GenerateConfig:
     compile: bool = arg(False, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
                                     "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
                                     "~/.cache/gpt2-scratch/compiled; later runs load it in seconds); measured "
-                                    "GENFIG")
+                                    "1.5-1.9x the tokens/s of eager decoding there; worth it for long outputs")
 
     def validate(self) -> None:
         if not self.prompts:

@@ -51,7 +51,7 @@ class ChatConfig:
     compile: bool = arg(True, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
                                    "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
                                    "~/.cache/gpt2-scratch/compiled; later starts load it in seconds); measured "
-                                   "1.3-2x the tokens/s of eager decoding there; --no-compile decodes eagerly")
+                                   "1.5-1.9x the tokens/s of eager decoding there; --no-compile decodes eagerly")
 
 
 class ChatSession:
