@@ -6,6 +6,7 @@ compiled pieces are cached (a second start compiles nothing) and a cache entry i
 from __future__ import annotations
 
 import copy
+import shutil
 import stat
 
 import pytest
@@ -155,6 +156,29 @@ def test_a_failed_compile_says_why_and_leaves_no_cache_entry(model, tmp_path, mo
         Decoder(model, compile=True, release_weights=True)
     assert not any(p.is_meta for p in model.parameters())  # nothing was released: the caller can decode eagerly
     assert list((tmp_path / "cache").iterdir()) == []  # no half-built entry
+
+
+def test_a_damaged_cache_entry_is_compiled_again(model, compiled, tmp_path, monkeypatch):
+    """A cut-off piece (a full disk, a copy interrupted) is found before the model's weights are handed over."""
+    entry = gpt2.compiled.cache_root() / gpt2.compiled.cache_key(model)
+    damaged = tmp_path / "cache" / entry.name
+    shutil.copytree(entry, damaged)
+    piece = damaged / "piece-01.pt2"
+    piece.write_bytes(piece.read_bytes()[:1000])
+    monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "cache"))
+    rebuilt = []
+
+    def build(model, directory, progress):
+        rebuilt.append(directory)
+        shutil.copytree(entry, directory)  # stands in for compiling (minutes): the same pieces
+
+    monkeypatch.setattr(gpt2.compiled, "build_in_child", build)
+    own = copy.deepcopy(model)
+    decoder = Decoder(own, compile=True, release_weights=True)
+    assert rebuilt == [damaged]
+    ids, mask = prompts([5])
+    assert generate(own, ids, mask, 0.0, 6, eos_id=None, decoder=decoder) == generate(model, ids, mask, 0.0, 6,
+                                                                                       eos_id=None)
 
 
 def test_compiled_decoder_keeps_no_head_copy(compiled):

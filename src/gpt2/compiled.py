@@ -33,12 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from gpt2.errors import UserError
 from gpt2.model import GPT, Block, additive_mask
 
 FORMAT = 3  # bump when the pieces change: old cache entries are then never matched
@@ -210,6 +212,11 @@ class CompiledForward:
     def is_cached(directory: Path) -> bool:
         return (directory / "done.json").exists()
 
+    @staticmethod
+    def is_whole(directory: Path, n_pieces: int) -> bool:
+        """Every piece is there and readable as a package (a cut-off copy or a disk error is not)."""
+        return all(zipfile.is_zipfile(directory / f"piece-{i:02d}.pt2") for i in range(n_pieces))
+
     def hidden_states(self, model: GPT, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
                       attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """`model.hidden_states` through the pieces: (B, T) ids -> (B, T, C). `model` lends its attention only."""
@@ -235,13 +242,22 @@ def load(model: GPT, release_weights: bool = False,
     With `release_weights`, the model is emptied (its weights go to the meta device) before the pieces load."""
     directory = cache_root() / cache_key(model)
     n = len(pieces(model))
+    if CompiledForward.is_cached(directory) and not CompiledForward.is_whole(directory, n):
+        progress(f"the compiled pieces in {directory} are damaged; compiling them again")
+        shutil.rmtree(directory, ignore_errors=True)
     if not CompiledForward.is_cached(directory):
         progress(f"compiling the model's {n} pieces for this machine into {directory} (once per model, torch and "
                  "CPU: later starts load them in seconds)")
         build_in_child(model, directory, progress)
-    if release_weights:
-        model.to("meta")
-    return CompiledForward(directory, n)
+    if not release_weights:
+        return CompiledForward(directory, n)
+    model.to("meta")
+    try:
+        return CompiledForward(directory, n)
+    except Exception as e:  # the weights are gone from the model: no eager fallback, so say what to do
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"could not load the compiled pieces in {directory} ({reason}); delete that folder to "
+                        "compile them again, or pass --no-compile") from e
 
 
 def main(argv: list[str] | None = None) -> None:
