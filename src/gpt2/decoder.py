@@ -194,8 +194,7 @@ class KVCache:
     @torch.inference_mode()
     def stack(cls, caches: list[KVCache], headroom: int) -> KVCache:
         """The rows of all `caches` in one new cache, each right-aligned so that every row's next slot is the same
-        column, without leading columns no
-        row uses, with `headroom` free columns."""
+        column, without leading columns no row uses, with `headroom` free columns."""
         spans = [c.used_span() for c in caches]
         width = max(end - start for start, end in spans)
         first = caches[0].k[0]
