@@ -164,7 +164,7 @@ def test_bad_resumes_fail_clearly(source, tmp_path):
         prepare(source, out)
 
 
-def test_missing_text_field(tmp_path):
+def test_missing_text_field(tokenizer_ok, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"d.jsonl: record 1 has no 'text' field \(fields: body\)"):
         prepare(tmp_path / "d.jsonl", tmp_path / "out")
