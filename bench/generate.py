@@ -151,7 +151,7 @@ def peak_memory_child(impl: str, directory: str, batch: int, prompt_len: int, ne
     torch.manual_seed(0)
     ids = torch.randint(0, 50257, (batch, prompt_len))
     if impl.startswith("ours"):
-        from gpt2.decoder import Decoder
+        from gpt2.decode import Decoder
         from gpt2.inference import generate
         from gpt2.model import GPT
 
@@ -214,7 +214,7 @@ def main() -> None:
 
     import transformers
 
-    from gpt2.decoder import Decoder
+    from gpt2.decode import Decoder
     from gpt2.model import GPT, PRESETS
 
     torch.manual_seed(0)
@@ -227,8 +227,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {threads}, "
           f"{args.preset} ({ours.num_params() / 1e6:.1f}M params, fp32), prompt {args.prompt_len}, "
           f"new {args.new_tokens}, greedy, best of {args.rounds} alternated rounds")
-    from gpt2 import compile_cache
-    from gpt2 import compiled as aot
+    from gpt2.decode import compile_cache
+    from gpt2.decode import compiled as aot
 
     cached = compile_cache.verify(compile_cache.cache_root() / aot.cache_key(ours)) is None
     compiled = Decoder(ours, compile=True)

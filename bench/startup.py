@@ -103,7 +103,7 @@ def time_chat(model_dir: str, cache: Path) -> float:
 
 def decode_rates(model, rounds: int) -> dict[str, float]:
     """Eager and compiled tokens/s at batch 1 and 8 (the compiled pieces are cached by then)."""
-    from gpt2.decoder import Decoder
+    from gpt2.decode import Decoder
     from gpt2.inference import generate
 
     eager, compiled = Decoder(model), Decoder(model, compile=True)

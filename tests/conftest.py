@@ -21,7 +21,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session", autouse=True)
 def _compile_cache(tmp_path_factory) -> None:
-    """Compiled decoding pieces (`gpt2.compiled`) go to a folder of this session, not the user's cache, and are
+    """Compiled decoding pieces (`gpt2.decode.compiled`) go to a folder of this session, not the user's cache, and are
     shared by its tests (child processes inherit it)."""
     os.environ["GPT2_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compiled"))
 

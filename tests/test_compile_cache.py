@@ -1,4 +1,4 @@
-"""The compiled pieces' disk cache (`gpt2.compile_cache`, `gpt2.compiled.prepared`) without compiling anything:
+"""The compiled pieces' disk cache (`gpt2.decode.compile_cache`, `compiled.prepared`) without compiling anything:
 the builder is replaced by one that writes stand-in pieces, so these check the folder's rules alone. An entry is
 used only when every file matches its manifest (a flipped byte anywhere is rebuilt); one build per entry
 across processes (the lock); no build folder outlives its builder; the size bound evicts the least recently
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpt2.compiled
-from gpt2 import compile_cache as cc
+import gpt2.decode.compiled
 from gpt2.cli import main
-from gpt2.compiled import CacheUnavailable, prepared
+from gpt2.decode import compile_cache as cc
+from gpt2.decode.compiled import CacheUnavailable, prepared
 from gpt2.model import GPT, GPTConfig
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -59,7 +59,7 @@ def use(model: GPT, **kw) -> Path | None:
 
 def test_an_entry_is_built_once_then_used(cache, model, monkeypatch):
     calls: list[Path] = []
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", fake_build(calls))
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", fake_build(calls))
     first = use(model, label="tiny")
     assert use(model) == first and calls == [first]
     assert cc.verify(first) is None
@@ -67,14 +67,14 @@ def test_an_entry_is_built_once_then_used(cache, model, monkeypatch):
 
 
 def test_not_built_when_not_asked(cache, model, monkeypatch):
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", fake_build(calls := []))
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", fake_build(calls := []))
     assert use(model, build=False) is None and calls == []
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extra", "missing", "manifest"])
 def test_a_damaged_entry_is_never_used_but_rebuilt(cache, model, monkeypatch, damage):
     calls: list[Path] = []
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", fake_build(calls))
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", fake_build(calls))
     entry = use(model)
     piece = entry / "piece-00.pt2"
     data = bytearray(piece.read_bytes())
@@ -97,7 +97,7 @@ def test_a_damaged_entry_is_never_used_but_rebuilt(cache, model, monkeypatch, da
 
 
 def test_every_file_is_checked(cache, model, monkeypatch):
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", fake_build([]))
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", fake_build([]))
     entry = use(model)
     for path in sorted(p for p in entry.iterdir() if p.name != cc.MANIFEST):
         original = path.read_bytes()
@@ -117,7 +117,7 @@ def test_leftover_build_folders_are_removed_unless_their_build_is_alive(cache, m
     holder = cc.Lock(cache, "b" * 32)
     assert holder.acquire(blocking=False)  # a build in progress holds its key's lock
     try:
-        monkeypatch.setattr(gpt2.compiled, "build_in_child", fake_build([]))
+        monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", fake_build([]))
         use(model)  # any start cleans up
         assert not dead.exists() and alive.exists()
     finally:
@@ -132,12 +132,12 @@ def test_two_processes_build_an_entry_once(cache, model, tmp_path):
     script = tmp_path / "start.py"
     script.write_text(textwrap.dedent(f"""
         import sys, test_compile_cache as t
-        import gpt2.compiled
+        import gpt2.decode.compiled
         from gpt2.model import GPT
         calls = []
-        gpt2.compiled.build_in_child = t.fake_build(calls, pause=2.0)
+        gpt2.decode.compiled.build_in_child = t.fake_build(calls, pause=2.0)
         model = GPT.from_pretrained({str(weights)!r}).eval()
-        with gpt2.compiled.prepared(model, lambda line: print(line, flush=True)) as d:
+        with gpt2.decode.compiled.prepared(model, lambda line: print(line, flush=True)) as d:
             print("built" if calls else "found", d.name, flush=True)
     """))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(Path(__file__).parent)])}
@@ -178,7 +178,7 @@ def test_an_unusable_cache_folder_is_one_error(tmp_path, model, monkeypatch):
 
 
 def test_cache_list_and_remove_commands(cache, model, monkeypatch, capsys):
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", fake_build([]))
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", fake_build([]))
     entry = use(model, label="runs/demo/finetune")
     main(["cache", "list"])
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ import pytest
 import torch
 from serve_helpers import one_torch_thread
 
-from gpt2.decoder import Decoder, RowSampler, SamplingParams, choose, pad_right, return_freed_memory, score_tokens
+from gpt2.decode import Decoder, RowSampler, SamplingParams, choose, pad_right, return_freed_memory, score_tokens
 from gpt2.inference import generate
 from gpt2.model import GPT, GPTConfig
 from gpt2.serve.engine import Engine

@@ -1,4 +1,4 @@
-"""The compiled decoder (`Decoder(model, compile=True)`, `gpt2.compiled`) against the eager one: the same tokens
+"""The compiled decoder (`Decoder(model, compile=True)`, `gpt2.decode.compiled`) against the eager one: the same tokens
 and log-probabilities through `generate`, the serving engine (rows admitted and dropped) and echo scoring; the
 compiled pieces are cached (a second start compiles nothing) and a cache entry is whole or absent; with
 `release_weights` the model holds no weights and decoding is unchanged."""
@@ -15,9 +15,10 @@ import pytest
 import torch
 from serve_helpers import one_torch_thread
 
-import gpt2.compile_cache
-import gpt2.compiled
-from gpt2.decoder import Decoder, SamplingParams, score_tokens
+import gpt2.decode.compile_cache
+import gpt2.decode.compiled
+from gpt2.decode import Decoder, SamplingParams, score_tokens
+from gpt2.decode.compiled import cache_key
 from gpt2.inference import generate
 from gpt2.model import GPT, GPTConfig
 from gpt2.serve.engine import Engine
@@ -121,7 +122,7 @@ def test_a_second_start_loads_the_cached_pieces(model, compiled, monkeypatch):
     def no_build(*args):
         raise AssertionError("compiled again although the pieces are cached")
 
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", no_build)
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", no_build)
     again = Decoder(model, compile=True)
     ids, mask = prompts([4, 9])
     assert generate(model, ids, mask, 0.0, 8, eos_id=None, decoder=again) == generate(model, ids, mask, 0.0, 8,
@@ -129,11 +130,11 @@ def test_a_second_start_loads_the_cached_pieces(model, compiled, monkeypatch):
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.transformer.h[1].mlp.c_fc.bias[0] += 1e-3  # other weights: another cache entry
-    assert gpt2.compiled.cache_key(other) != gpt2.compiled.cache_key(model)
+    assert cache_key(other) != cache_key(model)
     padded = copy.deepcopy(model)
     with torch.no_grad():
         padded.transformer.wte.weight[VOCAB:] = 7.0  # padding rows (never an output): the same entry
-    assert padded.config.padded_vocab_size > VOCAB and gpt2.compiled.cache_key(padded) == gpt2.compiled.cache_key(model)
+    assert padded.config.padded_vocab_size > VOCAB and cache_key(padded) == cache_key(model)
 
 
 def test_released_weights_are_held_by_the_pieces_only(model, compiled):
@@ -153,17 +154,17 @@ def test_a_failed_compile_says_why_and_leaves_no_cache_entry(model, tmp_path, mo
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'inductor log line'\necho 'CppCompileError: g++ not found'\nexit 1\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(gpt2.compiled.sys, "executable", str(fake))
+    monkeypatch.setattr(gpt2.decode.compiled.sys, "executable", str(fake))
     monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="^CppCompileError: g\\+\\+ not found$"):
         Decoder(model, compile=True, release_weights=True)
     assert not any(p.is_meta for p in model.parameters())  # nothing was released: the caller can decode eagerly
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{gpt2.compiled.cache_key(model)}.lock"]  # no entry
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{cache_key(model)}.lock"]  # no entry
 
 
 def test_a_damaged_cache_entry_is_compiled_again(model, compiled, tmp_path, monkeypatch):
     """A cut-off piece (a full disk, a copy interrupted) is found before the model's weights are handed over."""
-    entry = gpt2.compile_cache.cache_root() / gpt2.compiled.cache_key(model)
+    entry = gpt2.decode.compile_cache.cache_root() / cache_key(model)
     damaged = tmp_path / "cache" / entry.name
     shutil.copytree(entry, damaged)
     piece = damaged / "piece-01.pt2"
@@ -175,7 +176,7 @@ def test_a_damaged_cache_entry_is_compiled_again(model, compiled, tmp_path, monk
         rebuilt.append(directory)
         shutil.copytree(entry, directory)  # stands in for compiling (minutes): the same pieces
 
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", build)
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", build)
     own = copy.deepcopy(model)
     decoder = Decoder(own, compile=True, release_weights=True)
     assert rebuilt == [damaged]
@@ -252,7 +253,7 @@ def test_requests_in_flight_go_on_across_the_switch(model, compiled):
 def test_a_slow_first_compile_keeps_nobody_waiting(model, compiled, tmp_path, monkeypatch):
     """An empty cache: the build (here a stand-in that takes its time, then gives the real pieces) runs while the
     decoder answers eagerly; it says so, reports progress, and the switch follows."""
-    entry = gpt2.compile_cache.cache_root() / gpt2.compiled.cache_key(model)
+    entry = gpt2.decode.compile_cache.cache_root() / cache_key(model)
     monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "empty"))
     release = threading.Event()
 
@@ -261,7 +262,7 @@ def test_a_slow_first_compile_keeps_nobody_waiting(model, compiled, tmp_path, mo
         assert release.wait(60)
         shutil.copytree(entry, directory)
 
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", slow_build)
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", slow_build)
     own = copy.deepcopy(model)
     decoder = Decoder(own, release_weights=True)
     said: list[str] = []
@@ -286,7 +287,7 @@ def test_a_failed_background_compile_leaves_decoding_eager(model, tmp_path, monk
     def broken(model, directory, progress, label=""):
         raise RuntimeError("CppCompileError: g++ not found")
 
-    monkeypatch.setattr(gpt2.compiled, "build_in_child", broken)
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", broken)
     decoder = Decoder(model)
     said: list[str] = []
     assert decoder.compile_in_background(say=said.append).wait(60)
@@ -299,7 +300,7 @@ def test_a_failed_background_compile_leaves_decoding_eager(model, tmp_path, monk
 
 
 def test_small_models_are_not_compiled_by_default(model):
-    from gpt2.decoder import COMPILE_MIN_PARAMS, wants_compile
+    from gpt2.commands.decoding import COMPILE_MIN_PARAMS, wants_compile
 
     assert model.num_params() < COMPILE_MIN_PARAMS
     assert not wants_compile(model, None) and wants_compile(model, True) and not wants_compile(model, False)

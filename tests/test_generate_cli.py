@@ -47,26 +47,62 @@ def test_errors_are_one_line(tokenizer_ok, model_dir, tmp_path, capsys):
         assert err.startswith("gpt2 generate: error:") and "\n" not in err
 
 
-def test_compile_flag_gives_the_same_text_and_says_it_compiles(tokenizer_ok, model_dir, capsys):
+def made_decoders(monkeypatch) -> list:
+    """The decoders `gpt2 generate` makes, for a test to look at after the command."""
+    import gpt2.commands.decoding
+    import gpt2.generate
+
+    made = []
+    real = gpt2.commands.decoding.decoder_for
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(gpt2.commands.decoding, "decoder_for", spy)
+    return made
+
+
+def test_compile_flag_gives_the_same_text_and_says_it_compiles(tokenizer_ok, model_dir, capsys, monkeypatch):
+    """--compile starts a build in the background (a stand-in here: compiling is tested elsewhere) and generates
+    at once, eagerly, the same text."""
+    import threading
+
+    import gpt2.decode.compiled
+
+    release = threading.Event()
+
+    def building(model, directory, progress, label=""):
+        assert release.wait(60)
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", building)
+    made = made_decoders(monkeypatch)
     prompts = ["Hello there", "A", "Once upon a time"]
     main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "6", "--compile", *prompts])
     captured = capsys.readouterr()
-    assert "compiling the model's" in captured.err and "compiled decoding ready in" in captured.err
+    assert "compiling the model's" in captured.err and "decoding eagerly until they are ready" in captured.err
     for i, (p, text) in enumerate(zip(prompts, expected(model_dir, prompts, 6))):
         assert f"--- [{i + 1}] ---\n{p}{text}\n" in captured.out
+    assert made[0].status()["compile"]["state"] == "compiling"
+    release.set()
+    assert made[0]._background.wait(60)
 
 
-def test_a_failed_compile_falls_back_to_eager_with_one_line(tokenizer_ok, model_dir, capsys, monkeypatch):
+def test_a_failed_compile_leaves_decoding_eager_with_one_line(tokenizer_ok, model_dir, capsys, monkeypatch):
     """No C++ compiler (or any other compile failure) must not cost the user their output or show a traceback."""
-    import gpt2.decoder
+    import gpt2.decode.compiled
 
-    def broken(model, release_weights=False):
+    def broken(model, directory, progress, label=""):
         raise RuntimeError("C++ compile error: g++ not found\nlong compiler output")
 
-    monkeypatch.setattr(gpt2.decoder, "load_compiled", broken)
+    monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", broken)
+    made = made_decoders(monkeypatch)
     main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "6", "--compile", "Hello there"])
+    assert made[0]._background is None or made[0]._background.wait(60)
+    made[0].maybe_switch()  # what the next step would do: say so
     captured = capsys.readouterr()
-    assert ("note: compiling failed (RuntimeError: C++ compile error: g++ not found); decoding eagerly, as with "
-            "--no-compile") in captured.err
+    assert ("note: compiling failed (RuntimeError: C++ compile error: g++ not found); decoding stays eager "
+            "(--no-compile skips it)") in captured.err
     assert "Traceback" not in captured.err and "long compiler output" not in captured.err
     assert captured.out == "Hello there" + expected(model_dir, ["Hello there"], 6)[0] + "\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from serve_helpers import one_torch_thread
 
-from gpt2.decoder import KVCache, score_tokens
+from gpt2.decode import KVCache, score_tokens
 from gpt2.inference import generate, pad_right
 from gpt2.model import GPT, GPTConfig
 from gpt2.serve.engine import Engine, SamplingParams
@@ -82,7 +82,7 @@ class PoisonedCache(KVCache):
 
 @pytest.mark.parametrize("seed,max_batch", [(0, 3), (1, 8)])
 def test_batched_greedy_equals_one_at_a_time(model, seed, max_batch, monkeypatch):
-    monkeypatch.setattr("gpt2.decoder.KVCache", PoisonedCache)
+    monkeypatch.setattr("gpt2.decode.decoder.KVCache", PoisonedCache)
     prompts, max_tokens, steps = random_requests(10, seed, model.config.block_size)
     arrivals: dict = {}
     for i, (p, m, s) in enumerate(zip(prompts, max_tokens, steps)):

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from serve_helpers import ServerProcess, tiny_checkpoint
 
-from gpt2.decoder import score_tokens
+from gpt2.decode import score_tokens
 from gpt2.model import GPT
 
 

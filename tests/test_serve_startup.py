@@ -42,7 +42,7 @@ def compiler_pids(root: Path) -> list[int]:
                 cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if str(root) in cmdline and "gpt2.compiled" in cmdline:
+            if str(root) in cmdline and "gpt2.decode.compiled" in cmdline:
                 pids.append(int(proc.name))
     return pids
 

@@ -56,7 +56,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 def run(cfg: GenerateConfig) -> list[str]:
     from gpt2.checkpoint import load_model
-    from gpt2.decoder import decoder_for
+    from gpt2.commands.decoding import decoder_for
     from gpt2.distributed import pick_device
     from gpt2.inference import generate, tokenize_batch_input
     from gpt2.serve.text import TextStream

@@ -1,10 +1,10 @@
-"""The seed's generation API, on the decoding core (`gpt2.decoder`).
+"""The seed's generation API, on the decoding core (`gpt2.decode`).
 
 Design decisions:
 - The seed's API is kept exactly: `tokenize_batch_input(prompts) -> (input_ids, attention_masks)` gives
   right-padded LongTensors (pad id 0, mask 1/0), and `generate(model, input_ids, attention_masks,
   temperature, max_steps)` returns each prompt's new tokens, cut before `<|endoftext|>`.
-- Everything about decoding (cache, left-aligned prefill, steps, sampling) is `gpt2.decoder`'s, the same
+- Everything about decoding (cache, left-aligned prefill, steps, sampling) is `gpt2.decode`'s, the same
   code the serving engine runs, so a prompt's greedy tokens are the same here, in a batch, and in the
   server. Rows that finish are dropped from the batch, which gets cheaper as its prompts end.
 - GPT-2 has learned absolute positions: nothing can be generated past `block_size`. A prompt longer than
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from gpt2.decoder import PAD_ID, Decoder, RowSampler, SamplingParams, choose, left_align, pad_right, sample_next
+from gpt2.decode import PAD_ID, Decoder, RowSampler, SamplingParams, choose, left_align, pad_right, sample_next
 from gpt2.model import GPT
 from gpt2.tokenizer import EOT, encode
 
@@ -87,7 +87,7 @@ def generate(model: GPT, input_ids: torch.Tensor, attention_masks: torch.Tensor,
     Each prompt stops at its first `<|endoftext|>` (not included in the output) or at the context window's
     end; the loop ends when every prompt has stopped or after `max_steps` tokens.
     Returns each prompt's generated tokens, prompt excluded. `on_tokens` is called after every step
-    with that step's (prompt index, token) pairs, for streaming. `decoder`: a `gpt2.decoder.Decoder` of this
+    with that step's (prompt index, token) pairs, for streaming. `decoder`: a `gpt2.decode.Decoder` of this
     model to run on (say a compiled one, kept across calls while the weights stay fixed); default: a new one.
     """
     results: list[list[int]] = [[] for _ in range(input_ids.size(0))]

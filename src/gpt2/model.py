@@ -12,11 +12,11 @@ Design decisions:
 - The model knows nothing of data, tokenizers or distributed training. It exposes `forward` (logits),
   `hidden_states` (the final LayerNorm output, for reward/value heads) and `logits`, and its parts as named
   pieces: attention's weightless middle (`CausalSelfAttention.attend`) and a block's second half
-  (`Block.mlp_residual`), which the compiled decoder (`gpt2.compiled`) runs between. It holds nothing that
+  (`Block.mlp_residual`), which the compiled decoder (`gpt2.decode.compiled`) runs between. It holds nothing that
   exists for decoding speed: incremental decoding passes a cache through one narrow interface (`KVStore`:
   attention stores its new keys/values and reads all of them back) and explicit positions and attention
   masks, which batched generation with padding needs. The cache and everything else about decoding live in
-  `gpt2.decoder`.
+  `gpt2.decode`.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class CausalSelfAttention(nn.Module):
     def attend(self, qkv: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVStore | None) -> torch.Tensor:
         """The weightless middle of attention: queries, keys and values (B, T, 3 * C), as `c_attn` makes them,
         -> the heads' outputs side by side (B, T, C), before `c_proj`. (Separate so that the decoder can run the
-        weight-bearing parts between two attentions as one compiled piece: `gpt2.compiled`.)"""
+        weight-bearing parts between two attentions as one compiled piece: `gpt2.decode.compiled`.)"""
         B, T, C3 = qkv.size()
         C = C3 // 3
         q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs)
@@ -219,7 +219,7 @@ class GPT(nn.Module):
         idx: (B, T) token ids. position_ids: (B or 1, T), default 0..T-1.
         attn_mask: (B, 1, T, S) boolean (True = may attend) or additive float; None = plain causal over the
         T tokens. cache: where attention stores and reads keys/values (`KVStore`); then `attn_mask` says
-        which of the cache's S slots each query sees. The decoder (`gpt2.decoder`) owns both.
+        which of the cache's S slots each query sees. The decoder (`gpt2.decode`) owns both.
         """
         B, T = idx.size()
         if position_ids is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gpt2 import compile_cache as cc
 from gpt2.cli import Command, register
 from gpt2.config import arg
+from gpt2.decode import compile_cache as cc
 from gpt2.errors import UserError
 
 
@@ -62,7 +62,7 @@ def run_build(cfg: BuildConfig):
     import torch
 
     from gpt2.checkpoint import load_model
-    from gpt2.compiled import load
+    from gpt2.decode.compiled import load
 
     model = load_model(cfg.model, "cpu", getattr(torch, cfg.dtype)).eval()
     t0 = time.perf_counter()

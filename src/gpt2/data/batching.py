@@ -1,8 +1,8 @@
 """Batches for masked-target training (fine-tuning, DPO, the reward model, PPO) and right padding.
 
 Design decisions:
-- One padding helper, `pad_right`: token lists -> right-padded ids + 1/0 mask. Generation, evaluation,
-  serving and the training layout all pad through it (`gpt2.inference` re-exports it).
+- One padding helper, `gpt2.padding.pad_right`: token lists -> right-padded ids + 1/0 mask. Generation,
+  evaluation, serving and the training layout all pad through it (`gpt2.inference` re-exports it).
 - The training layout is the seed's, exactly (`collate`): `seq = question_ids + answer_ids`, right-padded
   with token 0 to the batch's longest `seq`; `targets[t] = seq[t + 1]` where position t + 1 is an answer
   position, else -100. So `F.cross_entropy(ignore_index=-100)` averages over answer tokens (and the final
@@ -26,22 +26,11 @@ from collections.abc import Sequence
 import torch
 
 from gpt2.errors import UserError
+from gpt2.padding import PAD_ID, pad_right  # noqa: F401  (this package's batches use them)
 
-PAD_ID = 0  # the seed pads with token 0 ("!"); it is never a target, so any id would do
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 
 Example = tuple[list[int], list[int]]  # (question_ids, answer_ids)
-
-
-def pad_right(sequences: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> right-padded ids and 1/0 mask, LongTensor [B, max_len]."""
-    T = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def num_targets(targets: torch.Tensor) -> int:

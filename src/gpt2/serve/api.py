@@ -54,7 +54,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from gpt2.decoder import Decoder, TokenLogprob, score_tokens
+from gpt2.decode import Decoder, TokenLogprob, score_tokens
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.serve import logprobs as lp

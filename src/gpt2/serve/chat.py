@@ -24,8 +24,9 @@ import torch
 
 from gpt2.checkpoint import load_model
 from gpt2.cli import Command, register
+from gpt2.commands.decoding import decoder_for
 from gpt2.config import arg
-from gpt2.decoder import Decoder, decoder_for
+from gpt2.decode import Decoder
 from gpt2.errors import UserError
 from gpt2.inference import generate_stream, pad_right
 from gpt2.model import GPT

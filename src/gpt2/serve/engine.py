@@ -2,7 +2,7 @@
 
 Design decisions:
 - The engine only schedules: which requests run, when they join and leave, and where their tokens go. All
-  tensor work (prefill, the batched step, the KV cache, choosing tokens, log-probs) is `gpt2.decoder`'s,
+  tensor work (prefill, the batched step, the KV cache, choosing tokens, log-probs) is `gpt2.decode`'s,
   the same code `gpt2.inference.generate` runs, so a request's greedy tokens equal `generate`'s for its
   prompt alone whatever else is running (tested).
 - A request joins at the next step: the requests admitted at a step are prefilled together, their first
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt2.decoder import Choice, Decoder, Rows, RowSampler, SamplingParams, TokenLogprob, choose
+from gpt2.decode import Choice, Decoder, Rows, RowSampler, SamplingParams, TokenLogprob, choose
 from gpt2.model import GPT
 from gpt2.tokenizer import EOT
 

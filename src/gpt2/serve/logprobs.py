@@ -11,7 +11,7 @@ Design decisions:
 - `text_offset` is where the token's text starts in the returned text, counted in characters of the text
   decoded incrementally (so a character split over tokens belongs to the token that completes it), starting
   at the caller's offset: 0, or the echoed prompt's length for the generated part.
-- This module only shapes; the decoding core computes the numbers (`gpt2.decoder.TokenLogprob`, whose
+- This module only shapes; the decoding core computes the numbers (`gpt2.decode.TokenLogprob`, whose
   `logprob` is None here for echo's first prompt token: `unscored`). The wiring is `gpt2.serve.api`'s.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from gpt2.decoder import TokenLogprob
+from gpt2.decode import TokenLogprob
 from gpt2.tokenizer import decode_bytes
 
 __all__ = ["TokenLogprob", "chat", "legacy", "merge_legacy", "text_offsets", "token_text", "unscored"]

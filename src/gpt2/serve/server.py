@@ -59,7 +59,7 @@ class ServeConfig:
 def run(cfg: ServeConfig) -> None:
     import uvicorn
 
-    from gpt2.decoder import decoder_for
+    from gpt2.commands.decoding import decoder_for
     from gpt2.serve.api import create_app
     from gpt2.serve.engine import Engine
 

@@ -1,7 +1,7 @@
 """The on-disk cache of compiled decoding pieces, kept like a checkpoint: whole or absent, checked, locked, bounded.
 
-`gpt2.compiled` builds and loads the pieces; this module owns only the folder they live in. Design decisions:
-- **An entry is a folder named by its key** (`gpt2.compiled.cache_key`: weights, config, torch, CPU) under
+`gpt2.decode.compiled` builds and loads the pieces; this module owns only the folder they live in. Design decisions:
+- **An entry is a folder named by its key** (`gpt2.decode.compiled.cache_key`: weights, config, torch, CPU) under
   `cache_root()`. It is built in a `.build-KEY-PID` folder beside it and renamed into place when complete, so
   a reader never sees half an entry.
 - **A manifest, written last**, lists every file of the entry with its size and SHA-256, and what it was built

@@ -1,6 +1,6 @@
 """The decoding forward compiled ahead of time for this machine (AOTInductor), cached on disk.
 
-`gpt2.decoder.Decoder(model, compile=True)` runs on this; nothing else does. Design decisions:
+`gpt2.decode.Decoder` runs on this; nothing else does. Design decisions:
 - **Pieces between attentions.** Everything that holds weights runs compiled, as flat rows (N, C): the
   embeddings and the first layer's q/k/v projection; then, for each layer, its output projection, MLP and the
   next layer's q/k/v projection (the last layer's ends in the final LayerNorm); then the vocabulary head.
@@ -13,11 +13,11 @@
   and compiled by AOTInductor with frozen weights (which lets it pre-pack them for its GEMMs) and autotuned
   between inductor's C++ GEMM and ATen's, keeping whichever measures faster on this CPU. Compiling holds
   several copies of the weights at once, so it runs in a child process at a lower priority, which dies with
-  its parent; the decoding process only loads the packages. The cache (`gpt2.compile_cache`: checksummed,
+  its parent; the decoding process only loads the packages. The cache (`gpt2.decode.compile_cache`: checksummed,
   locked, bounded) is keyed by a hash of the weights, the config, the torch version and the CPU's model and
   flags, so a later start with the same weights loads the pieces in seconds.
 - **Never waited for.** `BackgroundCompile` does all of that in a thread while the caller decodes eagerly;
-  the decoder switches to the loaded pieces between two steps (`gpt2.decoder.Decoder.compile_in_background`).
+  the decoder switches to the loaded pieces between two steps (`Decoder.compile_in_background`).
 - **Weights once.** Packages keep their weights in a separate blob, read once into memory (in the shared
   library they would be both mapped and copied). A decoder made with `release_weights=True` (what `gpt2
   chat`, `gpt2 serve` and `gpt2 generate --compile` do) empties the model (`model.to("meta")`) before loading
@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -45,9 +46,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from gpt2 import compile_cache as cc
+from gpt2.decode import compile_cache as cc
 from gpt2.errors import UserError
 from gpt2.model import GPT, Block, additive_mask
+
+log = logging.getLogger(__name__)  # where the commands' lines come from: progress, the unfinished build
 
 FORMAT = 3  # bump when the pieces change: old cache entries are then never matched
 _INDUCTOR_OPTIONS = {
@@ -178,7 +181,7 @@ def build_in_child(model: GPT, directory: Path, progress: Callable[[str], None],
     try:
         model.save_pretrained(work / "weights", tokenizer=False)
         dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
-        cmd = [sys.executable, "-m", "gpt2.compiled", str(work / "weights"), str(work / "pieces"), dtype,
+        cmd = [sys.executable, "-m", "gpt2.decode.compiled", str(work / "weights"), str(work / "pieces"), dtype,
                "--parent", str(os.getpid()), "--work", str(work)]
         lines: list[str] = []
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -219,7 +222,7 @@ def _stop_children() -> None:
     """At exit (a finished command, Ctrl+C, SIGTERM in `gpt2 serve`), builds still running are stopped and their
     folders removed: nothing half-built stays behind."""
     if _children:
-        _stderr("note: the compile running in the background was stopped unfinished (nothing cached); `gpt2 cache "
+        log.warning("note: the compile running in the background was stopped unfinished (nothing cached); `gpt2 cache "
                 "build --model MODEL` compiles a model ahead of time")
     for child, work in list(_children.items()):
         _stop_child(child)
@@ -299,11 +302,7 @@ class CompiledForward:
         return self._pieces[-1](flat).view(*hidden.shape[:-1], -1)
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def load(model: GPT, release_weights: bool = False, progress: Callable[[str], None] = _stderr,
+def load(model: GPT, release_weights: bool = False, progress: Callable[[str], None] = log.info,
          label: str = "") -> CompiledForward:
     """The compiled pieces of `model` from the cache, compiled first (in a child process) if they are not there.
     With `release_weights`, the model is emptied (its weights go to the meta device) before the pieces load."""
@@ -334,7 +333,7 @@ class BackgroundCompile:
     is (for `/health`). The thread only prepares: the decoder switches to the pieces itself, between steps."""
 
     def __init__(self, model: GPT, build: bool = True, label: str = "",
-                 progress: Callable[[str], None] = _stderr):
+                 progress: Callable[[str], None] = log.info):
         self.n_pieces = len(pieces(model))
         self.state = "starting"  # starting, waiting, compiling, loading, ready, not cached, failed
         self.pieces_done = 0
@@ -415,7 +414,7 @@ def _die_with_parent(parent: int, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The child of `build_in_child`: compile a checkpoint's pieces into a folder."""
-    parser = argparse.ArgumentParser(prog="python -m gpt2.compiled", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gpt2.decode.compiled", description=main.__doc__)
     parser.add_argument("checkpoint", help="a checkpoint folder (GPT.save_pretrained)")
     parser.add_argument("out", help="the folder for the compiled pieces")
     parser.add_argument("dtype", help="the model's dtype, e.g. float32")

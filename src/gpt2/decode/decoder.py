@@ -1,0 +1,219 @@
+"""The decoder: prefill and one batched step of a model on a `KVCache`, eager or compiled; echo scoring.
+
+`gpt2.inference.generate` (the seed's API, the chat) and `gpt2.serve.engine` (continuous batching) both run
+on this module; nothing else reads or writes a cache. Its forward is the model's own or, compiled, the model's
+pieces from `gpt2.decode.compiled` with the same attention between them: the cache and the masks are the same. The
+model (`gpt2.model`) stays pure: attention stores and reads keys/values through `KVStore.update`, and this
+module passes it positions and masks.
+
+Design decisions:
+- **Last position only.** Prefill projects only each row's last hidden state onto the vocabulary: the
+  50304-wide head over a whole prompt would cost more than the prompt itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+from collections.abc import Callable
+
+import torch
+
+from gpt2.decode.compiled import BackgroundCompile, CompiledForward
+from gpt2.decode.compiled import load as load_compiled
+from gpt2.decode.kv_cache import KVCache, Rows
+from gpt2.decode.sampling import TokenLogprob
+from gpt2.model import GPT
+from gpt2.padding import PAD_ID, pad_right
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def left_align(input_ids: torch.Tensor, attention_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift each right-padded row's real tokens to end in the last column. Returns (ids, valid bool)."""
+    B, T = input_ids.shape
+    lengths = attention_masks.sum(dim=1)  # (B,)
+    cols = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+    # For output column c of row b, take source column c - (T - len_b) (a real token, or padding before).
+    src = cols - (T - lengths)[:, None]  # (B, T)
+    valid = src >= 0
+    ids = torch.gather(input_ids, 1, src.clamp(min=0)).masked_fill(~valid, PAD_ID)
+    return ids, valid
+
+
+class Decoder:
+    """Prefill and batched single-token steps of a `GPT` (evaluation mode, no autograd).
+
+    Two ways to run the forward, the same arithmetic:
+    - **eager** (default): the model's own forward. The vocabulary head is applied with a transposed copy of the
+      tied embedding, (n_embd, vocab_size), made when the decoder is: for the few-row products of decoding, CPU
+      BLAS runs `x @ W` with W (in, out) faster than `x @ W.T` (measured on the 124M head on an AMD EPYC, AVX2:
+      30% at one row, 12% at eight), and the head is a third of the weights a step reads. The copy leaves out
+      the padding rows and costs n_embd * vocab_size floats (154 MB at 124M).
+    - **compiled** (CPU): the model's weight-bearing parts compiled ahead of time for this machine
+      (`gpt2.decode.compiled`: AOTInductor, pre-packed weights, autotuned GEMMs), with attention between them on this
+      decoder's cache as in eager. Prefill, steps and `score` all run on it. `compile=True` makes them ready
+      here and now (compiling them in a child process if they are not cached: minutes for 124M; loading them
+      from the cache: seconds; `compile_seconds` says how long it took); `compile_in_background()` decodes
+      eagerly meanwhile and switches between two steps, which is what the commands do (`gpt2.commands.decoding`).
+      `release_weights=True` empties the model once the pieces hold the weights, so they are held once.
+    Either way a decoder belongs to one set of weights (the head copy; the compiled pieces): `generate` makes one
+    per call (training may change the weights between calls, and fused optimizers do not bump tensor versions,
+    so staleness cannot be detected); the chat and the serving engine, whose weights are fixed, keep one."""
+
+    def __init__(self, model: GPT, compile: bool = False, release_weights: bool = False):
+        self.model = model
+        self.config = model.config
+        w = model.lm_head.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.head: torch.Tensor | None = None
+        self._compiled: CompiledForward | None = None
+        self._background: BackgroundCompile | None = None
+        self._release = release_weights
+        self._say: Callable[[str], None] = _silent
+        self.compile_status: dict | None = None  # the background compile's last status, once it has ended
+        t0 = time.perf_counter()
+        if compile:
+            self._compiled = load_compiled(model, release_weights=release_weights)
+            return_freed_memory()  # the released weights and the packages' loading buffers
+        else:
+            with torch.no_grad():
+                self.head = w[: self.config.vocab_size].t().contiguous()  # (C, V)
+        self.compile_seconds = time.perf_counter() - t0 if compile else 0.0  # the one-time cost, paid here
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def compile_in_background(self, build: bool = True, label: str = "",
+                              say: Callable[[str], None] = _silent) -> BackgroundCompile:
+        """Decode eagerly now and switch to the compiled pieces once a thread has them loaded (compiled first, in
+        the child process, if they are not cached and `build`; else only if cached). The switch happens at the
+        start of the next prefill, step or full forward, in the thread that decodes: rows in flight keep their
+        cache and go on. `say` gets the lines that say what happens (the start of a build, the switch, a failure)."""
+        self._say = say
+        self._background = BackgroundCompile(self.model, build=build, label=label, progress=say)
+        return self._background
+
+    def status(self) -> dict:
+        """Which forward runs ("compiled" or "eager") and, when compiling was asked for, how far it is."""
+        bg = self._background
+        compile_status = bg.status() if bg is not None else self.compile_status
+        out: dict = {"decoder": "compiled" if self.compiled else "eager"}
+        if compile_status is not None:
+            out["compile"] = compile_status
+        return out
+
+    def maybe_switch(self) -> None:
+        """Switch to the compiled pieces if the background has them loaded (every forward calls this; an idle
+        engine calls it too, so that an idle server switches without waiting for a request)."""
+        bg = self._background
+        if bg is None or not bg.done:
+            return
+        self._background, self.compile_status = None, bg.status()
+        if bg.state == "failed":
+            self._say(f"note: compiling failed ({bg.error}); decoding stays eager (--no-compile skips it)")
+        if bg.forward is None:
+            return
+        self._compiled, self.head = bg.forward, None
+        if self._release:
+            self.model.to("meta")  # the pieces hold the weights now
+        return_freed_memory()
+        how = f"compiled in {bg.seconds - bg.load_seconds:.0f} s, loaded" if bg.built else "loaded from the cache"
+        self._say(f"switched to compiled decoding {bg.seconds:.0f} s after the start ({how} in "
+                        f"{bg.load_seconds:.1f} s)")
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """`GPT.hidden_states` (B, T, C), compiled or eager."""
+        self.maybe_switch()
+        if self._compiled is None:
+            return self.model.hidden_states(ids, positions, attn_mask, cache)
+        return self._compiled.hidden_states(self.model, ids, positions, attn_mask, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (..., V) of hidden states (..., C): `model.logits`, as `x @ W` when eager."""
+        if self._compiled is not None:
+            return self._compiled.logits(hidden)
+        return hidden @ self.head
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], room: int) -> Rows:
+        """Run the prompts together (left-aligned) into a new cache with `room` free columns for new tokens.
+        The returned rows' logits are for each prompt's next token."""
+        ids, mask = pad_right(prompts)
+        ids, valid = left_align(ids.to(self.device), mask.to(self.device))  # (B, T): real tokens end at T-1
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T): each row's own positions
+        B, T = ids.shape
+        lengths = [len(p) for p in prompts]
+        cache = KVCache(self.config, B, T + room, device=self.device, dtype=self.dtype)
+        attn_mask = cache.extend(T, valid, any_padding=min(lengths) < T)
+        hidden = self.hidden_states(ids, positions, attn_mask, cache)  # (B, T, C)
+        cache.commit()
+        return Rows(cache, lengths, self.logits(hidden[:, -1]))  # (B, V): last column only
+
+    @torch.inference_mode()
+    def step(self, rows: Rows, tokens: list[int]) -> None:
+        """Feed each row its chosen token; the rows' logits become those for the token after it."""
+        cache = rows.cache
+        tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        pos = torch.tensor(rows.positions, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        attn_mask = cache.extend(1)
+        hidden = self.hidden_states(tok, pos, attn_mask, cache)  # (B, 1, C)
+        cache.commit()
+        rows.positions = [p + 1 for p in rows.positions]
+        rows.logits = self.logits(hidden[:, -1])  # (B, V)
+
+    @torch.inference_mode()
+    def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) at every position of unpadded or right-padded ids (B, T), no cache: `model(ids)`."""
+        return self.logits(self.hidden_states(ids))
+
+
+def return_freed_memory() -> bool:
+    """Hand memory that has been freed but is still held by the C allocator back to the OS (glibc's
+    `malloc_trim`); returns whether it could. A compiled decoder frees the released model's weights and the
+    compiled pieces' loading buffers (together larger than the weights), but glibc keeps freed heap pages
+    mapped, so a chat or server would carry them for its whole life.
+    Elsewhere (macOS, musl) there is no such call and nothing happens."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)  # its result only says whether any page was released
+    return True
+
+
+@torch.inference_mode()
+def score_tokens(model: GPT | Decoder, sequences: list[list[int]], top: int = 0) -> list[list[TokenLogprob | None]]:
+    """For each sequence, each token's log-probability given the tokens before it and the `top` most likely
+    alternatives there, from one full forward (the model's, or a decoder's: compiled, if it is); the first token
+    has no prefix (None)."""
+    if not any(sequences):
+        return [[] for _ in sequences]
+    if isinstance(model, Decoder):  # (a compiled decoder's model may hold no weights: ask the decoder)
+        forward, device, model = model.full_logits, model.device, model.model
+    else:
+        forward, device = model, model.lm_head.weight.device
+    ids, mask = pad_right(sequences)
+    if ids.size(1) > model.config.block_size:
+        raise ValueError(f"a sequence of {ids.size(1)} tokens is longer than the context window "
+                         f"({model.config.block_size} tokens)")
+    # right padding needs no mask: a real token only attends to the real tokens before it
+    logp = forward(ids.to(device)).float().log_softmax(-1)  # (B, T, V)
+    out: list[list[TokenLogprob | None]] = []
+    for b, seq in enumerate(sequences):
+        row: list[TokenLogprob | None] = [None] if seq else []
+        if len(seq) > 1:
+            lp = logp[b, : len(seq) - 1]  # (n-1, V): predictions for tokens 1..n-1
+            targets = torch.tensor(seq[1:], device=device)
+            chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+            tops = torch.topk(lp, min(top, lp.size(-1))) if top > 0 else None
+            for t, token in enumerate(seq[1:]):
+                alts = list(zip(tops.indices[t].tolist(), tops.values[t].tolist())) if tops is not None else []
+                row.append(TokenLogprob(token, chosen[t], alts))
+        out.append(row)
+    return out
