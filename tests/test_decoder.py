@@ -40,15 +40,20 @@ def full_logprobs(model, tokens):
 
 
 class Recorder:
+    """A request's sink: its tokens, their log-prob entries (when asked) and its finish reason."""
+
     def __init__(self):
         self.tokens: list[int] = []
+        self.logprobs: list = []
         self.reason: str | None = None
 
-    def __call__(self, token, reason):
-        if token is None:
-            self.reason = reason
+    def __call__(self, event):
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
+        if event.token is None:
+            self.reason = event.finish_reason
         else:
-            self.tokens.append(token)
+            self.tokens.append(event.token)
 
 
 def run(engine: Engine) -> None:
@@ -64,13 +69,13 @@ def test_engine_logprobs_equal_full_forward(model, temperature):
     engine = Engine(model, eos_id=None)
     prompts = [[3, 4, 5, 6, 7], [9], [11, 12, 13]]  # different lengths: padded prefill, then steps
     recs = [Recorder() for _ in prompts]
-    reqs = [engine.submit(p, SamplingParams(max_tokens=6, temperature=temperature, seed=i, logprobs=3), r)
-            for i, (p, r) in enumerate(zip(prompts, recs))]
+    for i, (p, r) in enumerate(zip(prompts, recs)):
+        engine.submit(p, SamplingParams(max_tokens=6, temperature=temperature, seed=i, logprobs=3), r)
     run(engine)
-    for p, rec, req in zip(prompts, recs, reqs):
-        assert rec.reason == "length" and len(req.token_logprobs) == 6
+    for p, rec in zip(prompts, recs):
+        assert rec.reason == "length" and len(rec.logprobs) == 6
         full = full_logprobs(model, p + rec.tokens)
-        for t, lp in enumerate(req.token_logprobs):
+        for t, lp in enumerate(rec.logprobs):
             row = full[len(p) - 1 + t]  # the prediction of generated token t
             assert lp.token == rec.tokens[t]
             assert abs(lp.logprob - float(row[lp.token])) < ATOL
@@ -82,9 +87,10 @@ def test_engine_logprobs_equal_full_forward(model, temperature):
 
 def test_no_logprobs_unless_asked(model):
     engine = Engine(model, eos_id=None)
-    req = engine.submit([1, 2], SamplingParams(max_tokens=3, temperature=0.0), Recorder())
+    rec = Recorder()
+    engine.submit([1, 2], SamplingParams(max_tokens=3, temperature=0.0), rec)
     run(engine)
-    assert req.token_logprobs == []
+    assert rec.logprobs == [] and len(rec.tokens) == 3
 
 
 def test_score_tokens_equals_full_forward(model):

@@ -88,15 +88,16 @@ def serve(model, decoder: Decoder | None) -> list[tuple[list[int], list[float]]]
     requests = []
     for step in range(60):
         for prompt in arrivals.get(step, []):
-            tokens: list[int] = []
-            req = engine.submit(prompt, SamplingParams(max_tokens=4 + 2 * len(requests), temperature=0, logprobs=0),
-                                lambda t, _reason, tokens=tokens: t is not None and tokens.append(t))
-            requests.append((req, tokens))
+            events: list = []
+            engine.submit(prompt, SamplingParams(max_tokens=4 + 2 * len(requests), temperature=0, logprobs=0),
+                          events.append)
+            requests.append(events)
         if not engine.has_work() and step > max(arrivals):
             break
         engine.step()
-    for req, tokens in requests:
-        out.append((tokens, [lp.logprob for lp in req.token_logprobs]))
+    for events in requests:
+        out.append(([e.token for e in events if e.token is not None],
+                    [e.logprob.logprob for e in events if e.logprob is not None]))
     return out
 
 
@@ -230,23 +231,23 @@ def test_requests_in_flight_go_on_across_the_switch(model, compiled):
     decoder = Decoder(copy.deepcopy(model), release_weights=True)
     engine = Engine(decoder.model, max_batch_size=3, eos_id=None, headroom=2, decoder=decoder)
     background = decoder.compile_in_background(say=lambda line: None)
-    got: list[tuple[list[int], object]] = []
+    got: list[list] = []
     arrivals = {0: [[1, 2, 3], [9]], 3: [[4, 5, 6, 7, 8, 9, 10]], 5: [[20, 21]], 9: [[30]]}
     for step in range(60):
         for prompt in arrivals.get(step, []):
-            tokens: list[int] = []
-            req = engine.submit(prompt, SamplingParams(max_tokens=4 + 2 * len(got), temperature=0, logprobs=0),
-                                lambda t, _r, tokens=tokens: t is not None and tokens.append(t))
-            got.append((tokens, req))
+            events: list = []
+            engine.submit(prompt, SamplingParams(max_tokens=4 + 2 * len(got), temperature=0, logprobs=0),
+                          events.append)
+            got.append(events)
         if step == 4:
             assert not decoder.compiled and background.wait(120)
         if not engine.has_work() and step > max(arrivals):
             break
         engine.step()
     assert decoder.compiled
-    assert [t for t, _ in got] == [t for t, _ in eager]
-    for (_, req), (_, le) in zip(got, eager):
-        torch.testing.assert_close(torch.tensor([lp.logprob for lp in req.token_logprobs]), torch.tensor(le),
+    assert [[e.token for e in events if e.token is not None] for events in got] == [t for t, _ in eager]
+    for events, (_, le) in zip(got, eager):
+        torch.testing.assert_close(torch.tensor([e.logprob.logprob for e in events if e.logprob]), torch.tensor(le),
                                    atol=ATOL, rtol=0)
 
 

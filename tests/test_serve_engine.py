@@ -35,12 +35,12 @@ class Collector:
     def sink(self, i: int):
         self.tokens[i] = []
 
-        def f(token, reason):
-            if token is not None:
+        def f(event):
+            if event.token is not None:
                 assert i not in self.reason, "token after finish"
-                self.tokens[i].append(token)
+                self.tokens[i].append(event.token)
             else:
-                self.reason[i] = reason
+                self.reason[i] = event.finish_reason
         return f
 
 
@@ -121,11 +121,11 @@ def test_the_end_of_text_token_gets_its_logprob(model):
     got: list = []
     engine = Engine(model, eos_id=eos)
     params = SamplingParams(max_tokens=4, temperature=0.0, logit_bias={eos: 100.0}, logprobs=1)
-    req = engine.submit([1, 2, 3], params, lambda token, reason: got.append((token, reason)))
+    engine.submit([1, 2, 3], params, got.append)
     while engine.has_work():
         engine.step()
-    assert got == [(None, "stop")]
-    (entry,) = req.token_logprobs
+    assert [(e.token, e.finish_reason) for e in got] == [(None, "stop")]
+    entry = got[0].logprob
     expected = score_tokens(model, [[1, 2, 3, eos]], 1)[0][-1]
     assert entry.token == eos and entry.logprob == pytest.approx(expected.logprob, abs=1e-4)
 
@@ -165,7 +165,7 @@ def test_cancel_frees_the_slot_and_keeps_others_exact(model):
 def test_failing_sink_cancels_its_request(model):
     engine = Engine(model, eos_id=None)
 
-    def broken(token, reason):
+    def broken(event):
         raise RuntimeError("event loop closed")
 
     engine.submit([1, 2], SamplingParams(max_tokens=30, temperature=0.0), broken)
@@ -183,9 +183,9 @@ def test_background_thread_serves_requests(model):
         for i in range(3):
             sink = col.sink(i)
 
-            def f(token, reason, sink=sink, i=i):
-                sink(token, reason)
-                if token is None:
+            def f(event, sink=sink, i=i):
+                sink(event)
+                if event.token is None:
                     done[i].set()
             engine.submit([i + 1] * (i + 2), SamplingParams(max_tokens=8, temperature=0.0), f)
         assert all(d.wait(20) for d in done)
@@ -205,7 +205,7 @@ def test_call_runs_in_the_engine_thread_between_steps(model):
         with pytest.raises(ZeroDivisionError):
             engine.call(lambda: 1 / 0).result(20)
         done = threading.Event()
-        engine.submit([1, 2], SamplingParams(max_tokens=3, temperature=0.0), lambda t, r: r and done.set())
+        engine.submit([1, 2], SamplingParams(max_tokens=3, temperature=0.0), lambda e: e.finish_reason and done.set())
         assert done.wait(20)
     finally:
         engine.stop()
@@ -228,7 +228,7 @@ def test_run_serves_in_the_calling_thread_until_stopped(model):
     col = Collector()
     sink = col.sink(0)
     engine.submit([3, 4], SamplingParams(max_tokens=4, temperature=0.0),
-                  lambda t, r: (sink(t, r), r and threading.Thread(target=engine.stop).start()))
+                  lambda e: (sink(e), e.finish_reason and threading.Thread(target=engine.stop).start()))
     served_in = engine.call(threading.get_ident)
     engine.run()  # returns once the request's end has stopped it
     assert served_in.result(0) == threading.get_ident()
@@ -238,9 +238,9 @@ def test_run_serves_in_the_calling_thread_until_stopped(model):
 def test_submit_rejects_impossible_prompts(model):
     engine = Engine(model)
     with pytest.raises(ValueError):
-        engine.submit([], SamplingParams(), lambda t, r: None)
+        engine.submit([], SamplingParams(), lambda e: None)
     with pytest.raises(ValueError):
-        engine.submit([1] * model.config.block_size, SamplingParams(), lambda t, r: None)
+        engine.submit([1] * model.config.block_size, SamplingParams(), lambda e: None)
 
 
 # ------------------------------------------------------------------ TextStream

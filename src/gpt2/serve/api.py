@@ -22,15 +22,14 @@ Design decisions:
   at the next step.
 - Stop strings are matched on decoded text (`TextStream`), so they work across token boundaries and never
   leak to the client; when one matches, the request is cancelled in the engine.
-- Log-probabilities (`logprobs`; chat's `logprobs` + `top_logprobs`) are the decoding core's: the engine
-  attaches each generated token's entry to its request, and `echo` scores the prompt with one full forward
-  (`score_tokens`, in a worker thread so the event loop keeps serving). They follow the text the client
-  gets: a token is returned once some of its text is (a chunk carries the tokens whose text starts in that
-  chunk's text; a character split over tokens goes with the token that completes it), and a stop string's
-  cut drops the tokens that begin after it. A choice that ends on <|endoftext|> lists that token last
-  (no text), as OpenAI and vLLM do, so `echo` + `max_tokens: 1` always ends with one generated entry
-  (lm-evaluation-harness drops the last entry when it sums a continuation).
-"""
+- Log-probabilities (`logprobs`; chat's `logprobs` + `top_logprobs`) are the decoding core's: each of the engine's
+  token events carries its token's entry, and `echo` scores the prompt with one full forward (`score_tokens`, in
+  the engine's thread through `Engine.call`, so the event loop keeps serving). They follow the text the client
+  gets: a token is returned once some of its text is (a chunk carries the tokens whose text starts in that chunk's
+  text; a character split over tokens goes with the token that completes it), and a stop string's cut drops the
+  tokens that begin after it. A choice that ends on <|endoftext|> lists that token last (no text), as OpenAI and
+  vLLM do, so `echo` + `max_tokens: 1` always ends with one generated entry (lm-evaluation-harness drops the last
+  entry when it sums a continuation)."""
 
 from __future__ import annotations
 
@@ -58,7 +57,7 @@ from gpt2.decode import Decoder, TokenLogprob, score_tokens
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.serve import logprobs as lp
-from gpt2.serve.engine import Engine
+from gpt2.serve.engine import Engine, TokenEvent
 from gpt2.serve.schema import MAX_N, APIError, ChatRequest, CompletionRequest, _Common
 from gpt2.serve.text import TextStream
 from gpt2.template import format_chat
@@ -373,11 +372,11 @@ async def _serve(request: Request, state: ServerState, req: _Common, prompts: li
                 choice = _Choice(index, TextStream(req.stops()), prompt, logprobs, echo_text[i], echo_logprobs[i])
                 choices.append(choice)
                 if max_tokens == 0:  # scoring a prompt (`echo`): nothing to generate
-                    queue.put_nowait((index, None, "length"))
+                    queue.put_nowait((index, TokenEvent(None, finish_reason="length")))
                     continue
 
-                def sink(token, reason, index=index):
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason))
+                def sink(event: TokenEvent, index=index):
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
                 choice.request = engine.submit(prompt, req.sampling_params(max_tokens, index, logprobs), sink)
     except BaseException:  # a choice that cannot start must not leave its siblings running unread
@@ -414,13 +413,14 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str, model:
     by_index = {c.index: c for c in choices}
     remaining = len(choices)
     while remaining:
-        index, token, reason = await queue.get()
+        index, event = await queue.get()
+        token, reason = event.token, event.finish_reason
         c = by_index[index]
         if c.finish_reason is not None:
             continue  # already ended by a stop string; late tokens from the engine are dropped
         if token is not None:
-            if c.top is not None:  # the engine appended this token's entry before sending the token
-                c.pending.append((len(c.text.text), c.request.token_logprobs[c.tokens]))
+            if event.logprob is not None:
+                c.pending.append((len(c.text.text), event.logprob))
             c.tokens += 1
             c.generated.append(token)
             delta = c.text.push(token)
@@ -433,8 +433,8 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str, model:
             if reason.startswith("error"):
                 log.error("%s choice %d failed in the engine: %s", rid, index, reason)
         entries = _released(c)
-        if reason == "stop" and c.top is not None:  # ended on <|endoftext|> (a stop string sets no reason)
-            entries.append((len(c.text.text), c.request.token_logprobs[c.tokens]))  # the engine's, for EOT
+        if reason == "stop" and event.logprob is not None:  # ended on <|endoftext|> (not a stop string)
+            entries.append((len(c.text.text), event.logprob))
         if c.finish_reason is not None:
             remaining -= 1
         if delta or entries or c.finish_reason is not None:

@@ -17,10 +17,10 @@ Design decisions:
   seeded request gives the same tokens alone or in a crowd.
 - The engine is plain synchronous code (`step()`), which the tests drive by hand; `run()` runs it in the
   calling thread and `start()` in a background one, either sleeping while there is no work. Results go out
-  through a per-request callback (`sink(token, None)` for each token, then `sink(None, finish_reason)`),
-  which the HTTP layer turns into an asyncio queue with `call_soon_threadsafe`. A request that asked for
-  log-probs gets each token's `TokenLogprob` appended to `request.token_logprobs` just before its
-  `sink(token, None)` (and before `sink(None, "stop")` for the `<|endoftext|>` it stopped on).
+  through a per-request callback, `sink(TokenEvent)`: one event per generated token, then one with the finish
+  reason; an event carries its token's `TokenLogprob` (log-prob and alternatives) when the request asked for
+  them, and the end's event carries the `<|endoftext|>` entry a request stopped on. The HTTP layer turns the
+  events into an asyncio queue with `call_soon_threadsafe`; nothing else flows between the two.
 - **One thread does the tensor work.** PyTorch's CPU threads are OpenMP's, which keeps a pool of workers per
   thread that runs parallel work; once two threads have, their pools contend for the cores and every parallel
   region waits longer (measured on a 2-core AMD EPYC, 124M compiled: 64 steps in 1.4 s when one thread does
@@ -45,11 +45,20 @@ from gpt2.decode import Choice, Decoder, Rows, RowSampler, SamplingParams, Token
 from gpt2.model import GPT
 from gpt2.tokenizer import EOT
 
-__all__ = ["Engine", "Request", "SamplingParams", "Sink"]
+__all__ = ["Engine", "Request", "SamplingParams", "Sink", "TokenEvent"]
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[int | None, str | None], None]  # (token, None) per token; (None, finish_reason) once
+@dataclass(frozen=True)
+class TokenEvent:
+    """What a request's sink gets: a generated token, or (token None) the end with its finish reason."""
+
+    token: int | None
+    logprob: TokenLogprob | None = None  # asked for: the token's (or, at a "stop" end, <|endoftext|>'s)
+    finish_reason: str | None = None  # "stop", "length", "error..." on the last event only
+
+
+Sink = Callable[[TokenEvent], None]
 
 
 @dataclass
@@ -60,7 +69,6 @@ class Request:
     cancelled: bool = False
     generated: int = 0
     sampler: RowSampler | None = field(default=None, repr=False)
-    token_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (thread-safe: a flag it polls)."""
@@ -236,13 +244,11 @@ class Engine:
                       exc_info=c)
             self._send(r, None, "error")
             return False
-        if c.logprob is not None:  # also for <|endoftext|>: clients list the token a choice stopped on
-            r.token_logprobs.append(c.logprob)
         if self.eos_id is not None and c.token == self.eos_id:
-            self._send(r, None, "stop")
+            self._send(r, None, "stop", c.logprob)  # its entry too: clients list the token a choice stopped on
             return False
         r.generated += 1
-        if not self._send(r, c.token, None):
+        if not self._send(r, c.token, None, c.logprob):
             return False
         # the token just placed at `pos` used the window's last position, or the budget is spent
         if r.generated >= r.params.max_tokens or pos >= self.block_size - 1:
@@ -251,10 +257,10 @@ class Engine:
         return True
 
     @staticmethod
-    def _send(r: Request, token: int | None, reason: str | None) -> bool:
+    def _send(r: Request, token: int | None, reason: str | None, logprob: TokenLogprob | None = None) -> bool:
         """Deliver to the request's sink; a sink that fails (its client's event loop is gone) cancels it."""
         try:
-            r.sink(token, reason)
+            r.sink(TokenEvent(token, logprob, reason))
             return True
         except Exception:
             r.cancel()
