@@ -268,7 +268,7 @@ def test_unexpected_error_is_logged_and_a_user_error_keeps_its_message(server, m
     def broken(text: str) -> list[int]:
         raise UserError("cannot load the GPT-2 tokenizer (offline). Set TIKTOKEN_CACHE_DIR")
 
-    monkeypatch.setattr("gpt2.serve.api.encode", broken)
+    monkeypatch.setattr("gpt2.serve.schema.encode", broken)
     with caplog.at_level("ERROR", logger="gpt2.serve"):
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=30)
     assert r.status_code == 500

@@ -58,10 +58,9 @@ from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.serve import logprobs as lp
 from gpt2.serve.engine import Engine, TokenEvent
-from gpt2.serve.schema import MAX_N, APIError, ChatRequest, CompletionRequest, _Common
+from gpt2.serve.schema import APIError, ChatRequest, CompletionRequest, Job, chat_job, completion_job
 from gpt2.serve.text import TextStream
-from gpt2.template import format_chat
-from gpt2.tokenizer import EOT, VOCAB_SIZE, decode, encode
+from gpt2.tokenizer import decode
 
 log = logging.getLogger("gpt2.serve")
 
@@ -215,30 +214,15 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
     @_guarded
     async def completions(request: Request):
         _authorize(request, state)
-        req = await _parse(request, CompletionRequest)
-        req.check()
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        prompts = _completion_prompts(req.prompt, engine.block_size, scoring_only=max_tokens == 0)
-        return await _serve(request, state, req, [p or [EOT] for p in prompts], max_tokens, chat=False,
-                            echo=prompts if req.echo else None, logprobs=req.logprobs)
+        job = completion_job(await _parse(request, CompletionRequest), engine.block_size)
+        return await _serve(request, state, job)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
     @_guarded
     async def chat_completions(request: Request):
         _authorize(request, state)
-        req = await _parse(request, ChatRequest)
-        req.check()
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        try:
-            text = format_chat(messages)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
-        prompt = encode(text)
-        _check_prompt_length(prompt, engine.block_size, "messages")
-        max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens
-        return await _serve(request, state, req, [prompt], max_tokens, chat=True, echo=None,
-                            logprobs=req.num_logprobs())
+        job = chat_job(await _parse(request, ChatRequest), engine.block_size, state.default_max_tokens)
+        return await _serve(request, state, job)
 
     return app
 
@@ -281,37 +265,6 @@ async def _parse(request: Request, schema: type[BaseModel]):
         raise APIError(400, f"{err['msg']}{where}", param=param, code="invalid_value") from e
 
 
-def _check_prompt_length(prompt: list[int], block_size: int, param: str, scoring_only: bool = False) -> None:
-    if scoring_only and len(prompt) > block_size:
-        raise APIError(400, f"prompt has {len(prompt)} tokens; this model's context window is {block_size} tokens",
-                       param=param, code="context_length_exceeded")
-    if not scoring_only and len(prompt) >= block_size:
-        raise APIError(400, f"prompt has {len(prompt)} tokens; this model's context window is {block_size} tokens "
-                            f"and at least one must be left for the answer", param=param,
-                       code="context_length_exceeded")
-
-
-def _completion_prompts(prompt: str | list, block_size: int, scoring_only: bool = False) -> list[list[int]]:
-    """OpenAI's prompt forms: a string, a list of strings, a token list, or a list of token lists.
-    An empty prompt is returned empty; the caller starts it from <|endoftext|>, as GPT-2's unconditional
-    samples do. With `scoring_only` (max_tokens 0) a prompt may fill the whole context window."""
-    if isinstance(prompt, str):
-        prompts = [encode(prompt)]
-    elif prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [encode(p) for p in prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]
-    else:
-        prompts = [list(p) for p in prompt]
-    if not prompts or len(prompts) > MAX_N:
-        raise APIError(400, f"prompt must hold 1 to {MAX_N} prompts", param="prompt")
-    for p in prompts:
-        if any(not 0 <= t < VOCAB_SIZE for t in p):
-            raise APIError(400, f"token ids must be in [0, {VOCAB_SIZE})", param="prompt")
-        _check_prompt_length(p, block_size, "prompt", scoring_only)
-    return prompts
-
-
 # ---------------------------------------------------------------------------------------- generation
 
 Entry = tuple[int, TokenLogprob]  # a generated token's log-prob entry and its character offset in the completion
@@ -342,17 +295,10 @@ def _score_prompts(decoder: Decoder, prompts: list[list[int]], top: int) -> list
     return out
 
 
-async def _serve(request: Request, state: ServerState, req: _Common, prompts: list[list[int]],
-                 max_tokens: int, chat: bool, echo: list[list[int]] | None, logprobs: int | None):
-    """Run `prompts` x n choices on the engine; `echo` is the prompts' tokens to return before the completions
-    (None: no echo), and `logprobs` the alternatives per token when log-probs are asked (None: not asked)."""
-    engine = state.engine
-    if max_tokens > engine.block_size:
-        raise APIError(400, f"max_tokens ({max_tokens}) is larger than the context window "
-                            f"({engine.block_size} tokens)", param="max_tokens", code="invalid_value")
-    n = req.choices()
-    if len(prompts) * n > MAX_N:
-        raise APIError(400, f"prompts x n must be at most {MAX_N}", param="n")
+async def _serve(request: Request, state: ServerState, job: Job):
+    """Run the job's prompts x n choices on the engine (every 400 has been raised by `schema` already)."""
+    engine, req, prompts, max_tokens = state.engine, job.request, job.prompts, job.max_tokens
+    echo, logprobs, chat, n = job.echo, job.logprobs, job.chat, job.n
     if engine.num_waiting >= state.max_waiting:
         raise APIError(429, "server busy: too many queued requests, retry later", type="server_error",
                        code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -378,7 +324,7 @@ async def _serve(request: Request, state: ServerState, req: _Common, prompts: li
                 def sink(event: TokenEvent, index=index):
                     loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
-                choice.request = engine.submit(prompt, req.sampling_params(max_tokens, index, logprobs), sink)
+                choice.request = engine.submit(prompt, job.params(index), sink)
     except BaseException:  # a choice that cannot start must not leave its siblings running unread
         _cancel(choices)
         raise

@@ -1,5 +1,6 @@
 """OpenAI's request schemas for `/v1/completions` and `/v1/chat/completions`, validated strictly, and turned
-into the engine's `SamplingParams`.
+into the engine's work: `completion_job` and `chat_job` take a parsed request to a `Job` (the prompts' tokens,
+max_tokens, choices, echo, log-probs and each choice's `SamplingParams`) or raise its 400, all of them here.
 
 Design decisions:
 - Every field of OpenAI's current request reference is declared here, so none is silently ignored: it is
@@ -20,13 +21,14 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpt2.serve.engine import SamplingParams
-from gpt2.tokenizer import VOCAB_SIZE
+from gpt2.template import format_chat
+from gpt2.tokenizer import EOT, VOCAB_SIZE, encode
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
@@ -217,3 +219,85 @@ class ChatRequest(_Common):
     def num_logprobs(self) -> int | None:
         """Alternatives per token wanted (None = no log-probabilities)."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# ---------------------------------------------------------------------------------------- a request -> a job
+
+
+@dataclass
+class Job:
+    """What the engine runs for one request: `n` choices of each prompt."""
+
+    request: _Common
+    prompts: list[list[int]]  # what the engine decodes (never empty: an empty prompt starts at <|endoftext|>)
+    max_tokens: int  # 0: score the prompts only (`echo`)
+    chat: bool
+    echo: list[list[int]] | None  # the prompts' own tokens, returned before the completions; None: no echo
+    logprobs: int | None  # alternatives per token when log-probs are asked; None: not asked
+
+    @property
+    def n(self) -> int:
+        return self.request.choices()
+
+    def params(self, index: int) -> SamplingParams:
+        return self.request.sampling_params(self.max_tokens, index, self.logprobs)
+
+
+def completion_job(req: CompletionRequest, block_size: int) -> Job:
+    req.check()
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    prompts = completion_prompts(req.prompt, block_size, scoring_only=max_tokens == 0)
+    return _checked(Job(req, [p or [EOT] for p in prompts], max_tokens, chat=False,
+                        echo=prompts if req.echo else None, logprobs=req.logprobs), block_size)
+
+
+def chat_job(req: ChatRequest, block_size: int, default_max_tokens: int) -> Job:
+    req.check()
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        prompt = encode(format_chat(messages))
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from e
+    check_prompt_length(prompt, block_size, "messages")
+    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+    return _checked(Job(req, [prompt], max_tokens, chat=True, echo=None, logprobs=req.num_logprobs()), block_size)
+
+
+def _checked(job: Job, block_size: int) -> Job:
+    if job.max_tokens > block_size:
+        raise APIError(400, f"max_tokens ({job.max_tokens}) is larger than the context window "
+                            f"({block_size} tokens)", param="max_tokens", code="invalid_value")
+    if len(job.prompts) * job.n > MAX_N:
+        raise APIError(400, f"prompts x n must be at most {MAX_N}", param="n")
+    return job
+
+
+def check_prompt_length(prompt: list[int], block_size: int, param: str, scoring_only: bool = False) -> None:
+    if scoring_only and len(prompt) > block_size:
+        raise APIError(400, f"prompt has {len(prompt)} tokens; this model's context window is {block_size} tokens",
+                       param=param, code="context_length_exceeded")
+    if not scoring_only and len(prompt) >= block_size:
+        raise APIError(400, f"prompt has {len(prompt)} tokens; this model's context window is {block_size} tokens "
+                            f"and at least one must be left for the answer", param=param,
+                       code="context_length_exceeded")
+
+
+def completion_prompts(prompt: str | list, block_size: int, scoring_only: bool = False) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, a token list, or a list of token lists.
+    An empty prompt is returned empty; the caller starts it from <|endoftext|>, as GPT-2's unconditional
+    samples do. With `scoring_only` (max_tokens 0) a prompt may fill the whole context window."""
+    if isinstance(prompt, str):
+        prompts = [encode(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [encode(p) for p in prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or len(prompts) > MAX_N:
+        raise APIError(400, f"prompt must hold 1 to {MAX_N} prompts", param="prompt")
+    for p in prompts:
+        if any(not 0 <= t < VOCAB_SIZE for t in p):
+            raise APIError(400, f"token ids must be in [0, {VOCAB_SIZE})", param="prompt")
+        check_prompt_length(p, block_size, "prompt", scoring_only)
+    return prompts
