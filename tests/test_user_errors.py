@@ -71,7 +71,7 @@ def test_cuda_without_cuda(shards, tmp_path, capsys):  # noqa: F811
     (["--top-k", "-3", "hi"], "--top-k must be >= 1 (got -3); leave it out (or none) to sample from every token"),
     (["--top-p", "0", "hi"], "--top-p must be in (0, 1] (got 0.0); leave it out (or none) for no nucleus cut"),
     (["--top-p", "1.5", "hi"], "--top-p must be in (0, 1] (got 1.5); leave it out (or none) for no nucleus cut"),
-    (["--temperature", "-1", "hi"], "--temperature must be >= 0, 0 = greedy (got -1.0)"),
+    (["--temperature", "-1", "hi"], "--temperature must be a finite number >= 0, 0 = greedy (got -1.0)"),
     (["--device", "mps", "hi"], "--device mps: Apple's MPS is not available on this machine"),
     (["--device", "tpu", "hi"], "--device 'tpu': not a device; choose cpu, cuda, cuda:N, mps or auto"),
 ])

@@ -26,6 +26,7 @@ from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.decoder import Decoder, decoder_for
 from gpt2.errors import UserError
+from gpt2.generate import check_sampling
 from gpt2.inference import generate_stream, pad_right
 from gpt2.model import GPT
 from gpt2.serve.server import DTYPES
@@ -44,7 +45,7 @@ class ChatConfig:
     temperature: float = arg(0.7, help="sampling temperature; 0 = greedy (change with /temperature X)")
     top_k: int | None = arg(None, help="sample only among the k most likely tokens")
     top_p: float | None = arg(0.95, help="nucleus sampling: smallest token set with this probability mass")
-    max_tokens: int = arg(256, help="longest answer, in tokens")
+    max_tokens: int = arg(256, help="longest answer, in tokens", minimum=1)
     seed: int = arg(1337, help="random seed, for reproducible answers")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
@@ -52,6 +53,14 @@ class ChatConfig:
                                    "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
                                    "~/.cache/gpt2-scratch/compiled; later starts load it in seconds); measured "
                                    "1.5-1.9x the tokens/s of eager decoding there; --no-compile decodes eagerly")
+
+    def validate(self) -> None:
+        for flag in ("prompt", "system"):
+            text = getattr(self, flag)
+            if text is not None and not text.strip():
+                raise UserError(f"--{flag} is empty: give the text, or leave --{flag} out"
+                                + (" to chat interactively" if flag == "prompt" else ""))
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
 
 class ChatSession:
@@ -113,12 +122,13 @@ class ChatSession:
         elif name == "/temperature":
             try:
                 t = float(value)
-                if t < 0:
-                    raise ValueError
+                check_sampling(t, None, None, prefix="/")  # the flags' check: nan and inf are refused too
                 self.temperature = t
                 self.out.write(f"(temperature {t})\n")
             except ValueError:
                 self.out.write("usage: /temperature X with X >= 0, e.g. /temperature 0.7\n")
+            except UserError as e:
+                self.out.write(f"error: {e}; the temperature stays {self.temperature}\n")
         else:
             self.out.write(HELP + "\n")
         return True
@@ -146,14 +156,12 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
             session.reply(line)
         except UserError as e:  # too long a message: say so and keep the conversation going
             out.write(f"error: {e}\n")
+        except Exception as e:  # never lose the conversation to one failed answer
+            out.write(f"\nerror: this answer failed ({type(e).__name__}: {e}); the conversation is kept\n")
 
 
 def run(cfg: ChatConfig) -> list[dict]:
-    from gpt2.generate import check_sampling
-
-    if cfg.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1 (got {cfg.max_tokens})")
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    cfg.validate()
     model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
     session = ChatSession(model, cfg, decoder=decoder_for(model, cfg.compile))
     if cfg.prompt is not None:

@@ -43,12 +43,14 @@ class ServeConfig:
     api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on /v1 routes; "
                                          "none = $GPT2_API_KEY if set")
     model_name: str | None = arg(None, help="model id reported by /v1/models; none = the --model folder's name")
-    max_batch_size: int = arg(16, help="sequences decoded together at most; more requests wait their turn")
-    max_waiting: int = arg(256, help="queued requests beyond this are refused with 429")
-    default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it")
+    max_batch_size: int = arg(16, help="sequences decoded together at most; more requests wait their turn",
+                              minimum=1)
+    max_waiting: int = arg(256, help="queued requests beyond this are refused with 429", minimum=1)
+    default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
-    threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)")
+    threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)", minimum=1,
+                              hint="leave it out for torch's choice")
     compile: bool = arg(True, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
                                    "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
                                    "~/.cache/gpt2-scratch/compiled; later starts load it in seconds); measured "
@@ -65,8 +67,6 @@ def run(cfg: ServeConfig) -> None:
 
     if not 0 < cfg.port < 65536:
         raise UserError(f"--port {cfg.port}: must be 1..65535")
-    if cfg.max_batch_size < 1 or cfg.default_max_tokens < 1 or cfg.max_waiting < 1:
-        raise UserError("--max-batch-size, --max-waiting and --default-max-tokens must be >= 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request

@@ -67,18 +67,19 @@ class FinetuneConfig(TrainConfig):
                             "name such as gpt2")
     data: str = arg("data/alpaca", "folder written by `gpt2 prepare alpaca --out`")
     epochs: float = arg(2.0, EPOCHS_HELP)
-    batch_size: int = arg(16, "examples per micro batch on each rank")
-    grad_accum: int = arg(2, "micro batches per optimizer step (global batch = batch size x grad accum x ranks)")
+    batch_size: int = arg(16, "examples per micro batch on each rank", minimum=1)
+    grad_accum: int = arg(2, "micro batches per optimizer step (global batch = batch size x grad accum x ranks)",
+                          minimum=1)
     max_len: int | None = arg(None, "longest question + answer in tokens (default: the model's context window); "
-                                    "longer questions are cut from the left, or the example dropped")
+                                    "longer questions are cut from the left, or the example dropped", minimum=2)
     group_batches: int = arg(16, "length grouping: sort this many batches' worth of shuffled examples by "
-                                 "length before cutting batches (more = less padding, less randomness)")
+                                 "length before cutting batches (more = less padding, less randomness)", minimum=1)
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
                                         "on for CPU, off for CUDA (where torch.compile fuses the loss)",
                                   on_resume=APPLY)
     sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS), on_resume=APPLY,
                                     help="questions answered before and after fine-tuning (RUN_DIR/samples.md)")
-    sample_max_tokens: int = arg(128, "longest answer generated for samples.md", on_resume=APPLY)
+    sample_max_tokens: int = arg(128, "longest answer generated for samples.md", on_resume=APPLY, minimum=1)
     sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy", on_resume=APPLY)
     # Loop fields whose fine-tuning defaults differ (None = derived from the data, see --epochs).
     out: str = arg("runs/finetune", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png, "
@@ -96,11 +97,6 @@ class FinetuneConfig(TrainConfig):
         super().validate()
         if not self.epochs > 0:
             raise UserError(f"--epochs must be > 0 (got {self.epochs})")
-        for flag in ("batch_size", "grad_accum", "group_batches", "sample_max_tokens"):
-            if getattr(self, flag) < 1:
-                raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)})")
-        if self.max_len is not None and self.max_len < 2:
-            raise UserError(f"--max-len must be >= 2 (got {self.max_len})")
         if not self.sample_temperature >= 0:
             raise UserError(f"--sample-temperature must be >= 0, 0 = greedy (got {self.sample_temperature})")
 

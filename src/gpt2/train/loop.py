@@ -90,7 +90,18 @@ from gpt2.checkpoint import (
     save_checkpoint,
     state_to_cpu,
 )
-from gpt2.config import ANNOUNCE, APPLY, REFUSE, SESSION, arg, flag_name, resume_rule, same_setting, to_dict
+from gpt2.config import (
+    ANNOUNCE,
+    APPLY,
+    REFUSE,
+    SESSION,
+    arg,
+    check_values,
+    flag_name,
+    resume_rule,
+    same_setting,
+    to_dict,
+)
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
 from gpt2.io import dir_lock, disk_error, write_json_atomic, write_text_atomic
@@ -108,7 +119,8 @@ class TrainConfig:
 
     out: str = arg("runs/run", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png",
                    on_resume=APPLY)
-    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)", on_resume=ANNOUNCE)
+    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)", on_resume=ANNOUNCE,
+                         minimum=1)
     stop_at_step: int | None = arg(None, "end after this step with a checkpoint, keeping the schedule of "
                                          "--max-steps (split a long run across time-limited jobs)", on_resume=SESSION)
     max_minutes: float | None = arg(None, "end with a checkpoint after this many minutes of training in this "
@@ -116,9 +128,9 @@ class TrainConfig:
                                     on_resume=SESSION)
     lr: float = arg(6e-4, "peak learning rate (reached after warmup)", on_resume=ANNOUNCE)
     min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)",
-                               on_resume=ANNOUNCE)
-    warmup_steps: int = arg(100, "steps of linear LR warmup", on_resume=ANNOUNCE)
-    weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)")
+                               on_resume=ANNOUNCE, minimum=0)
+    warmup_steps: int = arg(100, "steps of linear LR warmup", on_resume=ANNOUNCE, minimum=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)", minimum=0)
     betas: tuple[float, float] = arg((0.9, 0.95), "AdamW betas (two numbers)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = no clipping", on_resume=ANNOUNCE)
     eval_every: int = arg(250, "evaluate and redraw loss.png every N steps (and at the end); 0 = never",
@@ -139,10 +151,7 @@ class TrainConfig:
         """Raise a one-line UserError naming the first flag whose value makes no sense. Stages with more
         fields extend this (calling super); `train()` and each command's `run` call it before any work.
         Fields a stage derives later (None, e.g. finetune's max_steps) are checked once they are set."""
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"--max-steps must be >= 1 (got {self.max_steps})")
-        if self.warmup_steps < 0:
-            raise UserError(f"--warmup-steps must be >= 0 (got {self.warmup_steps})")
+        check_values(self)
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= (self.max_steps or self.stop_at_step):
             raise UserError(f"--stop-at-step must be between 1 and --max-steps ({self.max_steps}), got "
                             f"{self.stop_at_step}")
@@ -150,10 +159,7 @@ class TrainConfig:
             raise UserError(f"--max-minutes must be > 0 (got {self.max_minutes}); leave it out for no time limit")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a positive number (got {self.lr})")
-        if self.min_lr is not None and not (math.isfinite(self.min_lr) and self.min_lr >= 0):
-            raise UserError(f"--min-lr must be >= 0 (got {self.min_lr})")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        check_schedule(self.lr, self.min_lr, self.warmup_steps, self.max_steps)
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise UserError(f"--grad-clip must be >= 0, 0 = no clipping (got {self.grad_clip})")
         for flag in ("eval_every", "save_every"):
@@ -162,6 +168,17 @@ class TrainConfig:
                 raise UserError(f"--{flag.replace('_', '-')} must be >= 0, 0 = never (got {value})")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"--betas takes two numbers in [0, 1) (got {list(self.betas)})")
+
+
+def check_schedule(lr: float, min_lr: float | None, warmup_steps: int, max_steps: int | None) -> None:
+    """The LR schedule's bounds must not contradict each other: the decay ends at or below the peak, and the
+    warmup ends within the run (else the LR never reaches --lr). `max_steps` None: derived later (from
+    --epochs), checked again by `train()` once it is known."""
+    if min_lr is not None and min_lr > lr:
+        raise UserError(f"--min-lr {min_lr} is above --lr {lr}: the cosine decay goes from --lr down to --min-lr")
+    if max_steps is not None and warmup_steps > max_steps:
+        raise UserError(f"--warmup-steps {warmup_steps} is more than the run's {max_steps} steps (--max-steps): the "
+                        "LR would never reach --lr; lower --warmup-steps")
 
 
 # The one rule for the length of a run, in every command that has both flags (finetune, dpo, reward).
