@@ -160,10 +160,10 @@ def check_values(cfg: Any) -> None:
                 continue
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"{flag} must be a finite number (got {v})")
+            if f.name in SEED_FIELDS and not 0 <= v < INT64:
+                raise UserError(f"{flag} must be an integer in [0, 2**63) (got {v})")
             if isinstance(v, int) and not -INT64 <= v < INT64:
                 raise UserError(f"{flag} {v} is out of range: integers must fit in 64 bits (|x| < 2**63)")
-            if f.name in SEED_FIELDS and not 0 <= v < INT64:
-                raise UserError(f"{flag} must be in [0, 2**63) (got {v})")
             minimum = declared(type(cfg), f.name, "minimum")
             if minimum is not None and v < minimum:
                 hint = declared(type(cfg), f.name, "hint")

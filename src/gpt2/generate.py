@@ -62,7 +62,7 @@ def run(cfg: GenerateConfig) -> list[str]:
 
     cfg.validate()
     device = pick_device(cfg.device)
-    model = load_model(cfg.model, device).eval()
+    model = load_model(cfg.model, device, reads_text="--model").eval()
     ids, mask = tokenize_batch_input(cfg.prompts)
     too_long = [i for i, n in enumerate(mask.sum(1).tolist()) if n > model.config.block_size]
     if too_long:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt2.checkpoint import load_model
+from gpt2.checkpoint import check_vocab, load_model
 from gpt2.cli import Command, register
 from gpt2.config import arg, flag_name
 from gpt2.data.batching import LengthGroupedBatcher, collate, pad_right
@@ -259,9 +259,10 @@ def run(cfg: PPOConfig) -> ActorCritic:
     dist = init_distributed(cfg.device)
     try:
         device = dist.device
-        policy = load_model(cfg.model)
+        policy = load_model(cfg.model, reads_text="--model" if cfg.prompts is not None else None)
         reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
         scorer = RewardModel.from_pretrained(cfg.reward_model).eval().requires_grad_(False).to(device)
+        check_vocab(scorer, policy.config.vocab_size, f"--reward-model {cfg.reward_model}", f"--model {cfg.model}")
         context = min(policy.config.block_size, scorer.config.block_size)
         train_prompts, eval_prompts = load_prompts(cfg, context - cfg.max_new_tokens - 1)
         seed_everything(cfg.seed)  # the value head's initial weights (DDP broadcasts rank 0's anyway)

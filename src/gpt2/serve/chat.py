@@ -162,7 +162,7 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
 
 def run(cfg: ChatConfig) -> list[dict]:
     cfg.validate()
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
+    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
     session = ChatSession(model, cfg, decoder=decoder_for(model, cfg.compile))
     if cfg.prompt is not None:
         session.reply(cfg.prompt)

@@ -49,6 +49,9 @@ class ServeConfig:
     default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
+    request_timeout: float = arg(10.0, help="seconds a client has to send a whole request (headers and body) "
+                                            "from its first byte; slower ones get 408 and are closed "
+                                            "(gpt2.serve.timeouts)", minimum=0.001)
     threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)", minimum=1,
                               hint="leave it out for torch's choice")
     compile: bool = arg(True, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
@@ -64,29 +67,37 @@ def run(cfg: ServeConfig) -> None:
     from gpt2.decoder import decoder_for
     from gpt2.serve.api import create_app
     from gpt2.serve.engine import Engine
+    from gpt2.serve.timeouts import deadline_protocol
 
     if not 0 < cfg.port < 65536:
         raise UserError(f"--port {cfg.port}: must be 1..65535")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
+    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
     # compiled before listening (requests never wait for the compiler), in this thread, which runs the engine
     engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=decoder_for(model, cfg.compile))
     app = create_app(engine, model_name=name, api_key=api_key,
                      default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
-                     max_waiting=cfg.max_waiting, start_engine=False)
+                     max_waiting=cfg.max_waiting, start_engine=False, aliases=model_aliases(cfg))
     if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
           f"{'(API key required)' if api_key else ''}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
-                                          timeout_graceful_shutdown=5))
+                                          timeout_graceful_shutdown=5, http=deadline_protocol(cfg.request_timeout)))
     if not serve_http_beside(engine, server):
         raise SystemExit(1)  # uvicorn could not start (say the port is taken) and has said why
+
+
+def model_aliases(cfg: ServeConfig) -> tuple[str, ...]:
+    """The other names a request's `model` may give (see `gpt2.serve.api`): the --model value as given and its
+    folder's name."""
+    given = cfg.model.rstrip("/\\")
+    return tuple(n for n in (given, Path(given).name) if n)
 
 
 def serve_http_beside(engine: Engine, server: uvicorn.Server) -> bool:

@@ -42,13 +42,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from gpt2.cli import Command, register
+from gpt2.cli import Command, command_name, register
 from gpt2.config import APPLY, arg, from_dict, to_dict
 from gpt2.data.alpaca import fit_examples, load_split
 from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
 from gpt2.errors import UserError
-from gpt2.io import dir_lock, write_json_atomic, write_text_atomic
-from gpt2.train.loop import CHECKPOINT_FILE, EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
+from gpt2.io import dir_lock, make_folder, write_json_atomic, write_text_atomic
+from gpt2.train.loop import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, check_run_dir, run_length, train
 from gpt2.train.losses import gpt_loss_chunked
 
 DEFAULT_PROMPTS = [
@@ -239,7 +239,7 @@ def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list
         if saved.get("prompts") == cfg.sample_prompts:
             return saved["answers"]
     answers = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run_dir)
     write_json_atomic(path, {"prompts": cfg.sample_prompts, "answers": answers})
     return answers
 
@@ -269,12 +269,10 @@ def run(cfg: FinetuneConfig):
 
     cfg.validate()
     run_dir = Path(cfg.out)
-    if (run_dir / CHECKPOINT_FILE).exists() and not cfg.resume:
-        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
-                        "--out")
+    check_run_dir(run_dir, cfg.resume, command_name(cfg))  # before the model loads
     dist = init_distributed(cfg.device)
     try:
-        model = load_model(cfg.init).to(dist.device)
+        model = load_model(cfg.init, reads_text="--init").to(dist.device)
         train_ex, val_ex = _load_examples(cfg, model.config.block_size, dist.is_main)
         task = FinetuneTask(train_ex, val_ex, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
                             world_size=dist.world_size, group_batches=cfg.group_batches,

@@ -90,6 +90,7 @@ from gpt2.checkpoint import (
     save_checkpoint,
     state_to_cpu,
 )
+from gpt2.cli import command_name
 from gpt2.config import (
     ANNOUNCE,
     APPLY,
@@ -104,7 +105,7 @@ from gpt2.config import (
 )
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
-from gpt2.io import dir_lock, disk_error, write_json_atomic, write_text_atomic
+from gpt2.io import dir_lock, disk_error, make_folder, not_a_folder, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -152,6 +153,8 @@ class TrainConfig:
         fields extend this (calling super); `train()` and each command's `run` call it before any work.
         Fields a stage derives later (None, e.g. finetune's max_steps) are checked once they are set."""
         check_values(self)
+        if self.out and (err := not_a_folder(self.out)):
+            raise UserError(f"--out {self.out}: {err}")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= (self.max_steps or self.stop_at_step):
             raise UserError(f"--stop-at-step must be between 1 and --max-steps ({self.max_steps}), got "
                             f"{self.stop_at_step}")
@@ -321,7 +324,7 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         kept = []
         if keep_until_step is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -499,6 +502,33 @@ def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] 
     return dict(saved), ckpt
 
 
+COMMAND_KEY = "command"  # in config.json and the checkpoint's run_config: the command that made the run
+
+
+def run_command(run_dir: str | os.PathLike) -> str | None:
+    """The command that made the run in `run_dir` as its config.json records it; None when not recorded."""
+    try:
+        saved = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved.get(COMMAND_KEY) if isinstance(saved, dict) else None
+
+
+def check_run_dir(run_dir: str | os.PathLike, resume: bool, command: str | None, made_by: str | None = None) -> None:
+    """Refuse, in one line, a --out whose checkpoint another command made (naming the run and that command),
+    and a checkpoint without --resume. made_by: the recording command when known (default: config.json's)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        return
+    made_by = made_by or run_command(run_dir)
+    if made_by and command and made_by != command:
+        raise UserError(f"{run_dir} is a `gpt2 {made_by}` run, not a `gpt2 {command}` one: continue it with "
+                        f"`gpt2 {made_by} --out {run_dir} --resume`, or choose another --out")
+    if not resume:
+        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
+                        "--out")
+
+
 _SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")
 
 
@@ -568,31 +598,37 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int
     model.to(device)
     optimizer = build_optimizer(model, cfg, device)
     run_config = run_config if run_config is not None else cfg
+    command = command_name(run_config)
     run_config = to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
+    if command is not None:
+        run_config[COMMAND_KEY] = command  # which command made the run: --resume by another is refused
 
+    check_run_dir(run_dir, cfg.resume, command)
     start_step, elapsed0, resumed = 0, 0.0, None
     if cfg.resume and ckpt_path.exists():
         resumed = load_checkpoint(ckpt_path)
+        check_run_dir(run_dir, True, command, made_by=(resumed.get("run_config") or {}).get(COMMAND_KEY))
         if resumed.get("world_size", 1) != dist.world_size:
             raise UserError(f"{ckpt_path} was written by {resumed['world_size']} processes; resume it with the "
                             f"same number (now {dist.world_size})")
-        model.load_state_dict(resumed["model"])
+        try:
+            model.load_state_dict(resumed["model"])
+        except RuntimeError as e:  # a run from before the command was recorded, made by another command
+            raise UserError(f"--resume: the weights in {ckpt_path} do not fit this command's model "
+                            f"({str(e).splitlines()[0]}); was {run_dir} made by another command?") from e
         optimizer.load_state_dict(resumed["optimizer"])
         task.load_state_dict(resumed["ranks"][dist.rank]["task"])
         start_step, elapsed0 = resumed["step"], resumed.get("elapsed", 0.0)
         for line in resume_changes(resumed.get("train_config", {}), cfg, start_step):
             if is_main:
                 print(line, flush=True)
-    elif ckpt_path.exists() and not cfg.resume:
-        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
-                        "--out")
     else:
         if cfg.resume and is_main:
             print(f"--resume: no checkpoint in {run_dir} yet; starting a new run", flush=True)
         seed_everything(cfg.seed + dist.rank)
 
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir)
         write_json_atomic(run_dir / CONFIG_FILE, run_config)
     metrics = MetricsLogger(run_dir / METRICS_FILE, enabled=is_main,
                             keep_until_step=start_step if resumed else None)
