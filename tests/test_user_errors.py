@@ -256,9 +256,10 @@ def test_pretrain_out_naming_a_file(shards, tmp_path, capsys):  # noqa: F811
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--seed", BIG, "hi"], f"--seed must be an integer in [0, 2**63) (got {BIG})"),
     (["generate", "--temperature", "inf", "hi"], "--temperature must be a finite number (got inf)"),
-    (["chat", "--prompt", ""], "--prompt is empty: give the text, or leave --prompt out to chat interactively"),
-    (["chat", "--prompt", "  "], "--prompt is empty: give the text, or leave --prompt out to chat interactively"),
-    (["chat", "--system", ""], "--system is empty: give the text, or leave --system out"),
+    (["chat", "--prompt", ""], "--prompt is empty: give the message, or leave --prompt out to chat interactively"),
+    (["chat", "--prompt", "  "], "--prompt is empty: give the message, or leave --prompt out to chat interactively"),
+    (["chat", "--system", ""], "--system is empty: give a value, or leave --system out"),
+    (["prepare", "alpaca", "--source", ""], "--source is empty: give a value, or leave --source out"),
     (["chat", "--temperature", "nan"], "--temperature must be a finite number (got nan)"),
     (["serve", "--threads", "-1"], "--threads must be >= 1 (got -1); leave it out for torch's choice"),
     (["serve", "--threads", "0"], "--threads must be >= 1 (got 0); leave it out for torch's choice"),

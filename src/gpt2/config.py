@@ -17,8 +17,9 @@ Design decisions:
   the batch, the seed). A subclass that redeclares a field inherits its base's rule.
 - One check for every command's numbers (`check_values`, run by `build_config` and by the training loop's
   `validate`): a float flag must be finite (nan and inf make no run or answer that means anything), an integer
-  must fit in 64 bits (torch and numpy take no more) and a seed must be in [0, 2**63); a field declared with
-  `arg(..., minimum=N)` must be >= N. Checks that relate two flags (warmup vs max steps, min lr vs lr) are the
+  must fit in 64 bits (torch and numpy take no more), a seed must be in [0, 2**63), a text flag must not be
+  empty or blank (`--source ""` is not "no source"), and a field declared with `arg(..., minimum=N)` must be >= N
+  (`hint` adds what to do instead). Checks that relate two flags (warmup vs max steps, min lr vs lr) are the
   commands' own `validate`.
 """
 
@@ -71,7 +72,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _scalar_parser(tp: Any, optional: bool):
     def parse(text: str):
-        if optional and text.lower() in ("none", "null", ""):
+        # "" is None for a number, but stays "" for text: `--prompt ""` is an empty prompt (refused by its
+        # command), not a flag left out
+        if optional and (text.lower() in ("none", "null") or (text == "" and tp is not str)):
             return None
         return tp(text)
 
@@ -151,10 +154,13 @@ SEED_FIELDS = ("seed",)
 
 def check_values(cfg: Any) -> None:
     """The checks every config gets (module docstring): finite floats, 64-bit integers, seeds in [0, 2**63),
-    and each field's declared `minimum`. Raises a one-line UserError naming the flag."""
+    non-empty text, and each field's declared `minimum`. Raises a one-line UserError naming the flag."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         flag = flag_name(f.name)
+        if isinstance(value, str) and not value.strip():  # `--source ""` would read the current folder
+            hint = declared(type(cfg), f.name, "hint") or f"give a value, or leave {flag} out"
+            raise UserError(f"{flag} is empty: {hint}")
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue

@@ -23,7 +23,7 @@ import torch
 
 from gpt2.checkpoint import load_model
 from gpt2.cli import Command, register
-from gpt2.config import arg
+from gpt2.config import arg, check_values
 from gpt2.decoder import Decoder, decoder_for
 from gpt2.errors import UserError
 from gpt2.generate import check_sampling
@@ -40,7 +40,8 @@ HELP = "commands: /temperature X (0 = greedy), /reset (forget the conversation),
 @dataclass
 class ChatConfig:
     model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory or hub name")
-    prompt: str | None = arg(None, help="answer this one message, print the answer and exit (for scripts)")
+    prompt: str | None = arg(None, help="answer this one message, print the answer and exit (for scripts)",
+                             hint="give the message, or leave --prompt out to chat interactively")
     system: str | None = arg(None, help="a system message that opens the conversation")
     temperature: float = arg(0.7, help="sampling temperature; 0 = greedy (change with /temperature X)")
     top_k: int | None = arg(None, help="sample only among the k most likely tokens")
@@ -55,11 +56,7 @@ class ChatConfig:
                                    "1.5-1.9x the tokens/s of eager decoding there; --no-compile decodes eagerly")
 
     def validate(self) -> None:
-        for flag in ("prompt", "system"):
-            text = getattr(self, flag)
-            if text is not None and not text.strip():
-                raise UserError(f"--{flag} is empty: give the text, or leave --{flag} out"
-                                + (" to chat interactively" if flag == "prompt" else ""))
+        check_values(self)  # an empty --prompt or --system is refused there
         check_sampling(self.temperature, self.top_k, self.top_p)
 
 
