@@ -227,15 +227,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {threads}, "
           f"{args.preset} ({ours.num_params() / 1e6:.1f}M params, fp32), prompt {args.prompt_len}, "
           f"new {args.new_tokens}, greedy, best of {args.rounds} alternated rounds")
+    from gpt2 import compile_cache
     from gpt2 import compiled as aot
 
-    cached = aot.CompiledForward.is_cached(aot.cache_root() / aot.cache_key(ours))
+    cached = compile_cache.verify(compile_cache.cache_root() / aot.cache_key(ours)) is None
     compiled = Decoder(ours, compile=True)
     if not cached:
         print(f"one-time cost (ours: compiling the model's pieces, once per weights, torch and CPU): "
               f"{compiled.compile_seconds:.1f} s", flush=True)
         compiled = Decoder(ours, compile=True)
-    print(f"start-up cost (ours: loading the compiled pieces from {aot.cache_root()}, every chat/server start): "
+    print(f"start-up cost (ours: loading the compiled pieces from {compile_cache.cache_root()}, every chat/server "
+          "start): "
           f"{compiled.compile_seconds:.1f} s", flush=True)
     try:
         import onnxruntime

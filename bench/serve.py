@@ -49,22 +49,24 @@ def start_server(model_dir: Path, port: int, args: argparse.Namespace, log) -> s
            "--port", str(port), "--device", args.device, "--max-batch-size", str(max(args.clients))]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    if args.no_compile:
-        cmd += ["--no-compile"]
+    cmd += ["--no-compile"] if args.no_compile else ["--compile"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # the server's log goes to a file (a pipe nobody reads would fill up and stall it), shown if anything fails
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    deadline = time.time() + 900  # a first start compiles the model's pieces before it listens (minutes)
+    deadline = time.time() + 3600  # a first start compiles the model's pieces in the background (minutes)
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited early:\n{log_tail(log)}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+            # measure the decoder asked for: wait for the switch to the compiled pieces (or their failure)
+            if args.no_compile or health.get("decoder") == "compiled" or "error" in health.get("compile", {}):
                 return proc
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.kill()
-    raise SystemExit("server did not start within 600 s")
+    raise SystemExit("server did not switch to compiled decoding within an hour")
 
 
 def prompt(client: int, request: int, n_tokens: int) -> list[int]:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import copy
 import shutil
 import stat
+import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 from serve_helpers import one_torch_thread
 
+import gpt2.compile_cache
 import gpt2.compiled
 from gpt2.decoder import Decoder, SamplingParams, score_tokens
 from gpt2.inference import generate
@@ -155,12 +158,12 @@ def test_a_failed_compile_says_why_and_leaves_no_cache_entry(model, tmp_path, mo
     with pytest.raises(RuntimeError, match="^CppCompileError: g\\+\\+ not found$"):
         Decoder(model, compile=True, release_weights=True)
     assert not any(p.is_meta for p in model.parameters())  # nothing was released: the caller can decode eagerly
-    assert list((tmp_path / "cache").iterdir()) == []  # no half-built entry
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{gpt2.compiled.cache_key(model)}.lock"]  # no entry
 
 
 def test_a_damaged_cache_entry_is_compiled_again(model, compiled, tmp_path, monkeypatch):
     """A cut-off piece (a full disk, a copy interrupted) is found before the model's weights are handed over."""
-    entry = gpt2.compiled.cache_root() / gpt2.compiled.cache_key(model)
+    entry = gpt2.compile_cache.cache_root() / gpt2.compiled.cache_key(model)
     damaged = tmp_path / "cache" / entry.name
     shutil.copytree(entry, damaged)
     piece = damaged / "piece-01.pt2"
@@ -168,7 +171,7 @@ def test_a_damaged_cache_entry_is_compiled_again(model, compiled, tmp_path, monk
     monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "cache"))
     rebuilt = []
 
-    def build(model, directory, progress):
+    def build(model, directory, progress, label=""):
         rebuilt.append(directory)
         shutil.copytree(entry, directory)  # stands in for compiling (minutes): the same pieces
 
@@ -189,3 +192,119 @@ def test_a_decoder_of_another_model_is_refused(compiled):
     other = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=48, vocab_size=VOCAB)).eval()
     with pytest.raises(ValueError, match="another model"):
         generate(other, *prompts([3]), 0.0, 2, eos_id=None, decoder=compiled)
+
+
+# ---------------------------------------------------------------------------------------------- in the background
+
+
+def test_decoding_starts_eagerly_and_switches_mid_generation(model, compiled):
+    """The pieces (cached by the `compiled` fixture) load in the background while `generate` runs eagerly; the
+    switch happens between two steps and the tokens are those of either decoder alone."""
+    own = copy.deepcopy(model)
+    decoder = Decoder(own, release_weights=True)
+    said: list[str] = []
+    background = decoder.compile_in_background(say=said.append)
+    assert decoder.status()["decoder"] == "eager"
+    steps = []
+
+    def on_tokens(produced):
+        steps.append(decoder.compiled)
+        if len(steps) == 3:
+            assert background.wait(120) and background.state == "ready"
+
+    ids, mask = prompts([7, 2, 11])
+    out = generate(own, ids, mask, 0.0, 12, eos_id=None, decoder=decoder, on_tokens=on_tokens)
+    assert out == generate(model, ids, mask, 0.0, 12, eos_id=None)
+    assert steps[:3] == [False] * 3 and all(steps[4:])  # eager first, compiled after the switch
+    assert decoder.status() == {"decoder": "compiled", "compile": background.status()}
+    assert background.status()["state"] == "ready" and not background.built
+    assert all(p.is_meta for p in own.parameters())  # the pieces hold the only copy now
+    assert len(said) == 1 and said[0].startswith("switched to compiled decoding")
+
+
+def test_requests_in_flight_go_on_across_the_switch(model, compiled):
+    """Engine rows admitted eagerly keep their cache when the decoder switches; tokens equal and log-probs match
+    the eager engine's within the decoders' tolerance."""
+    eager = serve(model, None)
+    decoder = Decoder(copy.deepcopy(model), release_weights=True)
+    engine = Engine(decoder.model, max_batch_size=3, eos_id=None, headroom=2, decoder=decoder)
+    background = decoder.compile_in_background(say=lambda line: None)
+    got: list[tuple[list[int], object]] = []
+    arrivals = {0: [[1, 2, 3], [9]], 3: [[4, 5, 6, 7, 8, 9, 10]], 5: [[20, 21]], 9: [[30]]}
+    for step in range(60):
+        for prompt in arrivals.get(step, []):
+            tokens: list[int] = []
+            req = engine.submit(prompt, SamplingParams(max_tokens=4 + 2 * len(got), temperature=0, logprobs=0),
+                                lambda t, _r, tokens=tokens: t is not None and tokens.append(t))
+            got.append((tokens, req))
+        if step == 4:
+            assert not decoder.compiled and background.wait(120)
+        if not engine.has_work() and step > max(arrivals):
+            break
+        engine.step()
+    assert decoder.compiled
+    assert [t for t, _ in got] == [t for t, _ in eager]
+    for (_, req), (_, le) in zip(got, eager):
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in req.token_logprobs]), torch.tensor(le),
+                                   atol=ATOL, rtol=0)
+
+
+def test_a_slow_first_compile_keeps_nobody_waiting(model, compiled, tmp_path, monkeypatch):
+    """An empty cache: the build (here a stand-in that takes its time, then gives the real pieces) runs while the
+    decoder answers eagerly; it says so, reports progress, and the switch follows."""
+    entry = gpt2.compile_cache.cache_root() / gpt2.compiled.cache_key(model)
+    monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "empty"))
+    release = threading.Event()
+
+    def slow_build(model, directory, progress, label=""):
+        progress("  piece 1/4 compiled in 9 s")
+        assert release.wait(60)
+        shutil.copytree(entry, directory)
+
+    monkeypatch.setattr(gpt2.compiled, "build_in_child", slow_build)
+    own = copy.deepcopy(model)
+    decoder = Decoder(own, release_weights=True)
+    said: list[str] = []
+    background = decoder.compile_in_background(say=said.append, label="tiny")
+    ids, mask = prompts([5])
+    assert generate(own, ids, mask, 0.0, 6, eos_id=None, decoder=decoder) == generate(model, ids, mask, 0.0, 6,
+                                                                                       eos_id=None)
+    status = decoder.status()
+    assert status["decoder"] == "eager" and status["compile"]["state"] == "compiling"
+    assert status["compile"]["pieces_compiled"] == 1 and status["compile"]["pieces"] == 4
+    assert said and "decoding eagerly until they are ready" in said[0]
+    release.set()
+    assert background.wait(60) and background.state == "ready"
+    assert generate(own, ids, mask, 0.0, 6, eos_id=None, decoder=decoder) == generate(model, ids, mask, 0.0, 6,
+                                                                                       eos_id=None)
+    assert decoder.compiled and said[-1].startswith("switched to compiled decoding") and "compiled in" in said[-1]
+
+
+def test_a_failed_background_compile_leaves_decoding_eager(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "cache"))
+
+    def broken(model, directory, progress, label=""):
+        raise RuntimeError("CppCompileError: g++ not found")
+
+    monkeypatch.setattr(gpt2.compiled, "build_in_child", broken)
+    decoder = Decoder(model)
+    said: list[str] = []
+    assert decoder.compile_in_background(say=said.append).wait(60)
+    ids, mask = prompts([4])
+    assert generate(model, ids, mask, 0.0, 5, eos_id=None, decoder=decoder) == generate(model, ids, mask, 0.0, 5,
+                                                                                         eos_id=None)
+    assert not decoder.compiled and decoder.status()["compile"]["state"] == "failed"
+    assert said[-1] == ("note: compiling failed (RuntimeError: CppCompileError: g++ not found); decoding stays eager "
+                        "(--no-compile skips it)")
+
+
+def test_small_models_are_not_compiled_by_default(model):
+    from gpt2.decoder import COMPILE_MIN_PARAMS, wants_compile
+
+    assert model.num_params() < COMPILE_MIN_PARAMS
+    assert not wants_compile(model, None) and wants_compile(model, True) and not wants_compile(model, False)
+    # the rule reads the size and the device only
+    big = SimpleNamespace(num_params=lambda: COMPILE_MIN_PARAMS, lm_head=SimpleNamespace(weight=torch.empty(0)))
+    assert wants_compile(big, None)
+    assert not wants_compile(SimpleNamespace(num_params=big.num_params,
+                                             lm_head=SimpleNamespace(weight=torch.empty(0, device="meta"))), None)

@@ -44,6 +44,7 @@ COMMAND_MODULES = [
     "gpt2.rlhf.ppo",
     "gpt2.serve.chat",
     "gpt2.serve.server",
+    "gpt2.commands.cache",
 ]
 
 
@@ -63,6 +64,7 @@ _REGISTRY: dict[str, Command] = {}
 GROUP_HELP = {
     "prepare": "download or read a dataset and tokenize it (fineweb, alpaca, hh)",
     "eval": "evaluate a model (hellaswag, val-loss)",
+    "cache": "the compiled decoding pieces kept on disk (list, remove, build)",
 }
 
 

@@ -12,9 +12,12 @@
 - **Ahead of time, in another process, cached.** Each piece is exported (`torch.export`, any number of rows)
   and compiled by AOTInductor with frozen weights (which lets it pre-pack them for its GEMMs) and autotuned
   between inductor's C++ GEMM and ATen's, keeping whichever measures faster on this CPU. Compiling holds
-  several copies of the weights at once, so it runs in a child process; the decoding process only loads
-  the packages, and a later start with the same weights, torch and CPU loads them from the cache in seconds.
-  The cache key hashes the weights, the config, the torch version and the CPU's model and flags.
+  several copies of the weights at once, so it runs in a child process at a lower priority, which dies with
+  its parent; the decoding process only loads the packages. The cache (`gpt2.compile_cache`: checksummed,
+  locked, bounded) is keyed by a hash of the weights, the config, the torch version and the CPU's model and
+  flags, so a later start with the same weights loads the pieces in seconds.
+- **Never waited for.** `BackgroundCompile` does all of that in a thread while the caller decodes eagerly;
+  the decoder switches to the loaded pieces between two steps (`gpt2.decoder.Decoder.compile_in_background`).
 - **Weights once.** Packages keep their weights in a separate blob, read once into memory (in the shared
   library they would be both mapped and copied). A decoder made with `release_weights=True` (what `gpt2
   chat`, `gpt2 serve` and `gpt2 generate --compile` do) empties the model (`model.to("meta")`) before loading
@@ -24,22 +27,25 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from gpt2 import compile_cache as cc
 from gpt2.errors import UserError
 from gpt2.model import GPT, Block, additive_mask
 
@@ -136,12 +142,6 @@ def build(model: GPT, directory: Path, progress: Callable[[str], None] = print) 
         progress(f"  piece {i + 1}/{len(parts)} compiled in {time.perf_counter() - t0:.0f} s")
 
 
-def cache_root() -> Path:
-    """Where compiled pieces are kept: $GPT2_COMPILE_CACHE, else ~/.cache/gpt2-scratch/compiled."""
-    env = os.environ.get("GPT2_COMPILE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "gpt2-scratch" / "compiled"
-
-
 def _cpu_identity() -> str:
     """The CPU's model and feature flags (Linux), else what the platform says: the packages are built for it."""
     try:
@@ -164,33 +164,105 @@ def cache_key(model: GPT) -> str:
     return h.hexdigest()[:32]
 
 
-def build_in_child(model: GPT, directory: Path, progress: Callable[[str], None]) -> None:
+_children: dict[subprocess.Popen, Path] = {}  # compiler children running, and their build folders
+
+
+def build_in_child(model: GPT, directory: Path, progress: Callable[[str], None], label: str = "") -> None:
     """`build` in a child process (compiling holds several copies of the weights: see the module docstring),
-    into a temporary folder renamed to `directory` when every piece is there, so a cache entry is whole or
-    absent. The child reads the weights from a checkpoint written for it."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    into a build folder renamed to `directory`, with its manifest, when every piece is there (the caller holds
+    the entry's lock: `gpt2.compile_cache`). The child reads the weights from a checkpoint written for it,
+    runs at a lower priority than decoding, and dies with this process: it removes the build folder and its
+    own compiler processes when this process ends, however it ends, and when it is sent SIGTERM."""
+    work = cc.build_folder(directory.parent, directory.name)
+    child = None
     try:
         model.save_pretrained(work / "weights", tokenizer=False)
         dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
-        cmd = [sys.executable, "-m", "gpt2.compiled", str(work / "weights"), str(work / "pieces"), dtype]
+        cmd = [sys.executable, "-m", "gpt2.compiled", str(work / "weights"), str(work / "pieces"), dtype,
+               "--parent", str(os.getpid()), "--work", str(work)]
         lines: list[str] = []
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
-            for line in child.stdout:  # progress as it comes; the rest (inductor's autotuning log) is kept for errors
-                lines.append(line.rstrip())
-                if line.startswith("  piece"):
-                    progress(line.rstrip())
-        if child.returncode != 0:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                 start_new_session=True)  # Ctrl+C reaches this process only, which stops it
+        _children[child] = work
+        for line in child.stdout:  # progress as it comes; the rest (inductor's autotuning log) is kept for errors
+            lines.append(line.rstrip())
+            if line.startswith("  piece"):
+                progress(line.rstrip())
+        if child.wait() != 0:
             raise RuntimeError(next((ln for ln in reversed(lines) if ln.strip()), f"exit {child.returncode}"))
         shutil.rmtree(work / "weights")
-        (work / "pieces" / "done.json").write_text(json.dumps({"pieces": len(pieces(model))}))
-        try:
-            os.replace(work / "pieces", directory)
-        except OSError:  # another process finished the same entry first: theirs serves as well
-            if not (directory / "done.json").exists():
-                raise
+        cc.write_manifest(work / "pieces", {"format": FORMAT, "model": label, "params": model.num_params(),
+                                            "pieces": len(pieces(model)), "torch": torch.__version__})
+        os.replace(work / "pieces", directory)
     finally:
+        if child is not None:
+            _stop_child(child)
+            _children.pop(child, None)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    """End a compiler child and its compiler processes (SIGTERM: it cleans up; SIGKILL if it does not)."""
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+@atexit.register
+def _stop_children() -> None:
+    """At exit (a finished command, Ctrl+C, SIGTERM in `gpt2 serve`), builds still running are stopped and their
+    folders removed: nothing half-built stays behind."""
+    if _children:
+        _stderr("note: the compile running in the background was stopped unfinished (nothing cached); `gpt2 cache "
+                "build --model MODEL` compiles a model ahead of time")
+    for child, work in list(_children.items()):
+        _stop_child(child)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prepared(model: GPT, progress: Callable[[str], None], build: bool = True,
+             label: str = "") -> Iterator[Path | None]:
+    """The verified cache entry of `model`'s pieces, built first if it is absent or damaged (None when it is not
+    cached and `build` is False), with the entry's lock held until the block ends (so no other process evicts
+    or rebuilds it while it is loaded). Raises `CacheUnavailable` where the cache folder cannot be written."""
+    root, key = cc.cache_root(), cache_key(model)
+    directory, lock = root / key, cc.Lock(root, key)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK):
+            raise PermissionError(f"not writable: {root}")
+        cc.remove_leftovers(root)
+        lock.acquire(on_wait=lambda: progress("another process is compiling this model; waiting for it"))
+    except OSError as e:
+        raise CacheUnavailable(f"the compile cache {root} cannot be used ({e.strerror or e})") from e
+    try:
+        damage = cc.verify(directory) if directory.exists() else None
+        if damage is not None:
+            progress(f"the compiled pieces in {directory} are damaged ({damage}); compiling them again")
+            shutil.rmtree(directory)
+        if not directory.exists():
+            if not build:
+                yield None
+                return
+            progress(f"compiling the model's {len(pieces(model))} pieces for this CPU into {directory} (once per "
+                     "model, torch and CPU: later starts load them in seconds)")
+            build_in_child(model, directory, progress, label)
+            cc.evict(root, keep=directory.name)
+        cc.touch(directory)
+        yield directory
+    finally:
+        lock.release()
+
+
+class CacheUnavailable(OSError):
+    """The compile cache's folder cannot be created or written."""
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -207,15 +279,6 @@ class CompiledForward:
         paths = [directory / f"piece-{i:02d}.pt2" for i in range(n_pieces)]
         loaded = {p: torch._inductor.aoti_load_package(str(p)) for p in sorted(paths, key=lambda p: -p.stat().st_size)}
         self._pieces = [loaded[p] for p in paths]
-
-    @staticmethod
-    def is_cached(directory: Path) -> bool:
-        return (directory / "done.json").exists()
-
-    @staticmethod
-    def is_whole(directory: Path, n_pieces: int) -> bool:
-        """Every piece is there and readable as a package (a cut-off copy or a disk error is not)."""
-        return all(zipfile.is_zipfile(directory / f"piece-{i:02d}.pt2") for i in range(n_pieces))
 
     def hidden_states(self, model: GPT, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
                       attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
@@ -236,28 +299,118 @@ class CompiledForward:
         return self._pieces[-1](flat).view(*hidden.shape[:-1], -1)
 
 
-def load(model: GPT, release_weights: bool = False,
-         progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> CompiledForward:
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load(model: GPT, release_weights: bool = False, progress: Callable[[str], None] = _stderr,
+         label: str = "") -> CompiledForward:
     """The compiled pieces of `model` from the cache, compiled first (in a child process) if they are not there.
     With `release_weights`, the model is emptied (its weights go to the meta device) before the pieces load."""
-    directory = cache_root() / cache_key(model)
     n = len(pieces(model))
-    if CompiledForward.is_cached(directory) and not CompiledForward.is_whole(directory, n):
-        progress(f"the compiled pieces in {directory} are damaged; compiling them again")
-        shutil.rmtree(directory, ignore_errors=True)
-    if not CompiledForward.is_cached(directory):
-        progress(f"compiling the model's {n} pieces for this machine into {directory} (once per model, torch and "
-                 "CPU: later starts load them in seconds)")
-        build_in_child(model, directory, progress)
-    if not release_weights:
-        return CompiledForward(directory, n)
-    model.to("meta")
+    with prepared(model, progress, label=label) as directory:
+        if not release_weights:
+            return CompiledForward(directory, n)
+        model.to("meta")
+        return _load_released(directory, n)
+
+
+def _load_released(directory: Path, n: int) -> CompiledForward:
     try:
         return CompiledForward(directory, n)
     except Exception as e:  # the weights are gone from the model: no eager fallback, so say what to do
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"could not load the compiled pieces in {directory} ({reason}); delete that folder to "
-                        "compile them again, or pass --no-compile") from e
+        raise UserError(f"could not load the compiled pieces in {directory} ({one_line(e)}); delete that folder "
+                        "(gpt2 cache remove) to compile them again, or pass --no-compile") from e
+
+
+def one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+class BackgroundCompile:
+    """A model's compiled pieces made ready in a thread of this process while the caller decodes eagerly: the
+    cache entry is waited for (another process building it), verified, built in the child if absent (`build`),
+    then loaded. `forward` is the loaded `CompiledForward` once `state` is "ready"; `status()` says how far it
+    is (for `/health`). The thread only prepares: the decoder switches to the pieces itself, between steps."""
+
+    def __init__(self, model: GPT, build: bool = True, label: str = "",
+                 progress: Callable[[str], None] = _stderr):
+        self.n_pieces = len(pieces(model))
+        self.state = "starting"  # starting, waiting, compiling, loading, ready, not cached, failed
+        self.pieces_done = 0
+        self.built = False
+        self.child_peak = ""  # the compiler child's last line: its peak memory
+        self.error: str | None = None
+        self.forward: CompiledForward | None = None
+        self.started = time.monotonic()
+        self.seconds = 0.0  # until ready (or failed)
+        self.load_seconds = 0.0
+        self._say = progress
+        self._thread = threading.Thread(target=self._run, args=(model, build, label), name="gpt2-compile",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("ready", "not cached", "failed")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the thread has finished (for tests and benchmarks); returns whether it has."""
+        self._thread.join(timeout)
+        return self.done
+
+    def status(self) -> dict:
+        out = {"state": self.state, "pieces": self.n_pieces, "pieces_compiled": self.pieces_done,
+               "seconds": round(self.seconds if self.done else time.monotonic() - self.started, 1)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    def _progress(self, line: str) -> None:
+        if line.startswith("  piece "):  # "  piece 3/14 compiled in 12 s"
+            self.pieces_done += 1
+        elif line.startswith("  pieces compiled"):
+            self.child_peak = line.strip()
+        elif line.startswith("another process"):
+            self.state = "waiting"
+            self._say(line)
+        elif line.startswith(("compiling", "the compiled pieces")):
+            self.state, self.built = "compiling", True
+            self._say(line + "; decoding eagerly until they are ready")
+
+    def _run(self, model: GPT, build: bool, label: str) -> None:
+        try:
+            with prepared(model, self._progress, build=build, label=label) as directory:
+                if directory is None:
+                    self.state = "not cached"
+                    return
+                self.state, t0 = "loading", time.monotonic()
+                self.forward = CompiledForward(directory, self.n_pieces)
+                self.load_seconds = time.monotonic() - t0
+            self.state = "ready"
+        except Exception as e:  # no C++ compiler, a full disk, an unwritable cache...: decoding stays eager
+            self.error = f"{type(e).__name__}: {one_line(e)}"
+            self.state = "failed"
+        finally:
+            self.seconds = time.monotonic() - self.started
+
+
+def _die_with_parent(parent: int, work: Path) -> None:
+    """In the compiler child: when the parent process is gone (however it ended) or SIGTERM comes, remove the
+    build folder and end this process group (the child and inductor's compiler processes)."""
+    def end(*_args) -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        if hasattr(os, "killpg"):
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        end()
+
+    signal.signal(signal.SIGTERM, end)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,7 +419,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a checkpoint folder (GPT.save_pretrained)")
     parser.add_argument("out", help="the folder for the compiled pieces")
     parser.add_argument("dtype", help="the model's dtype, e.g. float32")
+    parser.add_argument("--parent", type=int, help="end (and remove --work) when this process is gone")
+    parser.add_argument("--work", help="the build folder to remove when ending early")
     args = parser.parse_args(argv)
+    if args.parent:
+        _die_with_parent(args.parent, Path(args.work))
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)  # decoding (eager, meanwhile) goes first on a busy machine
     model = GPT.from_pretrained(args.checkpoint).to(getattr(torch, args.dtype)).eval()
     build(model, Path(args.out), progress=lambda line: print(line, flush=True))
     status = Path("/proc/self/status")

@@ -40,16 +40,21 @@ import ctypes
 import ctypes.util
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from gpt2.compiled import CompiledForward
+from gpt2.compiled import BackgroundCompile, CompiledForward
 from gpt2.compiled import load as load_compiled
 from gpt2.data.batching import PAD_ID, pad_right
 from gpt2.model import GPT, GPTConfig
 
 _F32_MAX = torch.finfo(torch.float32).max
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -258,11 +263,12 @@ class Decoder:
       BLAS runs `x @ W` with W (in, out) faster than `x @ W.T` (measured on the 124M head on an AMD EPYC, AVX2:
       30% at one row, 12% at eight), and the head is a third of the weights a step reads. The copy leaves out
       the padding rows and costs n_embd * vocab_size floats (154 MB at 124M).
-    - **compiled** (`compile=True`, CPU): the model's weight-bearing parts compiled ahead of time for this
-      machine (`gpt2.compiled`: AOTInductor, pre-packed weights, autotuned GEMMs), with attention between them
-      on this decoder's cache as in eager. Prefill, steps and `score` all run on it. The one-time cost (minutes
-      for 124M) is paid in a child process on the first start with given weights, torch and CPU, and cached;
-      later starts load the compiled pieces in seconds (`compile_seconds` says how long it took).
+    - **compiled** (CPU): the model's weight-bearing parts compiled ahead of time for this machine
+      (`gpt2.compiled`: AOTInductor, pre-packed weights, autotuned GEMMs), with attention between them on this
+      decoder's cache as in eager. Prefill, steps and `score` all run on it. `compile=True` makes them ready
+      here and now (compiling them in a child process if they are not cached: minutes for 124M; loading them
+      from the cache: seconds; `compile_seconds` says how long it took); `compile_in_background()` decodes
+      eagerly meanwhile and switches between two steps, which is what the commands do (`decoder_for`).
       `release_weights=True` empties the model once the pieces hold the weights, so they are held once.
     Either way a decoder belongs to one set of weights (the head copy; the compiled pieces): `generate` makes one
     per call (training may change the weights between calls, and fused optimizers do not bump tensor versions,
@@ -275,6 +281,10 @@ class Decoder:
         self.device, self.dtype = w.device, w.dtype
         self.head: torch.Tensor | None = None
         self._compiled: CompiledForward | None = None
+        self._background: BackgroundCompile | None = None
+        self._release = release_weights
+        self._say: Callable[[str], None] = _stderr
+        self.compile_status: dict | None = None  # the background compile's last status, once it has ended
         t0 = time.perf_counter()
         if compile:
             self._compiled = load_compiled(model, release_weights=release_weights)
@@ -284,9 +294,52 @@ class Decoder:
                 self.head = w[: self.config.vocab_size].t().contiguous()  # (C, V)
         self.compile_seconds = time.perf_counter() - t0 if compile else 0.0  # the one-time cost, paid here
 
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def compile_in_background(self, build: bool = True, label: str = "",
+                              say: Callable[[str], None] = _stderr) -> BackgroundCompile:
+        """Decode eagerly now and switch to the compiled pieces once a thread has them loaded (compiled first, in
+        the child process, if they are not cached and `build`; else only if cached). The switch happens at the
+        start of the next prefill, step or full forward, in the thread that decodes: rows in flight keep their
+        cache and go on. `say` gets the one line that says so (default: stderr)."""
+        self._say = say
+        self._background = BackgroundCompile(self.model, build=build, label=label, progress=say)
+        return self._background
+
+    def status(self) -> dict:
+        """Which forward runs ("compiled" or "eager") and, when compiling was asked for, how far it is."""
+        bg = self._background
+        compile_status = bg.status() if bg is not None else self.compile_status
+        out: dict = {"decoder": "compiled" if self.compiled else "eager"}
+        if compile_status is not None:
+            out["compile"] = compile_status
+        return out
+
+    def maybe_switch(self) -> None:
+        """Switch to the compiled pieces if the background has them loaded (every forward calls this; an idle
+        engine calls it too, so that an idle server switches without waiting for a request)."""
+        bg = self._background
+        if bg is None or not bg.done:
+            return
+        self._background, self.compile_status = None, bg.status()
+        if bg.state == "failed":
+            self._say(f"note: compiling failed ({bg.error}); decoding stays eager (--no-compile skips it)")
+        if bg.forward is None:
+            return
+        self._compiled, self.head = bg.forward, None
+        if self._release:
+            self.model.to("meta")  # the pieces hold the weights now
+        return_freed_memory()
+        how = f"compiled in {bg.seconds - bg.load_seconds:.0f} s, loaded" if bg.built else "loaded from the cache"
+        self._say(f"switched to compiled decoding {bg.seconds:.0f} s after the start ({how} in "
+                        f"{bg.load_seconds:.1f} s)")
+
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
                       attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """`GPT.hidden_states` (B, T, C), compiled or eager."""
+        self.maybe_switch()
         if self._compiled is None:
             return self.model.hidden_states(ids, positions, attn_mask, cache)
         return self._compiled.hidden_states(self.model, ids, positions, attn_mask, cache)
@@ -344,26 +397,32 @@ def return_freed_memory() -> bool:
     return True
 
 
-def decoder_for(model: GPT, compile: bool) -> Decoder:
-    """The decoder a command runs on: compiled when asked and on a CPU, with the one-time cost said on stderr
-    (stdout stays the command's output). A compiled decoder takes the model's weights over (`release_weights`):
-    the command uses the model only through it."""
-    if compile and model.lm_head.weight.device.type != "cpu":
-        print(f"note: --compile is for CPUs; decoding on {model.lm_head.weight.device.type} runs eagerly",
-              file=sys.stderr)
-        compile = False
-    if not compile:
-        return Decoder(model)
-    try:
-        decoder = Decoder(model, compile=True, release_weights=True)
-    except Exception as e:  # no C++ compiler, an unsupported platform...: decoding still works, eagerly
-        if model.lm_head.weight.is_meta:  # failed after the weights were handed over: nothing to fall back on
-            raise
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"note: compiling failed ({type(e).__name__}: {reason}); decoding eagerly, as with --no-compile",
-              file=sys.stderr, flush=True)
-        return Decoder(model)
-    print(f"compiled decoding ready in {decoder.compile_seconds:.0f} s", file=sys.stderr, flush=True)
+# Below this many parameters compiling is not worth it by default (see `docs/compiled_decoding.md`): a small
+# model decodes fast eagerly, so the pieces' one-time cost (minutes on 2 cores even for a 2-layer model) is
+# repaid only after far more tokens than a chat or a short serving session produces.
+COMPILE_MIN_PARAMS = 50_000_000
+
+
+def wants_compile(model: GPT, compile: bool | None) -> bool:
+    """Whether a command decodes compiled: `compile` when given (True: on a CPU only, said in one line), else
+    (auto) on a CPU for models of at least `COMPILE_MIN_PARAMS` parameters."""
+    on_cpu = model.lm_head.weight.device.type == "cpu"
+    if compile is None:
+        return on_cpu and model.num_params() >= COMPILE_MIN_PARAMS
+    if compile and not on_cpu:
+        _stderr(f"note: --compile is for CPUs; decoding on {model.lm_head.weight.device.type} runs eagerly")
+    return compile and on_cpu
+
+
+def decoder_for(model: GPT, compile: bool | None, build: bool = True, label: str = "",
+                say: Callable[[str], None] = _stderr) -> Decoder:
+    """The decoder a command runs on. It decodes eagerly from the first token; where compiling is wanted
+    (`wants_compile`) the compiled pieces are made ready in the background (built when not cached, if `build`)
+    and the decoder switches to them between two steps, taking the model's weights over (`release_weights`:
+    the command uses the model only through the decoder). Nothing ever waits for the compiler."""
+    decoder = Decoder(model, release_weights=True)
+    if wants_compile(model, compile):
+        decoder.compile_in_background(build=build, label=label, say=say)
     return decoder
 
 

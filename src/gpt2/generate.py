@@ -25,10 +25,12 @@ class GenerateConfig:
     top_p: float | None = arg(None, help="nucleus sampling: smallest token set with this probability mass")
     seed: int = arg(1337, help="random seed, for reproducible sampling")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
-    compile: bool = arg(False, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
-                                    "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
-                                    "~/.cache/gpt2-scratch/compiled; later runs load it in seconds); measured "
-                                    "1.5-1.9x the tokens/s of eager decoding there; worth it for long outputs")
+    compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
+                                          "ready: generation starts at once, eagerly, and switches when the pieces "
+                                          "are loaded; --compile compiles them in the background if they are not "
+                                          "cached (stopped if generation ends first; `gpt2 cache build` compiles "
+                                          "ahead). default: cached pieces only, for models of 50M+ parameters on a "
+                                          "CPU; --no-compile: never")
 
     def validate(self) -> None:
         if not self.prompts:
@@ -68,7 +70,8 @@ def run(cfg: GenerateConfig) -> list[str]:
     if too_long:
         raise UserError(f"prompt {too_long[0] + 1} is longer than the model's context window "
                         f"({model.config.block_size} tokens)")
-    decoder = decoder_for(model, cfg.compile)  # before the prompt is printed: it may say it is compiling
+    # before the prompt is printed: it may say that it compiles in the background
+    decoder = decoder_for(model, cfg.compile, build=bool(cfg.compile), label=cfg.model)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     single = len(cfg.prompts) == 1
     stream = TextStream()

@@ -204,7 +204,7 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
     async def health() -> dict:
         # reads counters only: never waits on the engine thread
         return {"status": "ok", "model": state.model_name, "active": engine.num_active,
-                "waiting": engine.num_waiting, "max_batch_size": engine.max_batch_size}
+                "waiting": engine.num_waiting, "max_batch_size": engine.max_batch_size, **engine.decoder.status()}
 
     def model_card(name: str) -> dict:
         card = {"id": name, "object": "model", "created": state.created, "owned_by": "gpt2-scratch"}

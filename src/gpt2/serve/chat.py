@@ -6,8 +6,9 @@ Design decisions:
   (the template re-renders history into the "### Input:" block, so the prefix changes anyway).
 - When the conversation no longer fits the context window (with room for an answer), the oldest turns are
   dropped; a system message (`--system`) is kept.
-- One decoder for the session (the weights do not change): compiled unless `--no-compile`, loaded (or, the
-  first time, compiled) before the first message, not in the middle of an answer.
+- One decoder for the session (the weights do not change). It answers eagerly from the first message; where
+  compiling is wanted (see `--compile`) the pieces are made ready in the background and the decoder switches
+  to them between two tokens. The line that says so is printed after the answer in progress, not inside it.
 - Tokens are decoded through `TextStream`, so a character split over several tokens prints whole.
 - `--prompt` answers one message and exits (for scripts); otherwise lines are read from stdin, with
   /temperature X, /reset, /help and /quit (end of input also quits).
@@ -50,10 +51,11 @@ class ChatConfig:
     seed: int = arg(1337, help="random seed, for reproducible answers")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
-    compile: bool = arg(True, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
-                                   "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
-                                   "~/.cache/gpt2-scratch/compiled; later starts load it in seconds); measured "
-                                   "1.5-1.9x the tokens/s of eager decoding there; --no-compile decodes eagerly")
+    compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
+                                          "ready: answers start at once, eagerly, while the pieces compile in the "
+                                          "background (once per model, torch and CPU; cached, see `gpt2 cache`). "
+                                          "default: on for models of 50M+ parameters on a CPU (with --prompt: only "
+                                          "if already cached); --no-compile: never")
 
     def validate(self) -> None:
         check_values(self)  # an empty --prompt or --system is refused there
@@ -63,8 +65,10 @@ class ChatConfig:
 class ChatSession:
     """A conversation with a model: `reply(text)` streams the answer to `out` and remembers both turns."""
 
-    def __init__(self, model: GPT, cfg: ChatConfig, out: TextIO | None = None, decoder: Decoder | None = None):
+    def __init__(self, model: GPT, cfg: ChatConfig, out: TextIO | None = None, decoder: Decoder | None = None,
+                 notes: list[str] | None = None):
         self.model, self.cfg, self.out = model, cfg, out or sys.stdout
+        self.notes = notes if notes is not None else []  # lines for stderr, said after the answer in progress
         self.decoder = decoder or Decoder(model)  # one for the session: its weights stay fixed
         self.temperature = cfg.temperature
         self.device = self.decoder.device  # (a compiled decoder's model may hold no weights)
@@ -105,6 +109,8 @@ class ChatSession:
         answer.append(stream.finish())
         self.out.write(answer[-1] + "\n")
         self.out.flush()
+        while self.notes:
+            print(self.notes.pop(0), file=sys.stderr, flush=True)
         self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
         return "".join(answer)
 
@@ -160,7 +166,11 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
 def run(cfg: ChatConfig) -> list[dict]:
     cfg.validate()
     model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
-    session = ChatSession(model, cfg, decoder=decoder_for(model, cfg.compile))
+    # one-shot (--prompt) uses cached pieces only unless --compile: a build would be stopped when it exits
+    build = cfg.prompt is None or bool(cfg.compile)
+    notes: list[str] = []  # the switch's line, printed between answers rather than inside one
+    decoder = decoder_for(model, cfg.compile, build=build, label=cfg.model, say=notes.append)
+    session = ChatSession(model, cfg, decoder=decoder, notes=notes)
     if cfg.prompt is not None:
         session.reply(cfg.prompt)
     else:

@@ -275,7 +275,8 @@ class Engine:
         while True:
             with self._cv:
                 while not self._stopping and not self.has_work():
-                    self._cv.wait()
+                    self._cv.wait(timeout=1.0)
+                    self.decoder.maybe_switch()  # idle: a background compile that is ready takes over now
                 if self._stopping:
                     break
             try:

@@ -54,11 +54,11 @@ class ServeConfig:
                                             "(gpt2.serve.timeouts)", minimum=0.001)
     threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)", minimum=1,
                               hint="leave it out for torch's choice")
-    compile: bool = arg(True, help="decode with the model compiled for this CPU (AOTInductor: about 5 minutes for "
-                                   "124M on 2 cores the first time, cached in $GPT2_COMPILE_CACHE or "
-                                   "~/.cache/gpt2-scratch/compiled; later starts load it in seconds); measured "
-                                   "1.4x the tokens/s of eager decoding there with one client, 1.9x with 8; "
-                                   "--no-compile decodes eagerly")
+    compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
+                                          "ready: the server answers at once, eagerly, while the pieces compile in "
+                                          "the background (once per model, torch and CPU; cached, see `gpt2 "
+                                          "cache`), then switches; /health says which decoder runs. default: on "
+                                          "for models of 50M+ parameters on a CPU; --no-compile: never")
 
 
 def run(cfg: ServeConfig) -> None:
@@ -77,8 +77,9 @@ def run(cfg: ServeConfig) -> None:
     model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
-    # compiled before listening (requests never wait for the compiler), in this thread, which runs the engine
-    engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=decoder_for(model, cfg.compile))
+    # eager at once; compiled pieces, when wanted, are made ready in the background and switched to between steps
+    # by this thread, which runs the engine
+    engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=decoder_for(model, cfg.compile, label=name))
     app = create_app(engine, model_name=name, api_key=api_key,
                      default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
                      max_waiting=cfg.max_waiting, start_engine=False, aliases=model_aliases(cfg))
