@@ -410,6 +410,33 @@ def test_model_by_id(client, server):
     assert err["code"] == "model_not_found"
 
 
+def test_a_model_this_server_does_not_serve_is_404(model):
+    """As OpenAI and vLLM answer: the served name and its aliases are accepted (and listed), others are 404
+    model_not_found naming them; a request without `model` gets the served one."""
+    with LiveServer(create_app(Engine(model), model_name="tiny", aliases=("runs/tiny/model", "model"))) as s:
+        listed = httpx.get(s.url + "/v1/models").json()["data"]
+        assert [m["id"] for m in listed] == ["tiny", "runs/tiny/model", "model"]
+        assert "parent" not in listed[0] and {m["parent"] for m in listed[1:]} == {"tiny"}
+        assert httpx.get(s.url + "/v1/models/runs/tiny/model").json()["id"] == "runs/tiny/model"
+        prompt = {"prompt": "Hi", "max_tokens": 2, "temperature": 0}
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+        for route, body in (("/v1/completions", prompt), ("/v1/chat/completions", chat)):
+            err = assert_error(httpx.post(s.url + route, json={**body, "model": "gpt-4"}, timeout=30), 404, "model")
+            assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
+            assert err["message"] == ("the model 'gpt-4' does not exist; this server serves 'tiny', "
+                                      "'runs/tiny/model', 'model'")
+            for name in ("tiny", "model", None):  # an alias answers as the served name
+                r = httpx.post(s.url + route, json={**body, **({"model": name} if name else {})}, timeout=30)
+                assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+
+
+def test_serve_aliases_are_the_model_as_given_and_its_folder():
+    from gpt2.serve.server import ServeConfig, model_aliases
+
+    assert model_aliases(ServeConfig(model="runs/sft/")) == ("runs/sft", "sft")
+    assert model_aliases(ServeConfig(model="gpt2")) == ("gpt2", "gpt2")  # create_app drops repeats
+
+
 def test_405_names_the_allowed_methods(server):
     r = httpx.get(server.url + "/v1/chat/completions")
     assert_error(r, 405)

@@ -47,3 +47,38 @@ def test_a_taken_port_ends_the_command_with_the_reason(checkpoint):
                               timeout=120)
     assert proc.returncode == 1
     assert "address already in use" in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+def _trickle(port: int, parts: list[bytes], pause: float) -> tuple[bytes, float]:
+    """Send `parts` on a new connection `pause` seconds apart (stopping if the server closes), then read until
+    it closes: (what came back, seconds from connecting to the close)."""
+    import select
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as c:
+        start = time.monotonic()
+        for part in parts:
+            c.sendall(part)
+            if select.select([c], [], [], pause)[0]:  # the server answered (or closed): stop sending
+                break
+        got = b""
+        while chunk := c.recv(4096):
+            got += chunk
+        return got, time.monotonic() - start
+
+
+def test_a_client_that_sends_its_headers_slowly_is_cut_off(checkpoint):
+    """Slowloris: uvicorn's keep-alive timer stops at a client's first byte, so a request trickled byte by byte
+    held its connection forever; --request-timeout gives the whole request that long to arrive."""
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Agent: slow\r\n\r\n"
+    with ServerProcess(checkpoint, "--request-timeout", "1") as s:
+        got, took = _trickle(s.port, [request[i:i + 2] for i in range(0, len(request), 2)], pause=0.2)  # ~5 s
+        assert got.startswith(b"HTTP/1.1 408 Request Timeout") and 0.9 < took < 3
+        got, took = _trickle(s.port, [], pause=0)  # connects and says nothing
+        assert got.startswith(b"HTTP/1.1 408") and 0.9 < took < 3
+        got, _ = _trickle(s.port, [request.replace(b"Host: x", b"Host: x\r\nConnection: close")], pause=0)
+        assert got.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in got  # a prompt request is answered
+        with httpx.Client() as client:  # a keep-alive connection's later requests get the same deadline
+            assert client.get(s.url + "/health").status_code == 200
+            assert client.get(s.url + "/health").status_code == 200
+    assert "Traceback" not in s.proc.stderr.read()

@@ -4,6 +4,7 @@ nonsense flags, unavailable devices, foreign token ids, empty sources, a full di
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def test_cuda_without_cuda(shards, tmp_path, capsys):  # noqa: F811
     (["--top-k", "-3", "hi"], "--top-k must be >= 1 (got -3); leave it out (or none) to sample from every token"),
     (["--top-p", "0", "hi"], "--top-p must be in (0, 1] (got 0.0); leave it out (or none) for no nucleus cut"),
     (["--top-p", "1.5", "hi"], "--top-p must be in (0, 1] (got 1.5); leave it out (or none) for no nucleus cut"),
-    (["--temperature", "-1", "hi"], "--temperature must be >= 0, 0 = greedy (got -1.0)"),
+    (["--temperature", "-1", "hi"], "--temperature must be a finite number >= 0, 0 = greedy (got -1.0)"),
     (["--device", "mps", "hi"], "--device mps: Apple's MPS is not available on this machine"),
     (["--device", "tpu", "hi"], "--device 'tpu': not a device; choose cpu, cuda, cuda:N, mps or auto"),
 ])
@@ -214,3 +215,201 @@ def test_a_second_run_on_a_held_out_is_refused_and_a_dead_one_does_not_block(sha
         other.wait()
     pretrain(shards, run)
     assert load_checkpoint(run)["step"] == 4
+
+
+# ------------------------------------------------------------------ numbers, ranges, runs of other commands
+
+BIG = str(10**20)  # does not fit in 64 bits
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", BIG], f"--seed must be an integer in [0, 2**63) (got {BIG})"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**63) (got -1)"),
+    (["--max-steps", BIG], f"--max-steps {BIG} is out of range: integers must fit in 64 bits (|x| < 2**63)"),
+    (["--lr", "nan"], "--lr must be a finite number (got nan)"),
+    (["--max-minutes", "inf"], "--max-minutes must be a finite number (got inf)"),
+    (["--betas", "0.9", "nan"], "--betas must be a finite number (got nan)"),
+    (["--n-layer", "0"], "--n-layer must be >= 1 (got 0)"),
+    (["--lr", "0.01", "--min-lr", "0.1"],
+     "--min-lr 0.1 is above --lr 0.01: the cosine decay goes from --lr down to --min-lr"),
+    (["--warmup-steps", "5", "--max-steps", "4"],
+     "--warmup-steps 5 is more than the run's 4 steps (--max-steps): the LR would never reach --lr; lower "
+     "--warmup-steps"),
+])
+def test_pretrain_numbers(shards, tmp_path, capsys, flags, message):  # noqa: F811
+    """One shared check (gpt2.config.check_values, the loop's check_schedule) refuses what no run can use."""
+    err = error_line(capsys, lambda: pretrain(shards, tmp_path / "run", *flags))
+    assert err == f"gpt2 pretrain: error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_out_naming_a_file(shards, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "file").write_text("not a folder")
+    err = error_line(capsys, lambda: pretrain(shards, tmp_path / "file"))
+    assert err == f"gpt2 pretrain: error: --out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder: " \
+                  "choose another path"
+    err = error_line(capsys, lambda: pretrain(shards, tmp_path / "file" / "run"))  # a file above it
+    assert err.endswith(f"{tmp_path / 'file'} is a file, not a folder: choose another path")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--seed", BIG, "hi"], f"--seed must be an integer in [0, 2**63) (got {BIG})"),
+    (["generate", "--temperature", "inf", "hi"], "--temperature must be a finite number (got inf)"),
+    (["chat", "--prompt", ""], "--prompt is empty: give the message, or leave --prompt out to chat interactively"),
+    (["chat", "--prompt", "  "], "--prompt is empty: give the message, or leave --prompt out to chat interactively"),
+    (["chat", "--system", ""], "--system is empty: give a value, or leave --system out"),
+    (["prepare", "alpaca", "--source", ""], "--source is empty: give a value, or leave --source out"),
+    (["chat", "--temperature", "nan"], "--temperature must be a finite number (got nan)"),
+    (["serve", "--threads", "-1"], "--threads must be >= 1 (got -1); leave it out for torch's choice"),
+    (["serve", "--threads", "0"], "--threads must be >= 1 (got 0); leave it out for torch's choice"),
+    (["serve", "--max-batch-size", "0"], "--max-batch-size must be >= 1 (got 0)"),
+    (["prepare", "alpaca", "--seed", BIG], f"--seed must be an integer in [0, 2**63) (got {BIG})"),
+    (["eval", "val-loss", "--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
+])
+def test_numbers_and_empty_text_of_other_commands(model_dir, capsys, argv, message):  # noqa: F811
+    """Refused before any model loads (--model names a real one, so only the flag can be at fault)."""
+    name = " ".join(argv[:2]) if argv[0] in ("prepare", "eval") else argv[0]
+    extra = [] if argv[0] == "prepare" else ["--model", str(model_dir)]
+    err = error_line(capsys, lambda: main([*argv[:2 if name != argv[0] else 1], *extra,
+                                           *argv[2 if name != argv[0] else 1:]]))
+    assert err == f"gpt2 {name}: error: {message}"
+
+
+def test_chat_refuses_nan_and_inf_temperatures_and_goes_on(model_dir, capsys, monkeypatch):  # noqa: F811
+    import io
+
+    script = "/temperature nan\nHello\n/temperature inf\n/temperature 1e999\nHello\n/temperature 0\nHello\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    messages = main(["chat", "--no-compile", "--model", str(model_dir), "--max-tokens", "4", "--temperature", "0.5",
+                     "--device", "cpu"])
+    out = capsys.readouterr().out
+    for bad in ("nan", "inf", "inf"):  # 1e999 is inf as a float
+        assert (f"error: /temperature must be a finite number >= 0, 0 = greedy (got {bad}); the temperature stays "
+                "0.5\n") in out
+    assert "(temperature 0.0)" in out and "Traceback" not in out and "error: this answer failed" not in out
+    assert messages is None  # main returns nothing; the session answered all three questions:
+    assert out.count("> ") >= 8
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_prepare_alpaca_refuses_a_record_larger_than_memory_should_hold(tokenizer_ok, tmp_path, capsys, monkeypatch,
+                                                                       suffix):
+    """A 2 GB line must not be read whole (and crash the tokenizer): the limit, lowered here, is refused with the
+    size before the line or file is read into memory."""
+    from gpt2.data import sources
+
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 4096)
+    ok = json.dumps({"instruction": "Say hi.", "output": "Hi."})
+    big = json.dumps({"instruction": "Repeat.", "output": "x" * 10_000})
+    source = tmp_path / f"alpaca{suffix}"
+    source.write_text(f"{ok}\n{big}\n" if suffix == ".jsonl" else f"[{ok}, {big}]")
+    err = error_line(capsys, lambda: main(["prepare", "alpaca", "--source", str(source), "--out",
+                                           str(tmp_path / "out")]))
+    if suffix == ".jsonl":
+        assert err == (f"gpt2 prepare alpaca: error: {source}:2: the line is longer than 4,096 bytes, more than the "
+                       "4,096 bytes one record may be (gpt2.data.sources.MAX_RECORD_BYTES); is it one record? cut it "
+                       "down or leave it out")
+    else:
+        assert err == (f"gpt2 prepare alpaca: error: {source} is {source.stat().st_size:,} bytes, more than the 4,096 "
+                       "bytes one record may be (gpt2.data.sources.MAX_RECORD_BYTES); a .json file is read whole: "
+                       "write it as .jsonl, one record per line, which is read a line at a time")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def rlhf(tmp_path, shared_data, tokenizer_ok):
+    from test_rlhf_cli import setup
+
+    return setup.__wrapped__(tmp_path, shared_data, tokenizer_ok)
+
+
+RLHF = ["--device", "cpu", "--no-progress", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "0"], "--beta must be > 0 (got 0.0): at 0 the DPO loss is ln 2 whatever the policy does, so nothing "
+                      "would be trained"),
+    (["--beta", "nan"], "--beta must be a finite number (got nan)"),
+    (["--beta", "-0.1"], "--beta must be > 0 (got -0.1): at 0 the DPO loss is ln 2 whatever the policy does, so "
+                         "nothing would be trained"),
+    (["--max-steps", "4", "--warmup-steps", "10"],
+     "--warmup-steps 10 is more than the run's 4 steps (--max-steps): the LR would never reach --lr; lower "
+     "--warmup-steps"),
+])
+def test_dpo_flags_that_would_train_nothing(rlhf, capsys, flags, message):
+    tmp, data, sft = rlhf
+    err = error_line(capsys, lambda: main(["dpo", "--model", str(sft), "--data", str(data), "--out", str(tmp / "dpo"),
+                                           *RLHF, *flags]))
+    assert err == f"gpt2 dpo: error: {message}"
+    assert not (tmp / "dpo").exists()
+
+
+def test_dpo_warmup_beyond_the_epochs_run_length(rlhf, capsys):
+    """Without --max-steps the run's length comes from --epochs; the warmup is checked against it once known."""
+    tmp, data, sft = rlhf
+    err = error_line(capsys, lambda: main(["dpo", "--model", str(sft), "--data", str(data), "--out", str(tmp / "dpo"),
+                                           *RLHF, "--warmup-steps", "5"]))  # 8 pairs / 4 = 2 steps, 1 epoch
+    assert err == ("gpt2 dpo: error: --warmup-steps 5 is more than the run's 2 steps (--max-steps): the LR would never "
+                   "reach --lr; lower --warmup-steps")
+
+
+def test_resume_with_another_command_names_the_run_and_its_command(rlhf, capsys):
+    tmp, data, sft = rlhf
+    run = tmp / "reward"
+    main(["reward", "--model", str(sft), "--data", str(data), "--out", str(run), "--max-steps", "1", *RLHF])
+    assert json.loads((run / "config.json").read_text())["command"] == "reward"
+    capsys.readouterr()
+    line = (f"{run} is a `gpt2 reward` run, not a `gpt2 {{}}` one: continue it with `gpt2 reward --out {run} "
+            "--resume`, or choose another --out")
+    for cmd in ("dpo", "finetune"):  # finetune would otherwise try to download its default --init, gpt2
+        err = error_line(capsys, lambda cmd=cmd: main([cmd, "--out", str(run), "--resume"]))
+        assert err == f"gpt2 {cmd}: error: {line.format(cmd)}"
+    # without --resume: the same line rather than "pass --resume"
+    err = error_line(capsys, lambda: main(["dpo", "--model", str(sft), "--data", str(data), "--out", str(run), *RLHF]))
+    assert err == f"gpt2 dpo: error: {line.format('dpo')}"
+    main(["reward", "--out", str(run), "--resume", "--max-steps", "2"])  # its own command continues it
+    assert load_checkpoint(run)["step"] == 2
+
+
+def test_resume_of_an_unrecorded_run_by_another_command(rlhf, capsys):
+    """A run from before the command was recorded: its weights do not fit, said in one line."""
+    tmp, data, sft = rlhf
+    run = tmp / "reward"
+    main(["reward", "--model", str(sft), "--data", str(data), "--out", str(run), "--max-steps", "1", *RLHF])
+    state = load_checkpoint(run)
+    del state["run_config"]["command"]
+    gio.save_torch(state, run / "checkpoint.pt")
+    saved = json.loads((run / "config.json").read_text())
+    del saved["command"]
+    (run / "config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    err = error_line(capsys, lambda: main(["dpo", "--model", str(sft), "--data", str(data), "--out", str(run),
+                                           "--resume", *RLHF]))
+    assert err.startswith(f"gpt2 dpo: error: --resume: the weights in {run / 'checkpoint.pt'} do not fit this "
+                          "command's model (")
+    assert err.endswith(f"); was {run} made by another command?")
+
+
+def test_ppo_reward_model_of_another_vocabulary(rlhf, capsys):
+    from gpt2.rlhf.heads import RewardModel
+
+    tmp, data, sft = rlhf
+    policy = GPT.from_pretrained(sft)
+    small = GPT(GPTConfig(**{**policy.config.__dict__, "vocab_size": policy.config.vocab_size - 7}))
+    RewardModel(small).save_pretrained(tmp / "rm")
+    err = error_line(capsys, lambda: main(["ppo", "--model", str(sft), "--reward-model", str(tmp / "rm"), "--data",
+                                           str(data), "--out", str(tmp / "ppo"), "--max-new-tokens", "4", *RLHF]))
+    assert err == (f"gpt2 ppo: error: --reward-model {tmp / 'rm'} has a vocabulary of {policy.config.vocab_size - 7} "
+                   f"tokens but reads the token ids of --model {sft} ({policy.config.vocab_size} tokens): was it "
+                   "trained with another tokenizer?")
+
+
+@pytest.mark.parametrize("argv", [["generate", "Hello"], ["chat", "--prompt", "Hello", "--no-compile"]])
+def test_a_model_of_another_vocabulary_reading_text(tmp_path, capsys, argv):
+    """The GPT-2 tokenizer's ids (up to 50256) fed to a 300-token model failed deep in its embedding."""
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300)).save_pretrained(tmp_path / "m")
+    err = error_line(capsys, lambda: main([argv[0], "--model", str(tmp_path / "m"), "--device", "cpu", *argv[1:]]))
+    assert err == (f"gpt2 {argv[0]}: error: --model {tmp_path / 'm'} has a vocabulary of 300 tokens but reads the "
+                   "token ids of the GPT-2 tokenizer (50257 tokens): was it trained with another tokenizer?")

@@ -70,10 +70,12 @@ def restore_rng_state(state: dict[str, Any], device: torch.device | None = None)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None):
+               dtype: torch.dtype | None = None, reads_text: str | None = None):
     """A `GPT` from a training run directory (its `model/` export), a `checkpoint.pt` file, a Hugging Face
     checkpoint directory, or a hub name such as "gpt2"; moved to `device` ("auto" or a name as `--device`
-    takes it) and its weights cast to `dtype` when given. The one model loader of every command."""
+    takes it) and its weights cast to `dtype` when given. The one model loader of every command.
+    reads_text: the flag that named the model, when it will read text through the GPT-2 tokenizer: a model
+    with a smaller vocabulary is refused in one line (`check_vocab`) rather than failing in its embedding."""
     from gpt2.distributed import pick_device
     from gpt2.model import GPT, GPTConfig
 
@@ -91,9 +93,24 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
             raise UserError(f"{p}: weights do not match its model config: {str(e).splitlines()[0]}") from e
     else:
         model = GPT.from_pretrained(path)
+    if reads_text is not None:
+        from gpt2.tokenizer import VOCAB_SIZE
+
+        check_vocab(model, VOCAB_SIZE, f"{reads_text} {path}", "the GPT-2 tokenizer")
     if isinstance(device, str):
         device = pick_device(device)
     return model.to(device=device, dtype=dtype)
+
+
+def check_vocab(model: Any, vocab_size: int, name: str, source: str) -> None:
+    """`model` (called `name` in the message: a flag and its value) is about to read token ids below
+    `vocab_size`, from `source`: a model with fewer ids was trained with another tokenizer or vocabulary, and
+    would fail deep inside its embedding. The one check of every command that feeds one model's ids to another
+    model, or the tokenizer's to a model."""
+    own = model.config.vocab_size
+    if own < vocab_size:
+        raise UserError(f"{name} has a vocabulary of {own} tokens but reads the token ids of {source} "
+                        f"({vocab_size} tokens): was it trained with another tokenizer?")
 
 
 def state_to_cpu(obj: Any, _memo: dict | None = None) -> Any:

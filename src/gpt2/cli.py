@@ -73,6 +73,12 @@ def register(cmd: Command) -> Command:
     return cmd
 
 
+def command_name(config: Any) -> str | None:
+    """The name of the command whose config `config` is; None for any other object (a library call's plain
+    `TrainConfig`, a dict)."""
+    return next((name for name, cmd in _REGISTRY.items() if type(config) is cmd.config), None)
+
+
 def _load_commands() -> dict[str, Command]:
     for mod in COMMAND_MODULES:
         importlib.import_module(mod)
@@ -130,13 +136,14 @@ def saved_settings(cmd: Command, ns: argparse.Namespace) -> dict[str, Any] | Non
     `build_config` uses instead of the preset. None otherwise (no --resume, or nothing saved yet)."""
     if not (_resumable(cmd) and getattr(ns, "resume", False)):
         return None
-    from gpt2.train.loop import saved_run_config
+    from gpt2.train.loop import COMMAND_KEY, check_run_dir, saved_run_config
 
     out = getattr(ns, "out", None) or default_config(cmd.config, ns, cmd.presets).out
     found = saved_run_config(out)
     if found is None:
         return None
     saved, source = found
+    check_run_dir(out, True, cmd.name, made_by=saved.get(COMMAND_KEY))  # another command's run: say whose
     if os.environ.get("RANK", "0") == "0":
         unused = f"; --preset {ns.preset} is not used" if getattr(ns, "preset", None) else ""
         print(f"--resume: continuing {out} with the settings saved in {source}{unused}", flush=True)

@@ -15,12 +15,19 @@ Design decisions:
   (inherited; a new value applies on purpose and the loop prints the change: --max-steps, --lr) or REFUSE
   (the default: a new value would silently make another run, so it is an error: the model shape, the data,
   the batch, the seed). A subclass that redeclares a field inherits its base's rule.
+- One check for every command's numbers (`check_values`, run by `build_config` and by the training loop's
+  `validate`): a float flag must be finite (nan and inf make no run or answer that means anything), an integer
+  must fit in 64 bits (torch and numpy take no more), a seed must be in [0, 2**63), a text flag must not be
+  empty or blank (`--source ""` is not "no source"), and a field declared with `arg(..., minimum=N)` must be >= N
+  (`hint` adds what to do instead). Checks that relate two flags (warmup vs max steps, min lr vs lr) are the
+  commands' own `validate`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -37,11 +44,13 @@ SESSION, APPLY, ANNOUNCE, REFUSE = "session", "apply", "announce", "refuse"
 
 
 def arg(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, positional: bool = False,
-        choices: list[str] | None = None, metavar: str | None = None, on_resume: str | None = None) -> Any:
+        choices: list[str] | None = None, metavar: str | None = None, on_resume: str | None = None,
+        minimum: int | float | None = None, hint: str = "") -> Any:
     """A dataclass field carrying its CLI help text (and optionally choices / positional, and its rule on
-    `--resume`: SESSION, APPLY, ANNOUNCE or REFUSE; None = the base class's rule for this name, else REFUSE)."""
+    `--resume`: SESSION, APPLY, ANNOUNCE or REFUSE; None = the base class's rule for this name, else REFUSE).
+    minimum: the smallest value that makes sense (`check_values` refuses less, adding `hint` to its message)."""
     meta = {"help": help, "positional": positional, "choices": choices, "metavar": metavar,
-            "on_resume": on_resume}
+            "on_resume": on_resume, "minimum": minimum, "hint": hint or None}
     if factory is not _MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -63,7 +72,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _scalar_parser(tp: Any, optional: bool):
     def parse(text: str):
-        if optional and text.lower() in ("none", "null", ""):
+        # "" is None for a number, but stays "" for text: `--prompt ""` is an empty prompt (refused by its
+        # command), not a flag left out
+        if optional and (text.lower() in ("none", "null") or (text == "" and tp is not str)):
             return None
         return tp(text)
 
@@ -137,6 +148,34 @@ def default_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] |
     return cls() if not presets else presets[getattr(ns, "preset", None) or next(iter(presets))]
 
 
+INT64 = 2**63  # integers must lie in [-INT64, INT64): torch's and numpy's limit
+SEED_FIELDS = ("seed",)
+
+
+def check_values(cfg: Any) -> None:
+    """The checks every config gets (module docstring): finite floats, 64-bit integers, seeds in [0, 2**63),
+    non-empty text, and each field's declared `minimum`. Raises a one-line UserError naming the flag."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = flag_name(f.name)
+        if isinstance(value, str) and not value.strip():  # `--source ""` would read the current folder
+            hint = declared(type(cfg), f.name, "hint") or f"give a value, or leave {flag} out"
+            raise UserError(f"{flag} is empty: {hint}")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{flag} must be a finite number (got {v})")
+            if f.name in SEED_FIELDS and not 0 <= v < INT64:
+                raise UserError(f"{flag} must be an integer in [0, 2**63) (got {v})")
+            if isinstance(v, int) and not -INT64 <= v < INT64:
+                raise UserError(f"{flag} {v} is out of range: integers must fit in 64 bits (|x| < 2**63)")
+            minimum = declared(type(cfg), f.name, "minimum")
+            if minimum is not None and v < minimum:
+                hint = declared(type(cfg), f.name, "hint")
+                raise UserError(f"{flag} must be >= {minimum} (got {v}){'; ' + hint if hint else ''}")
+
+
 def build_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | None = None,
                  saved: dict[str, Any] | None = None) -> T:
     """The preset named by `ns.preset` (or the class defaults), with every flag the user gave applied.
@@ -144,17 +183,26 @@ def build_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | N
     saved: a resumed run's saved config (`to_dict` of it); it is the base instead of the preset, and the flags
     given are checked against it by their `on_resume` rule (`resumed_config`)."""
     if saved is not None:
-        return resumed_config(cls, saved, given_fields(cls, ns))
-    return dataclasses.replace(default_config(cls, ns, presets), **given_fields(cls, ns))
+        cfg = resumed_config(cls, saved, given_fields(cls, ns))
+    else:
+        cfg = dataclasses.replace(default_config(cls, ns, presets), **given_fields(cls, ns))
+    check_values(cfg)
+    return cfg
+
+
+def declared(cls: type, name: str, key: str) -> Any:
+    """`arg(...)`'s `key` for field `name`: from the most derived declaration that sets it (a subclass that
+    redeclares a field to change its default or help keeps its base's rules), else None."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get(key) is not None:
+            return f.metadata[key]
+    return None
 
 
 def resume_rule(cls: type, name: str) -> str:
     """The `on_resume` rule of field `name`: the most derived declaration that sets one, else REFUSE."""
-    for klass in cls.__mro__:
-        f = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if f is not None and f.metadata.get("on_resume"):
-            return f.metadata["on_resume"]
-    return REFUSE
+    return declared(cls, name, "on_resume") or REFUSE
 
 
 def same_setting(a: Any, b: Any) -> bool:

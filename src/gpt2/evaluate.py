@@ -267,14 +267,15 @@ def hellaswag_eval(model: nn.Module, examples: Sequence[dict], device: torch.dev
 DTYPES = ["auto", "bfloat16", "float32"]  # as the training loop's --dtype
 
 
-def _prepare(model_name: str, device_name: str, dtype_name: str) -> tuple[nn.Module, torch.device, torch.dtype | None]:
+def _prepare(model_name: str, device_name: str, dtype_name: str, reads_text: str | None = None,
+             ) -> tuple[nn.Module, torch.device, torch.dtype | None]:
     """The model on its device in eval mode, and the autocast dtype for `--dtype`."""
     from gpt2.checkpoint import load_model
     from gpt2.distributed import pick_device
     from gpt2.train.loop import autocast_dtype
 
     device = pick_device(device_name)
-    return load_model(model_name, device).eval(), device, autocast_dtype(dtype_name, device)
+    return load_model(model_name, device, reads_text=reads_text).eval(), device, autocast_dtype(dtype_name, device)
 
 
 @dataclass
@@ -283,20 +284,16 @@ class HellaSwagConfig:
     source: str | None = arg(None, help="local HellaSwag jsonl (official format) instead of downloading it")
     split: str = arg("val", help="which official file to download", choices=sorted(HELLASWAG_URLS))
     data_dir: str = arg(HELLASWAG_DIR, help="folder the downloaded HellaSwag file is cached in")
-    limit: int | None = arg(None, help="score only the first N examples")
-    batch_size: int = arg(8, help="examples per forward pass (4 rows each)")
+    limit: int | None = arg(None, help="score only the first N examples", minimum=1)
+    batch_size: int = arg(8, help="examples per forward pass (4 rows each)", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
                      choices=DTYPES)
 
 
 def run_hellaswag(cfg: HellaSwagConfig) -> dict[str, float]:
-    if cfg.limit is not None and cfg.limit < 1:
-        raise UserError("--limit must be at least 1")
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
     examples = load_hellaswag(cfg.source, cfg.split, cfg.data_dir, cfg.limit)
-    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype)
+    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype, reads_text="--model")
     result = hellaswag_eval(model, examples, device, dtype, batch_size=cfg.batch_size, progress=True)
     print(f"hellaswag {cfg.split}: {int(result['n'])} examples  acc {result['acc']:.4f}  "
           f"acc_norm {result['acc_norm']:.4f}")
@@ -313,9 +310,9 @@ class ValLossConfig:
     data: str | None = arg(None, help="folder of token shards (from `gpt2 prepare ...`)", metavar="DIR")
     split: str = arg("val", help="which shards to score", choices=["val", "train"])
     tokens: int = arg(10_485_760, help="token budget (20 x 524288, build-nanogpt's); capped at one pass "
-                                       "over the split")
-    batch_size: int = arg(8, help="sequences per forward pass")
-    seq_len: int | None = arg(None, help="tokens per sequence; none = the model's context window")
+                                       "over the split", minimum=1)
+    batch_size: int = arg(8, help="sequences per forward pass", minimum=1)
+    seq_len: int | None = arg(None, help="tokens per sequence; none = the model's context window", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
                      choices=DTYPES)
@@ -329,8 +326,6 @@ def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
 
     if not cfg.data:
         raise UserError("give the shard folder: gpt2 eval val-loss --model M --data DIR")
-    if cfg.tokens < 1:
-        raise UserError("--tokens must be at least 1")
     model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype)
     seq_len = cfg.seq_len or model.config.block_size
     if seq_len > model.config.block_size:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2.cli import Command, register
-from gpt2.config import arg
+from gpt2.config import arg, check_values
 from gpt2.errors import UserError
 
 
@@ -20,7 +20,7 @@ class GenerateConfig:
     model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory (ours or OpenAI's) "
                                   "or a hub name")
     temperature: float = arg(0.8, help="sampling temperature; 0 = greedy")
-    max_steps: int = arg(64, help="maximum number of new tokens per prompt")
+    max_steps: int = arg(64, help="maximum number of new tokens per prompt", minimum=0)
     top_k: int | None = arg(None, help="sample only among the k most likely tokens")
     top_p: float | None = arg(None, help="nucleus sampling: smallest token set with this probability mass")
     seed: int = arg(1337, help="random seed, for reproducible sampling")
@@ -39,15 +39,15 @@ class GenerateConfig:
         empty = [i + 1 for i, p in enumerate(self.prompts) if not p]
         if empty:
             raise UserError(f"prompt {empty[0]} is empty: GPT-2 continues text, give it at least one character")
-        if self.max_steps < 0:
-            raise UserError(f"--max-steps must be >= 0 (got {self.max_steps})")
+        check_values(self)
         check_sampling(self.temperature, self.top_k, self.top_p)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """One-line errors for sampling flags that mean nothing (shared by every command that samples)."""
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "--") -> None:
+    """One-line errors for sampling flags that mean nothing (shared by every command that samples, and by chat's
+    /temperature with prefix "/"); nan and inf are refused (inf would sample uniform noise)."""
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise UserError(f"--temperature must be >= 0, 0 = greedy (got {temperature})")
+        raise UserError(f"{prefix}temperature must be a finite number >= 0, 0 = greedy (got {temperature})")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be >= 1 (got {top_k}); leave it out (or none) to sample from every token")
     if top_p is not None and not 0 < top_p <= 1:
@@ -64,7 +64,7 @@ def run(cfg: GenerateConfig) -> list[str]:
 
     cfg.validate()
     device = pick_device(cfg.device)
-    model = load_model(cfg.model, device).eval()
+    model = load_model(cfg.model, device, reads_text="--model").eval()
     ids, mask = tokenize_batch_input(cfg.prompts)
     too_long = [i for i, n in enumerate(mask.sum(1).tolist()) if n > model.config.block_size]
     if too_long:

@@ -72,6 +72,23 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def not_a_folder(folder: str | os.PathLike) -> UserError | None:
+    """A one-line UserError when `folder` or a folder above it exists as a file (say `--out` names a file), so
+    it cannot be made; None when it is a folder or can be made."""
+    for p in [Path(folder), *Path(folder).parents]:
+        if p.exists():
+            return None if p.is_dir() else UserError(f"{p} is a file, not a folder: choose another path")
+    return None
+
+
+def make_folder(folder: str | os.PathLike) -> None:
+    """`mkdir -p` with one-line errors: a file in the way, a full disk, no permission."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (not_a_folder(folder) or disk_error(folder, e) or e) from e
+
+
 def disk_error(path: str | os.PathLike, e: OSError) -> UserError | None:
     """A one-line UserError for an OSError that means `path` cannot be written; None for other errors."""
     if e.errno not in _DISK_ERRORS:
@@ -89,7 +106,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     path = Path(path)
     tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
@@ -231,10 +248,7 @@ def dir_lock(directory: str | os.PathLike, name: str = "run.lock") -> Iterator[P
     Where `fcntl` does not exist (Windows) nothing is locked."""
     directory = Path(directory)
     path = directory / name
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise (disk_error(directory, e) or e) from e
+    make_folder(directory)
     key = str(path.resolve())
     if key in _HELD:
         _HELD[key] += 1

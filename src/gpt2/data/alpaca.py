@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.cli import Command, register
-from gpt2.config import arg
+from gpt2.config import arg, check_values
 from gpt2.data.batching import Example
 from gpt2.errors import UserError
 from gpt2.io import atomic_write, write_json_atomic
@@ -180,7 +180,7 @@ class PrepareAlpacaConfig:
                                         f"default: download {HUB_ID} from the Hugging Face Hub")
     val_fraction: float = arg(0.02, help="fraction of the valid examples held out for validation loss")
     seed: int = arg(1337, help="seed of the train/val split")
-    limit: int | None = arg(None, help="read at most this many records (quick demos)")
+    limit: int | None = arg(None, help="read at most this many records (quick demos)", minimum=1)
 
 
 def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -224,8 +224,7 @@ def prepare(cfg: PrepareAlpacaConfig) -> dict:
     """Read, validate, tokenize, split and write the data; returns the manifest."""
     if cfg.source is not None and not Path(cfg.source).exists():
         raise UserError(f"--source {cfg.source}: no such file or folder")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise UserError("--limit must be >= 1")
+    check_values(cfg)  # --limit, --seed
     if not 0 <= cfg.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     from gpt2.data.sources import iter_records  # the datasets import is slow: only when needed

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 
 from gpt2.cli import Command, register
-from gpt2.config import arg
+from gpt2.config import arg, check_values
 from gpt2.data.shards import SPLITS, list_shards, read_header, read_shard, shard_name, write_shard
 from gpt2.errors import UserError
-from gpt2.io import write_json_atomic
+from gpt2.io import make_folder, write_json_atomic
 
 DATASETS = {  # --dataset -> (hub id, config, shard file prefix)
     "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT", "fineweb"),
@@ -60,20 +60,16 @@ class PrepareFinewebConfig:
     text_field: str = arg("text", "record field that holds the document text")
     shard_tokens: int = arg(100_000_000, "tokens per train shard")
     val_tokens: int = arg(10_000_000, "tokens in the validation shard (the first shard); 0 for none")
-    workers: int | None = arg(None, "tokenizer processes; none means one per available core")
-    max_docs: int | None = arg(None, "stop after this many documents (in total, across resumed runs)")
-    max_tokens: int | None = arg(None, "stop after this many tokens (in total, across resumed runs)")
+    workers: int | None = arg(None, "tokenizer processes; none means one per available core", minimum=1)
+    max_docs: int | None = arg(None, "stop after this many documents (in total, across resumed runs)", minimum=0)
+    max_tokens: int | None = arg(None, "stop after this many tokens (in total, across resumed runs)", minimum=0)
 
     def validate(self) -> None:
         if self.shard_tokens < 1 or self.shard_tokens > 2**31 - 1:
             raise UserError(f"--shard-tokens {self.shard_tokens}: must be between 1 and 2147483647")
         if self.val_tokens < 0 or self.val_tokens > 2**31 - 1:
             raise UserError(f"--val-tokens {self.val_tokens}: must be between 0 and 2147483647")
-        if self.workers is not None and self.workers < 1:
-            raise UserError(f"--workers {self.workers}: must be >= 1")
-        for flag, value in (("--max-docs", self.max_docs), ("--max-tokens", self.max_tokens)):
-            if value is not None and value < 0:
-                raise UserError(f"{flag} {value}: must be >= 0")
+        check_values(self)  # --workers, --max-docs, --max-tokens: their `minimum`
 
 
 def tokenize_document(text: str) -> np.ndarray:
@@ -264,7 +260,7 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
     settings = {"input": str(Path(cfg.source).resolve()) if cfg.source else f"{hub_id}/{hub_config}",
                 "text_field": cfg.text_field, "shard_tokens": cfg.shard_tokens, "val_tokens": cfg.val_tokens}
     get_encoding()  # a missing tokenizer is one clear error here, not one per worker
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     limits = {"max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens}
     writer = ShardWriter(out, prefix, settings, limits, cfg.shard_tokens, cfg.val_tokens)
     if not writer.resume():

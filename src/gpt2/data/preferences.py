@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from gpt2.cli import Command, register
-from gpt2.config import arg
+from gpt2.config import arg, check_values
 from gpt2.data.batching import collate
 from gpt2.errors import UserError
-from gpt2.io import atomic_write, write_json_atomic
+from gpt2.io import atomic_write, make_folder, write_json_atomic
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, encode
 
@@ -162,9 +162,9 @@ class PrepareHHConfig:
                                    "default: stream Anthropic/hh-rlhf from the Hugging Face Hub")
     split: str = arg("train", "hub split to read (train or test); ignored with --source")
     max_len: int = arg(1024, "longest prompt + answer in tokens; older turns are dropped to fit, else the "
-                             "pair is dropped")
+                             "pair is dropped", minimum=2)
     val_fraction: float = arg(0.05, "fraction of dialogues held out for validation (by prompt hash)")
-    limit: int | None = arg(None, "read at most this many records (quick runs)")
+    limit: int | None = arg(None, "read at most this many records (quick runs)", minimum=1)
 
 
 def prepare(cfg: PrepareHHConfig) -> dict:
@@ -172,12 +172,11 @@ def prepare(cfg: PrepareHHConfig) -> dict:
 
     from gpt2.data.sources import iter_records
 
-    if cfg.max_len < 2:
-        raise UserError(f"--max-len must be at least 2, got {cfg.max_len}")
+    check_values(cfg)  # --max-len, --limit: their `minimum`
     if not 0 <= cfg.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     splits: dict[str, list[str]] = {"train": [], "val": []}
     counts: Counter = Counter()
     records = iter_records(cfg.source, HUB_ID, None, cfg.split)

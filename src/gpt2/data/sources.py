@@ -17,6 +17,11 @@ Design decisions:
   an error, not a silent empty dataset.
 - Bad input (missing path, undecodable bytes, malformed JSON, a non-object row) raises `UserError` naming
   the file, and the line for line-based formats.
+- Memory stays bounded whatever the file: JSON lines are read one at a time, and one record (a line, or a
+  `.json`/`.txt` file, which is read whole) may be at most `MAX_RECORD_BYTES` (64 MiB, far above any real
+  record: Alpaca's and HH's are a few KB, a FineWeb document well under 1 MB). Anything larger is refused with
+  its size before it is read into memory (a 2 GB line would otherwise be read whole and then crash the
+  tokenizer).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from gpt2.errors import UserError
 # Suffixes we read, longest first so ".jsonl.gz" wins over ".gz".
 SUFFIXES = (".jsonl.gz", ".json.gz", ".parquet", ".jsonl", ".json", ".txt")
 PARQUET_BATCH_ROWS = 1024
+MAX_RECORD_BYTES = 64 << 20  # one line, or one .json/.txt file read whole (module docstring)
 
 
 def iter_records(source: str | None, hub_id: str, hub_config: str | None = None,
@@ -113,11 +119,36 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8")
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _too_big(what: str, size: str, how: str) -> UserError:
+    return UserError(f"{what} is {size}, more than the {_size(MAX_RECORD_BYTES)} one record may be "
+                     f"(gpt2.data.sources.MAX_RECORD_BYTES); {how}")
+
+
+def _read_whole(f: io.TextIOBase, path: Path, how: str) -> str:
+    """The whole text of `f`, refused with its size (before reading it, where the file's size tells) when
+    larger than one record may be."""
+    size = path.stat().st_size
+    if not path.name.lower().endswith(".gz") and size > MAX_RECORD_BYTES:
+        raise _too_big(str(path), _size(size), how)
+    text = f.read(MAX_RECORD_BYTES + 1)
+    if len(text) > MAX_RECORD_BYTES:  # compressed: its size is known only once read this far
+        raise _too_big(str(path), f"more than {_size(MAX_RECORD_BYTES)} uncompressed", how)
+    return text
+
+
 def _read_jsonl(path: Path) -> Iterator[dict]:
     lineno = 0
     try:
         with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
+            while line := f.readline(MAX_RECORD_BYTES + 1):  # a line at a time, never more than one record
+                lineno += 1
+                if len(line) > MAX_RECORD_BYTES and not line.endswith("\n"):
+                    raise _too_big(f"{path}:{lineno}: the line", f"longer than {_size(MAX_RECORD_BYTES)}",
+                                   "is it one record? cut it down or leave it out")
                 if line.strip():
                     yield _as_record(_loads(line, path, lineno), path, lineno)
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as e:
@@ -128,7 +159,8 @@ def _read_json(path: Path) -> Iterator[dict]:
     """A JSON array of objects (or one object); anything else is read as JSON lines."""
     try:
         with _open_text(path) as f:
-            text = f.read()
+            text = _read_whole(f, path, "a .json file is read whole: write it as .jsonl, one record per line, "
+                                        "which is read a line at a time")
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as e:
         raise UserError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
     try:
@@ -151,7 +183,10 @@ def _read_json(path: Path) -> Iterator[dict]:
 
 def _read_txt(path: Path) -> Iterator[dict]:
     try:
-        yield {"text": path.read_text(encoding="utf-8")}
+        with open(path, encoding="utf-8") as f:
+            text = _read_whole(f, path, "a .txt file is one document: split it into several files, or write "
+                                        "it as .jsonl with one document per line")
+        yield {"text": text}
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from e
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from gpt2.cli import Command, register
 from gpt2.config import arg
+from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.rlhf.losses import dpo_loss, sequence_logprobs, token_kl
 from gpt2.rlhf.pairs import PairStageConfig, PairTask, run_pair_stage
@@ -54,6 +55,12 @@ class DPOTask(PairTask):
 class DPOConfig(PairStageConfig):
     out: str = arg("runs/dpo", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png")
     beta: float = arg(0.1, "DPO beta: strength of the implicit KL constraint to the reference")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.beta > 0:
+            raise UserError(f"--beta must be > 0 (got {self.beta}): at 0 the DPO loss is ln 2 whatever the policy "
+                            "does, so nothing would be trained")
 
 
 def run(cfg: DPOConfig) -> nn.Module:

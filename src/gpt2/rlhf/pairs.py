@@ -105,12 +105,12 @@ class PairStageConfig(TrainConfig):
     model: str = arg("runs/finetune", "starting checkpoint (the SFT model): a run folder, a Hugging Face "
                                       "folder or a hub name")
     data: str = arg("data/hh", "folder written by `gpt2 prepare hh` (train.jsonl, val.jsonl)")
-    batch_size: int = arg(8, "preference pairs per micro batch per process (each pair is two sequences)")
-    grad_accum: int = arg(1, "micro batches per optimizer step")
+    batch_size: int = arg(8, "preference pairs per micro batch per process (each pair is two sequences)", minimum=1)
+    grad_accum: int = arg(1, "micro batches per optimizer step", minimum=1)
     epochs: float = arg(1.0, EPOCHS_HELP)
     max_steps: int | None = arg(None, MAX_STEPS_HELP)
     eval_every: int | None = arg(None, "evaluate on the held-out pairs every N steps; default once an epoch")
-    max_len: int | None = arg(None, "skip pairs longer than this many tokens (default: the model's context)")
+    max_len: int | None = arg(None, "skip pairs longer than this many tokens (default: the model's context)", minimum=2)
     lr: float = arg(5e-6, "peak learning rate (reached after warmup)")
     warmup_steps: int = arg(10, "steps of linear LR warmup")
     weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
@@ -134,8 +134,7 @@ def load_train_val(cfg: PairStageConfig, block_size: int) -> tuple[list[Pair], l
 def run_pair_stage(cfg: PairStageConfig, make_model: Callable[[GPT], nn.Module],
                    make_task: Callable[[GPT, list[Pair], list[Pair], DistInfo], PairTask]) -> nn.Module:
     """Load the starting GPT and the pairs, build the stage's model and task, and train on the shared loop."""
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise UserError("--batch-size and --grad-accum must be >= 1")
+    cfg.validate()  # before the model loads: a bad flag is refused at once
     dist = init_distributed(cfg.device)
     try:
         start = load_model(cfg.model)

@@ -34,13 +34,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt2.checkpoint import load_model
+from gpt2.checkpoint import check_vocab, load_model
 from gpt2.cli import Command, register
-from gpt2.config import arg
+from gpt2.config import arg, flag_name
 from gpt2.data.batching import LengthGroupedBatcher, collate, pad_right
 from gpt2.data.preferences import load_pairs, split_file
 from gpt2.distributed import all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
+from gpt2.generate import check_sampling
 from gpt2.inference import generate
 from gpt2.model import GPT
 from gpt2.rlhf.heads import ActorCritic, RewardModel
@@ -201,24 +202,31 @@ class PPOConfig(TrainConfig):
     prompts: str | None = arg(None, "instead of --data: a text file with one question per line, rendered with "
                                     "the fine-tuning template (the first --eval-prompts are also the eval set)")
     max_steps: int = arg(100, "PPO iterations (one rollout batch and its update each; the LR schedule ends here)")
-    batch_size: int = arg(16, "prompts rolled out per iteration per process")
-    minibatch_size: int = arg(8, "rollouts per optimizer step within an iteration")
-    ppo_epochs: int = arg(4, "passes over each rollout batch")
-    max_new_tokens: int = arg(64, "longest sampled answer in tokens")
+    batch_size: int = arg(16, "prompts rolled out per iteration per process", minimum=1)
+    minibatch_size: int = arg(8, "rollouts per optimizer step within an iteration", minimum=1)
+    ppo_epochs: int = arg(4, "passes over each rollout batch", minimum=1)
+    max_new_tokens: int = arg(64, "longest sampled answer in tokens", minimum=1)
     temperature: float = arg(1.0, "sampling temperature of the rollouts")
-    kl_coef: float = arg(0.05, "per-token KL penalty to the reference (InstructGPT's beta)")
+    kl_coef: float = arg(0.05, "per-token KL penalty to the reference (InstructGPT's beta)", minimum=0)
     gamma: float = arg(1.0, "discount of GAE")
     lam: float = arg(0.95, "lambda of GAE")
-    clip: float = arg(0.2, "policy ratio clip range")
-    value_clip: float = arg(0.2, "value clip range around the rollout-time value")
-    vf_coef: float = arg(0.1, "weight of the value loss")
-    eval_prompts: int = arg(32, "held-out prompts scored at each evaluation")
+    clip: float = arg(0.2, "policy ratio clip range", minimum=0)
+    value_clip: float = arg(0.2, "value clip range around the rollout-time value", minimum=0)
+    vf_coef: float = arg(0.1, "weight of the value loss", minimum=0)
+    eval_prompts: int = arg(32, "held-out prompts scored at each evaluation", minimum=0)
     lr: float = arg(1e-5, "peak learning rate (reached after warmup)")
     warmup_steps: int = arg(5, "iterations of linear LR warmup")
     weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
     eval_every: int = arg(10, "score held-out prompts every N iterations (and at the end); 0 = never")
     save_every: int = arg(50, "checkpoint every N iterations; 0 = only at the end")
     compile: bool | None = arg(False, "not used by PPO (rollout shapes change every iteration)")
+
+    def validate(self) -> None:
+        super().validate()
+        for flag in ("gamma", "lam"):
+            if not 0 <= getattr(self, flag) <= 1:
+                raise UserError(f"{flag_name(flag)} must be in [0, 1] (got {getattr(self, flag)})")
+        check_sampling(self.temperature, None, None)
 
 
 def load_prompts(cfg: PPOConfig, max_prompt_len: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -245,20 +253,16 @@ def load_prompts(cfg: PPOConfig, max_prompt_len: int) -> tuple[list[list[int]], 
     return train, evals
 
 
-def _check(cfg: PPOConfig) -> None:
-    if min(cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs, cfg.max_new_tokens) < 1:
-        raise UserError("--batch-size, --minibatch-size, --ppo-epochs and --max-new-tokens must be >= 1")
-
-
 def run(cfg: PPOConfig) -> ActorCritic:
     """Load the policy, reference and reward model, and train PPO's Task on the shared loop."""
-    _check(cfg)
+    cfg.validate()
     dist = init_distributed(cfg.device)
     try:
         device = dist.device
-        policy = load_model(cfg.model)
+        policy = load_model(cfg.model, reads_text="--model" if cfg.prompts is not None else None)
         reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
         scorer = RewardModel.from_pretrained(cfg.reward_model).eval().requires_grad_(False).to(device)
+        check_vocab(scorer, policy.config.vocab_size, f"--reward-model {cfg.reward_model}", f"--model {cfg.model}")
         context = min(policy.config.block_size, scorer.config.block_size)
         train_prompts, eval_prompts = load_prompts(cfg, context - cfg.max_new_tokens - 1)
         seed_everything(cfg.seed)  # the value head's initial weights (DDP broadcasts rank 0's anyway)

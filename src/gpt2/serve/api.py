@@ -11,6 +11,12 @@ Design decisions:
   (server-sent events ending with `data: [DONE]`, `stream_options.include_usage`), finish_reason
   "stop"/"length" and usage counts. Every OpenAI field is declared in `gpt2.serve.schema` and either honoured
   or refused with a 400 naming it; fields OpenAI does not have are ignored (clients send many).
+- Model names, as OpenAI and vLLM have them: a request's `model` must be one this server serves, else a 404
+  with code `model_not_found` (a missing `model` means the served one). The served name is `--model-name`
+  (default: the `--model` folder's name); its aliases are the `--model` value as given (a path or a hub name
+  such as `gpt2`) and that folder's name, so a client may name the model the way it was started. `GET
+  /v1/models` lists the served name first, then each alias (`"parent"`: the served name); responses always
+  carry the served name.
 - Every bad request gets a 4xx with OpenAI's error object `{"error": {"message", "type", "param", "code"}}`,
   never a 500 or a hung connection: the body is read here with a size limit and parsed by pydantic, so
   FastAPI's own 422 format never shows; 404/405 use the same object (a 405 keeps its `Allow` header), a
@@ -83,6 +89,7 @@ def error_response(err: APIError) -> JSONResponse:
 class ServerState:
     engine: Engine
     model_name: str
+    model_names: list[str]  # the served name, then its aliases (module docstring)
     api_key: str | None
     default_max_tokens: int  # chat requests without max_tokens
     max_waiting: int  # requests queued beyond this get 429
@@ -143,10 +150,13 @@ def _describe(exc: BaseException) -> str:
 
 
 def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = None,
-               default_max_tokens: int = 256, max_waiting: int = 256, start_engine: bool = True) -> FastAPI:
-    """The FastAPI app. With `start_engine`, the engine thread runs for the app's lifetime."""
+               default_max_tokens: int = 256, max_waiting: int = 256, start_engine: bool = True,
+               aliases: tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app. With `start_engine`, the engine thread runs for the app's lifetime. `aliases`: other
+    names a request's `model` may give for `model_name`."""
+    names = list(dict.fromkeys([model_name, *(a for a in aliases if a)]))
     # a chat request without max_tokens may run to the end of the context window, no further
-    state = ServerState(engine, model_name, api_key, min(default_max_tokens, engine.block_size), max_waiting,
+    state = ServerState(engine, model_name, names, api_key, min(default_max_tokens, engine.block_size), max_waiting,
                         int(time.time()))
 
     @asynccontextmanager
@@ -194,35 +204,36 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
         return {"status": "ok", "model": state.model_name, "active": engine.num_active,
                 "waiting": engine.num_waiting, "max_batch_size": engine.max_batch_size, **engine.decoder.status()}
 
-    def model_card() -> dict:
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "gpt2-scratch"}
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": state.created, "owned_by": "gpt2-scratch"}
+        return card if name == state.model_name else {**card, "parent": state.model_name}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         _authorize(request, state)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str) -> dict:
         _authorize(request, state)
-        if model_id != state.model_name:
-            raise APIError(404, f"the model '{model_id}' does not exist; this server serves '{state.model_name}'",
-                           param="model", code="model_not_found")
-        return model_card()
+        _check_model(model_id, state)
+        return model_card(model_id)
 
     @app.post("/v1/completions", openapi_extra=_body_doc(CompletionRequest))
     @_guarded
     async def completions(request: Request):
         _authorize(request, state)
-        job = completion_job(await _parse(request, CompletionRequest), engine.block_size)
-        return await _serve(request, state, job)
+        req = await _parse(request, CompletionRequest)
+        _check_model(req.model, state)
+        return await _serve(request, state, completion_job(req, engine.block_size))
 
     @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
     @_guarded
     async def chat_completions(request: Request):
         _authorize(request, state)
-        job = chat_job(await _parse(request, ChatRequest), engine.block_size, state.default_max_tokens)
-        return await _serve(request, state, job)
+        req = await _parse(request, ChatRequest)
+        _check_model(req.model, state)
+        return await _serve(request, state, chat_job(req, engine.block_size, state.default_max_tokens))
 
     return app
 
@@ -234,6 +245,14 @@ def _authorize(request: Request, state: ServerState) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
         raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
                        code="invalid_api_key")
+
+
+def _check_model(name: str | None, state: ServerState) -> None:
+    """A 404 `model_not_found` for a model this server does not serve (None: the request names none)."""
+    if name is not None and name not in state.model_names:
+        served = ", ".join(f"'{n}'" for n in state.model_names)
+        raise APIError(404, f"the model '{name}' does not exist; this server serves {served}", param="model",
+                       code="model_not_found")
 
 
 async def _read_body(request: Request) -> bytes:

@@ -25,9 +25,10 @@ import torch
 from gpt2.checkpoint import load_model
 from gpt2.cli import Command, register
 from gpt2.commands.decoding import decoder_for
-from gpt2.config import arg
+from gpt2.config import arg, check_values
 from gpt2.decode import Decoder
 from gpt2.errors import UserError
+from gpt2.generate import check_sampling
 from gpt2.inference import generate_stream, pad_right
 from gpt2.model import GPT
 from gpt2.serve.server import DTYPES
@@ -41,12 +42,13 @@ HELP = "commands: /temperature X (0 = greedy), /reset (forget the conversation),
 @dataclass
 class ChatConfig:
     model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory or hub name")
-    prompt: str | None = arg(None, help="answer this one message, print the answer and exit (for scripts)")
+    prompt: str | None = arg(None, help="answer this one message, print the answer and exit (for scripts)",
+                             hint="give the message, or leave --prompt out to chat interactively")
     system: str | None = arg(None, help="a system message that opens the conversation")
     temperature: float = arg(0.7, help="sampling temperature; 0 = greedy (change with /temperature X)")
     top_k: int | None = arg(None, help="sample only among the k most likely tokens")
     top_p: float | None = arg(0.95, help="nucleus sampling: smallest token set with this probability mass")
-    max_tokens: int = arg(256, help="longest answer, in tokens")
+    max_tokens: int = arg(256, help="longest answer, in tokens", minimum=1)
     seed: int = arg(1337, help="random seed, for reproducible answers")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
@@ -55,6 +57,10 @@ class ChatConfig:
                                           "background (once per model, torch and CPU; cached, see `gpt2 cache`). "
                                           "default: on for models of 50M+ parameters on a CPU (with --prompt: only "
                                           "if already cached); --no-compile: never")
+
+    def validate(self) -> None:
+        check_values(self)  # an empty --prompt or --system is refused there
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
 
 class ChatSession:
@@ -120,12 +126,13 @@ class ChatSession:
         elif name == "/temperature":
             try:
                 t = float(value)
-                if t < 0:
-                    raise ValueError
+                check_sampling(t, None, None, prefix="/")  # the flags' check: nan and inf are refused too
                 self.temperature = t
                 self.out.write(f"(temperature {t})\n")
             except ValueError:
                 self.out.write("usage: /temperature X with X >= 0, e.g. /temperature 0.7\n")
+            except UserError as e:
+                self.out.write(f"error: {e}; the temperature stays {self.temperature}\n")
         else:
             self.out.write(HELP + "\n")
         return True
@@ -153,15 +160,13 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
             session.reply(line)
         except UserError as e:  # too long a message: say so and keep the conversation going
             out.write(f"error: {e}\n")
+        except Exception as e:  # never lose the conversation to one failed answer
+            out.write(f"\nerror: this answer failed ({type(e).__name__}: {e}); the conversation is kept\n")
 
 
 def run(cfg: ChatConfig) -> list[dict]:
-    from gpt2.generate import check_sampling
-
-    if cfg.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1 (got {cfg.max_tokens})")
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
+    cfg.validate()
+    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
     # one-shot (--prompt) uses cached pieces only unless --compile: a build would be stopped when it exits
     build = cfg.prompt is None or bool(cfg.compile)
     notes: list[str] = []  # the switch's line, printed between answers rather than inside one

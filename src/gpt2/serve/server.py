@@ -43,12 +43,17 @@ class ServeConfig:
     api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on /v1 routes; "
                                          "none = $GPT2_API_KEY if set")
     model_name: str | None = arg(None, help="model id reported by /v1/models; none = the --model folder's name")
-    max_batch_size: int = arg(16, help="sequences decoded together at most; more requests wait their turn")
-    max_waiting: int = arg(256, help="queued requests beyond this are refused with 429")
-    default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it")
+    max_batch_size: int = arg(16, help="sequences decoded together at most; more requests wait their turn",
+                              minimum=1)
+    max_waiting: int = arg(256, help="queued requests beyond this are refused with 429", minimum=1)
+    default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
-    threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)")
+    request_timeout: float = arg(10.0, help="seconds a client has to send a whole request (headers and body) "
+                                            "from its first byte; slower ones get 408 and are closed "
+                                            "(gpt2.serve.timeouts)", minimum=0.001)
+    threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)", minimum=1,
+                              hint="leave it out for torch's choice")
     compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
                                           "ready: the server answers at once, eagerly, while the pieces compile in "
                                           "the background (once per model, torch and CPU; cached, see `gpt2 "
@@ -62,15 +67,14 @@ def run(cfg: ServeConfig) -> None:
     from gpt2.commands.decoding import decoder_for
     from gpt2.serve.api import create_app
     from gpt2.serve.engine import Engine
+    from gpt2.serve.timeouts import deadline_protocol
 
     if not 0 < cfg.port < 65536:
         raise UserError(f"--port {cfg.port}: must be 1..65535")
-    if cfg.max_batch_size < 1 or cfg.default_max_tokens < 1 or cfg.max_waiting < 1:
-        raise UserError("--max-batch-size, --max-waiting and --default-max-tokens must be >= 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype]).eval()
+    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
     # eager at once; compiled pieces, when wanted, are made ready in the background and switched to between steps
@@ -78,16 +82,23 @@ def run(cfg: ServeConfig) -> None:
     engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=decoder_for(model, cfg.compile, label=name))
     app = create_app(engine, model_name=name, api_key=api_key,
                      default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
-                     max_waiting=cfg.max_waiting, start_engine=False)
+                     max_waiting=cfg.max_waiting, start_engine=False, aliases=model_aliases(cfg))
     if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
           f"{'(API key required)' if api_key else ''}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
-                                          timeout_graceful_shutdown=5))
+                                          timeout_graceful_shutdown=5, http=deadline_protocol(cfg.request_timeout)))
     if not serve_http_beside(engine, server):
         raise SystemExit(1)  # uvicorn could not start (say the port is taken) and has said why
+
+
+def model_aliases(cfg: ServeConfig) -> tuple[str, ...]:
+    """The other names a request's `model` may give (see `gpt2.serve.api`): the --model value as given and its
+    folder's name."""
+    given = cfg.model.rstrip("/\\")
+    return tuple(n for n in (given, Path(given).name) if n)
 
 
 def serve_http_beside(engine: Engine, server: uvicorn.Server) -> bool:

@@ -42,13 +42,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from gpt2.cli import Command, register
+from gpt2.cli import Command, command_name, register
 from gpt2.config import APPLY, arg, from_dict, to_dict
 from gpt2.data.alpaca import fit_examples, load_split
 from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
 from gpt2.errors import UserError
-from gpt2.io import dir_lock, write_json_atomic, write_text_atomic
-from gpt2.train.loop import CHECKPOINT_FILE, EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
+from gpt2.io import dir_lock, make_folder, write_json_atomic, write_text_atomic
+from gpt2.train.loop import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, check_run_dir, run_length, train
 from gpt2.train.losses import gpt_loss_chunked
 
 DEFAULT_PROMPTS = [
@@ -67,18 +67,19 @@ class FinetuneConfig(TrainConfig):
                             "name such as gpt2")
     data: str = arg("data/alpaca", "folder written by `gpt2 prepare alpaca --out`")
     epochs: float = arg(2.0, EPOCHS_HELP)
-    batch_size: int = arg(16, "examples per micro batch on each rank")
-    grad_accum: int = arg(2, "micro batches per optimizer step (global batch = batch size x grad accum x ranks)")
+    batch_size: int = arg(16, "examples per micro batch on each rank", minimum=1)
+    grad_accum: int = arg(2, "micro batches per optimizer step (global batch = batch size x grad accum x ranks)",
+                          minimum=1)
     max_len: int | None = arg(None, "longest question + answer in tokens (default: the model's context window); "
-                                    "longer questions are cut from the left, or the example dropped")
+                                    "longer questions are cut from the left, or the example dropped", minimum=2)
     group_batches: int = arg(16, "length grouping: sort this many batches' worth of shuffled examples by "
-                                 "length before cutting batches (more = less padding, less randomness)")
+                                 "length before cutting batches (more = less padding, less randomness)", minimum=1)
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
                                         "on for CPU, off for CUDA (where torch.compile fuses the loss)",
                                   on_resume=APPLY)
     sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS), on_resume=APPLY,
                                     help="questions answered before and after fine-tuning (RUN_DIR/samples.md)")
-    sample_max_tokens: int = arg(128, "longest answer generated for samples.md", on_resume=APPLY)
+    sample_max_tokens: int = arg(128, "longest answer generated for samples.md", on_resume=APPLY, minimum=1)
     sample_temperature: float = arg(0.0, "sampling temperature for samples.md; 0 = greedy", on_resume=APPLY)
     # Loop fields whose fine-tuning defaults differ (None = derived from the data, see --epochs).
     out: str = arg("runs/finetune", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png, "
@@ -96,11 +97,6 @@ class FinetuneConfig(TrainConfig):
         super().validate()
         if not self.epochs > 0:
             raise UserError(f"--epochs must be > 0 (got {self.epochs})")
-        for flag in ("batch_size", "grad_accum", "group_batches", "sample_max_tokens"):
-            if getattr(self, flag) < 1:
-                raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)})")
-        if self.max_len is not None and self.max_len < 2:
-            raise UserError(f"--max-len must be >= 2 (got {self.max_len})")
         if not self.sample_temperature >= 0:
             raise UserError(f"--sample-temperature must be >= 0, 0 = greedy (got {self.sample_temperature})")
 
@@ -243,7 +239,7 @@ def before_answers(model: nn.Module, cfg: FinetuneConfig, run_dir: Path) -> list
         if saved.get("prompts") == cfg.sample_prompts:
             return saved["answers"]
     answers = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run_dir)
     write_json_atomic(path, {"prompts": cfg.sample_prompts, "answers": answers})
     return answers
 
@@ -273,12 +269,10 @@ def run(cfg: FinetuneConfig):
 
     cfg.validate()
     run_dir = Path(cfg.out)
-    if (run_dir / CHECKPOINT_FILE).exists() and not cfg.resume:
-        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
-                        "--out")
+    check_run_dir(run_dir, cfg.resume, command_name(cfg))  # before the model loads
     dist = init_distributed(cfg.device)
     try:
-        model = load_model(cfg.init).to(dist.device)
+        model = load_model(cfg.init, reads_text="--init").to(dist.device)
         train_ex, val_ex = _load_examples(cfg, model.config.block_size, dist.is_main)
         task = FinetuneTask(train_ex, val_ex, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
                             world_size=dist.world_size, group_batches=cfg.group_batches,

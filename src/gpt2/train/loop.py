@@ -90,10 +90,22 @@ from gpt2.checkpoint import (
     save_checkpoint,
     state_to_cpu,
 )
-from gpt2.config import ANNOUNCE, APPLY, REFUSE, SESSION, arg, flag_name, resume_rule, same_setting, to_dict
+from gpt2.cli import command_name
+from gpt2.config import (
+    ANNOUNCE,
+    APPLY,
+    REFUSE,
+    SESSION,
+    arg,
+    check_values,
+    flag_name,
+    resume_rule,
+    same_setting,
+    to_dict,
+)
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
-from gpt2.io import dir_lock, disk_error, write_json_atomic, write_text_atomic
+from gpt2.io import dir_lock, disk_error, make_folder, not_a_folder, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -108,7 +120,8 @@ class TrainConfig:
 
     out: str = arg("runs/run", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png",
                    on_resume=APPLY)
-    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)", on_resume=ANNOUNCE)
+    max_steps: int = arg(1000, "optimizer steps of the whole run (the LR schedule ends here)", on_resume=ANNOUNCE,
+                         minimum=1)
     stop_at_step: int | None = arg(None, "end after this step with a checkpoint, keeping the schedule of "
                                          "--max-steps (split a long run across time-limited jobs)", on_resume=SESSION)
     max_minutes: float | None = arg(None, "end with a checkpoint after this many minutes of training in this "
@@ -116,9 +129,9 @@ class TrainConfig:
                                     on_resume=SESSION)
     lr: float = arg(6e-4, "peak learning rate (reached after warmup)", on_resume=ANNOUNCE)
     min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)",
-                               on_resume=ANNOUNCE)
-    warmup_steps: int = arg(100, "steps of linear LR warmup", on_resume=ANNOUNCE)
-    weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)")
+                               on_resume=ANNOUNCE, minimum=0)
+    warmup_steps: int = arg(100, "steps of linear LR warmup", on_resume=ANNOUNCE, minimum=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)", minimum=0)
     betas: tuple[float, float] = arg((0.9, 0.95), "AdamW betas (two numbers)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = no clipping", on_resume=ANNOUNCE)
     eval_every: int = arg(250, "evaluate and redraw loss.png every N steps (and at the end); 0 = never",
@@ -139,10 +152,9 @@ class TrainConfig:
         """Raise a one-line UserError naming the first flag whose value makes no sense. Stages with more
         fields extend this (calling super); `train()` and each command's `run` call it before any work.
         Fields a stage derives later (None, e.g. finetune's max_steps) are checked once they are set."""
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"--max-steps must be >= 1 (got {self.max_steps})")
-        if self.warmup_steps < 0:
-            raise UserError(f"--warmup-steps must be >= 0 (got {self.warmup_steps})")
+        check_values(self)
+        if self.out and (err := not_a_folder(self.out)):
+            raise UserError(f"--out {self.out}: {err}")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= (self.max_steps or self.stop_at_step):
             raise UserError(f"--stop-at-step must be between 1 and --max-steps ({self.max_steps}), got "
                             f"{self.stop_at_step}")
@@ -150,10 +162,7 @@ class TrainConfig:
             raise UserError(f"--max-minutes must be > 0 (got {self.max_minutes}); leave it out for no time limit")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a positive number (got {self.lr})")
-        if self.min_lr is not None and not (math.isfinite(self.min_lr) and self.min_lr >= 0):
-            raise UserError(f"--min-lr must be >= 0 (got {self.min_lr})")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        check_schedule(self.lr, self.min_lr, self.warmup_steps, self.max_steps)
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise UserError(f"--grad-clip must be >= 0, 0 = no clipping (got {self.grad_clip})")
         for flag in ("eval_every", "save_every"):
@@ -162,6 +171,17 @@ class TrainConfig:
                 raise UserError(f"--{flag.replace('_', '-')} must be >= 0, 0 = never (got {value})")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"--betas takes two numbers in [0, 1) (got {list(self.betas)})")
+
+
+def check_schedule(lr: float, min_lr: float | None, warmup_steps: int, max_steps: int | None) -> None:
+    """The LR schedule's bounds must not contradict each other: the decay ends at or below the peak, and the
+    warmup ends within the run (else the LR never reaches --lr). `max_steps` None: derived later (from
+    --epochs), checked again by `train()` once it is known."""
+    if min_lr is not None and min_lr > lr:
+        raise UserError(f"--min-lr {min_lr} is above --lr {lr}: the cosine decay goes from --lr down to --min-lr")
+    if max_steps is not None and warmup_steps > max_steps:
+        raise UserError(f"--warmup-steps {warmup_steps} is more than the run's {max_steps} steps (--max-steps): the "
+                        "LR would never reach --lr; lower --warmup-steps")
 
 
 # The one rule for the length of a run, in every command that has both flags (finetune, dpo, reward).
@@ -304,7 +324,7 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         kept = []
         if keep_until_step is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -482,6 +502,33 @@ def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] 
     return dict(saved), ckpt
 
 
+COMMAND_KEY = "command"  # in config.json and the checkpoint's run_config: the command that made the run
+
+
+def run_command(run_dir: str | os.PathLike) -> str | None:
+    """The command that made the run in `run_dir` as its config.json records it; None when not recorded."""
+    try:
+        saved = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved.get(COMMAND_KEY) if isinstance(saved, dict) else None
+
+
+def check_run_dir(run_dir: str | os.PathLike, resume: bool, command: str | None, made_by: str | None = None) -> None:
+    """Refuse, in one line, a --out whose checkpoint another command made (naming the run and that command),
+    and a checkpoint without --resume. made_by: the recording command when known (default: config.json's)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        return
+    made_by = made_by or run_command(run_dir)
+    if made_by and command and made_by != command:
+        raise UserError(f"{run_dir} is a `gpt2 {made_by}` run, not a `gpt2 {command}` one: continue it with "
+                        f"`gpt2 {made_by} --out {run_dir} --resume`, or choose another --out")
+    if not resume:
+        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
+                        "--out")
+
+
 _SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")
 
 
@@ -551,31 +598,37 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int
     model.to(device)
     optimizer = build_optimizer(model, cfg, device)
     run_config = run_config if run_config is not None else cfg
+    command = command_name(run_config)
     run_config = to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
+    if command is not None:
+        run_config[COMMAND_KEY] = command  # which command made the run: --resume by another is refused
 
+    check_run_dir(run_dir, cfg.resume, command)
     start_step, elapsed0, resumed = 0, 0.0, None
     if cfg.resume and ckpt_path.exists():
         resumed = load_checkpoint(ckpt_path)
+        check_run_dir(run_dir, True, command, made_by=(resumed.get("run_config") or {}).get(COMMAND_KEY))
         if resumed.get("world_size", 1) != dist.world_size:
             raise UserError(f"{ckpt_path} was written by {resumed['world_size']} processes; resume it with the "
                             f"same number (now {dist.world_size})")
-        model.load_state_dict(resumed["model"])
+        try:
+            model.load_state_dict(resumed["model"])
+        except RuntimeError as e:  # a run from before the command was recorded, made by another command
+            raise UserError(f"--resume: the weights in {ckpt_path} do not fit this command's model "
+                            f"({str(e).splitlines()[0]}); was {run_dir} made by another command?") from e
         optimizer.load_state_dict(resumed["optimizer"])
         task.load_state_dict(resumed["ranks"][dist.rank]["task"])
         start_step, elapsed0 = resumed["step"], resumed.get("elapsed", 0.0)
         for line in resume_changes(resumed.get("train_config", {}), cfg, start_step):
             if is_main:
                 print(line, flush=True)
-    elif ckpt_path.exists() and not cfg.resume:
-        raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
-                        "--out")
     else:
         if cfg.resume and is_main:
             print(f"--resume: no checkpoint in {run_dir} yet; starting a new run", flush=True)
         seed_everything(cfg.seed + dist.rank)
 
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir)
         write_json_atomic(run_dir / CONFIG_FILE, run_config)
     metrics = MetricsLogger(run_dir / METRICS_FILE, enabled=is_main,
                             keep_until_step=start_step if resumed else None)

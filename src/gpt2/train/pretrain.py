@@ -42,47 +42,40 @@ from gpt2.train.losses import gpt_loss_chunked
 class PretrainConfig(TrainConfig):
     # data and batch
     data: str = arg("data/fineweb", "folder of token shards (*_train_*.bin, *_val_*.bin) from gpt2 prepare")
-    micro_batch: int = arg(32, "sequences per forward/backward pass on each process")
-    seq_len: int = arg(1024, "tokens per training sequence (at most --block-size)")
+    micro_batch: int = arg(32, "sequences per forward/backward pass on each process", minimum=1)
+    seq_len: int = arg(1024, "tokens per training sequence (at most --block-size)", minimum=1)
     global_batch: int = arg(524_288, "tokens per optimizer step over all processes; must be a multiple of "
-                                     "micro-batch x seq-len x processes")
+                                     "micro-batch x seq-len x processes", minimum=1)
     shuffle: bool = arg(True, "read training windows of --seq-len tokens in a seeded random order, each once per "
                               "epoch (--no-shuffle: in stream order, as the shards lie)")
     val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)",
-                          on_resume=APPLY)
+                          on_resume=APPLY, minimum=1, hint="use --eval-every 0 to skip evaluation")
     fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
                                         "on for CPU, off for CUDA (where torch.compile fuses the loss)",
                                   on_resume=APPLY)
     hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation", on_resume=APPLY)
     hellaswag_source: str | None = arg(None, "local HellaSwag jsonl instead of downloading the validation set",
                                        on_resume=APPLY)
-    hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples", on_resume=APPLY)
+    hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples", on_resume=APPLY, minimum=1)
     # the model (GPTConfig fields)
-    block_size: int = arg(1024, "model: context window (learned positions)")
-    vocab_size: int = arg(50257, "model: vocabulary size (GPT-2 BPE)")
-    n_layer: int = arg(12, "model: transformer blocks")
-    n_head: int = arg(12, "model: attention heads")
-    n_embd: int = arg(768, "model: embedding width")
+    block_size: int = arg(1024, "model: context window (learned positions)", minimum=1)
+    vocab_size: int = arg(50257, "model: vocabulary size (GPT-2 BPE)", minimum=1)
+    n_layer: int = arg(12, "model: transformer blocks", minimum=1)
+    n_head: int = arg(12, "model: attention heads", minimum=1)
+    n_embd: int = arg(768, "model: embedding width", minimum=1)
     dropout: float = arg(0.0, "model: dropout probability (0 for pretraining)")
     layer_norm_epsilon: float = arg(1e-5, "model: LayerNorm epsilon")
     vocab_pad_multiple: int = arg(64, "model: pad the embedding rows to this multiple (GPU speed; outputs "
-                                      "unchanged)")
+                                      "unchanged)", minimum=1)
 
     def validate(self) -> None:
-        super().validate()
-        for flag in ("micro_batch", "seq_len", "global_batch", "val_tokens", "block_size", "vocab_size", "n_layer",
-                     "n_head", "n_embd", "vocab_pad_multiple"):
-            if getattr(self, flag) < 1:
-                hint = "; use --eval-every 0 to skip evaluation" if flag == "val_tokens" else ""
-                raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)}){hint}")
+        super().validate()  # with each field's `minimum` (gpt2.config.check_values)
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
         if not self.layer_norm_epsilon > 0:
             raise UserError(f"--layer-norm-epsilon must be > 0 (got {self.layer_norm_epsilon})")
         if self.seq_len > self.block_size:
             raise UserError(f"--seq-len {self.seq_len} exceeds --block-size {self.block_size}")
-        if self.hellaswag_limit is not None and self.hellaswag_limit < 1:
-            raise UserError(f"--hellaswag-limit must be >= 1 (got {self.hellaswag_limit})")
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
