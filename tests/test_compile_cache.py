@@ -39,11 +39,15 @@ def model() -> GPT:
     return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64)).eval()
 
 
-def fake_build(calls: list[Path], pause: float = 0.0):
-    """A stand-in for `build_in_child`: two 'pieces' and the manifest, in a build folder renamed into place."""
+def fake_build(calls: list[Path], pause: float = 0.0, starters: Path | None = None):
+    """A stand-in for `build_in_child`: two 'pieces' and the manifest, in a build folder renamed into place; it
+    takes `pause` seconds, counted once two processes have left a file in `starters` (when given)."""
     def build(model, directory, progress, label=""):
         calls.append(directory)
         work = cc.build_folder(directory.parent, directory.name)
+        deadline = time.monotonic() + 120
+        while starters is not None and len(list(starters.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(pause)
         (work / "piece-00.pt2").write_bytes(os.urandom(3000))
         (work / "piece-01.pt2").write_bytes(b"x" * 500)
@@ -130,13 +134,16 @@ def test_two_processes_build_an_entry_once(cache, model, tmp_path):
     weights = tmp_path / "weights"
     model.save_pretrained(weights, tokenizer=False)
     script = tmp_path / "start.py"
+    starters = tmp_path / "started"
+    starters.mkdir()
     script.write_text(textwrap.dedent(f"""
-        import sys, test_compile_cache as t
+        import os, pathlib, test_compile_cache as t
         import gpt2.decode.compiled
         from gpt2.model import GPT
         calls = []
-        gpt2.decode.compiled.build_in_child = t.fake_build(calls, pause=2.0)
+        gpt2.decode.compiled.build_in_child = t.fake_build(calls, pause=1.0, starters=pathlib.Path({str(starters)!r}))
         model = GPT.from_pretrained({str(weights)!r}).eval()
+        (pathlib.Path({str(starters)!r}) / str(os.getpid())).touch()  # the builder waits for both to get here
         with gpt2.decode.compiled.prepared(model, lambda line: print(line, flush=True)) as d:
             print("built" if calls else "found", d.name, flush=True)
     """))

@@ -301,7 +301,7 @@ def test_a_failed_background_compile_leaves_decoding_eager(model, tmp_path, monk
 
 
 def test_small_models_are_not_compiled_by_default(model):
-    from gpt2.commands.decoding import COMPILE_MIN_PARAMS, wants_compile
+    from gpt2.decode import COMPILE_MIN_PARAMS, wants_compile
 
     assert model.num_params() < COMPILE_MIN_PARAMS
     assert not wants_compile(model, None) and wants_compile(model, True) and not wants_compile(model, False)

@@ -1,4 +1,4 @@
-"""The training loop's speed fixes (issue 16), on CPU: torch.compile after DDP, one host sync per optimizer
+"""The training loop's speed measures, on CPU: torch.compile after DDP, one host sync per optimizer
 update, a step's batches fetched without moving the saved data position, evaluation without full logits, no
 recompiles on fine-tuning's variable lengths, checkpoints written in the background."""
 

@@ -1,9 +1,9 @@
-"""`gpt2 <command>`: one typed function per command.
+"""`gpt2 <command>`: one explicit table of commands, built into an argparse tree.
 
-Each stage module declares its command with `register(Command(...))`: a name (one or two words, e.g.
-"prepare fineweb"), a help line, the dataclass config whose fields become flags, optional named presets,
-and the function that takes the filled-in config. This file only lists those modules and builds the
-argparse tree from them, so adding a command never touches another command's code.
+Each command is a thin module of `gpt2.commands` whose `COMMAND` (or, for a group such as `gpt2 cache`,
+`COMMANDS`) gives its name (one or two words, e.g. "prepare fineweb"), a help line, the dataclass config whose
+fields become flags, optional named presets, and the function that takes the filled-in config. This file is the
+only place that lists them; the library never imports it or them.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import dataclasses
 import importlib
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from gpt2.commands import Command
 from gpt2.config import (
     ANNOUNCE,
     APPLY,
@@ -25,40 +24,18 @@ from gpt2.config import (
     build_config,
     default_config,
     flag_name,
+    name_command,
     resume_rule,
 )
 from gpt2.errors import UserError
 
-# Modules that register commands, imported when the CLI starts.
+# The command modules (`gpt2 --help` lists their commands by name).
 COMMAND_MODULES = [
-    "gpt2.generate",
-    "gpt2.data.fineweb",
-    "gpt2.plots",
-    "gpt2.evaluate",
-    "gpt2.train.pretrain",
-    "gpt2.data.alpaca",
-    "gpt2.train.finetune",
-    "gpt2.data.preferences",
-    "gpt2.rlhf.dpo",
-    "gpt2.rlhf.reward",
-    "gpt2.rlhf.ppo",
-    "gpt2.serve.chat",
-    "gpt2.serve.server",
-    "gpt2.commands.cache",
+    "prepare_fineweb", "prepare_alpaca", "prepare_hh",
+    "pretrain", "finetune", "dpo", "reward", "ppo",
+    "eval", "plot", "generate", "chat", "serve", "cache",
 ]
 
-
-@dataclass
-class Command:
-    name: str  # "generate" or "prepare fineweb"
-    help: str
-    config: type
-    run: Callable[[Any], Any]
-    presets: dict[str, Any] | None = None
-    description: str | None = None
-
-
-_REGISTRY: dict[str, Command] = {}
 
 # Help lines of the two-word command groups.
 GROUP_HELP = {
@@ -68,21 +45,15 @@ GROUP_HELP = {
 }
 
 
-def register(cmd: Command) -> Command:
-    _REGISTRY[cmd.name] = cmd
-    return cmd
-
-
-def command_name(config: Any) -> str | None:
-    """The name of the command whose config `config` is; None for any other object (a library call's plain
-    `TrainConfig`, a dict)."""
-    return next((name for name, cmd in _REGISTRY.items() if type(config) is cmd.config), None)
-
-
 def _load_commands() -> dict[str, Command]:
-    for mod in COMMAND_MODULES:
-        importlib.import_module(mod)
-    return _REGISTRY
+    """Every command of the table, by name (importing a command module imports the library it runs)."""
+    table: dict[str, Command] = {}
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"gpt2.commands.{name}")
+        for cmd in getattr(module, "COMMANDS", None) or [module.COMMAND]:
+            table[cmd.name] = cmd
+            name_command(cmd.config, cmd.name)  # the run directory records which command made it
+    return table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +107,7 @@ def saved_settings(cmd: Command, ns: argparse.Namespace) -> dict[str, Any] | Non
     `build_config` uses instead of the preset. None otherwise (no --resume, or nothing saved yet)."""
     if not (_resumable(cmd) and getattr(ns, "resume", False)):
         return None
-    from gpt2.train.loop import COMMAND_KEY, check_run_dir, saved_run_config
+    from gpt2.train.run_dir import COMMAND_KEY, check_run_dir, saved_run_config
 
     out = getattr(ns, "out", None) or default_config(cmd.config, ns, cmd.presets).out
     found = saved_run_config(out)

@@ -235,6 +235,19 @@ def resumed_config(cls: type[T], saved: dict[str, Any], given: dict[str, Any]) -
     return dataclasses.replace(cfg, **given)
 
 
+_COMMAND_OF: dict[type, str] = {}  # config class -> the command that takes it (filled by the CLI's table)
+
+
+def name_command(config_class: type, command: str) -> None:
+    _COMMAND_OF[config_class] = command
+
+
+def command_name(config: Any) -> str | None:
+    """The name of the command whose config `config` is; None for any other object (a library call's plain
+    `TrainConfig`, a dict) or when no CLI has named the commands."""
+    return _COMMAND_OF.get(type(config))
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready dict of a (possibly nested) dataclass config."""
     return dataclasses.asdict(cfg)
@@ -244,3 +257,14 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Inverse of `to_dict`, ignoring unknown keys (so old checkpoints load into newer configs)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "--") -> None:
+    """One-line errors for sampling flags that mean nothing (shared by every command that samples, and by chat's
+    /temperature with prefix "/"); nan and inf are refused (inf would sample uniform noise)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"{prefix}temperature must be a finite number >= 0, 0 = greedy (got {temperature})")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (got {top_k}); leave it out (or none) to sample from every token")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (got {top_p}); leave it out (or none) for no nucleus cut")

@@ -7,3 +7,10 @@ Library code raises `UserError` with a one-line message naming the file or argum
 
 class UserError(Exception):
     """Bad input from the user: printed as one line by the CLI, never as a traceback."""
+
+
+def note(line: str) -> None:
+    """A one-line note for the user on stderr (stdout stays a command's output)."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
@@ -300,8 +299,6 @@ def run_hellaswag(cfg: HellaSwagConfig) -> dict[str, float]:
     return result
 
 
-register(Command("eval hellaswag", "HellaSwag accuracy (completion-style scoring, acc and acc_norm)",
-                 HellaSwagConfig, run_hellaswag))
 
 
 @dataclass
@@ -339,7 +336,3 @@ def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
     print(f"{cfg.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {n_tokens} tokens "
           f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}")
     return {"val_loss": loss, "tokens": n_tokens}
-
-
-register(Command("eval val-loss", "mean next-token loss of a model on token shards", ValLossConfig,
-                 run_val_loss))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from gpt2.cli import Command, register
-from gpt2.config import arg, check_values
-from gpt2.errors import UserError
+from gpt2.config import arg, check_sampling, check_values
+from gpt2.errors import UserError, note
 
 
 @dataclass
@@ -43,20 +41,9 @@ class GenerateConfig:
         check_sampling(self.temperature, self.top_k, self.top_p)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "--") -> None:
-    """One-line errors for sampling flags that mean nothing (shared by every command that samples, and by chat's
-    /temperature with prefix "/"); nan and inf are refused (inf would sample uniform noise)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise UserError(f"{prefix}temperature must be a finite number >= 0, 0 = greedy (got {temperature})")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be >= 1 (got {top_k}); leave it out (or none) to sample from every token")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (got {top_p}); leave it out (or none) for no nucleus cut")
-
-
 def run(cfg: GenerateConfig) -> list[str]:
     from gpt2.checkpoint import load_model
-    from gpt2.commands.decoding import decoder_for
+    from gpt2.decode import decoder_for
     from gpt2.distributed import pick_device
     from gpt2.inference import generate, tokenize_batch_input
     from gpt2.serve.text import TextStream
@@ -71,7 +58,7 @@ def run(cfg: GenerateConfig) -> list[str]:
         raise UserError(f"prompt {too_long[0] + 1} is longer than the model's context window "
                         f"({model.config.block_size} tokens)")
     # before the prompt is printed: it may say that it compiles in the background
-    decoder = decoder_for(model, cfg.compile, build=bool(cfg.compile), label=cfg.model)
+    decoder = decoder_for(model, cfg.compile, build=bool(cfg.compile), label=cfg.model, say=note)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     single = len(cfg.prompts) == 1
     stream = TextStream()
@@ -103,6 +90,3 @@ def _note_window_stops(prompt_lengths: list[int], outputs: list[list[int]], max_
         which = "" if len(outputs) == 1 else f"prompt {cut[0] + 1}{' and others' if len(cut) > 1 else ''}: "
         print(f"note: {which}stopped after {len(outputs[cut[0]])} of --max-steps {max_steps} new tokens at the "
               f"model's context window ({window} tokens)", file=sys.stderr)
-
-
-register(Command("generate", "sample continuations of prompts from a model", GenerateConfig, run))

@@ -23,7 +23,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
@@ -185,6 +184,3 @@ def run(cfg: PlotConfig) -> Path:
     path = plot_run(cfg.run_dir, cfg.out)
     print(f"wrote {path}")
     return path
-
-
-register(Command("plot", "draw a run's loss graph (train/val loss, LR, eval metrics) to PNG", PlotConfig, run))

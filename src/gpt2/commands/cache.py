@@ -1,11 +1,11 @@
-"""`gpt2 cache list|remove|build`: the compiled decoding pieces kept on disk (`gpt2.compile_cache`)."""
+"""`gpt2 cache list|remove|build`: the compiled decoding pieces kept on disk (`gpt2.decode.compile_cache`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from gpt2.cli import Command, register
+from gpt2.commands import Command
 from gpt2.config import arg
 from gpt2.decode import compile_cache as cc
 from gpt2.errors import UserError
@@ -66,12 +66,14 @@ def run_build(cfg: BuildConfig):
 
     model = load_model(cfg.model, "cpu", getattr(torch, cfg.dtype)).eval()
     t0 = time.perf_counter()
-    load(model, label=cfg.model)
+    load(model, label=cfg.model, progress=lambda line: print(line, flush=True))
     print(f"compiled pieces of {cfg.model} ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-register(Command("cache list", "list the compiled decoding pieces kept on disk (model, size, date)", ListConfig,
-                 run_list))
-register(Command("cache remove", "remove compiled decoding pieces from the disk cache", RemoveConfig, run_remove))
-register(Command("cache build", "compile a model's decoding pieces for this CPU ahead of time (what chat and serve "
-                                "otherwise do in the background)", BuildConfig, run_build))
+COMMANDS = [
+    Command("cache list", "list the compiled decoding pieces kept on disk (model, size, date)", ListConfig,
+            run_list),
+    Command("cache remove", "remove compiled decoding pieces from the disk cache", RemoveConfig, run_remove),
+    Command("cache build", "compile a model's decoding pieces for this CPU ahead of time (what chat and serve "
+            "otherwise do in the background)", BuildConfig, run_build),
+]

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.cli import Command, register
 from gpt2.config import arg, check_values
 from gpt2.data.batching import Example
 from gpt2.errors import UserError
@@ -266,7 +265,3 @@ def report(manifest: dict, out: Path) -> str:
             f"({manifest['train']} train, {manifest['val']} val) in {out}; "
             f"malformed: {sum(manifest['malformed'].values())}{' = ' + bad if bad else ''}; "
             f"tokens {manifest['tokens']['total']}, longest {manifest['tokens']['max_len']}")
-
-
-register(Command("prepare alpaca", "validate, tokenize and split Stanford Alpaca for fine-tuning",
-                 PrepareAlpacaConfig, prepare))

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from gpt2.cli import Command, register
 from gpt2.config import arg, check_values
 from gpt2.data.shards import SPLITS, list_shards, read_header, read_shard, shard_name, write_shard
 from gpt2.errors import UserError
@@ -322,7 +321,3 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
 
 def _summary(writer: ShardWriter, out: Path) -> dict[str, Any]:
     return {"out": out, "shards": [s["name"] for s in writer.shards], "docs": writer.docs, "tokens": writer.tokens}
-
-
-register(Command("prepare fineweb", "tokenize FineWeb (or local text) into uint16 shards for pretraining",
-                 PrepareFinewebConfig, run))

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from gpt2.cli import Command, register
 from gpt2.config import arg, check_values
 from gpt2.data.batching import collate
 from gpt2.errors import UserError
@@ -204,7 +203,3 @@ def prepare(cfg: PrepareHHConfig) -> dict:
     print(f"prepare hh: {meta['train']} train + {meta['val']} val pairs -> {out} "
           f"({counts['read']} read, {counts['truncated']} truncated, skipped {skipped or 'none'})")
     return meta
-
-
-register(Command("prepare hh", "Anthropic HH-RLHF pairs -> prompt/chosen/rejected token ids",
-                 PrepareHHConfig, prepare))

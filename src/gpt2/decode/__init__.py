@@ -3,7 +3,15 @@ log-probabilities (`sampling`), and the model's pieces compiled for this CPU (`c
 `compile_cache`). `gpt2.inference.generate`, the serving engine and the chat all run on it; nothing else reads or
 writes a KV cache. It prints nothing: callers pass `say`/`progress` callbacks for the lines a user should see."""
 
-from gpt2.decode.decoder import Decoder, left_align, return_freed_memory, score_tokens
+from gpt2.decode.decoder import (
+    COMPILE_MIN_PARAMS,
+    Decoder,
+    decoder_for,
+    left_align,
+    return_freed_memory,
+    score_tokens,
+    wants_compile,
+)
 from gpt2.decode.kv_cache import KVCache, Rows
 from gpt2.decode.sampling import (
     Choice,
@@ -18,6 +26,8 @@ from gpt2.decode.sampling import (
 )
 from gpt2.padding import PAD_ID, pad_right
 
-__all__ = ["PAD_ID", "Choice", "Decoder", "KVCache", "RowSampler", "Rows", "SamplingParams", "TokenLogprob",
-           "adjusted_logits", "choose", "is_greedy", "left_align", "pad_right", "return_freed_memory",
-           "sample_next", "score_tokens", "token_logprob"]
+__all__ = [
+    "COMPILE_MIN_PARAMS", "Choice", "Decoder", "KVCache", "PAD_ID", "RowSampler", "Rows", "SamplingParams",
+    "TokenLogprob", "adjusted_logits", "choose", "decoder_for", "is_greedy", "left_align", "pad_right",
+    "return_freed_memory", "sample_next", "score_tokens", "token_logprob", "wants_compile",
+]

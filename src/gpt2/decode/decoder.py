@@ -58,7 +58,7 @@ class Decoder:
       decoder's cache as in eager. Prefill, steps and `score` all run on it. `compile=True` makes them ready
       here and now (compiling them in a child process if they are not cached: minutes for 124M; loading them
       from the cache: seconds; `compile_seconds` says how long it took); `compile_in_background()` decodes
-      eagerly meanwhile and switches between two steps, which is what the commands do (`gpt2.commands.decoding`).
+      eagerly meanwhile and switches between two steps, which is what the commands do (`decoder_for`).
       `release_weights=True` empties the model once the pieces hold the weights, so they are held once.
     Either way a decoder belongs to one set of weights (the head copy; the compiled pieces): `generate` makes one
     per call (training may change the weights between calls, and fused optimizers do not bump tensor versions,
@@ -185,6 +185,36 @@ def return_freed_memory() -> bool:
         return False
     trim(0)  # its result only says whether any page was released
     return True
+
+
+# Below this many parameters compiling is not worth it by default (see `docs/compiled_decoding.md`): a small
+# model decodes fast eagerly, so the pieces' one-time cost (minutes on 2 cores even for a 2-layer model) is
+# repaid only after far more tokens than a chat or a short serving session produces.
+COMPILE_MIN_PARAMS = 50_000_000
+
+
+def wants_compile(model: GPT, compile: bool | None, say: Callable[[str], None] = _silent) -> bool:
+    """Whether a command decodes compiled: `compile` when given (True: on a CPU only, said in one line), else
+    (auto) on a CPU for models of at least `COMPILE_MIN_PARAMS` parameters."""
+    on_cpu = model.lm_head.weight.device.type == "cpu"
+    if compile is None:
+        return on_cpu and model.num_params() >= COMPILE_MIN_PARAMS
+    if compile and not on_cpu:
+        say(f"note: --compile is for CPUs; decoding on {model.lm_head.weight.device.type} runs eagerly")
+    return compile and on_cpu
+
+
+def decoder_for(model: GPT, compile: bool | None, build: bool = True, label: str = "",
+                say: Callable[[str], None] = _silent) -> Decoder:
+    """The decoder a command runs on. It decodes eagerly from the first token; where compiling is wanted
+    (`wants_compile`) the compiled pieces are made ready in the background (built when not cached, if `build`)
+    and the decoder switches to them between two steps, taking the model's weights over (`release_weights`:
+    the command uses the model only through the decoder). Nothing ever waits for the compiler. `say` gets
+    the lines a user should see (the commands pass stderr)."""
+    decoder = Decoder(model, release_weights=True)
+    if wants_compile(model, compile, say):
+        decoder.compile_in_background(build=build, label=label, say=say)
+    return decoder
 
 
 @torch.inference_mode()

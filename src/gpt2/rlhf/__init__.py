@@ -8,7 +8,7 @@
 - `dpo`, `reward`, `ppo`: one command each (`gpt2 dpo`, `gpt2 reward`, `gpt2 ppo`).
 Preference pairs come from `gpt2.data.preferences` (`gpt2 prepare hh`).
 
-Why a package of its own rather than `gpt2/train/{dpo,reward,ppo}.py` (DESIGN.md's sketch): the three
+Why a package of its own rather than `gpt2/train/{dpo,reward,ppo}.py`: the three
 stages share math, heads and a pair task that are not training-loop code, and `gpt2.train` belongs to the
 shared loop; here each algorithm reads in one file with its math one import away.
 """

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -69,6 +68,3 @@ def run(cfg: DPOConfig) -> nn.Module:
                        rank=dist.rank, world_size=dist.world_size)
 
     return run_pair_stage(cfg, lambda start: start, make_task)
-
-
-register(Command("dpo", "align a fine-tuned model to preference pairs with DPO", DPOConfig, run))

@@ -35,13 +35,11 @@ import torch
 import torch.nn as nn
 
 from gpt2.checkpoint import check_vocab, load_model
-from gpt2.cli import Command, register
-from gpt2.config import arg, flag_name
+from gpt2.config import arg, check_sampling, flag_name
 from gpt2.data.batching import LengthGroupedBatcher, collate, pad_right
 from gpt2.data.preferences import load_pairs, split_file
 from gpt2.distributed import all_reduce_mean, destroy_distributed, init_distributed
 from gpt2.errors import UserError
-from gpt2.generate import check_sampling
 from gpt2.inference import generate
 from gpt2.model import GPT
 from gpt2.rlhf.heads import ActorCritic, RewardModel
@@ -219,7 +217,8 @@ class PPOConfig(TrainConfig):
     weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
     eval_every: int = arg(10, "score held-out prompts every N iterations (and at the end); 0 = never")
     save_every: int = arg(50, "checkpoint every N iterations; 0 = only at the end")
-    compile: bool | None = arg(False, "not used by PPO (rollout shapes change every iteration)")
+    compile: bool | None = arg(False, "torch.compile the training forward (off by default here: rollout shapes change "
+                                      "every iteration, so a compiled forward would recompile)")
 
     def validate(self) -> None:
         super().validate()
@@ -282,6 +281,3 @@ def run(cfg: PPOConfig) -> ActorCritic:
         return actor
     finally:
         destroy_distributed()
-
-
-register(Command("ppo", "InstructGPT-style PPO of a fine-tuned policy against a reward model", PPOConfig, run))

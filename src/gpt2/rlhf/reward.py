@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gpt2.cli import Command, register
 from gpt2.config import arg
 from gpt2.rlhf.heads import RewardModel
 from gpt2.rlhf.losses import bradley_terry_loss, last_token_index
@@ -50,6 +49,3 @@ def run(cfg: RewardConfig) -> RewardModel:
                           world_size=dist.world_size)
 
     return run_pair_stage(cfg, RewardModel, make_task)
-
-
-register(Command("reward", "train a reward model (GPT + scalar head) on preference pairs", RewardConfig, run))

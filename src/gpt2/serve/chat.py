@@ -22,16 +22,13 @@ from typing import TextIO
 
 import torch
 
+from gpt2.checkpoint import WEIGHT_DTYPES as DTYPES
 from gpt2.checkpoint import load_model
-from gpt2.cli import Command, register
-from gpt2.commands.decoding import decoder_for
-from gpt2.config import arg, check_values
-from gpt2.decode import Decoder
+from gpt2.config import arg, check_sampling, check_values
+from gpt2.decode import Decoder, decoder_for
 from gpt2.errors import UserError
-from gpt2.generate import check_sampling
 from gpt2.inference import generate_stream, pad_right
 from gpt2.model import GPT
-from gpt2.serve.server import DTYPES
 from gpt2.serve.text import TextStream
 from gpt2.template import format_chat
 from gpt2.tokenizer import encode
@@ -177,7 +174,3 @@ def run(cfg: ChatConfig) -> list[dict]:
     else:
         interact(session)
     return session.messages
-
-
-register(Command("chat", "chat with a model in the terminal (the fine-tuning template, streamed answers)",
-                 ChatConfig, run))

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gpt2.checkpoint import load_model
-from gpt2.cli import Command, register
+from gpt2.checkpoint import WEIGHT_DTYPES, load_model
 from gpt2.config import arg
-from gpt2.errors import UserError
+from gpt2.errors import UserError, note
 from gpt2.tokenizer import get_encoding
 
 if TYPE_CHECKING:
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
 
     from gpt2.serve.engine import Engine
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = WEIGHT_DTYPES
 
 
 @dataclass
@@ -64,7 +63,7 @@ class ServeConfig:
 def run(cfg: ServeConfig) -> None:
     import uvicorn
 
-    from gpt2.commands.decoding import decoder_for
+    from gpt2.decode import decoder_for
     from gpt2.serve.api import create_app
     from gpt2.serve.engine import Engine
     from gpt2.serve.timeouts import deadline_protocol
@@ -79,7 +78,8 @@ def run(cfg: ServeConfig) -> None:
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
     # eager at once; compiled pieces, when wanted, are made ready in the background and switched to between steps
     # by this thread, which runs the engine
-    engine = Engine(model, max_batch_size=cfg.max_batch_size, decoder=decoder_for(model, cfg.compile, label=name))
+    engine = Engine(model, max_batch_size=cfg.max_batch_size,
+                    decoder=decoder_for(model, cfg.compile, label=name, say=note))
     app = create_app(engine, model_name=name, api_key=api_key,
                      default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
                      max_waiting=cfg.max_waiting, start_engine=False, aliases=model_aliases(cfg))
@@ -127,7 +127,3 @@ def serve_http_beside(engine: Engine, server: uvicorn.Server) -> bool:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return server.started
-
-
-register(Command("serve", "OpenAI-compatible HTTP server with continuous batching and a web chat page",
-                 ServeConfig, run))

@@ -42,14 +42,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from gpt2.cli import Command, command_name, register
-from gpt2.config import APPLY, arg, from_dict, to_dict
+from gpt2.config import APPLY, arg, command_name, from_dict, to_dict
 from gpt2.data.alpaca import fit_examples, load_split
 from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
 from gpt2.errors import UserError
 from gpt2.io import dir_lock, make_folder, write_json_atomic, write_text_atomic
-from gpt2.train.loop import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, check_run_dir, run_length, train
+from gpt2.train.loop import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
 from gpt2.train.losses import gpt_loss_chunked
+from gpt2.train.run_dir import check_run_dir
 
 DEFAULT_PROMPTS = [
     "What are the places I can visit in New York?",
@@ -305,7 +305,3 @@ def run(cfg: FinetuneConfig):
         return result
     finally:
         destroy_distributed()
-
-
-register(Command("finetune", "instruction-tune a pretrained GPT-2 on Alpaca (before/after answers in samples.md)",
-                 FinetuneConfig, run, presets=PRESETS))

@@ -28,7 +28,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from gpt2.cli import Command, register
 from gpt2.config import APPLY, arg
 from gpt2.data.shards import checked_batch
 from gpt2.distributed import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
@@ -190,7 +189,3 @@ def run(cfg: PretrainConfig):
         return result
     finally:
         destroy_distributed()
-
-
-register(Command("pretrain", "pretrain GPT-2 on token shards (one process or torchrun)", PretrainConfig, run,
-                 presets=PRETRAIN_PRESETS))
