@@ -55,8 +55,8 @@ everything else, the same way for every stage:
 - One run per directory: `train()` holds RUN_DIR/run.lock (`gpt2.io.dir_lock`, flock) from before its first
   write; a second run on the same --out is refused at start, a crashed or killed one never leaves it stuck.
 - Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval), a tqdm bar on rank 0 and the loss
-  graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
-  (None when the card is unknown or on CPU) rather than one hard-coded card.
+  graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own dense bf16 peak from the
+  table in `gpt2.train.runtime` (None, and no MFU, when the card is unknown or on CPU), not one hard-coded card.
 
 """
 
@@ -94,6 +94,7 @@ from gpt2.config import ANNOUNCE, APPLY, REFUSE, SESSION, arg, flag_name, resume
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
 from gpt2.io import dir_lock, disk_error, write_json_atomic, write_text_atomic
+from gpt2.train.runtime import peak_flops  # also imported from here (gpt2.train, older callers)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -266,27 +267,6 @@ def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """`torch.autocast` for `dtype` on `device`, or a no-op for None (float32)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of the CUDA device name,
-# first match wins (so more specific names come first).
-_BF16_PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("A10G", 70.0), ("A10", 125.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A6000", 155.0), ("RTX 6000 Ada", 365.0),
-    ("4090", 165.0), ("3090", 71.0),
-]
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak in FLOP/s, or None (CPU, or a card not in the table)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in _BF16_PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
 
 
 def seed_everything(seed: int) -> None:
