@@ -104,6 +104,19 @@ def test_cli_run_layout_and_exact_resume(shards, tmp_path):
     assert ckpt["ranks"][0]["task"]["shuffle"] is True  # shuffled windows by default, resumed mid-epoch
 
 
+def test_no_save_final_writes_no_checkpoint(shards, tmp_path, capsys):
+    pretrain(shards, tmp_path / "bench", "--no-save-final")
+    run = tmp_path / "bench"
+    assert not (run / "checkpoint.pt").exists() and not (run / "model").exists()
+    assert len(train_losses(run)) == 4 and (run / "loss.png").is_file()  # metrics and the graph all the same
+    assert "--no-save-final: no final checkpoint" in capsys.readouterr().out
+    pretrain(shards, tmp_path / "periodic", "--no-save-final", "--save-every", "2")  # --save-every still saves
+    assert load_checkpoint(tmp_path / "periodic")["step"] == 4
+    with pytest.raises(SystemExit):
+        pretrain(shards, tmp_path / "bad", "--no-save-final", "--stop-at-step", "2")
+    assert "--stop-at-step" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_no_shuffle_reads_the_stream_in_order(shards, tmp_path):
     pretrain(shards, tmp_path / "ordered", "--no-shuffle", "--max-steps", "1", "--eval-every", "0")
     ckpt = load_checkpoint(tmp_path / "ordered")

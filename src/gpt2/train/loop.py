@@ -126,6 +126,9 @@ class TrainConfig:
                           on_resume=APPLY)
     save_every: int = arg(500, "checkpoint every N steps; 0 = only at the end, at --stop-at-step and on "
                                "SIGTERM/Ctrl-C", on_resume=APPLY)
+    save_final: bool = arg(True, "checkpoint (and HF export) where the session ends: the last step, --stop-at-step, "
+                                 "--max-minutes; --no-save-final skips it, for benchmark runs whose weights "
+                                 "nothing reads (--save-every and SIGTERM/Ctrl-C still save)", on_resume=SESSION)
     resume: bool = arg(False, "continue the run in --out from its checkpoint.pt with the settings it was saved "
                               "with (see below); starts a new run when --out has no checkpoint", on_resume=SESSION)
     seed: int = arg(1337, "random seed (model init, data order, dropout)")
@@ -147,6 +150,9 @@ class TrainConfig:
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= (self.max_steps or self.stop_at_step):
             raise UserError(f"--stop-at-step must be between 1 and --max-steps ({self.max_steps}), got "
                             f"{self.stop_at_step}")
+        if self.stop_at_step is not None and not self.save_final:
+            raise UserError("--stop-at-step ends the session with a checkpoint to resume from; it cannot be "
+                            "combined with --no-save-final")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"--max-minutes must be > 0 (got {self.max_minutes}); leave it out for no time limit")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -720,7 +726,8 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int
             # graph of every session ends with a val loss. Evaluation never touches training state.
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == end_step or timed_out):
                 evaluate(done)
-            if done == end_step or signalled or timed_out or (cfg.save_every and done % cfg.save_every == 0):
+            session_end = (done == end_step or timed_out) and cfg.save_final
+            if session_end or signalled or (cfg.save_every and done % cfg.save_every == 0):
                 save(done, time.perf_counter() - t_start)
             if signalled:
                 bar.close()
@@ -733,5 +740,6 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int
                 break
     bar.close()
     if is_main and start_step < end_step < cfg.max_steps:
-        print(f"stopped at step {end_step} of {cfg.max_steps}; continue with --resume", flush=True)
+        how = "continue with --resume" if last_saved == end_step else "--no-save-final: no checkpoint of it"
+        print(f"stopped at step {end_step} of {cfg.max_steps}; {how}", flush=True)
     return TrainResult(step=max(start_step, end_step), loss=loss_value, run_dir=run_dir)

@@ -191,9 +191,11 @@ def run(cfg: PretrainConfig):
                   f"process(es) x {accum} accumulation steps; {cfg.max_steps} steps "
                   f"({cfg.max_steps / epoch:.2f} epochs of {task.loader.num_tokens:,} train tokens)", flush=True)
         result = train(model, task, cfg, accum, dist=dist, run_config=cfg)
-        if dist.is_main:
+        if dist.is_main and cfg.save_final:
             print(f"pretrain: {result.step} steps done; model in {result.run_dir / 'model'} "
                   f"(gpt2 generate --model {result.run_dir / 'model'} \"...\")", flush=True)
+        elif dist.is_main:
+            print(f"pretrain: {result.step} steps done; --no-save-final: no final checkpoint", flush=True)
         return result
     finally:
         destroy_distributed()
