@@ -117,6 +117,26 @@ def test_no_save_final_writes_no_checkpoint(shards, tmp_path, capsys):
     assert "--stop-at-step" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_val_batch_capped_to_a_small_val_split(tmp_path):
+    # 100 val tokens hold 6 windows of 16: micro batch 8 would be no val batch at all; 6 rows are measured
+    rng = np.random.default_rng(0)
+    d = tmp_path / "small"
+    d.mkdir()
+    write_shard(d / "syn_val_000000.bin", rng.integers(0, VOCAB, 100))
+    write_shard(d / "syn_train_000000.bin", rng.integers(0, VOCAB, 3_000))
+    pretrain(d, tmp_path / "run", "--micro-batch", "8", "--global-batch", "128", "--max-steps", "2",
+             "--val-tokens", "100000")
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2] and all(np.isfinite(r["val_loss"]) for r in evals)
+    from gpt2.distributed import DistInfo
+    from gpt2.train.pretrain import PretrainTask
+
+    cfg = dataclasses.replace(PRETRAIN_PRESETS["tiny"], data=str(d), micro_batch=8, seq_len=16, global_batch=128)
+    loader, steps = PretrainTask(cfg, DistInfo(0, 0, 1, torch.device("cpu"))).val_loader()
+    assert (loader.batch_size, steps) == (6, 1)
+
+
 def test_no_shuffle_reads_the_stream_in_order(shards, tmp_path):
     pretrain(shards, tmp_path / "ordered", "--no-shuffle", "--max-steps", "1", "--eval-every", "0")
     ckpt = load_checkpoint(tmp_path / "ordered")

@@ -158,15 +158,25 @@ class PretrainTask:
             results["hellaswag_acc"] = hs["acc_norm"]
         return results
 
-    def _val_loss(self, model: GPT, val_loss) -> float:
+    def val_loader(self):
+        """(a fresh val loader, the number of its batches one evaluation reads). Fresh and in order: every
+        evaluation sees the same val tokens, split between the ranks; --val-tokens of them, at most one pass.
+        Its batch is --micro-batch rows, or as many as the val split holds per rank when that is fewer (a
+        small val split, such as tinyshakespeare's 33 windows of 1024 at micro batch 64, is then still
+        measured instead of stopping the run at its first evaluation)."""
         from gpt2.data.loader import ShardLoader
 
         cfg, dist = self.cfg, self.dist
-        # A fresh loader: every evaluation sees the same val tokens, split between the ranks.
-        loader = ShardLoader(cfg.data, "val", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
+        probe = ShardLoader(cfg.data, "val", 1, cfg.seq_len, dist.rank, dist.world_size)  # raises if < 1 window
+        rows = min(cfg.micro_batch, probe.num_windows // dist.world_size)
+        loader = ShardLoader(cfg.data, "val", rows, cfg.seq_len, dist.rank, dist.world_size) if rows > 1 else probe
         steps = max(1, min(cfg.val_tokens // (loader.window * dist.world_size), loader.steps_per_epoch))
-        loss = val_loss(model, (checked_batch(loader, cfg.vocab_size) for _ in range(steps)))
-        return all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=dist.device)).item()
+        return loader, steps
+
+    def _val_loss(self, model: GPT, val_loss) -> float:
+        loader, steps = self.val_loader()
+        loss = val_loss(model, (checked_batch(loader, self.cfg.vocab_size) for _ in range(steps)))
+        return all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=self.dist.device)).item()
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
