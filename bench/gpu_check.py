@@ -382,8 +382,8 @@ def sec_parity(args, work: Path) -> dict:
     from gpt2.inference import generate
     from gpt2.model import GPT
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (the loop's legacy flags: never mixed
-    torch.backends.cudnn.allow_tf32 = False  # with set_float32_matmul_precision, which torch 2.11 refuses)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; the loop's legacy flags only (torch
+    torch.backends.cudnn.allow_tf32 = False  # 2.11 refuses to read them once the newer precision API was used)
     torch.manual_seed(0)
     cpu = GPT(model_config(args)).eval()
     dev = torch.device(args.device)

@@ -42,3 +42,14 @@ def test_peak_flops_of_a_device(monkeypatch):
     from gpt2.train.loop import peak_flops as from_loop
 
     assert from_loop is peak_flops  # the loop's old name still works
+
+
+def test_tf32_is_set_through_one_api_only():
+    # torch 2.11 (the GPU machine's) raises when the legacy allow_tf32 flags, which the loop sets, are read after
+    # the new fp32_precision / set_float32_matmul_precision API was used: the code must use the legacy one only
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    mixed = [str(p.relative_to(repo)) for d in ("src", "bench") for p in (repo / d).rglob("*.py")
+             if "fp32_precision" in p.read_text() or "set_float32_matmul_precision" in p.read_text()]
+    assert mixed == []
