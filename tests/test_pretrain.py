@@ -104,6 +104,39 @@ def test_cli_run_layout_and_exact_resume(shards, tmp_path):
     assert ckpt["ranks"][0]["task"]["shuffle"] is True  # shuffled windows by default, resumed mid-epoch
 
 
+def test_no_save_final_writes_no_checkpoint(shards, tmp_path, capsys):
+    pretrain(shards, tmp_path / "bench", "--no-save-final")
+    run = tmp_path / "bench"
+    assert not (run / "checkpoint.pt").exists() and not (run / "model").exists()
+    assert len(train_losses(run)) == 4 and (run / "loss.png").is_file()  # metrics and the graph all the same
+    assert "--no-save-final: no final checkpoint" in capsys.readouterr().out
+    pretrain(shards, tmp_path / "periodic", "--no-save-final", "--save-every", "2")  # --save-every still saves
+    assert load_checkpoint(tmp_path / "periodic")["step"] == 4
+    with pytest.raises(SystemExit):
+        pretrain(shards, tmp_path / "bad", "--no-save-final", "--stop-at-step", "2")
+    assert "--stop-at-step" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_val_batch_capped_to_a_small_val_split(tmp_path):
+    # 100 val tokens hold 6 windows of 16: micro batch 8 would be no val batch at all; 6 rows are measured
+    rng = np.random.default_rng(0)
+    d = tmp_path / "small"
+    d.mkdir()
+    write_shard(d / "syn_val_000000.bin", rng.integers(0, VOCAB, 100))
+    write_shard(d / "syn_train_000000.bin", rng.integers(0, VOCAB, 3_000))
+    pretrain(d, tmp_path / "run", "--micro-batch", "8", "--global-batch", "128", "--max-steps", "2",
+             "--val-tokens", "100000")
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2] and all(np.isfinite(r["val_loss"]) for r in evals)
+    from gpt2.distributed import DistInfo
+    from gpt2.train.pretrain import PretrainTask
+
+    cfg = dataclasses.replace(PRETRAIN_PRESETS["tiny"], data=str(d), micro_batch=8, seq_len=16, global_batch=128)
+    loader, steps = PretrainTask(cfg, DistInfo(0, 0, 1, torch.device("cpu"))).val_loader()
+    assert (loader.batch_size, steps) == (6, 1)
+
+
 def test_no_shuffle_reads_the_stream_in_order(shards, tmp_path):
     pretrain(shards, tmp_path / "ordered", "--no-shuffle", "--max-steps", "1", "--eval-every", "0")
     ckpt = load_checkpoint(tmp_path / "ordered")

@@ -55,8 +55,8 @@ everything else, the same way for every stage:
 - One run per directory: `train()` holds RUN_DIR/run.lock (`gpt2.io.dir_lock`, flock) from before its first
   write; a second run on the same --out is refused at start, a crashed or killed one never leaves it stuck.
 - Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval), a tqdm bar on rank 0 and the loss
-  graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own bf16 peak from a table
-  (None when the card is unknown or on CPU) rather than one hard-coded card.
+  graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own dense bf16 peak from the
+  table in `gpt2.train.runtime` (None, and no MFU, when the card is unknown or on CPU), not one hard-coded card.
 
 """
 
@@ -109,6 +109,7 @@ from gpt2.train.run_dir import (  # noqa: F401  (saved_run_config: also known fr
     resume_changes,
     saved_run_config,
 )
+from gpt2.train.runtime import peak_flops  # also imported from here (gpt2.train, older callers)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -140,6 +141,9 @@ class TrainConfig:
                           on_resume=APPLY)
     save_every: int = arg(500, "checkpoint every N steps; 0 = only at the end, at --stop-at-step and on "
                                "SIGTERM/Ctrl-C", on_resume=APPLY)
+    save_final: bool = arg(True, "checkpoint (and HF export) where the session ends: the last step, --stop-at-step, "
+                                 "--max-minutes; --no-save-final skips it, for benchmark runs whose weights "
+                                 "nothing reads (--save-every and SIGTERM/Ctrl-C still save)", on_resume=SESSION)
     resume: bool = arg(False, "continue the run in --out from its checkpoint.pt with the settings it was saved "
                               "with (see below); starts a new run when --out has no checkpoint", on_resume=SESSION)
     seed: int = arg(1337, "random seed (model init, data order, dropout)")
@@ -160,6 +164,9 @@ class TrainConfig:
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= (self.max_steps or self.stop_at_step):
             raise UserError(f"--stop-at-step must be between 1 and --max-steps ({self.max_steps}), got "
                             f"{self.stop_at_step}")
+        if self.stop_at_step is not None and not self.save_final:
+            raise UserError("--stop-at-step ends the session with a checkpoint to resume from; it cannot be "
+                            "combined with --no-save-final")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"--max-minutes must be > 0 (got {self.max_minutes}); leave it out for no time limit")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -288,27 +295,6 @@ def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """`torch.autocast` for `dtype` on `device`, or a no-op for None (float32)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of the CUDA device name,
-# first match wins (so more specific names come first).
-_BF16_PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("A10G", 70.0), ("A10", 125.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A6000", 155.0), ("RTX 6000 Ada", 365.0),
-    ("4090", 165.0), ("3090", 71.0),
-]
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak in FLOP/s, or None (CPU, or a card not in the table)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in _BF16_PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -724,7 +710,8 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int
             # graph of every session ends with a val loss. Evaluation never touches training state.
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == end_step or timed_out):
                 evaluate(done)
-            if done == end_step or signalled or timed_out or (cfg.save_every and done % cfg.save_every == 0):
+            session_end = (done == end_step or timed_out) and cfg.save_final
+            if session_end or signalled or (cfg.save_every and done % cfg.save_every == 0):
                 save(done, time.perf_counter() - t_start)
             if signalled:
                 bar.close()
@@ -737,5 +724,6 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int
                 break
     bar.close()
     if is_main and start_step < end_step < cfg.max_steps:
-        print(f"stopped at step {end_step} of {cfg.max_steps}; continue with --resume", flush=True)
+        how = "continue with --resume" if last_saved == end_step else "--no-save-final: no checkpoint of it"
+        print(f"stopped at step {end_step} of {cfg.max_steps}; {how}", flush=True)
     return TrainResult(step=max(start_step, end_step), loss=loss_value, run_dir=run_dir)

@@ -150,15 +150,25 @@ class PretrainTask:
             results["hellaswag_acc"] = hs["acc_norm"]
         return results
 
-    def _val_loss(self, model: GPT, val_loss) -> float:
+    def val_loader(self):
+        """(a fresh val loader, the number of its batches one evaluation reads). Fresh and in order: every
+        evaluation sees the same val tokens, split between the ranks; --val-tokens of them, at most one pass.
+        Its batch is --micro-batch rows, or as many as the val split holds per rank when that is fewer (a
+        small val split, such as tinyshakespeare's 33 windows of 1024 at micro batch 64, is then still
+        measured instead of stopping the run at its first evaluation)."""
         from gpt2.data.loader import ShardLoader
 
         cfg, dist = self.cfg, self.dist
-        # A fresh loader: every evaluation sees the same val tokens, split between the ranks.
-        loader = ShardLoader(cfg.data, "val", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size)
+        probe = ShardLoader(cfg.data, "val", 1, cfg.seq_len, dist.rank, dist.world_size)  # raises if < 1 window
+        rows = min(cfg.micro_batch, probe.num_windows // dist.world_size)
+        loader = ShardLoader(cfg.data, "val", rows, cfg.seq_len, dist.rank, dist.world_size) if rows > 1 else probe
         steps = max(1, min(cfg.val_tokens // (loader.window * dist.world_size), loader.steps_per_epoch))
-        loss = val_loss(model, (checked_batch(loader, cfg.vocab_size) for _ in range(steps)))
-        return all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=dist.device)).item()
+        return loader, steps
+
+    def _val_loss(self, model: GPT, val_loss) -> float:
+        loader, steps = self.val_loader()
+        loss = val_loss(model, (checked_batch(loader, self.cfg.vocab_size) for _ in range(steps)))
+        return all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=self.dist.device)).item()
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -183,9 +193,11 @@ def run(cfg: PretrainConfig):
                   f"process(es) x {accum} accumulation steps; {cfg.max_steps} steps "
                   f"({cfg.max_steps / epoch:.2f} epochs of {task.loader.num_tokens:,} train tokens)", flush=True)
         result = train(model, task, cfg, accum, dist=dist, run_config=cfg)
-        if dist.is_main:
+        if dist.is_main and cfg.save_final:
             print(f"pretrain: {result.step} steps done; model in {result.run_dir / 'model'} "
                   f"(gpt2 generate --model {result.run_dir / 'model'} \"...\")", flush=True)
+        elif dist.is_main:
+            print(f"pretrain: {result.step} steps done; --no-save-final: no final checkpoint", flush=True)
         return result
     finally:
         destroy_distributed()
