@@ -121,9 +121,9 @@ class Lock:
         self._file = None
 
     def acquire(self, blocking: bool = True, on_wait: Callable[[], None] | None = None,
-                poll: float = 0.2) -> bool:
-        """Take the lock; with `blocking`, wait for it (calling `on_wait` once if it has to). Returns whether it
-        was taken (always True when blocking)."""
+                poll: float = 0.2, give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Take the lock; with `blocking`, wait for it (calling `on_wait` once if it has to) until `give_up()`.
+        Returns whether it was taken."""
         self._file = self.path.open("a+")
         if fcntl is None:
             return True
@@ -133,7 +133,7 @@ class Lock:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
-                if not blocking:
+                if not blocking or give_up():
                     self.release()
                     return False
                 if not waited and on_wait is not None:

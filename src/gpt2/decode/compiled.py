@@ -167,26 +167,72 @@ def cache_key(model: GPT) -> str:
     return h.hexdigest()[:32]
 
 
-_children: dict[subprocess.Popen, Path] = {}  # compiler children running, and their build folders
+class _Builds:
+    """This process's builds in progress: their folders and compiler children, so that an exit stops and removes
+    them all (including one still writing the weights for its child), and no build starts once exit has begun."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.exiting = False
+        self.folders: dict[Path, subprocess.Popen | None] = {}
+        self.threads: list[threading.Thread] = []  # `BackgroundCompile` threads, joined at exit
+
+    def add(self, folder: Path, child: subprocess.Popen | None = None) -> None:
+        with self.lock:
+            if self.exiting:
+                raise RuntimeError("the process is exiting")
+            self.folders[folder] = child
+
+    def remove(self, folder: Path) -> None:
+        with self.lock:
+            self.folders.pop(folder, None)
+
+    def stop_all(self) -> None:
+        """At exit (a finished command, Ctrl+C, SIGTERM in `gpt2 serve`): builds still running are stopped and
+        their folders removed; nothing half-built stays behind."""
+        with self.lock:
+            self.exiting = True
+            running = list(self.folders.items())
+        if running:
+            log.warning("note: the compile running in the background was stopped unfinished (nothing cached); "
+                        "`gpt2 cache build --model MODEL` compiles a model ahead of time")
+        for folder, child in running:
+            if child is not None:
+                _stop_child(child)
+            shutil.rmtree(folder, ignore_errors=True)
+        # a thread still in native code (writing the weights, loading pieces) when the interpreter tears down
+        # aborts the process ("terminate called without an active exception"): let each finish, it is seconds
+        for thread in self.threads:
+            thread.join(timeout=60)
+        for folder, _ in running:  # anything such a thread wrote after the first removal
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+_builds = _Builds()
+atexit.register(_builds.stop_all)
 
 
 def build_in_child(model: GPT, directory: Path, progress: Callable[[str], None], label: str = "") -> None:
     """`build` in a child process (compiling holds several copies of the weights: see the module docstring),
     into a build folder renamed to `directory`, with its manifest, when every piece is there (the caller holds
-    the entry's lock: `gpt2.compile_cache`). The child reads the weights from a checkpoint written for it,
-    runs at a lower priority than decoding, and dies with this process: it removes the build folder and its
+    the entry's lock: `gpt2.decode.compile_cache`). The child reads the weights from a checkpoint written for
+    it, runs at a lower priority than decoding, and dies with this process: it removes the build folder and its
     own compiler processes when this process ends, however it ends, and when it is sent SIGTERM."""
     work = cc.build_folder(directory.parent, directory.name)
     child = None
     try:
+        _builds.add(work)
         model.save_pretrained(work / "weights", tokenizer=False)
         dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
         cmd = [sys.executable, "-m", "gpt2.decode.compiled", str(work / "weights"), str(work / "pieces"), dtype,
                "--parent", str(os.getpid()), "--work", str(work)]
         lines: list[str] = []
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                 start_new_session=True)  # Ctrl+C reaches this process only, which stops it
-        _children[child] = work
+        with _builds.lock:  # not once exit has begun: nothing would stop the child
+            if _builds.exiting:
+                raise RuntimeError("the process is exiting")
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     start_new_session=True)  # Ctrl+C reaches this process only, which stops it
+            _builds.folders[work] = child
         for line in child.stdout:  # progress as it comes; the rest (inductor's autotuning log) is kept for errors
             lines.append(line.rstrip())
             if line.startswith("  piece"):
@@ -200,7 +246,7 @@ def build_in_child(model: GPT, directory: Path, progress: Callable[[str], None],
     finally:
         if child is not None:
             _stop_child(child)
-            _children.pop(child, None)
+        _builds.remove(work)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -217,18 +263,6 @@ def _stop_child(child: subprocess.Popen) -> None:
         child.wait()
 
 
-@atexit.register
-def _stop_children() -> None:
-    """At exit (a finished command, Ctrl+C, SIGTERM in `gpt2 serve`), builds still running are stopped and their
-    folders removed: nothing half-built stays behind."""
-    if _children:
-        log.warning("note: the compile running in the background was stopped unfinished (nothing cached); `gpt2 cache "
-                "build --model MODEL` compiles a model ahead of time")
-    for child, work in list(_children.items()):
-        _stop_child(child)
-        shutil.rmtree(work, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def prepared(model: GPT, progress: Callable[[str], None], build: bool = True,
              label: str = "") -> Iterator[Path | None]:
@@ -242,9 +276,12 @@ def prepared(model: GPT, progress: Callable[[str], None], build: bool = True,
         if not os.access(root, os.W_OK):
             raise PermissionError(f"not writable: {root}")
         cc.remove_leftovers(root)
-        lock.acquire(on_wait=lambda: progress("another process is compiling this model; waiting for it"))
+        taken = lock.acquire(on_wait=lambda: progress("another process is compiling this model; waiting for it"),
+                             give_up=lambda: _builds.exiting)
     except OSError as e:
         raise CacheUnavailable(f"the compile cache {root} cannot be used ({e.strerror or e})") from e
+    if not taken:
+        raise RuntimeError("the process is exiting")
     try:
         damage = cc.verify(directory) if directory.exists() else None
         if damage is not None:
@@ -347,6 +384,7 @@ class BackgroundCompile:
         self._say = progress
         self._thread = threading.Thread(target=self._run, args=(model, build, label), name="gpt2-compile",
                                         daemon=True)
+        _builds.threads.append(self._thread)
         self._thread.start()
 
     @property
