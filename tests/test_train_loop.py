@@ -294,7 +294,7 @@ def train_capturing_grads(task, out: Path, grad_accum: int, monkeypatch=None) ->
         monkeypatch.setattr(loop, "build_optimizer", build)
     else:  # a spawned worker: nothing to restore
         loop.build_optimizer = build
-    train(make_model(), task, cfg_for(out, max_steps=1, grad_clip=0.0), grad_accum_steps=grad_accum)
+    train(make_model(), task, cfg_for(out, max_steps=1, warmup_steps=1, grad_clip=0.0), grad_accum_steps=grad_accum)
     return grads
 
 
