@@ -80,25 +80,24 @@ def test_logits_equal_eager_at_every_step(model, compiled):
         eager.step(a, tokens), compiled.step(b, tokens)
 
 
-def serve(model, decoder: Decoder | None) -> list[tuple[list[int], list[float]]]:
-    """Requests that arrive at different steps and end at different lengths, with log-probs."""
+def serve(model, decoder: Decoder | None, at_step=lambda step: None) -> list[tuple[list[int], list[float]]]:
+    """Requests that arrive at different steps and end at different lengths, with log-probs (`at_step(step)` runs
+    before each engine step)."""
     engine = Engine(model, max_batch_size=3, eos_id=None, headroom=2, decoder=decoder)
-    out: list[tuple[list[int], list[float]]] = []
     arrivals = {0: [[1, 2, 3], [9]], 3: [[4, 5, 6, 7, 8, 9, 10]], 5: [[20, 21]], 9: [[30]]}
-    requests = []
+    requests: list[list] = []
     for step in range(60):
         for prompt in arrivals.get(step, []):
             events: list = []
             engine.submit(prompt, SamplingParams(max_tokens=4 + 2 * len(requests), temperature=0, logprobs=0),
                           events.append)
             requests.append(events)
+        at_step(step)
         if not engine.has_work() and step > max(arrivals):
             break
         engine.step()
-    for events in requests:
-        out.append(([e.token for e in events if e.token is not None],
-                    [e.logprob.logprob for e in events if e.logprob is not None]))
-    return out
+    return [([e.token for e in events if e.token is not None],
+             [e.logprob.logprob for e in events if e.logprob is not None]) for events in requests]
 
 
 def test_engine_equals_eager(model, compiled):
@@ -229,26 +228,17 @@ def test_requests_in_flight_go_on_across_the_switch(model, compiled):
     the eager engine's within the decoders' tolerance."""
     eager = serve(model, None)
     decoder = Decoder(copy.deepcopy(model), release_weights=True)
-    engine = Engine(decoder.model, max_batch_size=3, eos_id=None, headroom=2, decoder=decoder)
     background = decoder.compile_in_background(say=lambda line: None)
-    got: list[list] = []
-    arrivals = {0: [[1, 2, 3], [9]], 3: [[4, 5, 6, 7, 8, 9, 10]], 5: [[20, 21]], 9: [[30]]}
-    for step in range(60):
-        for prompt in arrivals.get(step, []):
-            events: list = []
-            engine.submit(prompt, SamplingParams(max_tokens=4 + 2 * len(got), temperature=0, logprobs=0),
-                          events.append)
-            got.append(events)
-        if step == 4:
+
+    def switch_at_step_4(step: int) -> None:
+        if step == 4:  # three requests are running, eagerly; the next step switches
             assert not decoder.compiled and background.wait(120)
-        if not engine.has_work() and step > max(arrivals):
-            break
-        engine.step()
+
+    got = serve(decoder.model, decoder, switch_at_step_4)
     assert decoder.compiled
-    assert [[e.token for e in events if e.token is not None] for events in got] == [t for t, _ in eager]
-    for events, (_, le) in zip(got, eager):
-        torch.testing.assert_close(torch.tensor([e.logprob.logprob for e in events if e.logprob]), torch.tensor(le),
-                                   atol=ATOL, rtol=0)
+    assert [t for t, _ in got] == [t for t, _ in eager]
+    for (_, lf), (_, le) in zip(got, eager):
+        torch.testing.assert_close(torch.tensor(lf), torch.tensor(le), atol=ATOL, rtol=0)
 
 
 def test_a_slow_first_compile_keeps_nobody_waiting(model, compiled, tmp_path, monkeypatch):
