@@ -23,12 +23,10 @@ class GenerateConfig:
     top_p: float | None = arg(None, help="nucleus sampling: smallest token set with this probability mass")
     seed: int = arg(1337, help="random seed, for reproducible sampling")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
-    compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
-                                          "ready: generation starts at once, eagerly, and switches when the pieces "
-                                          "are loaded; --compile compiles them in the background if they are not "
-                                          "cached (stopped if generation ends first; `gpt2 cache build` compiles "
-                                          "ahead). default: cached pieces only, for models of 50M+ parameters on a "
-                                          "CPU; --no-compile: never")
+    compile: bool = arg(False, help="switch to the model compiled for this CPU (AOTInductor) once it is ready: "
+                                    "generation starts at once, eagerly; the pieces are loaded from the cache, or "
+                                    "compiled in the background (stopped if generation ends first; `gpt2 cache "
+                                    "build` compiles ahead)")
 
     def validate(self) -> None:
         if not self.prompts:
@@ -58,7 +56,8 @@ def run(cfg: GenerateConfig) -> list[str]:
         raise UserError(f"prompt {too_long[0] + 1} is longer than the model's context window "
                         f"({model.config.block_size} tokens)")
     # before the prompt is printed: it may say that it compiles in the background
-    decoder = decoder_for(model, cfg.compile, build=bool(cfg.compile), label=cfg.model, say=note)
+    # eager unless --compile: a one-off command ends before loading or building the pieces would pay
+    decoder = decoder_for(model, bool(cfg.compile), label=cfg.model, say=note)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     single = len(cfg.prompts) == 1
     stream = TextStream()

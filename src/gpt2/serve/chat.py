@@ -52,8 +52,8 @@ class ChatConfig:
     compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
                                           "ready: answers start at once, eagerly, while the pieces compile in the "
                                           "background (once per model, torch and CPU; cached, see `gpt2 cache`). "
-                                          "default: on for models of 50M+ parameters on a CPU (with --prompt: only "
-                                          "if already cached); --no-compile: never")
+                                          "default: on for models of 50M+ parameters on a CPU, off with --prompt; "
+                                          "--no-compile: never")
 
     def validate(self) -> None:
         check_values(self)  # an empty --prompt or --system is refused there
@@ -164,10 +164,11 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
 def run(cfg: ChatConfig) -> list[dict]:
     cfg.validate()
     model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
-    # one-shot (--prompt) uses cached pieces only unless --compile: a build would be stopped when it exits
-    build = cfg.prompt is None or bool(cfg.compile)
+    # one-shot (--prompt): eager unless --compile; its process ends before loading pieces (seconds) or building
+    # them (minutes) would pay, and an exit has to wait for a load in progress
+    compile = cfg.compile if cfg.prompt is None else bool(cfg.compile)
     notes: list[str] = []  # the switch's line, printed between answers rather than inside one
-    decoder = decoder_for(model, cfg.compile, build=build, label=cfg.model, say=notes.append)
+    decoder = decoder_for(model, compile, label=cfg.model, say=notes.append)
     session = ChatSession(model, cfg, decoder=decoder, notes=notes)
     if cfg.prompt is not None:
         session.reply(cfg.prompt)
