@@ -56,15 +56,19 @@ def test_124m_preset_is_the_seed_recipe():
     assert grad_accum_steps(p.global_batch, p.micro_batch, p.seq_len, 8) == 2
 
 
+def synthetic_shards(d, val_tokens: int, train_tokens: list[int]):
+    """A shard folder of random token ids: one val shard and the given train shards."""
+    rng = np.random.default_rng(0)
+    d.mkdir()
+    write_shard(d / "syn_val_000000.bin", rng.integers(0, VOCAB, val_tokens))
+    for i, n in enumerate(train_tokens):
+        write_shard(d / f"syn_train_{i + 1:06d}.bin", rng.integers(0, VOCAB, n))
+    return d
+
+
 @pytest.fixture
 def shards(tmp_path):
-    rng = np.random.default_rng(0)
-    d = tmp_path / "shards"
-    d.mkdir()
-    write_shard(d / "syn_val_000000.bin", rng.integers(0, VOCAB, 2_000))
-    write_shard(d / "syn_train_000001.bin", rng.integers(0, VOCAB, 3_000))
-    write_shard(d / "syn_train_000002.bin", rng.integers(0, VOCAB, 3_000))
-    return d
+    return synthetic_shards(tmp_path / "shards", 2_000, [3_000, 3_000])
 
 
 def pretrain(data, out, *extra):
@@ -119,11 +123,7 @@ def test_no_save_final_writes_no_checkpoint(shards, tmp_path, capsys):
 
 def test_val_batch_capped_to_a_small_val_split(tmp_path):
     # 100 val tokens hold 6 windows of 16: micro batch 8 would be no val batch at all; 6 rows are measured
-    rng = np.random.default_rng(0)
-    d = tmp_path / "small"
-    d.mkdir()
-    write_shard(d / "syn_val_000000.bin", rng.integers(0, VOCAB, 100))
-    write_shard(d / "syn_train_000000.bin", rng.integers(0, VOCAB, 3_000))
+    d = synthetic_shards(tmp_path / "small", 100, [3_000])
     pretrain(d, tmp_path / "run", "--micro-batch", "8", "--global-batch", "128", "--max-steps", "2",
              "--val-tokens", "100000")
     evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
