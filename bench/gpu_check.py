@@ -318,7 +318,6 @@ def _state_bytes(model_cfg) -> tuple[int, int]:
 def _check_section(name: str, args, work: Path) -> str:
     torch = _torch()
     from gpt2.distributed import DistInfo
-    from gpt2.train.loop import fetch_step
     from gpt2.train.pretrain import PretrainTask, grad_accum_steps
 
     s = sizes(args)
@@ -343,7 +342,7 @@ def _check_section(name: str, args, work: Path) -> str:
         task = PretrainTask(cfg, DistInfo(0, 0, world, torch.device("meta")))  # raises if the train split is short
         train = task.loader
         steps_epoch = train.steps_per_epoch / accum  # optimizer steps per epoch
-        updates, _ = fetch_step(task, accum)
+        updates, _ = task.step_batches(accum)
         assert all(tuple(x.shape) == (cfg.micro_batch, cfg.seq_len) for x, _ in updates[0])
         text = (f"{label}{cfg.micro_batch} x {cfg.seq_len} x {accum} accum x {world} proc = {cfg.global_batch:,} "
                 f"tokens/step; {cfg.max_steps} steps = {cfg.max_steps / steps_epoch:.2f} epochs of "
@@ -480,7 +479,8 @@ def sec_bare(args, work: Path) -> dict:
     compile, data already on the device, no logging and one sync at the end (compiled, 32 x T)."""
     torch = _torch()
     from gpt2.model import GPT
-    from gpt2.train.loop import TrainConfig, _TaskLoss, build_optimizer
+    from gpt2.train.loop import TrainConfig, _TaskLoss
+    from gpt2.train.optim import build_optimizer
 
     s = sizes(args)
     cfg = speed_config(args, work, 32, True)

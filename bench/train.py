@@ -122,7 +122,7 @@ def random_window_trainer(cfg, train_tokens: np.ndarray, score, steps: int, eval
     """nanoGPT's training loop, minimal: B windows at random offsets per step (with replacement), one
     micro-batch per step, our model, AdamW groups and LR schedule. Returns {step: val loss}."""
     from gpt2.model import GPT
-    from gpt2.train.loop import lr_at
+    from gpt2.train.optim import lr_at
 
     torch.manual_seed(cfg.seed)  # the same initial weights as `gpt2 pretrain` (which seeds, then builds)
     model = GPT(cfg.model_config())

@@ -19,6 +19,7 @@ from gpt2.checkpoint import load_checkpoint, load_model
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.train.loop import NonFiniteLossError, TrainConfig, lr_at, run_length, train
+from gpt2.train.task import Task
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32,
 T = 16
 
 
-class ListTask:
+class ListTask(Task):
     """Micro batches from a fixed tensor of (num_micro, B, T+1) token windows. With several ranks, micro batch
     number p of rank r is global batch p * world + r, so N ranks x k micro-steps cover exactly the batches one
     process sees with N*k micro-steps."""

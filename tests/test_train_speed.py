@@ -25,7 +25,8 @@ from test_train_loop import (
 )
 
 from gpt2.checkpoint import BackgroundWriter, state_to_cpu
-from gpt2.train.loop import fetch_step, reduce_step_stats, train
+from gpt2.train.loop import train
+from gpt2.train.stats import sum_over_ranks
 
 
 @pytest.fixture(autouse=True)
@@ -67,20 +68,20 @@ def test_prefetched_batch_never_counts_in_the_saved_position(tmp_path):
 
 
 class SplitTask(ListTask):
-    """Each batch becomes two optimizer updates of one micro batch each (the `updates()` of PPO)."""
+    """Each batch becomes two optimizer updates of one micro batch each (as PPO's `step_batches`)."""
 
-    def updates(self, batch):
-        x, y = batch
+    def step_batches(self, grad_accum_steps):
+        x, y = self.next_batch()
         half = x.size(0) // 2
         return [[(x[:half], y[:half])], [(x[half:], y[half:])]], {"rows": float(x.size(0))}
 
 
 def test_a_step_fetches_its_micro_batches_in_order_and_no_more():
     task = CountingTask(make_data())
-    updates, metrics = fetch_step(task, 3)
+    updates, metrics = task.step_batches(3)
     assert task.fetched == 3 and metrics == {} and len(updates) == 1
     assert [torch.equal(x, d[:, :-1]) for (x, _), d in zip(updates[0], make_data())] == [True] * 3
-    updates, metrics = fetch_step(SplitTask(make_data()), 3)  # updates(): one batch, whatever the accumulation
+    updates, metrics = SplitTask(make_data()).step_batches(3)  # one batch, whatever the accumulation
     assert len(updates) == 2 and metrics == {"rows": 2.0}
 
 
@@ -88,9 +89,13 @@ def test_a_step_fetches_its_micro_batches_in_order_and_no_more():
 
 
 def test_one_host_sync_per_step(tmp_path, monkeypatch):
-    """Tensor -> Python conversions made by the loop itself: exactly one per optimizer update (the stats'
-    .tolist()), so one per step, except for a task whose updates() splits a step into several updates."""
+    """Tensor -> Python conversions made by the loop itself (its modules: the trainer, the step statistics):
+    exactly one per optimizer update (the stats' .tolist()), so one per step, except for a task whose
+    step_batches() splits a step into several updates."""
     import gpt2.train.loop as loop_mod
+    import gpt2.train.stats as stats_mod
+
+    loop_files = {loop_mod.__file__, stats_mod.__file__}
 
     calls = []
 
@@ -99,7 +104,7 @@ def test_one_host_sync_per_step(tmp_path, monkeypatch):
 
         @functools.wraps(original)
         def wrapper(self, *a, **k):
-            if sys._getframe(1).f_code.co_filename == loop_mod.__file__:
+            if sys._getframe(1).f_code.co_filename in loop_files:
                 calls.append(name)
             return original(self, *a, **k)
         return wrapper
@@ -111,14 +116,15 @@ def test_one_host_sync_per_step(tmp_path, monkeypatch):
     calls.clear()  # token-weighted losses: the weights and their total G are host numbers on one process
     train(make_model(), MaskedTask(), cfg_for(tmp_path / "weighted", max_steps=4), grad_accum_steps=2)
     assert calls == ["tolist"] * 4
-    calls.clear()  # updates(): one per optimizer update, each needing its NaN check before the optimizer step
+    calls.clear()  # several updates a step: one per update, each with its NaN check before the optimizer step
     train(make_model(), SplitTask(make_data()), cfg_for(tmp_path / "split", max_steps=4), grad_accum_steps=1)
     assert calls == ["tolist"] * 8
 
 
 def test_step_stats_keep_host_numbers_on_the_host():
     dev = [torch.tensor(1.5), torch.tensor(2.0, dtype=torch.float32)]
-    assert reduce_step_stats(dev, [3, 0.25], distributed=False) == [1.5, 2.0, 3.0, 0.25]
+    got = sum_over_ranks({"a": dev[0], "b": dev[1]}, {"c": 3, "d": 0.25}, distributed=False)
+    assert got == {"a": 1.5, "b": 2.0, "c": 3.0, "d": 0.25}
 
 
 # --------------------------------------------------------------------------- evaluation without full logits

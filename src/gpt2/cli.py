@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import os
 import sys
 from typing import Any
 
@@ -24,10 +23,12 @@ from gpt2.config import (
     build_config,
     default_config,
     flag_name,
+    given_fields,
     name_command,
     resume_rule,
 )
 from gpt2.errors import UserError
+from gpt2.train.run_dir import resume_settings, resumed_config
 
 # The command modules (`gpt2 --help` lists their commands by name).
 COMMAND_MODULES = [
@@ -102,23 +103,14 @@ def resume_help(cmd: Command) -> str:
             f"or the recipe: start a new run with another --out instead).")
 
 
-def saved_settings(cmd: Command, ns: argparse.Namespace) -> dict[str, Any] | None:
-    """On `--resume` of a run that has a checkpoint: its saved settings (printed where they come from), which
-    `build_config` uses instead of the preset. None otherwise (no --resume, or nothing saved yet)."""
+def resumed(cmd: Command, ns: argparse.Namespace) -> Any | None:
+    """On `--resume` of a run that has a checkpoint: the config from its saved settings and the flags given
+    again (`gpt2.train.run_dir`'s rule). None otherwise (no --resume, or nothing saved yet)."""
     if not (_resumable(cmd) and getattr(ns, "resume", False)):
         return None
-    from gpt2.train.run_dir import COMMAND_KEY, check_run_dir, saved_run_config
-
     out = getattr(ns, "out", None) or default_config(cmd.config, ns, cmd.presets).out
-    found = saved_run_config(out)
-    if found is None:
-        return None
-    saved, source = found
-    check_run_dir(out, True, cmd.name, made_by=saved.get(COMMAND_KEY))  # another command's run: say whose
-    if os.environ.get("RANK", "0") == "0":
-        unused = f"; --preset {ns.preset} is not used" if getattr(ns, "preset", None) else ""
-        print(f"--resume: continuing {out} with the settings saved in {source}{unused}", flush=True)
-    return {**saved, "out": out}
+    saved = resume_settings(out, cmd.name, getattr(ns, "preset", None))
+    return None if saved is None else resumed_config(cmd.config, saved, given_fields(cmd.config, ns))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     cmd: Command = ns._command
     try:
-        cfg = build_config(cmd.config, ns, cmd.presets, saved=saved_settings(cmd, ns))
+        cfg = resumed(cmd, ns) or build_config(cmd.config, ns, cmd.presets)
         cmd.run(cfg)
     except UserError as e:
         print(f"gpt2 {cmd.name}: error: {e}", file=sys.stderr)

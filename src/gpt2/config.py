@@ -9,13 +9,13 @@ Design decisions:
   values, `X | None` fields accept `none`.
 - `--help` shows the default that will apply: the class default, or with presets the default preset's value
   and every other preset's where they differ.
-- Resume: a resumed run's saved settings replace the preset as the base (`build_config(..., saved=...)`).
-  Each field says what a flag given again on resume does (`on_resume`): SESSION (this session only, never
+- Resume: a resumed run's saved settings replace the preset as the base (`gpt2.train.run_dir`, which applies
+  the rule). Each field says what a flag given again on resume does (`on_resume`): SESSION (this session only, never
   inherited: --stop-at-step), APPLY (inherited; a new value just applies: --device, --eval-every), ANNOUNCE
   (inherited; a new value applies on purpose and the loop prints the change: --max-steps, --lr) or REFUSE
   (the default: a new value would silently make another run, so it is an error: the model shape, the data,
   the batch, the seed). A subclass that redeclares a field inherits its base's rule.
-- One check for every command's numbers (`check_values`, run by `build_config` and by the training loop's
+- One check for every command's numbers (`check_values`, run by `build_config`, `resumed_config` and the training loop's
   `validate`): a float flag must be finite (nan and inf make no run or answer that means anything), an integer
   must fit in 64 bits (torch and numpy take no more), a seed must be in [0, 2**63), a text flag must not be
   empty or blank (`--source ""` is not "no source"), and a field declared with `arg(..., minimum=N)` must be >= N
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import types
 import typing
 from typing import Any, TypeVar
@@ -176,16 +175,10 @@ def check_values(cfg: Any) -> None:
                 raise UserError(f"{flag} must be >= {minimum} (got {v}){'; ' + hint if hint else ''}")
 
 
-def build_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | None = None,
-                 saved: dict[str, Any] | None = None) -> T:
-    """The preset named by `ns.preset` (or the class defaults), with every flag the user gave applied.
-
-    saved: a resumed run's saved config (`to_dict` of it); it is the base instead of the preset, and the flags
-    given are checked against it by their `on_resume` rule (`resumed_config`)."""
-    if saved is not None:
-        cfg = resumed_config(cls, saved, given_fields(cls, ns))
-    else:
-        cfg = dataclasses.replace(default_config(cls, ns, presets), **given_fields(cls, ns))
+def build_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | None = None) -> T:
+    """The preset named by `ns.preset` (or the class defaults), with every flag the user gave applied. (On
+    `--resume` the saved settings are the base instead: `gpt2.train.run_dir.resumed_config`.)"""
+    cfg = dataclasses.replace(default_config(cls, ns, presets), **given_fields(cls, ns))
     check_values(cfg)
     return cfg
 
@@ -203,36 +196,6 @@ def declared(cls: type, name: str, key: str) -> Any:
 def resume_rule(cls: type, name: str) -> str:
     """The `on_resume` rule of field `name`: the most derived declaration that sets one, else REFUSE."""
     return declared(cls, name, "on_resume") or REFUSE
-
-
-def same_setting(a: Any, b: Any) -> bool:
-    """Equal as saved in JSON (tuples come back as lists; "runs/x/" and "runs/x" name one folder)."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    if isinstance(a, str) and isinstance(b, str):
-        return os.path.normpath(a) == os.path.normpath(b)
-    return a == b
-
-
-def resumed_config(cls: type[T], saved: dict[str, Any], given: dict[str, Any]) -> T:
-    """The saved run's config with the flags `given` on resume applied by their rule: SESSION fields start
-    from the class default (a saved --stop-at-step must not end the resumed session at once), APPLY and
-    ANNOUNCE values apply (the training loop announces schedule changes), and a REFUSE field given with a
-    new value is a UserError naming every such flag."""
-    defaults = cls()
-    names = {f.name for f in dataclasses.fields(cls)}
-    base = {k: v for k, v in saved.items() if k in names}
-    for name in names:
-        if resume_rule(cls, name) == SESSION:
-            base[name] = getattr(defaults, name)
-    refused = [f"{flag_name(k)} {v!r} (saved: {base.get(k, getattr(defaults, k))!r})"
-               for k, v in given.items()
-               if resume_rule(cls, k) == REFUSE and not same_setting(v, base.get(k, getattr(defaults, k)))]
-    if refused:
-        raise UserError(f"--resume: {', '.join(refused)} would change the saved run's model, data or recipe; "
-                        "drop these flags to continue it, or start a new run with another --out")
-    cfg = dataclasses.replace(defaults, **base)
-    return dataclasses.replace(cfg, **given)
 
 
 _COMMAND_OF: dict[type, str] = {}  # config class -> the command that takes it (filled by the CLI's table)

@@ -78,7 +78,7 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     `device` defaults to the model's; batches are moved there. `autocast_dtype` (e.g. torch.bfloat16)
     runs the forward under autocast; the loss itself is always computed in float32.
     """
-    from gpt2.train.loop import autocast_context
+    from gpt2.train.runtime import autocast_context
 
     core = unwrap(model)
     device = torch.device(device) if device is not None else next(core.parameters()).device
@@ -196,7 +196,7 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     change nothing before them, and the mask keeps them out of the sums.
     """
     from gpt2.data.batching import pad_right
-    from gpt2.train.loop import autocast_context
+    from gpt2.train.runtime import autocast_context
 
     device = device or next(model.parameters()).device
     ids, valid = pad_right(list(rows))  # (R, T) each
@@ -271,7 +271,7 @@ def _prepare(model_name: str, device_name: str, dtype_name: str, reads_text: str
     """The model on its device in eval mode, and the autocast dtype for `--dtype`."""
     from gpt2.checkpoint import load_model
     from gpt2.distributed import pick_device
-    from gpt2.train.loop import autocast_dtype
+    from gpt2.train.runtime import autocast_dtype
 
     device = pick_device(device_name)
     return load_model(model_name, device, reads_text=reads_text).eval(), device, autocast_dtype(dtype_name, device)

@@ -32,9 +32,10 @@ from gpt2.distributed import DistInfo, all_gather_object, destroy_distributed, i
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.train.loop import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
+from gpt2.train.task import Task
 
 
-class PairTask:
+class PairTask(Task):
     """Implements the loop's Task protocol; subclasses define `pair_loss(model, input_ids, targets)`."""
 
     def __init__(self, train_pairs: list[Pair], val_pairs: list[Pair], batch_size: int, *, seed: int = 0,

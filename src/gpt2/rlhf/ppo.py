@@ -16,7 +16,7 @@ Design decisions:
 - The reward is any function `(input_ids, targets) -> scores (B,)`; the command uses a `RewardModel`
   trained by `gpt2 reward`, the tests a known rule, so the algorithm is checked on its own.
 - PPO runs on the shared loop (`gpt2.train.loop.train`) as a Task like every other stage: a loop step is
-  one iteration, `next_batch()` is a rollout and `updates(rollout)` cuts it into the epochs x minibatches
+  one iteration, `step_batches()` makes a rollout and cuts it into the epochs x minibatches
   of optimizer updates (the loop's one extension for this). So resume, metrics, stop signals,
   `--max-minutes`, the NaN check before each optimizer step, evaluation (also at an early stop) and
   checkpoints are the loop's. The policy and value losses are means over answer tokens, weighted by their
@@ -54,7 +54,9 @@ from gpt2.rlhf.losses import (
 )
 from gpt2.template import format_prompt
 from gpt2.tokenizer import EOT, encode
-from gpt2.train.loop import TrainConfig, autocast_context, autocast_dtype, seed_everything, train
+from gpt2.train.loop import TrainConfig, train
+from gpt2.train.runtime import autocast_context, autocast_dtype, seed_everything
+from gpt2.train.task import Task
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, targets) -> scores (B,)
 
@@ -117,7 +119,7 @@ def rollout(actor: ActorCritic, reference: GPT, reward_fn: RewardFn, prompts: li
     return batch, metrics
 
 
-class PPOTask:
+class PPOTask(Task):
     """PPO as a Task of the shared loop (module docstring): a batch is a rollout, split into updates."""
 
     def __init__(self, actor: ActorCritic, reference: GPT, reward_fn: RewardFn, train_prompts: list[list[int]],
@@ -138,10 +140,10 @@ class PPOTask:
         with autocast_context(self.device, self.amp):
             return rollout(self.actor, self.reference, self.reward_fn, prompts, self.hp, generator=self.gen)
 
-    def updates(self, batch: tuple[dict[str, torch.Tensor], dict[str, float]],
-                ) -> tuple[list[list[dict[str, torch.Tensor]]], dict[str, float]]:
-        """`ppo_epochs` shuffled passes over the rollout in minibatches: one optimizer update each."""
-        rolled, metrics = batch
+    def step_batches(self, grad_accum_steps: int) -> tuple[list[list[dict[str, torch.Tensor]]], dict[str, float]]:
+        """A rollout, then `ppo_epochs` shuffled passes over it in minibatches: one optimizer update each (the
+        loop's accumulation does not apply: a minibatch is one update)."""
+        rolled, metrics = self.next_batch()
         B = rolled["input_ids"].size(0)
         steps = []
         for _ in range(self.hp.ppo_epochs):

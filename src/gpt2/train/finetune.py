@@ -50,6 +50,7 @@ from gpt2.io import dir_lock, make_folder, write_json_atomic, write_text_atomic
 from gpt2.train.loop import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
 from gpt2.train.losses import gpt_loss_chunked
 from gpt2.train.run_dir import check_run_dir
+from gpt2.train.task import Task
 
 DEFAULT_PROMPTS = [
     "What are the places I can visit in New York?",
@@ -124,7 +125,7 @@ PRESETS = {
 # ---------------------------------------------------------------- the task
 
 
-class FinetuneTask:
+class FinetuneTask(Task):
     """Alpaca batches for the shared loop (see `gpt2.train.loop.Task`)."""
 
     def __init__(self, train_examples: list[Example], val_examples: list[Example], batch_size: int, *,

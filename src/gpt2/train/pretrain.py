@@ -35,6 +35,7 @@ from gpt2.errors import UserError
 from gpt2.model import GPT, PRESETS, GPTConfig
 from gpt2.train.loop import TrainConfig, train
 from gpt2.train.losses import gpt_loss_chunked
+from gpt2.train.task import Task
 
 
 @dataclass
@@ -110,7 +111,7 @@ def grad_accum_steps(global_batch: int, micro_batch: int, seq_len: int, world_si
     return global_batch // per_step
 
 
-class PretrainTask:
+class PretrainTask(Task):
     """Next-token prediction on shards: train batches from a rank-aware ShardLoader, val loss on a fixed
     budget of val tokens, optionally HellaSwag."""
 

@@ -1,33 +1,63 @@
-"""A training run's directory: its saved settings (`config.json`, else the checkpoint's copy), which command made
-it, and the rules for using it again: a checkpoint is continued only with `--resume` and only by the command
-that made it; on resume, a changed setting is applied and announced or refused by its field's `on_resume`
-rule (`gpt2.config`). Every stage checks a `--out` here; `gpt2.train.loop` holds the directory's lock while it
-trains.
+"""A training run's directory and the rule for using it again; every training stage goes through here.
+
+RUN_DIR holds `checkpoint.pt` (the full training state), `config.json` (the run's settings and the command that
+made it), `model/` (the Hugging Face export), `metrics.jsonl`, `loss.png` and `run.lock`.
+
+- The lock: one run per directory (`run_lock`, an flock the kernel drops however the holder ends), taken before
+  the first write; a second run on the same --out is refused at its start.
+- A checkpoint is continued only with `--resume`, and only by the command that made it (`check_run_dir`).
+- The resume rule. `--resume` alone continues with the saved settings (`resume_settings`, which the CLI uses
+  instead of the preset). A flag given again applies by the rule its field declares (`gpt2.config.arg`'s
+  `on_resume`), each with one message: SESSION flags apply to this session only; APPLY flags apply; ANNOUNCE
+  flags (the schedule) apply from the checkpoint's step and are printed (`resume_changes`); a REFUSE flag with a
+  new value is an error naming every such flag (`check_refused`), whether it came from the command line
+  (`resumed_config`) or from a library caller's config (the loop checks the checkpoint's own copy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gpt2.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from gpt2.config import ANNOUNCE, REFUSE, flag_name, resume_rule, same_setting, to_dict
+from gpt2.config import ANNOUNCE, REFUSE, SESSION, check_values, flag_name, resume_rule, to_dict
 from gpt2.errors import UserError
+from gpt2.io import dir_lock, make_folder, write_json_atomic
+
+T = TypeVar("T")
 
 CONFIG_FILE = "config.json"
+COMMAND_KEY = "command"  # in config.json and the checkpoint's run_config: the command that made the run
+
+
+def checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINT_FILE
+
+
+def run_lock(run_dir: str | os.PathLike) -> AbstractContextManager[Path]:
+    """Hold RUN_DIR/run.lock for the block, or raise a one-line UserError naming the process that holds it.
+    Re-entrant in one process (a stage that writes before the loop takes it first)."""
+    return dir_lock(run_dir, "run.lock")
+
+
+def write_run_config(run_dir: str | os.PathLike, run_config: dict[str, Any]) -> None:
+    """RUN_DIR/config.json, rewritten by every session (so it holds what was announced since the checkpoint)."""
+    make_folder(run_dir)
+    write_json_atomic(Path(run_dir) / CONFIG_FILE, run_config)
 
 
 def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
     """The settings of the run in `run_dir` and the file they came from, when it has a checkpoint to resume:
-    its config.json (rewritten by every session, so it holds changes announced since the last checkpoint),
-    else the checkpoint's own copy. None when there is no checkpoint (`--resume` then starts a new run)."""
-    run_dir = Path(run_dir)
-    ckpt = run_dir / CHECKPOINT_FILE
+    its config.json, else the checkpoint's own copy. None when there is no checkpoint (`--resume` then starts a
+    new run)."""
+    ckpt = checkpoint_path(run_dir)
     if not ckpt.exists():
         return None
-    path = run_dir / CONFIG_FILE
+    path = Path(run_dir) / CONFIG_FILE
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(saved, dict):
@@ -39,9 +69,6 @@ def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] 
     if not isinstance(saved, dict):
         raise UserError(f"{ckpt} holds no saved settings and {path} is missing: cannot resume with them")
     return dict(saved), ckpt
-
-
-COMMAND_KEY = "command"  # in config.json and the checkpoint's run_config: the command that made the run
 
 
 def run_command(run_dir: str | os.PathLike) -> str | None:
@@ -57,7 +84,7 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool, command: str | None,
     """Refuse, in one line, a --out whose checkpoint another command made (naming the run and that command),
     and a checkpoint without --resume. made_by: the recording command when known (default: config.json's)."""
     run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT_FILE).exists():
+    if not checkpoint_path(run_dir).exists():
         return
     made_by = made_by or run_command(run_dir)
     if made_by and command and made_by != command:
@@ -68,23 +95,82 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool, command: str | None,
                         "--out")
 
 
+def resume_checkpoint(run_dir: str | os.PathLike, resume: bool, command: str | None, world_size: int,
+                      ) -> dict[str, Any] | None:
+    """The checkpoint to continue (None: a new run), after the one-line refusals: another command's run, a
+    checkpoint without --resume, another number of processes."""
+    check_run_dir(run_dir, resume, command)
+    path = checkpoint_path(run_dir)
+    if not (resume and path.exists()):
+        return None
+    state = load_checkpoint(path)
+    check_run_dir(run_dir, True, command, made_by=(state.get("run_config") or {}).get(COMMAND_KEY))
+    if state.get("world_size", 1) != world_size:
+        raise UserError(f"{path} was written by {state['world_size']} processes; resume it with the same number "
+                        f"(now {world_size})")
+    return state
+
+
+def resume_settings(out: str, command: str, preset: str | None) -> dict[str, Any] | None:
+    """On `--resume` of a run that has a checkpoint: its saved settings (printed where they come from), to use
+    instead of the preset. None when there is nothing saved yet."""
+    found = saved_run_config(out)
+    if found is None:
+        return None
+    saved, source = found
+    check_run_dir(out, True, command, made_by=saved.get(COMMAND_KEY))  # another command's run: say whose
+    if os.environ.get("RANK", "0") == "0":
+        unused = f"; --preset {preset} is not used" if preset else ""
+        print(f"--resume: continuing {out} with the settings saved in {source}{unused}", flush=True)
+    return {**saved, "out": out}
+
+
+def same_setting(a: Any, b: Any) -> bool:
+    """Equal as saved in JSON (tuples come back as lists; "runs/x/" and "runs/x" name one folder)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, str) and isinstance(b, str):
+        return os.path.normpath(a) == os.path.normpath(b)
+    return a == b
+
+
+def check_refused(cls: type, saved: dict[str, Any], values: dict[str, Any]) -> None:
+    """The one refusal: REFUSE fields of `cls` whose value in `values` differs from `saved`, all named."""
+    refused = [f"{flag_name(k)} {v!r} (saved: {saved[k]!r})" for k, v in values.items()
+               if k in saved and resume_rule(cls, k) == REFUSE and not same_setting(v, saved[k])]
+    if refused:
+        raise UserError(f"--resume: {', '.join(refused)} would change the saved run's model, data or recipe; "
+                        "drop these flags to continue it, or start a new run with another --out")
+
+
+def resumed_config(cls: type[T], saved: dict[str, Any], given: dict[str, Any]) -> T:
+    """The saved run's config with the flags `given` on resume applied by their rule: SESSION fields start
+    from the class default (a saved --stop-at-step must not end the resumed session at once), APPLY and
+    ANNOUNCE values apply (the loop announces schedule changes), a REFUSE one with a new value is refused."""
+    defaults = cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    base = {**to_dict(defaults), **{k: v for k, v in saved.items() if k in names}}
+    for name in names:
+        if resume_rule(cls, name) == SESSION:
+            base[name] = getattr(defaults, name)
+    check_refused(cls, base, given)
+    cfg = dataclasses.replace(dataclasses.replace(defaults, **base), **given)
+    check_values(cfg)
+    return cfg
+
+
 _SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")
 
 
 def resume_changes(saved: dict[str, Any], cfg: Any, step: int) -> list[str]:
-    """Compare the checkpoint's loop settings with the resumed session's: a REFUSE field that differs is a
-    UserError (the optimizer state or data order already holds the saved value, so the new one would be
-    silently ignored or make another run); an ANNOUNCE field that differs is returned as one line to print."""
-    lines, refused = [], []
-    for name, new in to_dict(cfg).items():
-        if name not in saved or same_setting(saved[name], new):
-            continue
-        rule = resume_rule(type(cfg), name)
-        if rule == REFUSE:
-            refused.append(f"{flag_name(name)} {new!r} (saved: {saved[name]!r})")
-        elif rule == ANNOUNCE:
+    """The loop's settings against the checkpoint's copy `saved`: a changed REFUSE field is refused
+    (`check_refused`: the optimizer state or data order already holds the saved value), a changed ANNOUNCE
+    field is returned as one line to print."""
+    values = to_dict(cfg)
+    check_refused(type(cfg), saved, values)
+    lines = []
+    for name, new in values.items():
+        if name in saved and not same_setting(saved[name], new) and resume_rule(type(cfg), name) == ANNOUNCE:
             what = "the LR schedule changes" if name in _SCHEDULE_FIELDS else "applies"
             lines.append(f"--resume: {flag_name(name)} {saved[name]} -> {new} ({what} from step {step})")
-    if refused:
-        raise UserError(f"--resume: {', '.join(refused)} differs from the checkpoint; drop it to continue the run")
     return lines

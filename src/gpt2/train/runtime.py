@@ -1,7 +1,8 @@
-"""What the training loop needs to know about the device it runs on. For now: the dense bf16 peak that MFU is
-measured against (`peak_flops`); the loop's autocast dtype, seeding and device moves are to move here too.
+"""What the training loop needs to know about the device it runs on: the autocast dtype of `--dtype`, matmul
+precision, seeding, moving batches to the device, and the dense bf16 peak that MFU is measured against
+(`peak_flops`). Evaluation and PPO's rollouts use the same helpers, so every stage runs a device the same way.
 
-The table holds vendors' datasheet figures for dense bf16 tensor-core math (no 2:4 sparsity: datasheets print
+The peak table holds vendors' datasheet figures for dense bf16 tensor-core math (no 2:4 sparsity: datasheets print
 the sparse figure first, twice the dense one) with fp32 accumulation, which is what autocast training does.
 GeForce cards run bf16 with fp32 accumulation at half the rate of fp16 accumulation; the figures below are the
 fp32-accumulate ones. A card is matched by its CUDA name (`torch.cuda.get_device_name`): a key matches when it
@@ -13,9 +14,83 @@ another card's figure.
 
 from __future__ import annotations
 
+import random
 import re
+from contextlib import nullcontext
+from typing import Any
 
+import numpy as np
 import torch
+
+from gpt2.errors import UserError
+
+TRAIN_DTYPES = ["auto", "bfloat16", "float32"]
+
+
+def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--dtype` on this device; None = plain float32."""
+    if cfg_dtype == "float32":
+        return None
+    if cfg_dtype == "bfloat16":
+        return torch.bfloat16
+    if cfg_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    raise UserError(f"--dtype {cfg_dtype!r}: choose one of {', '.join(TRAIN_DTYPES)}")
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` for `dtype` on `device`, or a no-op for None (float32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def configure_matmul(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (fp32 weights and optimizer, tensor-core speed); nothing elsewhere.
+    The legacy `allow_tf32` flags only: torch 2.11 raises when they are mixed with the newer precision API."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (CPU and every CUDA device) from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a nest of tuples/lists/dicts to `device`. CPU tensors bound for CUDA are pinned
+    first, so `non_blocking=True` is a real asynchronous copy (from pageable memory it is a synchronous one)."""
+    if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
+            batch = batch.pin_memory()
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def host_to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Python numbers as a float64 vector on `device` without a host sync: on CUDA a non-blocking copy from
+    pinned memory (from pageable memory it would be a synchronous one)."""
+    vec = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        vec = vec.pin_memory()
+    return vec.to(device, non_blocking=True)
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor of a nest of tuples/lists/dicts (its shape gives a batch's tokens), or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    for v in values:
+        t = first_tensor(v)
+        if t is not None:
+            return t
+    return None
 
 # key (a word or words of the CUDA device name) -> dense bf16 TFLOP/s with fp32 accumulation, and the source.
 BF16_PEAK_TFLOPS: dict[str, tuple[float, str]] = {

@@ -1,0 +1,56 @@
+"""A run's metrics: RUN_DIR/metrics.jsonl, one JSON object per step and per evaluation, and its loss graph."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpt2.errors import UserError
+from gpt2.io import disk_error, make_folder, write_text_atomic
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0 only). On resume, lines logged after
+    the checkpoint's step are dropped, so the file always matches the weights."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True, keep_until_step: int | None = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        make_folder(self.path.parent)
+        kept = []
+        if keep_until_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if rec.get("step", 0) <= keep_until_step:
+                    kept.append(line + "\n")
+        write_text_atomic(self.path, "".join(kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            try:
+                with open(self.path, "a") as f:  # an append: a line cut short by a crash is skipped on reading
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise (disk_error(self.path, e) or e) from e
+
+
+def plot(run_dir: Path) -> None:
+    """Redraw RUN_DIR/loss.png from metrics.jsonl (imported here: matplotlib is slow to import). The graph is
+    a convenience: a failure to draw it (nothing logged yet, a full disk, no matplotlib on a GPU box) is
+    reported, never fatal to a run."""
+    from gpt2.plots import plot_run
+
+    try:
+        plot_run(run_dir)
+    except (UserError, OSError, ValueError, ImportError) as e:
+        print(f"warning: loss graph not drawn: {e}", file=sys.stderr)
