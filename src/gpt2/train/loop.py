@@ -134,6 +134,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     elapsed: float = 0.0  # seconds of training over all sessions
     last_saved: int | None = None  # the step checkpoint.pt holds (None: nothing saved yet)
+    skipped_steps: int = 0  # float16: optimizer steps skipped because the scaled gradients overflowed
 
 
 class _TaskLoss(nn.Module):
@@ -180,6 +181,9 @@ class Trainer:
         if self.command is not None:
             self.run_config[COMMAND_KEY] = self.command  # the run's maker: --resume by another is refused
         self.amp = autocast_dtype(cfg.dtype, self.device)
+        # float16's narrow range: the loss is scaled up before backward and the gradients unscaled before
+        # clipping; a step whose gradients overflowed is skipped and the scale lowered (a no-op otherwise).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.peak = peak_flops(self.device)
         self.export = export or _export_hf
         self.flops_per_token = flops_per_token
@@ -220,8 +224,11 @@ class Trainer:
                             f"({str(e).splitlines()[0]}); was {self.run_dir} made by another command?") from e
         self.optimizer.load_state_dict(resumed["optimizer"])
         self.task.load_state_dict(resumed["ranks"][self.dist.rank]["task"])
+        if self.scaler.is_enabled() and resumed.get("scaler"):
+            self.scaler.load_state_dict(resumed["scaler"])
         step = resumed["step"]
-        self.state = TrainState(step=step, elapsed=resumed.get("elapsed", 0.0), last_saved=step)
+        self.state = TrainState(step=step, elapsed=resumed.get("elapsed", 0.0), last_saved=step,
+                                skipped_steps=resumed.get("skipped_steps", 0))
         for line in resume_changes(resumed.get("train_config", {}), self.cfg, step):
             self._say(line)
         return resumed["ranks"][self.dist.rank]["rng"]
@@ -240,6 +247,8 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
                 "elapsed": elapsed, "world_size": self.dist.world_size, "ranks": ranks,
                 "train_config": to_dict(self.cfg), "run_config": self.run_config,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "skipped_steps": self.state.skipped_steps,
                 "model_config": asdict(config) if is_dataclass(config) else None,
             })
             self.writer.submit(self._writer_job(state, step, self.state.last_saved))
@@ -297,25 +306,28 @@ class Trainer:
             with nullcontext() if sync else self.ddp.no_sync():
                 with autocast_context(device, self.amp):
                     loss, step_metrics = self.forward(batch)
-                (loss * (weight * W / total)).backward()
+                self.scaler.scale(loss * (weight * W / total)).backward()
             loss_sum += loss.detach() * (weight / total)
             for k, v in step_metrics.items():
                 v = v.detach() if isinstance(v, torch.Tensor) else float(v)
                 sums[k] = sums[k] + v if k in sums else v
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         stats = StepStats.reduce(loss=loss_sum, grad_norm=grad_norm,
                                  metrics={k: v / len(on_device) for k, v in sums.items()}, tokens=tokens,
                                  batch_metrics=batch_metrics, out_of_time=out_of_time, signalled=signalled,
                                  world_size=W)
-        if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
+        stats.skipped = self.scaler.is_enabled() and math.isfinite(stats.loss) and not math.isfinite(stats.grad_norm)
+        if not (math.isfinite(stats.loss) and (math.isfinite(stats.grad_norm) or stats.skipped)):
             self.bar.close()
             last = self.state.last_saved
             where = (f"the last good checkpoint (step {last}) is kept in {self.ckpt_path}" if last is not None
                      else "no checkpoint had been written yet")
             raise NonFiniteLossError(f"training stopped at step {self.state.step + 1}: loss {stats.loss}, grad "
                                      f"norm {stats.grad_norm} (not finite); {where}. Lower --lr or check the data.")
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when the scaler found inf/NaN gradients
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return stats
 
@@ -325,11 +337,18 @@ class Trainer:
         if fpt is None and hasattr(self.model, "flops_per_token"):
             fpt = self.model.flops_per_token(seq_len)
         mfu = tok_per_s * fpt / (self.peak * self.dist.world_size) if self.peak and fpt else None
-        self.metrics.log({"kind": "train", "step": self.state.step, "loss": stats.loss, "lr": lr,
-                          "grad_norm": stats.grad_norm, "tokens_per_s": tok_per_s, "mfu": mfu,
-                          "time": now - self.t_start, **stats.metrics, **stats.batch_metrics})
+        record = {"kind": "train", "step": self.state.step, "loss": stats.loss, "lr": lr,
+                  "grad_norm": stats.grad_norm, "tokens_per_s": tok_per_s, "mfu": mfu, "time": now - self.t_start,
+                  **stats.metrics, **stats.batch_metrics}
+        scaled = ""
+        if self.scaler.is_enabled():
+            self.state.skipped_steps += stats.skipped
+            record.update(loss_scale=self.scaler.get_scale(), skipped=stats.skipped,
+                          skipped_steps=self.state.skipped_steps)
+            scaled = f" scale {record['loss_scale']:g} skipped {self.state.skipped_steps}"
+        self.metrics.log(record)
         self.bar.set_postfix_str(f"loss {stats.loss:.4f} lr {lr:.2e} {tok_per_s:,.0f} tok/s"
-                                 + (f" mfu {mfu:.1%}" if mfu is not None else ""), refresh=False)
+                                 + (f" mfu {mfu:.1%}" if mfu is not None else "") + scaled, refresh=False)
         self.bar.update(1)
 
     def fit(self) -> TrainResult:

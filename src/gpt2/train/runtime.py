@@ -24,17 +24,22 @@ import torch
 
 from gpt2.errors import UserError
 
-TRAIN_DTYPES = ["auto", "bfloat16", "float32"]
+TRAIN_DTYPES = ["auto", "bfloat16", "float16", "float32"]
 
 
 def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--dtype` on this device; None = plain float32."""
+    """The autocast dtype for `--dtype` on this device; None = plain float32. auto: bfloat16 on a GPU that has it,
+    float16 on another GPU (V100, T4, RTX 20xx: with a gradient scaler in training), float32 on a CPU."""
     if cfg_dtype == "float32":
         return None
     if cfg_dtype == "bfloat16":
         return torch.bfloat16
+    if cfg_dtype == "float16":
+        return torch.float16
     if cfg_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     raise UserError(f"--dtype {cfg_dtype!r}: choose one of {', '.join(TRAIN_DTYPES)}")
 
 

@@ -25,6 +25,7 @@ class StepStats:
     batch_metrics: dict[str, float]  # the metrics of the step's batch (PPO's rollout), mean over ranks
     out_of_time: bool = False  # some rank is past --max-minutes
     signalled: bool = False  # some rank got SIGTERM or Ctrl-C
+    skipped: bool = False  # float16: the gradients overflowed, so the optimizer step was skipped (set by the loop)
 
     @classmethod
     def reduce(cls, *, loss: torch.Tensor, grad_norm: torch.Tensor, metrics: dict[str, torch.Tensor | float],
@@ -52,7 +53,8 @@ class StepStats:
         return cls(loss=sum(u.loss for u in updates) / n, grad_norm=sum(u.grad_norm for u in updates) / n,
                    tokens=sum(u.tokens for u in updates),
                    metrics={k: sum(u.metrics[k] for u in updates) / n for k in last.metrics},
-                   batch_metrics=last.batch_metrics, out_of_time=last.out_of_time, signalled=last.signalled)
+                   batch_metrics=last.batch_metrics, out_of_time=last.out_of_time, signalled=last.signalled,
+                   skipped=any(u.skipped for u in updates))
 
 
 def sum_over_ranks(on_device: dict[str, torch.Tensor], on_host: dict[str, float], distributed: bool,
