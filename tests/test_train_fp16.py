@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_train_loop import ListTask, cfg_for, losses, make_data, make_model, read_lines
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.train.loop import train
 from gpt2.train.runtime import autocast_dtype
-from test_train_loop import ListTask, cfg_for, losses, make_data, make_model, read_lines
 
 
 @pytest.fixture(autouse=True)

@@ -51,6 +51,10 @@ class TrainConfig:
                      choices=TRAIN_DTYPES, on_resume=APPLY)
     compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)",
                                on_resume=APPLY)
+    activation_checkpointing: bool = arg(False, "keep only each block's input for backward and recompute its "
+                                                "activations there: much less activation memory for one more "
+                                                "forward pass of compute (the gradients are unchanged)",
+                                         on_resume=APPLY)
     progress: bool = arg(True, "show a progress bar (rank 0)", on_resume=APPLY)
 
     def validate(self) -> None:

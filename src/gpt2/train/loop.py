@@ -94,6 +94,7 @@ from gpt2.train.config import (  # noqa: F401  (the loop's settings, also known 
 )
 from gpt2.train.metrics import METRICS_FILE, MetricsLogger, plot
 from gpt2.train.optim import apply_lr, build_optimizer, lr_at  # noqa: F401  (lr_at: also known from here)
+from gpt2.train.parallel import checkpoint_activations
 from gpt2.train.run_dir import (
     COMMAND_KEY,
     checkpoint_path,
@@ -173,6 +174,8 @@ class Trainer:
         self.ckpt_path = checkpoint_path(self.run_dir)
         configure_matmul(self.device)
         model.to(self.device)
+        if cfg.activation_checkpointing:
+            checkpoint_activations(model)
         self.optimizer = build_optimizer(model, cfg, self.device)
         self.state = TrainState()
         run_config = run_config if run_config is not None else cfg
