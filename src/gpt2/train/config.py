@@ -55,6 +55,9 @@ class TrainConfig:
                                                 "activations there: much less activation memory for one more "
                                                 "forward pass of compute (the gradients are unchanged)",
                                          on_resume=APPLY)
+    memory_check: bool = arg(True, "before step 1, print the estimated memory per device (weights, gradients, "
+                                   "optimizer state, activations) and stop with what would fit when it exceeds "
+                                   "the device's free memory", on_resume=APPLY)
     progress: bool = arg(True, "show a progress bar (rank 0)", on_resume=APPLY)
 
     def validate(self) -> None:

@@ -92,9 +92,10 @@ from gpt2.train.config import (  # noqa: F401  (the loop's settings, also known 
     check_schedule,
     run_length,
 )
+from gpt2.train.memory import GB, advice, free_memory, plan_memory
 from gpt2.train.metrics import METRICS_FILE, MetricsLogger, plot
 from gpt2.train.optim import apply_lr, build_optimizer, lr_at  # noqa: F401  (lr_at: also known from here)
-from gpt2.train.parallel import checkpoint_activations
+from gpt2.train.parallel import blocks, checkpoint_activations
 from gpt2.train.run_dir import (
     COMMAND_KEY,
     checkpoint_path,
@@ -289,6 +290,33 @@ class Trainer:
                 self.bar.write(f"step {step}: " + ", ".join(f"{k} {float(v):.4f}" for k, v in results.items()))
             self.writer.submit(lambda: plot(self.run_dir))
 
+    def check_memory(self, micro_batch: Any) -> None:
+        """The memory plan (`gpt2.train.memory`) for this micro batch's shape, printed; a plan that cannot fit is
+        a one-line error naming what would, before the first step."""
+        batch = first_tensor(micro_batch)
+        if not (self.cfg.memory_check and blocks(self.model) and batch is not None and batch.dim() >= 2):
+            return
+        rows, seq_len = batch.shape[0], batch.shape[-1]
+        plan = plan_memory(self.model, rows, seq_len, self.amp, self.cfg.activation_checkpointing)
+        resident = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        free = free_memory(self.device, resident)
+        line = f"memory plan per {self.device.type} device: {plan.describe()} (x {seq_len} tokens)"
+        if free is None:
+            return self._say(line)
+        line += f", {free / GB:.1f} GB free"
+        if plan.total <= free:
+            return self._say(line)
+        flag = "--micro-batch" if "micro_batch" in self.run_config else "--batch-size"
+        tips = advice(self.model, plan, free, seq_len, self.amp, self.cfg.activation_checkpointing, flag)
+        raise UserError(f"{line}: it does not fit; try {tips} (or --no-memory-check to try anyway)")
+
+    def _out_of_memory(self, step: int) -> UserError:
+        """A device's out-of-memory error inside a step, as one line: where, and what the checkpoint holds."""
+        last = self.state.last_saved
+        kept = f"{self.ckpt_path} holds step {last}" if last is not None else "no checkpoint was written yet"
+        return UserError(f"out of memory on {self.device} at step {step}; {kept}. Lower the micro batch, add "
+                         "--activation-checkpointing or shard the model (--parallel fsdp)")
+
     def update(self, micro_batches: list, batch_metrics: dict[str, float], *, out_of_time: bool,
                signalled: bool) -> StepStats:
         """Forward/backward over one update's micro batches, then one optimizer step (skipped, with the run
@@ -382,12 +410,17 @@ class Trainer:
                 # Fetched here, after the previous step's checkpoint: a saved data position never counts a
                 # batch that was fetched but not trained on.
                 updates, batch_metrics = self.task.step_batches(self.accum)
+                if step == start:
+                    self.check_memory(updates[0][0])
                 per_update = []
                 for micro_batches in updates:
                     out_of_time = (cfg.max_minutes is not None
                                    and time.perf_counter() - t_session > 60 * cfg.max_minutes)
-                    per_update.append(self.update(micro_batches, batch_metrics, out_of_time=out_of_time,
-                                                  signalled=bool(stop.signum)))
+                    try:
+                        per_update.append(self.update(micro_batches, batch_metrics, out_of_time=out_of_time,
+                                                      signalled=bool(stop.signum)))
+                    except torch.OutOfMemoryError as e:
+                        raise self._out_of_memory(step + 1) from e
                 stats = StepStats.mean(per_update)
                 done = self.state.step = step + 1
                 loss = stats.loss
