@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train_loop import ListTask, cfg_for, make_data, make_model, read_lines
 
 import gpt2.train.loop as loop
 from gpt2.checkpoint import load_checkpoint
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.train.memory import GB, fitting_rows, plan_memory
-from test_train_loop import ListTask, cfg_for, make_data, make_model, read_lines
 
 
 @pytest.fixture(autouse=True)
