@@ -51,6 +51,9 @@ class TrainConfig:
                      choices=TRAIN_DTYPES, on_resume=APPLY)
     compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)",
                                on_resume=APPLY)
+    parallel: str = arg("ddp", "several processes: ddp (each keeps the whole model, gradients and optimizer state) "
+                               "or fsdp (each keeps 1/N of them and gathers one block at a time: models too large "
+                               "for one device)", choices=["ddp", "fsdp"])
     activation_checkpointing: bool = arg(False, "keep only each block's input for backward and recompute its "
                                                 "activations there: much less activation memory for one more "
                                                 "forward pass of compute (the gradients are unchanged)",

@@ -95,7 +95,16 @@ from gpt2.train.config import (  # noqa: F401  (the loop's settings, also known 
 from gpt2.train.memory import GB, advice, free_memory, plan_memory
 from gpt2.train.metrics import METRICS_FILE, MetricsLogger, plot
 from gpt2.train.optim import apply_lr, build_optimizer, lr_at  # noqa: F401  (lr_at: also known from here)
-from gpt2.train.parallel import blocks, checkpoint_activations
+from gpt2.train.parallel import (
+    blocks,
+    checkpoint_activations,
+    full_state,
+    gradient_sync,
+    load_full_state,
+    local_tensor,
+    local_tensor_bytes,
+    shard_model,
+)
 from gpt2.train.run_dir import (
     COMMAND_KEY,
     checkpoint_path,
@@ -177,6 +186,11 @@ class Trainer:
         model.to(self.device)
         if cfg.activation_checkpointing:
             checkpoint_activations(model)
+        self.amp = autocast_dtype(cfg.dtype, self.device)
+        self.sharded = cfg.parallel == "fsdp" and dist.is_distributed
+        # A host copy the writer exports from: made before sharding (the whole model) or at the first save.
+        self._shadow: nn.Module | None = copy.deepcopy(model).to("cpu") if self.sharded and dist.is_main else None
+        self.forward, self.ddp = self._wrap()  # before the optimizer: sharding replaces the parameters
         self.optimizer = build_optimizer(model, cfg, self.device)
         self.state = TrainState()
         run_config = run_config if run_config is not None else cfg
@@ -184,7 +198,6 @@ class Trainer:
         self.run_config = to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
         if self.command is not None:
             self.run_config[COMMAND_KEY] = self.command  # the run's maker: --resume by another is refused
-        self.amp = autocast_dtype(cfg.dtype, self.device)
         # float16's narrow range: the loss is scaled up before backward and the gradients unscaled before
         # clipping; a step whose gradients overflowed is skipped and the scale lowered (a no-op otherwise).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -192,16 +205,17 @@ class Trainer:
         self.export = export or _export_hf
         self.flops_per_token = flops_per_token
         self.writer = BackgroundWriter()
-        self._shadow: nn.Module | None = None  # a host copy the writer exports from (made at the first save)
-        self.forward, self.ddp = self._wrap()
         self.bar = None
 
     def _wrap(self) -> tuple[nn.Module, Any]:
-        """The training forward: the task's loss around the model, under DDP when distributed, compiled when
-        asked. `torch.compile(DDP(module))`, not the reverse: see the module docstring."""
+        """The training forward: the task's loss around the model, under DDP (or with the model sharded by FSDP)
+        when distributed, compiled when asked. `torch.compile(DDP(module))`, not the reverse: see the module
+        docstring."""
         forward: nn.Module = _TaskLoss(self.model, self.task.loss)
         ddp = None
-        if self.dist.is_distributed:
+        if self.sharded:
+            shard_model(self.model, self.amp, self.device)
+        elif self.dist.is_distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             device = self.device
@@ -222,11 +236,10 @@ class Trainer:
             seed_everything(self.cfg.seed + self.dist.rank)
             return None
         try:
-            self.model.load_state_dict(resumed["model"])
+            load_full_state(self.model, self.optimizer, resumed["model"], resumed["optimizer"])
         except RuntimeError as e:  # a run from before the command was recorded, made by another command
             raise UserError(f"--resume: the weights in {self.ckpt_path} do not fit this command's model "
                             f"({str(e).splitlines()[0]}); was {self.run_dir} made by another command?") from e
-        self.optimizer.load_state_dict(resumed["optimizer"])
         self.task.load_state_dict(resumed["ranks"][self.dist.rank]["task"])
         if self.scaler.is_enabled() and resumed.get("scaler"):
             self.scaler.load_state_dict(resumed["scaler"])
@@ -241,6 +254,7 @@ class Trainer:
         """Checkpoint `step`. The device only waits for the copy of the state to host memory; the file, the HF
         export and the loss graph are written by the background writer (its error is raised at the next
         save, evaluation or the end)."""
+        model_state, optim_state = full_state(self.model, self.optimizer)  # sharded: a collective
         ranks = all_gather_object({"task": self.task.state_dict(), "rng": capture_rng_state(self.device)})
         if self.dist.is_main:
             self.writer.wait()  # the previous save is complete (its error raised here) before this one starts
@@ -248,7 +262,7 @@ class Trainer:
                 self._shadow = copy.deepcopy(self.model).to("cpu")
             config = getattr(self.model, "config", None)
             state = state_to_cpu({
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
+                "model": model_state, "optimizer": optim_state, "step": step, "parallel": self.cfg.parallel,
                 "elapsed": elapsed, "world_size": self.dist.world_size, "ranks": ranks,
                 "train_config": to_dict(self.cfg), "run_config": self.run_config,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -297,8 +311,9 @@ class Trainer:
         if not (self.cfg.memory_check and blocks(self.model) and batch is not None and batch.dim() >= 2):
             return
         rows, seq_len = batch.shape[0], batch.shape[-1]
-        plan = plan_memory(self.model, rows, seq_len, self.amp, self.cfg.activation_checkpointing)
-        resident = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        shards = self.dist.world_size if self.sharded else 1
+        plan = plan_memory(self.model, rows, seq_len, self.amp, self.cfg.activation_checkpointing, shards)
+        resident = sum(local_tensor_bytes(p) for p in self.model.parameters())
         free = free_memory(self.device, resident)
         line = f"memory plan per {self.device.type} device: {plan.describe()} (x {seq_len} tokens)"
         if free is None:
@@ -333,8 +348,7 @@ class Trainer:
         sums: dict[str, Any] = {}  # task metrics: 0-d device tensors or host numbers, summed
         for micro, batch in enumerate(on_device):
             weight = weights[micro] if weights else 1
-            sync = self.ddp is None or micro == len(on_device) - 1
-            with nullcontext() if sync else self.ddp.no_sync():
+            with gradient_sync(self.model, self.ddp, micro == len(on_device) - 1):
                 with autocast_context(device, self.amp):
                     loss, step_metrics = self.forward(batch)
                 self.scaler.scale(loss * (weight * W / total)).backward()
@@ -344,7 +358,7 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = local_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         stats = StepStats.reduce(loss=loss_sum, grad_norm=grad_norm,
                                  metrics={k: v / len(on_device) for k, v in sums.items()}, tokens=tokens,
                                  batch_metrics=batch_metrics, out_of_time=out_of_time, signalled=signalled,

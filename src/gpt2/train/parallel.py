@@ -1,5 +1,5 @@
 """What the trainer applies to a model from outside, so the model itself stays pure: activation checkpointing
-(`checkpoint_activations`) and the data-parallel wrapper.
+(`checkpoint_activations`) and FSDP2 sharding (`shard_model`; DDP is the trainer's default wrapper).
 
 Activation checkpointing keeps only each block's input for backward and recomputes the block's activations there
 (`torch.utils.checkpoint`, non-reentrant: it works with torch.compile, keyword arguments and blocks whose inputs
@@ -10,9 +10,20 @@ checkpoint format and the Hugging Face export do not change.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from gpt2.model import Block
@@ -40,3 +51,66 @@ def checkpoint_activations(model: nn.Module) -> int:
         if not isinstance(block.__dict__.get("forward"), _Recomputed):
             block.forward = _Recomputed(block.forward)
     return len(found)
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+PARALLEL = ["ddp", "fsdp"]
+
+
+def shard_model(model: nn.Module, amp: torch.dtype | None, device: torch.device) -> None:
+    """FSDP2 (`fully_shard`): each block is its own unit, gathered for its forward and backward and freed after;
+    the root unit holds the rest (embeddings with the tied head, the final LayerNorm). Parameters stay fp32 and
+    sharded; on a GPU with autocast they are gathered in the autocast dtype and gradients reduced in fp32."""
+    mp = MixedPrecisionPolicy()
+    if device.type == "cuda" and amp is not None:
+        mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
+    for block in blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: nn.Module, ddp: nn.Module | None, sync: bool) -> AbstractContextManager:
+    """Reduce gradients over ranks in this backward only when `sync` (the update's last micro batch)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync or ddp is None else ddp.no_sync()
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state for a checkpoint. Sharded: gathered whole to rank 0's memory (a collective: every
+    rank calls it; the others get empty dicts), the optimizer state keyed by parameter name."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    return get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,
+                    ) -> None:
+    """The inverse of `full_state`: every rank passes the whole checkpoint and keeps its shard."""
+    if not is_sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+def local_tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank holds of `t` (its shard, for a sharded parameter)."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: the whole value of a replicated DTensor (FSDP's gradient norm), else `t`."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

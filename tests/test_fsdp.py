@@ -1,0 +1,85 @@
+"""FSDP2 (`--parallel fsdp`) with 2 gloo CPU processes: the same losses as DDP and as one process with
+accumulation, exact resume FSDP -> FSDP, a checkpoint and export that load in one process like a DDP run's, and
+about half of DDP's per-rank memory for parameters, gradients and optimizer state."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpt2.checkpoint import load_checkpoint, load_model
+from gpt2.model import GPT
+from gpt2.train.loop import Trainer, train
+from gpt2.train.parallel import local_tensor_bytes
+from test_train_loop import ListTask, _free_port, cfg_for, losses, make_data, make_model
+
+pytestmark = pytest.mark.slow
+
+
+def state_bytes(trainer: Trainer) -> int:
+    """This rank's bytes of parameters, their gradients (one of each while training) and AdamW's state."""
+    params = sum(local_tensor_bytes(p) for p in trainer.model.parameters())
+    moments = sum(local_tensor_bytes(v) for s in trainer.optimizer.state.values() for v in s.values()
+                  if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return 2 * params + moments
+
+
+def _worker(rank: int, world: int, port: int, out: str, parallel: str, stop_at: int | None, resume: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpt2.distributed import destroy_distributed, init_distributed
+
+    try:
+        dist = init_distributed("cpu")
+        cfg = cfg_for(Path(out), parallel=parallel, save_every=2, stop_at_step=stop_at, resume=resume)
+        trainer = Trainer(make_model(seed=7 if resume else 0), ListTask(make_data(), rank, world), cfg, 2, dist)
+        trainer.fit()
+        Path(out, f"bytes{rank}.json").write_text(json.dumps(state_bytes(trainer)))
+    finally:
+        destroy_distributed()
+
+
+def spawn(out: Path, parallel: str, stop_at: int | None = None, resume: bool = False) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(out), parallel, stop_at, resume), nprocs=2, join=True)
+
+
+def test_fsdp_matches_ddp_and_one_process_resumes_exactly_and_halves_state(tmp_path):
+    single = tmp_path / "single"
+    train(make_model(), ListTask(make_data()), replace(cfg_for(single), save_every=2), grad_accum_steps=4)
+    spawn(tmp_path / "ddp", "ddp")
+    spawn(tmp_path / "fsdp", "fsdp")
+    # Sharding changes where the sums are taken (reduce-scatter of shards instead of an all-reduce), not what is
+    # summed: the losses agree to float32 rounding accumulated over 6 steps.
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-5)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(single), abs=1e-5)
+
+    fsdp, ddp = load_checkpoint(tmp_path / "fsdp"), load_checkpoint(tmp_path / "ddp")
+    assert fsdp["parallel"] == "fsdp" and set(fsdp["model"]) == set(ddp["model"])  # whole weights, same names
+    for k, v in ddp["model"].items():
+        torch.testing.assert_close(fsdp["model"][k], v, atol=1e-5, rtol=1e-4)
+    # the export loads in one process as a DDP run's does, with the same weights
+    a, b = load_model(tmp_path / "fsdp"), load_model(tmp_path / "ddp")
+    assert isinstance(a, GPT) and sorted(os.listdir(tmp_path / "fsdp" / "model")) == sorted(
+        os.listdir(tmp_path / "ddp" / "model"))
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-4, msg=k)
+
+    # per rank: parameters + gradients + optimizer state about half of DDP's at 2 ranks
+    sharded = [json.loads((tmp_path / "fsdp" / f"bytes{r}.json").read_text()) for r in range(2)]
+    whole = [json.loads((tmp_path / "ddp" / f"bytes{r}.json").read_text()) for r in range(2)]
+    for s, w in zip(sharded, whole):
+        assert 0.45 < s / w < 0.6, (s, w)
+
+    # FSDP -> FSDP resume: stopped at step 3 (checkpoint 3), resumed from other initial weights, equal bit for bit
+    spawn(tmp_path / "part", "fsdp", stop_at=3)
+    spawn(tmp_path / "part", "fsdp", resume=True)
+    assert losses(tmp_path / "part") == losses(tmp_path / "fsdp")
+    part = load_checkpoint(tmp_path / "part")
+    assert all(torch.equal(v, part["model"][k]) for k, v in fsdp["model"].items())
