@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_train_loop import ListTask, _free_port, cfg_for, losses, make_data, make_model
 
 from gpt2.checkpoint import load_checkpoint, load_model
 from gpt2.model import GPT
 from gpt2.train.loop import Trainer, train
 from gpt2.train.parallel import local_tensor_bytes
-from test_train_loop import ListTask, _free_port, cfg_for, losses, make_data, make_model
 
 pytestmark = pytest.mark.slow
 
