@@ -33,6 +33,14 @@ class TrainConfig:
                                on_resume=ANNOUNCE, minimum=0)
     warmup_steps: int = arg(100, "steps of linear LR warmup", on_resume=ANNOUNCE, minimum=0)
     weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)", minimum=0)
+    optimizer: str = arg("adamw", "adamw for every weight, or muon for the 2-D weights inside the blocks (AdamW "
+                                  "keeps the embeddings, head, biases and LayerNorms; not with --parallel fsdp)",
+                         choices=["adamw", "muon"])
+    muon_lr: float = arg(0.02, "--optimizer muon: peak learning rate of the block matrices (--lr stays AdamW's); "
+                               "on the same warmup and cosine shape", on_resume=ANNOUNCE, minimum=0)
+    muon_weight_decay: float = arg(0.0, "--optimizer muon: decoupled weight decay of the block matrices",
+                                   minimum=0)
+    muon_momentum: float = arg(0.95, "--optimizer muon: momentum (Nesterov) of the block matrices", minimum=0)
     betas: tuple[float, float] = arg((0.9, 0.95), "AdamW betas (two numbers)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = no clipping", on_resume=ANNOUNCE)
     eval_every: int = arg(250, "evaluate and redraw loss.png every N steps (and at the end); 0 = never",

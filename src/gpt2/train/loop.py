@@ -191,7 +191,7 @@ class Trainer:
         # A host copy the writer exports from: made before sharding (the whole model) or at the first save.
         self._shadow: nn.Module | None = copy.deepcopy(model).to("cpu") if self.sharded and dist.is_main else None
         self.forward, self.ddp = self._wrap()  # before the optimizer: sharding replaces the parameters
-        self.optimizer = build_optimizer(model, cfg, self.device)
+        self.optimizer = build_optimizer(model, cfg, self.device, sharded=self.sharded)
         self.state = TrainState()
         run_config = run_config if run_config is not None else cfg
         self.command = command_name(run_config)
