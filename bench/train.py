@@ -21,6 +21,13 @@ scored by the same function on the same tokens (every 8 x 128 window of the val 
 50 steps; the curves and their difference are printed. Target: our final val loss <= the reference's.
 
     python bench/train.py --compare-nanogpt [--steps 300] [--text ../shared/data/tinyshakespeare.txt]
+
+Optimizers (`--compare-muon`): the same data, model and schedule shape; AdamW's LR and Muon's are each swept (the
+best final val loss kept; Muon's AdamW part uses AdamW's best LR); printed: the step at which Muon first reaches
+AdamW's final val loss (goal: within two thirds of the steps) and the ratio of their times per step (goal:
+at most 1.3x).
+
+    python bench/train.py --compare-muon [--steps 300] [--adamw-lrs 1e-3 2e-3 4e-3] [--muon-lrs 0.01 0.02 0.04]
 """
 
 from __future__ import annotations
@@ -158,14 +165,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def compare_nanogpt(text_path: Path, steps: int, workdir: Path) -> None:
+def shakespeare(text_path: Path, workdir: Path, steps: int, eval_every: int):
+    """(train tokens, val tokens, the tiny pretraining config on them): tinyshakespeare split as nanoGPT splits
+    it, 4 layers x 128 wide, context 128, 1,024 tokens per step, warmup 30 then cosine to lr / 10."""
     from dataclasses import replace
 
-    from gpt2.data.loader import ShardLoader
     from gpt2.data.shards import shard_name, write_shard
-    from gpt2.evaluate import val_loss
     from gpt2.tokenizer import encode
-    from gpt2.train.pretrain import PRETRAIN_PRESETS, run
+    from gpt2.train.pretrain import PRETRAIN_PRESETS
 
     if not text_path.is_file():
         raise SystemExit(f"bench/train.py: --text {text_path}: no such file")
@@ -176,10 +183,64 @@ def compare_nanogpt(text_path: Path, steps: int, workdir: Path) -> None:
     data.mkdir()
     write_shard(data / shard_name("shakespeare", "train", 1), train_tokens)
     write_shard(data / shard_name("shakespeare", "val", 0), val_tokens)
-    eval_every = 50
     cfg = replace(PRETRAIN_PRESETS["tiny"], data=str(data), out=str(workdir / "ours"), device="cpu", dtype="float32",
                   micro_batch=8, seq_len=128, global_batch=8 * 128, max_steps=steps, warmup_steps=30, lr=2e-3,
                   min_lr=2e-4, eval_every=eval_every, save_every=0, val_tokens=len(val_tokens), progress=False)
+    return train_tokens, val_tokens, cfg
+
+
+def run_curve(cfg) -> tuple[dict[int, float], float]:
+    """`gpt2 pretrain` on cfg: (val loss by step, median seconds per step)."""
+    from gpt2.train.pretrain import run
+
+    run(cfg)
+    lines = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    curve = {r["step"]: r["val_loss"] for r in lines if r["kind"] == "eval"}
+    step_s = statistics.median(cfg.global_batch / r["tokens_per_s"] for r in lines if r["kind"] == "train")
+    return curve, step_s
+
+
+def compare_muon(text_path: Path, steps: int, workdir: Path, adamw_lrs: list[float], muon_lrs: list[float]) -> None:
+    """Muon against AdamW on tinyshakespeare: each optimizer's LR from a small sweep (best final val loss), then
+    the first evaluated step at which Muon reaches AdamW's final val loss, and their times per step."""
+    from dataclasses import replace
+
+    _, _, base = shakespeare(text_path, workdir, steps, eval_every=10)
+    print(f"bench/train.py --compare-muon: CPU {cpu_name()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; tinyshakespeare, {base.n_layer} layers x {base.n_embd} wide, context "
+          f"{base.seq_len}, {base.global_batch:,} tokens/step, {steps} steps, val loss every 10 steps", flush=True)
+    runs = {}
+    for lr in adamw_lrs:
+        runs[("adamw", lr)] = run_curve(replace(base, out=str(workdir / f"adamw-{lr}"), lr=lr, min_lr=lr / 10))
+        print(f"  adamw lr {lr:g}: final val loss {runs[('adamw', lr)][0][steps]:.4f}", flush=True)
+    best_adamw = min(adamw_lrs, key=lambda lr: runs[("adamw", lr)][0][steps])
+    for mlr in muon_lrs:  # AdamW keeps the embeddings, head, biases and LayerNorms at its best LR
+        cfg = replace(base, out=str(workdir / f"muon-{mlr}"), optimizer="muon", muon_lr=mlr, lr=best_adamw,
+                      min_lr=best_adamw / 10)
+        runs[("muon", mlr)] = run_curve(cfg)
+        print(f"  muon lr {mlr:g} (adamw lr {best_adamw:g}): final val loss {runs[('muon', mlr)][0][steps]:.4f}",
+              flush=True)
+    best_muon = min(muon_lrs, key=lambda lr: runs[("muon", lr)][0][steps])
+    (a_curve, a_step), (m_curve, m_step) = runs[("adamw", best_adamw)], runs[("muon", best_muon)]
+    target = a_curve[steps]
+    reached = next((s for s in sorted(m_curve) if s > 0 and m_curve[s] <= target), None)
+    print(f"{'step':>6} {'adamw':>8} {'muon':>8}")
+    for s in sorted(a_curve):
+        if s % 50 == 0:
+            print(f"{s:>6} {a_curve[s]:>8.4f} {m_curve[s]:>8.4f}")
+    where = f"at step {reached}" if reached else f"not within {steps} steps"
+    print(f"AdamW (lr {best_adamw:g}) final val loss {target:.4f}; Muon (lr {best_muon:g}) reaches it {where} "
+          f"(goal: <= {2 * steps // 3}); time per step Muon / AdamW {m_step / a_step:.2f}x (goal: <= 1.3x)")
+
+
+def compare_nanogpt(text_path: Path, steps: int, workdir: Path) -> None:
+    from gpt2.data.loader import ShardLoader
+    from gpt2.evaluate import val_loss
+    from gpt2.train.pretrain import run
+
+    eval_every = 50
+    train_tokens, val_tokens, cfg = shakespeare(text_path, workdir, steps, eval_every)
+    data = Path(cfg.data)
 
     def score(model) -> float:  # every window of the val split, in order: what `gpt2 pretrain` evaluates too
         loader = ShardLoader(data, "val", cfg.micro_batch, cfg.seq_len)
@@ -245,6 +306,12 @@ def main() -> None:
                    help="torch.compile our training forward (default: on for CUDA, off on CPU)")
     p.add_argument("--compare-nanogpt", action="store_true", help="val-loss curves of gpt2 pretrain vs a "
                    "nanoGPT-style random-window trainer on tinyshakespeare, same model/optimizer/steps")
+    p.add_argument("--compare-muon", action="store_true", help="val-loss curves of --optimizer muon vs adamw on "
+                   "tinyshakespeare, each with its LR swept: the step at which Muon reaches AdamW's final loss")
+    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3], help="--compare-muon: "
+                   "AdamW's peak LRs to sweep")
+    p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04], help="--compare-muon: Muon's "
+                   "peak LRs to sweep")
     p.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data" /
                    "tinyshakespeare.txt", help="corpus for --compare-nanogpt (default: "
                    "../shared/data/tinyshakespeare.txt)")
@@ -254,6 +321,10 @@ def main() -> None:
     if args.compare_nanogpt:
         with tempfile.TemporaryDirectory() as tmp:
             compare_nanogpt(args.text, args.steps or 300, Path(tmp))
+        return
+    if args.compare_muon:
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_muon(args.text, args.steps or 300, Path(tmp), args.adamw_lrs, args.muon_lrs)
         return
     from gpt2.train.pretrain import PRETRAIN_PRESETS
 
