@@ -36,9 +36,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from gpt2.data.batching import pad_right
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
+from gpt2.tokenizer import encode
+from gpt2.train.loop import autocast_context
+from gpt2.train.losses import gpt_loss_chunked
 
 IGNORE_INDEX = -100
 HELLASWAG_URLS = {
@@ -61,8 +66,6 @@ def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     """Mean cross-entropy of a batch without materialising its full logits: the chunked loss of
     `gpt2.train.losses` for a GPT (row chunks sized for the device: cache-sized on CPU, larger matmuls on a
     GPU), `model.loss` for any other model."""
-    from gpt2.train.losses import gpt_loss_chunked
-
     if not hasattr(model, "hidden_states"):
         return model.loss(x, y)
     return gpt_loss_chunked(model, x, y, chunk=128 if x.device.type == "cpu" else 4096)
@@ -76,8 +79,6 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     `device` defaults to the model's; batches are moved there. `autocast_dtype` (e.g. torch.bfloat16)
     runs the forward under autocast; the loss itself is always computed in float32.
     """
-    from gpt2.train.loop import autocast_context
-
     core = unwrap(model)
     device = torch.device(device) if device is not None else next(core.parameters()).device
     was_training = core.training
@@ -171,8 +172,6 @@ def load_hellaswag(source: str | os.PathLike | None = None, split: str = "val",
 def render_example(example: dict, block_size: int | None = None) -> tuple[list[list[int]], list[int]]:
     """The 4 candidate rows of one example as token lists (context + " " + ending) and the number of
     ending tokens at the end of each row. Rows longer than `block_size` lose tokens from the left."""
-    from gpt2.tokenizer import encode
-
     ctx = encode(example["ctx"])
     rows, n_end = [], []
     for ending in example["endings"]:
@@ -193,9 +192,6 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     Rows are right-padded into one batch; pads sit after every real token, so with causal attention they
     change nothing before them, and the mask keeps them out of the sums.
     """
-    from gpt2.data.batching import pad_right
-    from gpt2.train.loop import autocast_context
-
     device = device or next(model.parameters()).device
     ids, valid = pad_right(list(rows))  # (R, T) each
     lengths = valid.sum(1)  # (R,)
@@ -221,8 +217,6 @@ def hellaswag_eval(model: nn.Module, examples: Sequence[dict], device: torch.dev
     `batch_size` examples (4 rows each) go through the model per forward pass. With `world_size` > 1 and
     torch.distributed initialised, each rank scores its share and the counts are summed over ranks.
     """
-    from tqdm.auto import tqdm
-
     core = unwrap(model)
     device = torch.device(device) if device is not None else next(core.parameters()).device
     mine = list(examples)[rank::world_size]

@@ -39,6 +39,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from gpt2.data.batching import Example
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
@@ -184,8 +186,6 @@ def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def encode_records(records: Iterable[Any]) -> tuple[list[Example], int, Counter, dict[str, list[int]]]:
     """Validate and tokenize a stream of records: (examples, records read, malformed counts by reason,
     the first few malformed record indices per reason)."""
-    from tqdm import tqdm
-
     examples: list[Example] = []
     malformed: Counter = Counter()
     where: dict[str, list[int]] = {}

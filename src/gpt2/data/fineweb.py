@@ -22,6 +22,7 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 from gpt2.data.shards import SPLITS, list_shards, read_header, read_shard, shard_name, write_shard
 from gpt2.errors import UserError
 from gpt2.io import write_json_atomic
+from gpt2.tokenizer import EOT, encode, get_encoding
 
 DATASETS = {  # --dataset -> (hub id, config, shard file prefix)
     "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT", "fineweb"),
@@ -43,8 +45,6 @@ PROGRESS_VERSION = 1
 
 def tokenize_document(text: str) -> np.ndarray:
     """`<|endoftext|>` + the document's GPT-2 tokens, as uint16 (runs in the pool's workers)."""
-    from gpt2.tokenizer import EOT, encode
-
     ids = encode(text)
     out = np.empty(len(ids) + 1, dtype=np.uint16)
     out[0] = EOT
@@ -54,8 +54,6 @@ def tokenize_document(text: str) -> np.ndarray:
 
 def _warm_tokenizer() -> None:
     """Pool initializer: load the BPE files once per worker, before the first chunk arrives."""
-    from gpt2.tokenizer import get_encoding
-
     get_encoding()
 
 
@@ -74,7 +72,6 @@ def tokenize_all(texts: Iterable[str], workers: int, chunksize: int = 16) -> Ite
     if workers <= 1:
         yield from map(tokenize_document, texts)
         return
-    import multiprocessing as mp
 
     with mp.Pool(workers, initializer=_warm_tokenizer) as pool:  # leaving the block terminates the workers
         yield from pool.imap(tokenize_document, texts, chunksize=chunksize)

@@ -25,7 +25,12 @@ import torch
 import torch.nn as nn
 
 from gpt2.data.batching import Example, LengthGroupedBatcher, collate, num_targets
+from gpt2.distributed import all_reduce_sum
 from gpt2.errors import UserError
+from gpt2.evaluate import val_loss
+from gpt2.inference import generate, tokenize_batch_input
+from gpt2.template import format_prompt
+from gpt2.tokenizer import decode_bytes
 from gpt2.train.losses import gpt_loss_chunked
 
 # ---------------------------------------------------------------- the task
@@ -65,8 +70,6 @@ class FinetuneTask:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.has_val:
             return {}
-        from gpt2.distributed import all_reduce_sum
-        from gpt2.evaluate import val_loss
 
         device = next(model.parameters()).device
         count = sum(int((y != -100).sum()) for _, y in self.val_batches)
@@ -88,10 +91,6 @@ def answer_prompts(model: nn.Module, prompts: list[str], max_tokens: int, temper
                    seed: int = 0) -> list[dict]:
     """Answers of `model` to each question (formatted with the one template): [{"answer", "stopped"}], where
     "stopped" says the answer ended with <|endoftext|> rather than at the token limit."""
-    from gpt2.inference import generate, tokenize_batch_input
-    from gpt2.template import format_prompt
-    from gpt2.tokenizer import decode_bytes
-
     if not prompts:
         return []
     ids, mask = tokenize_batch_input([format_prompt(p) for p in prompts])

@@ -18,9 +18,11 @@ from typing import Protocol
 
 import torch
 
-from gpt2.data.shards import checked_batch
+from gpt2.data.loader import ShardLoader
+from gpt2.data.shards import checked_batch, list_shards
 from gpt2.distributed import DistInfo, all_reduce_mean
 from gpt2.errors import UserError
+from gpt2.evaluate import hellaswag_eval, load_hellaswag, val_loss
 from gpt2.model import GPT
 from gpt2.train.losses import gpt_loss_chunked
 
@@ -59,9 +61,6 @@ class PretrainTask:
     budget of val tokens, optionally HellaSwag."""
 
     def __init__(self, cfg: PretrainSettings, dist: DistInfo):
-        from gpt2.data.loader import ShardLoader
-        from gpt2.data.shards import list_shards
-
         self.cfg, self.dist = cfg, dist
         self.fused_loss = cfg.fused_loss if cfg.fused_loss is not None else dist.device.type == "cpu"
         self.loader = ShardLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size,
@@ -71,8 +70,6 @@ class PretrainTask:
             print(f"note: {cfg.data} has no val shards; no validation loss will be measured", flush=True)
         self.hellaswag = None
         if cfg.hellaswag:
-            from gpt2.evaluate import load_hellaswag
-
             self.hellaswag = load_hellaswag(cfg.hellaswag_source, "val", limit=cfg.hellaswag_limit)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +80,6 @@ class PretrainTask:
         return (gpt_loss_chunked(model, x, y) if self.fused_loss else model.loss(x, y)), {}
 
     def evaluate(self, model: GPT) -> dict[str, float]:
-        from gpt2.evaluate import hellaswag_eval, val_loss
-
         results = {}
         if self.has_val:
             results["val_loss"] = self._val_loss(model, val_loss)
@@ -100,8 +95,6 @@ class PretrainTask:
         Its batch is --micro-batch rows, or as many as the val split holds per rank when that is fewer (a
         small val split, such as tinyshakespeare's 33 windows of 1024 at micro batch 64, is then still
         measured instead of stopping the run at its first evaluation)."""
-        from gpt2.data.loader import ShardLoader
-
         cfg, dist = self.cfg, self.dist
         probe = ShardLoader(cfg.data, "val", 1, cfg.seq_len, dist.rank, dist.world_size)  # raises if < 1 window
         rows = min(cfg.micro_batch, probe.num_windows // dist.world_size)
