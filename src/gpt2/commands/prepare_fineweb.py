@@ -53,7 +53,6 @@ class PrepareFinewebConfig:
         check_values(self)  # --workers, --max-docs, --max-tokens: their `minimum`
 
 
-
 def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
     """Prepare (or resume preparing) the shards; returns a summary {shards, docs, tokens, out}."""
     cfg.validate()
