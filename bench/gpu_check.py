@@ -173,7 +173,7 @@ def prepare_shards(args, work: Path) -> Path:
 def pretrain_config(args, work: Path, out: str, **kw):
     """`gpt2 pretrain`'s config: the 124M preset (tiny on the dry run) on the shakespeare shards, no eval and no
     checkpoint unless asked for."""
-    from gpt2.train.pretrain import PRETRAIN_PRESETS
+    from gpt2.commands.pretrain import PRETRAIN_PRESETS
 
     base = PRETRAIN_PRESETS["tiny" if args.dry_run else "gpt2-124m"]
     s = sizes(args)
@@ -438,8 +438,8 @@ def sec_matmul(args, work: Path) -> dict:
 def sec_speed(args, work: Path, micro_key: int, compiled: bool) -> dict:
     """Tokens/s, MFU and peak memory of the real loop (`gpt2 pretrain`, accumulation 1, bf16, fused AdamW)."""
     torch = _torch()
+    from gpt2.commands.pretrain import run
     from gpt2.model import GPT
-    from gpt2.train.pretrain import run
 
     s = sizes(args)
     cfg = speed_config(args, work, micro_key, compiled)
@@ -513,7 +513,7 @@ def sec_bare(args, work: Path) -> dict:
 
 def sec_curve(args, work: Path) -> dict:
     """124M on tinyshakespeare: train and val loss fall far below ln(vocab); see the module docstring."""
-    from gpt2.train.pretrain import run
+    from gpt2.commands.pretrain import run
 
     s = sizes(args)
     cfg = curve_config(args, work)
@@ -555,7 +555,7 @@ def sec_resume(args, work: Path) -> dict:
     import warnings
 
     torch = _torch()
-    from gpt2.train.pretrain import run
+    from gpt2.commands.pretrain import run
 
     torch.use_deterministic_algorithms(True, warn_only=True)  # CUBLAS_WORKSPACE_CONFIG is set by the parent
     straight, again, part = resume_configs(args, work)

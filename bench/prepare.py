@@ -27,7 +27,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
 sys.path.insert(0, str(REPO / "src"))
 
-from gpt2.data import fineweb  # noqa: E402
+from gpt2.commands.prepare_fineweb import PrepareFinewebConfig, run  # noqa: E402
 from gpt2.data.loader import ShardLoader  # noqa: E402
 from gpt2.tokenizer import get_encoding  # noqa: E402
 
@@ -57,10 +57,10 @@ def bench_tokenize(docs: list[str], workers: int, tmp: Path) -> tuple[float, dic
         t0 = time.perf_counter()
         base_tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=threads))
         base[threads] = base_tokens / (time.perf_counter() - t0)
-    cfg = fineweb.PrepareFinewebConfig(source=str(src), out=str(tmp / "shards"), shard_tokens=10_000_000,
-                                       val_tokens=0, workers=workers)
+    cfg = PrepareFinewebConfig(source=str(src), out=str(tmp / "shards"), shard_tokens=10_000_000,
+                               val_tokens=0, workers=workers)
     t0 = time.perf_counter()
-    summary = fineweb.run(cfg)
+    summary = run(cfg)
     pipe_s = time.perf_counter() - t0
     assert summary["tokens"] == base_tokens + len(docs), "pipeline and baseline disagree on the token count"
     return summary["tokens"] / pipe_s, base, summary["tokens"]

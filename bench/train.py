@@ -1,7 +1,7 @@
 """Training throughput: `gpt2 pretrain`'s step against a plain fp32 nanoGPT-style step, same run.
 
 CPU (default): the tiny preset (4 layers, 128 wide, GPT-2 vocabulary) at micro batch 8 x 128 tokens, no
-accumulation. "ours" is the real trainer: `gpt2.train.pretrain.run` on a temporary shard of random tokens
+accumulation. "ours" is the real trainer: `gpt2.commands.pretrain.run` on a temporary shard of random tokens
 (ShardLoader -> loop -> chunked fused lm_head+CE loss -> fused AdamW), its tokens/s read from the run's
 metrics.jsonl. "baseline" is nanoGPT's model and training step written out below: fp32, full logits +
 F.cross_entropy, AdamW as nanoGPT configures it off-GPU (no fused kernel). Both start from the same random
@@ -170,9 +170,9 @@ def shakespeare(text_path: Path, workdir: Path, steps: int, eval_every: int):
     it, 4 layers x 128 wide, context 128, 1,024 tokens per step, warmup 30 then cosine to lr / 10."""
     from dataclasses import replace
 
+    from gpt2.commands.pretrain import PRETRAIN_PRESETS
     from gpt2.data.shards import shard_name, write_shard
     from gpt2.tokenizer import encode
-    from gpt2.train.pretrain import PRETRAIN_PRESETS
 
     if not text_path.is_file():
         raise SystemExit(f"bench/train.py: --text {text_path}: no such file")
@@ -191,7 +191,7 @@ def shakespeare(text_path: Path, workdir: Path, steps: int, eval_every: int):
 
 def run_curve(cfg) -> tuple[dict[int, float], float]:
     """`gpt2 pretrain` on cfg: (val loss by step, median seconds per step)."""
-    from gpt2.train.pretrain import run
+    from gpt2.commands.pretrain import run
 
     run(cfg)
     lines = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
@@ -234,9 +234,9 @@ def compare_muon(text_path: Path, steps: int, workdir: Path, adamw_lrs: list[flo
 
 
 def compare_nanogpt(text_path: Path, steps: int, workdir: Path) -> None:
+    from gpt2.commands.pretrain import run
     from gpt2.data.loader import ShardLoader
     from gpt2.evaluate import val_loss
-    from gpt2.train.pretrain import run
 
     eval_every = 50
     train_tokens, val_tokens, cfg = shakespeare(text_path, workdir, steps, eval_every)
@@ -275,7 +275,7 @@ def ours(cfg, steps: int, workdir: Path, tag: str) -> list[dict]:
     and, on CUDA, compilation)."""
     from dataclasses import replace
 
-    from gpt2.train.pretrain import run
+    from gpt2.commands.pretrain import run
 
     out = workdir / f"run-{tag}"
     run(replace(cfg, out=str(out), max_steps=steps + 1, eval_every=0, save_every=0, progress=False))
@@ -326,7 +326,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             compare_muon(args.text, args.steps or 300, Path(tmp), args.adamw_lrs, args.muon_lrs)
         return
-    from gpt2.train.pretrain import PRETRAIN_PRESETS
+    from gpt2.commands.pretrain import PRETRAIN_PRESETS
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():

@@ -5,14 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2.commands.prepare_alpaca import PrepareAlpacaConfig, prepare
 from gpt2.data.alpaca import (
-    PrepareAlpacaConfig,
     check_record,
     encode_example,
     fit_examples,
     fit_length,
     load_split,
-    prepare,
     read_manifest,
     split_indices,
 )

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import REPO, SHARED_DATA
 
-from gpt2.train.finetune import PRESETS
+from gpt2.commands.finetune import PRESETS
 
 
 def test_the_demo_has_no_wall_clock_cap():

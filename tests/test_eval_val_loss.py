@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gpt2.cli import main
+from gpt2.commands.eval import ValLossConfig, run_val_loss
 from gpt2.data.shards import write_shard
-from gpt2.evaluate import ValLossConfig, run_val_loss
 from gpt2.model import GPT, GPTConfig
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import gpt2.data.fineweb as fineweb
 from gpt2.cli import main
+from gpt2.commands.prepare_fineweb import PrepareFinewebConfig, run
 from gpt2.data.loader import ShardLoader
 from gpt2.data.shards import list_shards, read_shard
 from gpt2.errors import UserError
@@ -47,9 +48,9 @@ def source(tmp_path, docs):
 
 
 def prepare(source, out, **kw):
-    cfg = fineweb.PrepareFinewebConfig(source=str(source), out=str(out), shard_tokens=SHARD, val_tokens=VAL,
-                                       workers=1, **kw)
-    return fineweb.run(cfg)
+    cfg = PrepareFinewebConfig(source=str(source), out=str(out), shard_tokens=SHARD, val_tokens=VAL,
+                               workers=1, **kw)
+    return run(cfg)
 
 
 def stream(out) -> np.ndarray:
@@ -84,9 +85,9 @@ def test_round_trip_exact(source, docs, tmp_path):
 
 def test_workers_do_not_change_output(source, tmp_path):
     prepare(source, tmp_path / "one")
-    cfg = fineweb.PrepareFinewebConfig(source=str(source), out=str(tmp_path / "two"), shard_tokens=SHARD,
-                                       val_tokens=VAL, workers=2)
-    fineweb.run(cfg)
+    cfg = PrepareFinewebConfig(source=str(source), out=str(tmp_path / "two"), shard_tokens=SHARD,
+                               val_tokens=VAL, workers=2)
+    run(cfg)
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
 
 
@@ -153,8 +154,8 @@ def test_bad_resumes_fail_clearly(source, tmp_path):
     out = tmp_path / "out"
     prepare(source, out, max_docs=30)
     with pytest.raises(UserError, match="other settings .shard_tokens differ"):
-        fineweb.run(fineweb.PrepareFinewebConfig(source=str(source), out=str(out), shard_tokens=SHARD + 1,
-                                                 val_tokens=VAL, workers=1))
+        run(PrepareFinewebConfig(source=str(source), out=str(out), shard_tokens=SHARD + 1,
+                                 val_tokens=VAL, workers=1))
     shard = list_shards(out, "train")[0]
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(UserError, match=f"{shard.name}: truncated shard"):
@@ -169,8 +170,8 @@ def test_missing_text_field(tokenizer_ok, tmp_path):
     with pytest.raises(UserError, match=r"d.jsonl: record 1 has no 'text' field \(fields: body\)"):
         prepare(tmp_path / "d.jsonl", tmp_path / "out")
     (tmp_path / "b.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n', encoding="utf-8")
-    s = fineweb.run(fineweb.PrepareFinewebConfig(source=str(tmp_path / "b.jsonl"), out=str(tmp_path / "o2"),
-                                                 text_field="body", val_tokens=0, workers=1))
+    s = run(PrepareFinewebConfig(source=str(tmp_path / "b.jsonl"), out=str(tmp_path / "o2"),
+                                 text_field="body", val_tokens=0, workers=1))
     assert decode_bytes(stream(tmp_path / "o2").tolist()) == b"<|endoftext|>a<|endoftext|>b"
     assert s["docs"] == 2 and s["shards"] == ["fineweb_train_000001.bin"]
 
@@ -201,9 +202,9 @@ def test_hub_path_streams_the_sample(docs, tmp_path, monkeypatch, dataset, hub_i
         return ({"text": d, "id": f"<urn:{i}>", "dump": "CC-MAIN"} for i, d in enumerate(docs))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    cfg = fineweb.PrepareFinewebConfig(dataset=dataset, out=str(tmp_path / "hub"), shard_tokens=SHARD,
-                                       val_tokens=VAL, workers=1, max_docs=30)
-    summary = fineweb.run(cfg)
+    cfg = PrepareFinewebConfig(dataset=dataset, out=str(tmp_path / "hub"), shard_tokens=SHARD,
+                               val_tokens=VAL, workers=1, max_docs=30)
+    summary = run(cfg)
     assert calls == [(hub_id, "sample-10BT", "train", True)]
     assert summary["shards"][0] == f"{prefix}_val_000000.bin"
     assert decode_bytes(stream(tmp_path / "hub").tolist()) == expected_text(docs[:30])

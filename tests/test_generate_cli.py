@@ -49,8 +49,8 @@ def test_errors_are_one_line(tokenizer_ok, model_dir, tmp_path, capsys):
 
 def made_decoders(monkeypatch) -> list:
     """The decoders `gpt2 generate` makes, for a test to look at after the command."""
+    import gpt2.commands.generate as command
     import gpt2.decode
-    import gpt2.generate
 
     made = []
     real = gpt2.decode.decoder_for
@@ -59,7 +59,7 @@ def made_decoders(monkeypatch) -> list:
         made.append(real(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(gpt2.decode, "decoder_for", spy)
+    monkeypatch.setattr(command, "decoder_for", spy)
     return made
 
 

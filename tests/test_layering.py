@@ -1,9 +1,13 @@
 """The package's layering, read statically from its imports: the library never imports the CLI or a command
-module, its import graph has no cycle, and importing the library's main modules loads no command."""
+module, a command module imports no other, the import graph has no cycle, importing the library's main modules
+loads no command, and an import inside a function says why it is not at its module's top. Also: every command
+module is in the CLI's table and defines its commands' configs and runs itself."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +54,13 @@ def test_the_library_never_imports_the_cli_or_a_command():
     assert offenders == []
 
 
+def test_a_command_module_imports_no_other():
+    offenders = sorted(f"{m} imports {', '.join(sorted(d for d in deps if d.startswith('gpt2.commands.')))}"
+                       for m, deps in graph(top_level_only=False).items()
+                       if m.startswith("gpt2.commands.") and any(d.startswith("gpt2.commands.") for d in deps))
+    assert offenders == []
+
+
 def test_the_import_graph_has_no_cycle():
     g = graph(top_level_only=True)
     # a package imports its own submodules in its __init__: that edge is not a cycle of the layering
@@ -77,3 +88,80 @@ def test_importing_the_library_loads_no_command_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(PKG.parent)}).stdout
     assert out.strip() == "[]"
+
+
+# Modules a function may import where it needs them without a comment: optional, or slow to import where most
+# users of the importing module never need them.
+HEAVY = {
+    "matplotlib": "about 0.4 s to import; only drawing a graph needs it",
+    "datasets": "about a second to import; only streaming from the hub needs it",
+    "pyarrow": "only reading .parquet files needs it",
+    "huggingface_hub": "not a declared dependency; only a hub name needs it",
+    "transformers": "a dev dependency, seconds to import",
+    "onnx": "bench only",
+    "onnxruntime": "bench only",
+    "uvicorn": "the web stack: only `gpt2 serve` needs it",
+    "fastapi": "the web stack: only `gpt2 serve` needs it",
+    "torch._inductor": "a second to import; only compiling or loading compiled pieces needs it",
+}
+
+
+def function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) of every import inside a function or class body of `path`."""
+    found = []
+
+    def visit(node: ast.AST, nested: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if nested and isinstance(child, ast.Import):
+                found.extend((child.lineno, a.name) for a in child.names)
+            elif nested and isinstance(child, ast.ImportFrom):
+                found.append((child.lineno, "." * child.level + (child.module or "")))
+            visit(child, nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))
+
+    visit(ast.parse(path.read_text()), False)
+    return found
+
+
+def has_reason(lines: list[str], import_lines: set[int], lineno: int) -> bool:
+    """A `#` comment on the import's line, or on the line above its block of imports (blank lines between
+    the block's imports allowed)."""
+    if "#" in lines[lineno - 1]:
+        return True
+    above = lineno - 1
+    while above >= 1 and (above in import_lines or not lines[above - 1].strip()):
+        above -= 1
+    return above >= 1 and lines[above - 1].strip().startswith("#")
+
+
+def test_function_level_imports_say_why():
+    unexplained = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        lines = path.read_text().splitlines()
+        nodes = [n for n in ast.walk(ast.parse("\n".join(lines))) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        import_lines = {i for n in nodes for i in range(n.lineno, n.end_lineno + 1)}
+        for lineno, module in function_level_imports(path):
+            if any(module == h or module.startswith(h + ".") for h in HEAVY):
+                continue
+            if not has_reason(lines, import_lines, lineno):
+                unexplained.append(f"src/gpt2/{rel}:{lineno}: {lines[lineno - 1].strip()}")
+    assert unexplained == [], ("move these imports to the module's top, or say on the line (or the line above) "
+                               "why they stay in the function")
+
+
+def test_every_command_module_is_in_the_table_and_defines_its_configs_and_runs():
+    """Configs live with their commands: each command's config class and run function are defined in its
+    command module (a config may subclass a shared base of the library, such as `TrainConfig`)."""
+    from gpt2.cli import COMMAND_MODULES
+
+    assert sorted(COMMAND_MODULES) == sorted(p.stem for p in (PKG / "commands").glob("*.py") if p.stem != "__init__")
+    misplaced = []
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"gpt2.commands.{name}")
+        commands = getattr(module, "COMMANDS", None) or [module.COMMAND]
+        for cmd in commands:
+            assert dataclasses.is_dataclass(cmd.config), f"gpt2 {cmd.name}: its config is not a dataclass"
+            for what, obj in (("config", cmd.config), ("run", cmd.run)):
+                if obj.__module__ != module.__name__:
+                    misplaced.append(f"gpt2 {cmd.name}: {what} {obj.__qualname__} is defined in {obj.__module__}")
+    assert misplaced == []

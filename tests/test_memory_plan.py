@@ -124,3 +124,20 @@ def test_out_of_memory_inside_a_step_is_one_line_and_keeps_the_checkpoint(tmp_pa
     with pytest.raises(UserError, match=r"out of memory on cpu at step 4; .*checkpoint.pt holds step 2\. Lower"):
         loop.train(make_model(), ListTask(make_data()), cfg_for(tmp_path, save_every=2))
     assert load_checkpoint(tmp_path)["step"] == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_the_pretraining_presets_fit_an_80gb_card_on_8_gpus(name):
+    """Each GPU preset validates, its batch divides over 8 processes, and its micro batch fits 80 GB under DDP in
+    bf16 by the plan (the presets' own promise)."""
+    from gpt2.commands.pretrain import PRETRAIN_PRESETS
+    from gpt2.train.pretrain import grad_accum_steps
+
+    cfg = PRETRAIN_PRESETS[name]
+    cfg.validate()
+    assert grad_accum_steps(cfg.global_batch, cfg.micro_batch, cfg.seq_len, 8) >= 1
+    with torch.device("meta"):
+        model = GPT(cfg.model_config())
+    plan = plan_memory(model, cfg.micro_batch, cfg.seq_len, torch.bfloat16, False)
+    assert plan.total < 80 * GB - 0.5 * GB
+    assert cfg.warmup_steps * cfg.global_batch == pytest.approx(375e6, rel=0.01)  # GPT-3's 375M warmup tokens

@@ -109,8 +109,8 @@ def test_real_hh_pairs_split_cleanly(shared_data, tokenizer_ok):
 def test_prepare_streams_the_hub_dataset_without_source(tmp_path, monkeypatch, tokenizer_ok):
     """With no --source, records come from `iter_records(None, "Anthropic/hh-rlhf", None, split)` (the
     hub path users take online), stubbed here; a malformed record is counted, not fatal."""
-    import gpt2.data.sources as sources
-    from gpt2.data.preferences import PrepareHHConfig, prepare
+    from gpt2.commands import prepare_hh
+    from gpt2.commands.prepare_hh import PrepareHHConfig, prepare
 
     calls = []
 
@@ -119,7 +119,7 @@ def test_prepare_streams_the_hub_dataset_without_source(tmp_path, monkeypatch, t
         yield {"chosen": CHOSEN, "rejected": REJECTED}
         yield {"chosen": CHOSEN, "rejected": CHOSEN}
 
-    monkeypatch.setattr(sources, "iter_records", fake_iter_records)
+    monkeypatch.setattr(prepare_hh, "iter_records", fake_iter_records)
     meta = prepare(PrepareHHConfig(out=str(tmp_path), split="test", val_fraction=0.0))
     assert calls == [(None, "Anthropic/hh-rlhf", None, "test")]
     assert meta["train"] == 1 and meta["val"] == 0 and meta["identical_answers"] == 1

@@ -13,11 +13,12 @@ from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch threa
 
 from gpt2.checkpoint import load_checkpoint, load_model
 from gpt2.cli import main
+from gpt2.commands.pretrain import PRETRAIN_PRESETS, PretrainConfig
 from gpt2.data.shards import write_shard
 from gpt2.errors import UserError
 from gpt2.model import PRESETS, GPTConfig
 from gpt2.train.loop import TrainConfig
-from gpt2.train.pretrain import PRETRAIN_PRESETS, PretrainConfig, grad_accum_steps
+from gpt2.train.pretrain import grad_accum_steps
 
 VOCAB = 256
 

@@ -117,7 +117,7 @@ def test_resume_without_a_checkpoint_starts_a_new_run(token_shards, tmp_path, ca
 def test_the_loop_itself_refuses_a_changed_seed(token_shards, tmp_path):
     """Through the API (no CLI): the checkpoint's own copy of the settings is checked too (by the loop, or
     first by the shuffled loader, whose saved order depends on the seed: either names the new seed)."""
-    from gpt2.train.pretrain import PRETRAIN_PRESETS, run
+    from gpt2.commands.pretrain import PRETRAIN_PRESETS, run
 
     start(token_shards, tmp_path / "run", "--stop-at-step", "2")
     saved = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -279,7 +279,7 @@ def test_unexpected_error_is_logged_and_a_user_error_keeps_its_message(server, m
 
 
 def test_serve_fails_fast_without_a_tokenizer(monkeypatch, tmp_path):
-    from gpt2.serve import server as serve_module
+    from gpt2.commands import serve as serve_module
 
     def offline():
         raise UserError("cannot load the GPT-2 tokenizer: set TIKTOKEN_CACHE_DIR")
@@ -431,7 +431,7 @@ def test_a_model_this_server_does_not_serve_is_404(model):
 
 
 def test_serve_aliases_are_the_model_as_given_and_its_folder():
-    from gpt2.serve.server import ServeConfig, model_aliases
+    from gpt2.commands.serve import ServeConfig, model_aliases
 
     assert model_aliases(ServeConfig(model="runs/sft/")) == ("runs/sft", "sft")
     assert model_aliases(ServeConfig(model="gpt2")) == ("gpt2", "gpt2")  # create_app drops repeats

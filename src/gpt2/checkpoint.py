@@ -23,8 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2.distributed import pick_device
 from gpt2.errors import UserError
 from gpt2.io import load_torch, save_torch
+from gpt2.model import GPT, GPTConfig
+from gpt2.tokenizer import VOCAB_SIZE
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_DIR = "model"
@@ -80,9 +83,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     takes it) and its weights cast to `dtype` when given. The one model loader of every command.
     reads_text: the flag that named the model, when it will read text through the GPT-2 tokenizer: a model
     with a smaller vocabulary is refused in one line (`check_vocab`) rather than failing in its embedding."""
-    from gpt2.distributed import pick_device
-    from gpt2.model import GPT, GPTConfig
-
     p = Path(path)
     if p.is_dir() and (p / MODEL_DIR / "config.json").is_file():
         model = GPT.from_pretrained(p / MODEL_DIR)
@@ -98,8 +98,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     else:
         model = GPT.from_pretrained(path)
     if reads_text is not None:
-        from gpt2.tokenizer import VOCAB_SIZE
-
         check_vocab(model, VOCAB_SIZE, f"{reads_text} {path}", "the GPT-2 tokenizer")
     if isinstance(device, str):
         device = pick_device(device)

@@ -1,6 +1,6 @@
 """`gpt2 <command>`: one explicit table of commands, built into an argparse tree.
 
-Each command is a thin module of `gpt2.commands` whose `COMMAND` (or, for a group such as `gpt2 cache`,
+Each command is a module of `gpt2.commands` whose `COMMAND` (or, for a group such as `gpt2 cache`,
 `COMMANDS`) gives its name (one or two words, e.g. "prepare fineweb"), a help line, the dataclass config whose
 fields become flags, optional named presets, and the function that takes the filled-in config. This file is the
 only place that lists them; the library never imports it or them.

@@ -4,6 +4,8 @@ Library code raises `UserError` with a one-line message naming the file or argum
 `gpt2: error: ...` and exits with status 2 instead of showing a traceback from deep inside.
 """
 
+import sys
+
 
 class UserError(Exception):
     """Bad input from the user: printed as one line by the CLI, never as a traceback."""
@@ -11,6 +13,4 @@ class UserError(Exception):
 
 def note(line: str) -> None:
     """A one-line note for the user on stderr (stdout stays a command's output)."""
-    import sys
-
     print(line, file=sys.stderr, flush=True)

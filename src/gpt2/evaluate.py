@@ -1,4 +1,5 @@
-"""Evaluation: validation loss and HellaSwag accuracy, as library functions and `gpt2 eval ...` commands.
+"""Evaluation: validation loss and HellaSwag accuracy (`gpt2 eval ...`, in `gpt2.commands.eval`, runs them
+from the command line).
 
 Design decisions:
 - `val_loss` takes any iterable of (x, y) batches, so the training loop (a `ShardLoader` on the val split,
@@ -27,20 +28,22 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import math
 import os
 import urllib.request
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from gpt2.config import arg
+from gpt2.data.batching import pad_right
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
+from gpt2.tokenizer import encode
+from gpt2.train.losses import gpt_loss_chunked
+from gpt2.train.runtime import autocast_context
 
 IGNORE_INDEX = -100
 HELLASWAG_URLS = {
@@ -63,8 +66,6 @@ def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     """Mean cross-entropy of a batch without materialising its full logits: the chunked loss of
     `gpt2.train.losses` for a GPT (row chunks sized for the device: cache-sized on CPU, larger matmuls on a
     GPU), `model.loss` for any other model."""
-    from gpt2.train.losses import gpt_loss_chunked
-
     if not hasattr(model, "hidden_states"):
         return model.loss(x, y)
     return gpt_loss_chunked(model, x, y, chunk=128 if x.device.type == "cpu" else 4096)
@@ -78,8 +79,6 @@ def val_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     `device` defaults to the model's; batches are moved there. `autocast_dtype` (e.g. torch.bfloat16)
     runs the forward under autocast; the loss itself is always computed in float32.
     """
-    from gpt2.train.runtime import autocast_context
-
     core = unwrap(model)
     device = torch.device(device) if device is not None else next(core.parameters()).device
     was_training = core.training
@@ -173,8 +172,6 @@ def load_hellaswag(source: str | os.PathLike | None = None, split: str = "val",
 def render_example(example: dict, block_size: int | None = None) -> tuple[list[list[int]], list[int]]:
     """The 4 candidate rows of one example as token lists (context + " " + ending) and the number of
     ending tokens at the end of each row. Rows longer than `block_size` lose tokens from the left."""
-    from gpt2.tokenizer import encode
-
     ctx = encode(example["ctx"])
     rows, n_end = [], []
     for ending in example["endings"]:
@@ -195,9 +192,6 @@ def ending_losses(model: nn.Module, rows: Sequence[list[int]], n_end: Sequence[i
     Rows are right-padded into one batch; pads sit after every real token, so with causal attention they
     change nothing before them, and the mask keeps them out of the sums.
     """
-    from gpt2.data.batching import pad_right
-    from gpt2.train.runtime import autocast_context
-
     device = device or next(model.parameters()).device
     ids, valid = pad_right(list(rows))  # (R, T) each
     lengths = valid.sum(1)  # (R,)
@@ -223,8 +217,6 @@ def hellaswag_eval(model: nn.Module, examples: Sequence[dict], device: torch.dev
     `batch_size` examples (4 rows each) go through the model per forward pass. With `world_size` > 1 and
     torch.distributed initialised, each rank scores its share and the counts are summed over ranks.
     """
-    from tqdm.auto import tqdm
-
     core = unwrap(model)
     device = torch.device(device) if device is not None else next(core.parameters()).device
     mine = list(examples)[rank::world_size]
@@ -259,80 +251,3 @@ def hellaswag_eval(model: nn.Module, examples: Sequence[dict], device: torch.dev
     if n == 0:
         raise ValueError("hellaswag_eval: no examples")
     return {"acc": counts[0].item() / n, "acc_norm": counts[1].item() / n, "n": n}
-
-
-# ---------------------------------------------------------------------------------------------- commands
-
-DTYPES = ["auto", "bfloat16", "float32"]  # as the training loop's --dtype
-
-
-def _prepare(model_name: str, device_name: str, dtype_name: str, reads_text: str | None = None,
-             ) -> tuple[nn.Module, torch.device, torch.dtype | None]:
-    """The model on its device in eval mode, and the autocast dtype for `--dtype`."""
-    from gpt2.checkpoint import load_model
-    from gpt2.distributed import pick_device
-    from gpt2.train.runtime import autocast_dtype
-
-    device = pick_device(device_name)
-    return load_model(model_name, device, reads_text=reads_text).eval(), device, autocast_dtype(dtype_name, device)
-
-
-@dataclass
-class HellaSwagConfig:
-    model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
-    source: str | None = arg(None, help="local HellaSwag jsonl (official format) instead of downloading it")
-    split: str = arg("val", help="which official file to download", choices=sorted(HELLASWAG_URLS))
-    data_dir: str = arg(HELLASWAG_DIR, help="folder the downloaded HellaSwag file is cached in")
-    limit: int | None = arg(None, help="score only the first N examples", minimum=1)
-    batch_size: int = arg(8, help="examples per forward pass (4 rows each)", minimum=1)
-    device: str = arg("auto", help="cpu, cuda, mps or auto")
-    dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
-                     choices=DTYPES)
-
-
-def run_hellaswag(cfg: HellaSwagConfig) -> dict[str, float]:
-    examples = load_hellaswag(cfg.source, cfg.split, cfg.data_dir, cfg.limit)
-    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype, reads_text="--model")
-    result = hellaswag_eval(model, examples, device, dtype, batch_size=cfg.batch_size, progress=True)
-    print(f"hellaswag {cfg.split}: {int(result['n'])} examples  acc {result['acc']:.4f}  "
-          f"acc_norm {result['acc_norm']:.4f}")
-    return result
-
-
-
-
-@dataclass
-class ValLossConfig:
-    model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
-    data: str | None = arg(None, help="folder of token shards (from `gpt2 prepare ...`)", metavar="DIR")
-    split: str = arg("val", help="which shards to score", choices=["val", "train"])
-    tokens: int = arg(10_485_760, help="token budget (20 x 524288, build-nanogpt's); capped at one pass "
-                                       "over the split", minimum=1)
-    batch_size: int = arg(8, help="sequences per forward pass", minimum=1)
-    seq_len: int | None = arg(None, help="tokens per sequence; none = the model's context window", minimum=1)
-    device: str = arg("auto", help="cpu, cuda, mps or auto")
-    dtype: str = arg("auto", help="autocast dtype; auto = bfloat16 on a GPU that supports it, else float32",
-                     choices=DTYPES)
-
-
-def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
-    from gpt2.data.loader import ShardLoader
-    from gpt2.data.shards import checked_batch
-
-    if not cfg.data:
-        raise UserError("give the shard folder: gpt2 eval val-loss --model M --data DIR")
-    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype)
-    seq_len = cfg.seq_len or model.config.block_size
-    if seq_len > model.config.block_size:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's context window ({model.config.block_size})")
-    loader = ShardLoader(cfg.data, cfg.split, cfg.batch_size, seq_len)
-    # never wrap into a second epoch: that would count tokens twice
-    steps = max(1, min(cfg.tokens // loader.window, loader.steps_per_epoch))
-    with tqdm(range(steps), desc=f"{cfg.split} loss", unit="batch", dynamic_ncols=True) as bar:  # closed on errors
-        loss = val_loss(model, (checked_batch(loader, model.config.vocab_size) for _ in bar), device, dtype)
-    n_tokens = steps * loader.window
-    print(f"{cfg.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {n_tokens} tokens "
-          f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}")
-    return {"val_loss": loss, "tokens": n_tokens}

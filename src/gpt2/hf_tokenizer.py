@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from tiktoken.load import read_file_cached
+
 from gpt2.io import write_bytes_atomic
 
 EOT_TEXT = "<|endoftext|>"
@@ -38,8 +40,6 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 
 def read_gpt2_files() -> dict[str, bytes]:
     """{"vocab.json": ..., "merges.txt": ...}: tiktoken's cached copies, or downloaded (hash-checked)."""
-    from tiktoken.load import read_file_cached
-
     return {name: read_file_cached(url, expected_hash=sha) for name, (url, sha) in SOURCES.items()}
 
 

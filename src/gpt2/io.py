@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from gpt2.errors import UserError
 
@@ -158,8 +160,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` as a safetensors file, atomically, with their sha256 in the metadata."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", **(metadata or {}), SHA256_KEY: tensors_sha256(tensors)}
     write_bytes_atomic(path, save(tensors, metadata=meta))
@@ -167,9 +167,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file on CPU; if it carries our sha256, a mismatch is a UserError."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as f:
             expected = (f.metadata() or {}).get(SHA256_KEY)
@@ -258,7 +255,7 @@ def dir_lock(directory: str | os.PathLike, name: str = "run.lock") -> Iterator[P
             _HELD[key] -= 1
         return
     try:
-        import fcntl
+        import fcntl  # POSIX only: where it is missing (Windows) the run directory is not locked
     except ImportError:
         yield path
         return

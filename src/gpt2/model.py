@@ -365,6 +365,7 @@ def resolve_checkpoint_dir(name_or_dir: str | os.PathLike) -> Path:
     if path.exists() or os.sep in str(name_or_dir) or str(name_or_dir).startswith("."):
         raise UserError(f"model {name_or_dir!r}: not a checkpoint directory")
     try:
+        # not a declared dependency (it comes with datasets and transformers), and only a hub name needs it
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(str(name_or_dir), allow_patterns=["config.json", "*.safetensors",

@@ -1,4 +1,5 @@
-"""`gpt2 plot RUN_DIR`: draw a run's `metrics.jsonl` as a loss graph (PNG).
+"""A run's `metrics.jsonl` drawn as a loss graph (PNG): `plot_run`, which the training loop calls at every
+evaluation and `gpt2 plot RUN_DIR` (in `gpt2.commands.plot`) runs by hand.
 
 Design decisions:
 - Input is the loop's `RUN_DIR/metrics.jsonl`: `{"kind": "train", "step", "loss", "lr", ...}` lines and
@@ -20,10 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2.config import arg
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
 
@@ -103,6 +102,7 @@ def _loss_ylim_top(train: tuple[list[int], list[float]], val: tuple[list[int], l
 
 def draw(records: list[dict], out: str | os.PathLike, title: str = "") -> Path:
     """Draw train/val loss, LR and extra eval metrics from metrics records to the PNG `out` (atomically)."""
+    # matplotlib takes about 0.4 s to import: only when a graph is drawn, not whenever the loop is imported
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -169,18 +169,3 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     if not records:
         raise UserError(f"{metrics}: no metrics yet (the file is empty)")
     return draw(records, out or run_dir / "loss.png", title=run_dir.resolve().name)
-
-
-@dataclass
-class PlotConfig:
-    run_dir: str = arg(None, help="training run directory holding metrics.jsonl", positional=True,
-                       metavar="RUN_DIR")
-    out: str | None = arg(None, help="PNG to write; none = RUN_DIR/loss.png")
-
-
-def run(cfg: PlotConfig) -> Path:
-    if not cfg.run_dir:
-        raise UserError("give the run directory: gpt2 plot RUN_DIR")
-    path = plot_run(cfg.run_dir, cfg.out)
-    print(f"wrote {path}")
-    return path

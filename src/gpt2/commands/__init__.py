@@ -1,6 +1,8 @@
-"""The commands of `gpt2 <command>`: one thin module per command (or group) whose `COMMAND` (or `COMMANDS`) names
-it, its help line, its typed config and the function that runs it. `gpt2.cli` lists these modules in one table;
-nothing in the library imports them."""
+"""The commands of `gpt2 <command>`: one module per command (or group) that defines the command's typed config
+(and its presets) and the function that runs it on the library's machinery, and whose `COMMAND` (or
+`COMMANDS`) names it with its help line. `gpt2.cli` lists these modules in one table; nothing in the library
+imports them, and no command module imports another (shared pieces, such as `gpt2.rlhf.pairs`'s config base,
+are the library's)."""
 
 from __future__ import annotations
 

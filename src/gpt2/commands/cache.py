@@ -5,9 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
+from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg
 from gpt2.decode import compile_cache as cc
+from gpt2.decode.compiled import load
 from gpt2.errors import UserError
 
 
@@ -59,11 +63,6 @@ def run_remove(cfg: RemoveConfig) -> list[str]:
 
 
 def run_build(cfg: BuildConfig):
-    import torch
-
-    from gpt2.checkpoint import load_model
-    from gpt2.decode.compiled import load
-
     model = load_model(cfg.model, "cpu", getattr(torch, cfg.dtype)).eval()
     t0 = time.perf_counter()
     load(model, label=cfg.model, progress=lambda line: print(line, flush=True))

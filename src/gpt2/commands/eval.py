@@ -1,7 +1,91 @@
-"""The `gpt2 eval hellaswag` and `gpt2 eval val-loss` commands; the work is `gpt2.evaluate`."""
+"""`gpt2 eval hellaswag` and `gpt2 eval val-loss`: score a model (a training run, a Hugging Face folder or a
+hub name) on HellaSwag or on the val (or train) split of token shards, and print the result.
 
+    gpt2 eval hellaswag --model RUN_DIR                             # downloads hellaswag_val.jsonl once
+    gpt2 eval val-loss --model RUN_DIR --data data/fineweb --tokens 10485760
+
+The scoring is `gpt2.evaluate`'s (`hellaswag_eval`, `val_loss`), the same functions the training loop
+evaluates with. `--dtype auto` is the training loop's rule (bfloat16 autocast on a GPU that supports it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gpt2.checkpoint import load_model
 from gpt2.commands import Command
-from gpt2.evaluate import HellaSwagConfig, ValLossConfig, run_hellaswag, run_val_loss
+from gpt2.config import arg
+from gpt2.data.loader import ShardLoader
+from gpt2.data.shards import checked_batch
+from gpt2.distributed import pick_device
+from gpt2.errors import UserError
+from gpt2.evaluate import HELLASWAG_DIR, HELLASWAG_URLS, hellaswag_eval, load_hellaswag, val_loss
+from gpt2.train.runtime import AUTOCAST_HELP, TRAIN_DTYPES, autocast_dtype
+
+
+def _prepare(model_name: str, device_name: str, dtype_name: str, reads_text: str | None = None,
+             ) -> tuple[nn.Module, torch.device, torch.dtype | None]:
+    """The model on its device in eval mode, and the autocast dtype for `--dtype`."""
+    device = pick_device(device_name)
+    return load_model(model_name, device, reads_text=reads_text).eval(), device, autocast_dtype(dtype_name, device)
+
+
+@dataclass
+class HellaSwagConfig:
+    model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
+    source: str | None = arg(None, help="local HellaSwag jsonl (official format) instead of downloading it")
+    split: str = arg("val", help="which official file to download", choices=sorted(HELLASWAG_URLS))
+    data_dir: str = arg(HELLASWAG_DIR, help="folder the downloaded HellaSwag file is cached in")
+    limit: int | None = arg(None, help="score only the first N examples", minimum=1)
+    batch_size: int = arg(8, help="examples per forward pass (4 rows each)", minimum=1)
+    device: str = arg("auto", help="cpu, cuda, mps or auto")
+    dtype: str = arg("auto", help=AUTOCAST_HELP, choices=TRAIN_DTYPES)
+
+
+def run_hellaswag(cfg: HellaSwagConfig) -> dict[str, float]:
+    examples = load_hellaswag(cfg.source, cfg.split, cfg.data_dir, cfg.limit)
+    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype, reads_text="--model")
+    result = hellaswag_eval(model, examples, device, dtype, batch_size=cfg.batch_size, progress=True)
+    print(f"hellaswag {cfg.split}: {int(result['n'])} examples  acc {result['acc']:.4f}  "
+          f"acc_norm {result['acc_norm']:.4f}")
+    return result
+
+
+@dataclass
+class ValLossConfig:
+    model: str = arg("gpt2", help="training run dir, Hugging Face checkpoint dir, or hub name")
+    data: str | None = arg(None, help="folder of token shards (from `gpt2 prepare ...`)", metavar="DIR")
+    split: str = arg("val", help="which shards to score", choices=["val", "train"])
+    tokens: int = arg(10_485_760, help="token budget (20 x 524288, build-nanogpt's); capped at one pass "
+                                       "over the split", minimum=1)
+    batch_size: int = arg(8, help="sequences per forward pass", minimum=1)
+    seq_len: int | None = arg(None, help="tokens per sequence; none = the model's context window", minimum=1)
+    device: str = arg("auto", help="cpu, cuda, mps or auto")
+    dtype: str = arg("auto", help=AUTOCAST_HELP, choices=TRAIN_DTYPES)
+
+
+def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
+    if not cfg.data:
+        raise UserError("give the shard folder: gpt2 eval val-loss --model M --data DIR")
+    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype)
+    seq_len = cfg.seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context window ({model.config.block_size})")
+    loader = ShardLoader(cfg.data, cfg.split, cfg.batch_size, seq_len)
+    # never wrap into a second epoch: that would count tokens twice
+    steps = max(1, min(cfg.tokens // loader.window, loader.steps_per_epoch))
+    with tqdm(range(steps), desc=f"{cfg.split} loss", unit="batch", dynamic_ncols=True) as bar:  # closed on errors
+        loss = val_loss(model, (checked_batch(loader, model.config.vocab_size) for _ in bar), device, dtype)
+    n_tokens = steps * loader.window
+    print(f"{cfg.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {n_tokens} tokens "
+          f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}")
+    return {"val_loss": loss, "tokens": n_tokens}
+
 
 COMMANDS = [
     Command("eval hellaswag", "HellaSwag accuracy (completion-style scoring, acc and acc_norm)",

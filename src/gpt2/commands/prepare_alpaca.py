@@ -1,7 +1,83 @@
-"""The `gpt2 prepare alpaca` command; the work is `gpt2.data.alpaca`."""
+"""`gpt2 prepare alpaca`: read Stanford Alpaca (the hub's tatsu-lab/alpaca, or a local file), validate and
+tokenize its records, split off a held-out set and write the folder that `gpt2 finetune --data` reads.
+
+    gpt2 prepare alpaca --out data/alpaca
+    gpt2 prepare alpaca --source alpaca_data.json --out data/alpaca --limit 1000
+
+Malformed records are skipped and counted by reason, and the split is seeded; the record rules, the example
+layout and the files written are `gpt2.data.alpaca`'s. The manifest is written last, so a folder with a
+manifest is complete.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
 
 from gpt2.commands import Command
-from gpt2.data.alpaca import PrepareAlpacaConfig, prepare
+from gpt2.config import arg, check_values
+from gpt2.data.alpaca import HUB_ID, MANIFEST, encode_records, split_indices, write_examples
+from gpt2.data.sources import iter_records
+from gpt2.errors import UserError
+from gpt2.io import write_json_atomic
+
+
+@dataclass
+class PrepareAlpacaConfig:
+    out: str = arg("data/alpaca", help="output folder for train.jsonl, val.jsonl and manifest.json")
+    source: str | None = arg(None, help="local .json/.jsonl file (or folder) in the alpaca_data.json layout; "
+                                        f"default: download {HUB_ID} from the Hugging Face Hub")
+    val_fraction: float = arg(0.02, help="fraction of the valid examples held out for validation loss")
+    seed: int = arg(1337, help="seed of the train/val split")
+    limit: int | None = arg(None, help="read at most this many records (quick demos)", minimum=1)
+
+
+def prepare(cfg: PrepareAlpacaConfig) -> dict:
+    """Read, validate, tokenize, split and write the data; returns the manifest."""
+    if cfg.source is not None and not Path(cfg.source).exists():
+        raise UserError(f"--source {cfg.source}: no such file or folder")
+    check_values(cfg)  # --limit, --seed
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    records = itertools.islice(iter_records(cfg.source, HUB_ID), cfg.limit)  # limit None: all of them
+    examples, n_records, malformed, where = encode_records(records)
+    if not examples:
+        raise UserError(f"{cfg.source or HUB_ID}: no valid Alpaca records among {n_records} "
+                        f"(malformed: {dict(malformed) or 'none'})")
+    train_idx, val_idx = split_indices(len(examples), cfg.val_fraction, cfg.seed)
+    out = Path(cfg.out)
+    write_examples(out / "train.jsonl", (examples[i] for i in train_idx))
+    write_examples(out / "val.jsonl", (examples[i] for i in val_idx))
+    lengths = sorted(len(q) + len(a) for q, a in examples)
+    manifest = {
+        "format": "alpaca-examples-v1",
+        "source": cfg.source or HUB_ID,
+        "tokenizer": "gpt2",
+        "records": n_records,
+        "valid": len(examples),
+        "train": len(train_idx),
+        "val": len(val_idx),
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "malformed": dict(sorted(malformed.items())),
+        "malformed_examples": {k: where[k] for k in sorted(where)},
+        "tokens": {"total": sum(lengths), "max_len": lengths[-1], "median_len": lengths[len(lengths) // 2],
+                   "over_1024": sum(n > 1024 for n in lengths)},
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    print(report(manifest, out))
+    return manifest
+
+
+def report(manifest: dict, out: Path) -> str:
+    bad = ", ".join(f"{v} {k} (records {manifest['malformed_examples'][k]}...)"
+                    for k, v in manifest["malformed"].items())
+    return (f"alpaca: {manifest['records']} records -> {manifest['valid']} examples "
+            f"({manifest['train']} train, {manifest['val']} val) in {out}; "
+            f"malformed: {sum(manifest['malformed'].values())}{' = ' + bad if bad else ''}; "
+            f"tokens {manifest['tokens']['total']}, longest {manifest['tokens']['max_len']}")
+
 
 COMMAND = Command("prepare alpaca", "validate, tokenize and split Stanford Alpaca for fine-tuning",
                   PrepareAlpacaConfig, prepare)

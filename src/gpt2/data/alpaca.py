@@ -1,4 +1,5 @@
-"""Stanford Alpaca instruction data: validate, tokenize, split, batch (`gpt2 prepare alpaca`).
+"""Stanford Alpaca instruction data: validate, tokenize, split, batch (`gpt2 prepare alpaca`, in
+`gpt2.commands.prepare_alpaca`, is the command that writes it).
 
 Design decisions:
 - Records are `{"instruction", "input", "output"}` (the original `alpaca_data.json` layout, which the hub's
@@ -30,20 +31,19 @@ manifest is complete.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import arg, check_values
+from tqdm import tqdm
+
 from gpt2.data.batching import Example
 from gpt2.errors import UserError
-from gpt2.io import atomic_write, write_json_atomic
+from gpt2.io import atomic_write
 from gpt2.template import format_prompt
 from gpt2.tokenizer import EOT, encode_batch
 
@@ -169,17 +169,7 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[Example]:
     return examples
 
 
-# ---------------------------------------------------------------- `gpt2 prepare alpaca`
-
-
-@dataclass
-class PrepareAlpacaConfig:
-    out: str = arg("data/alpaca", help="output folder for train.jsonl, val.jsonl and manifest.json")
-    source: str | None = arg(None, help="local .json/.jsonl file (or folder) in the alpaca_data.json layout; "
-                                        f"default: download {HUB_ID} from the Hugging Face Hub")
-    val_fraction: float = arg(0.02, help="fraction of the valid examples held out for validation loss")
-    seed: int = arg(1337, help="seed of the train/val split")
-    limit: int | None = arg(None, help="read at most this many records (quick demos)", minimum=1)
+# ---------------------------------------------------------------- records in bulk
 
 
 def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -196,8 +186,6 @@ def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def encode_records(records: Iterable[Any]) -> tuple[list[Example], int, Counter, dict[str, list[int]]]:
     """Validate and tokenize a stream of records: (examples, records read, malformed counts by reason,
     the first few malformed record indices per reason)."""
-    from tqdm import tqdm
-
     examples: list[Example] = []
     malformed: Counter = Counter()
     where: dict[str, list[int]] = {}
@@ -217,51 +205,3 @@ def encode_records(records: Iterable[Any]) -> tuple[list[Example], int, Counter,
             examples += encode_examples(good)
             bar.update(len(chunk))
     return examples, n, malformed, where
-
-
-def prepare(cfg: PrepareAlpacaConfig) -> dict:
-    """Read, validate, tokenize, split and write the data; returns the manifest."""
-    if cfg.source is not None and not Path(cfg.source).exists():
-        raise UserError(f"--source {cfg.source}: no such file or folder")
-    check_values(cfg)  # --limit, --seed
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    from gpt2.data.sources import iter_records  # the datasets import is slow: only when needed
-
-    records = itertools.islice(iter_records(cfg.source, HUB_ID), cfg.limit)  # limit None: all of them
-    examples, n_records, malformed, where = encode_records(records)
-    if not examples:
-        raise UserError(f"{cfg.source or HUB_ID}: no valid Alpaca records among {n_records} "
-                        f"(malformed: {dict(malformed) or 'none'})")
-    train_idx, val_idx = split_indices(len(examples), cfg.val_fraction, cfg.seed)
-    out = Path(cfg.out)
-    write_examples(out / "train.jsonl", (examples[i] for i in train_idx))
-    write_examples(out / "val.jsonl", (examples[i] for i in val_idx))
-    lengths = sorted(len(q) + len(a) for q, a in examples)
-    manifest = {
-        "format": "alpaca-examples-v1",
-        "source": cfg.source or HUB_ID,
-        "tokenizer": "gpt2",
-        "records": n_records,
-        "valid": len(examples),
-        "train": len(train_idx),
-        "val": len(val_idx),
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-        "malformed": dict(sorted(malformed.items())),
-        "malformed_examples": {k: where[k] for k in sorted(where)},
-        "tokens": {"total": sum(lengths), "max_len": lengths[-1], "median_len": lengths[len(lengths) // 2],
-                   "over_1024": sum(n > 1024 for n in lengths)},
-    }
-    write_json_atomic(out / MANIFEST, manifest)
-    print(report(manifest, out))
-    return manifest
-
-
-def report(manifest: dict, out: Path) -> str:
-    bad = ", ".join(f"{v} {k} (records {manifest['malformed_examples'][k]}...)"
-                    for k, v in manifest["malformed"].items())
-    return (f"alpaca: {manifest['records']} records -> {manifest['valid']} examples "
-            f"({manifest['train']} train, {manifest['val']} val) in {out}; "
-            f"malformed: {sum(manifest['malformed'].values())}{' = ' + bad if bad else ''}; "
-            f"tokens {manifest['tokens']['total']}, longest {manifest['tokens']['max_len']}")

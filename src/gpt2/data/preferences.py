@@ -1,4 +1,5 @@
-"""`gpt2 prepare hh`: Anthropic HH-RLHF preference pairs -> token ids (prompt, chosen answer, rejected answer).
+"""Anthropic HH-RLHF preference pairs -> token ids (prompt, chosen answer, rejected answer); `gpt2 prepare hh`,
+in `gpt2.commands.prepare_hh`, is the command that writes them.
 
 Design decisions:
 - HH-RLHF records are two full dialogues, `chosen` and `rejected`, in the "\\n\\nHuman: ...\\n\\nAssistant:
@@ -28,16 +29,12 @@ import json
 import os
 import re
 import zlib
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from gpt2.config import arg, check_values
 from gpt2.data.batching import collate
 from gpt2.errors import UserError
-from gpt2.io import atomic_write, make_folder, write_json_atomic
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, encode
 
@@ -149,57 +146,3 @@ def split_file(data: str | os.PathLike, split: str) -> Path:
     """`DIR` -> `DIR/{split}.jsonl`; a file path is returned as is."""
     path = Path(data)
     return path / f"{split}.jsonl" if path.is_dir() else path
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-@dataclass
-class PrepareHHConfig:
-    out: str = arg("data/hh", "output folder: train.jsonl, val.jsonl and meta.json are written there")
-    source: str | None = arg(None, "local HH-RLHF file or folder (.jsonl, .jsonl.gz, .parquet); "
-                                   "default: stream Anthropic/hh-rlhf from the Hugging Face Hub")
-    split: str = arg("train", "hub split to read (train or test); ignored with --source")
-    max_len: int = arg(1024, "longest prompt + answer in tokens; older turns are dropped to fit, else the "
-                             "pair is dropped", minimum=2)
-    val_fraction: float = arg(0.05, "fraction of dialogues held out for validation (by prompt hash)")
-    limit: int | None = arg(None, "read at most this many records (quick runs)", minimum=1)
-
-
-def prepare(cfg: PrepareHHConfig) -> dict:
-    from tqdm import tqdm
-
-    from gpt2.data.sources import iter_records
-
-    check_values(cfg)  # --max-len, --limit: their `minimum`
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    out = Path(cfg.out)
-    make_folder(out)
-    splits: dict[str, list[str]] = {"train": [], "val": []}
-    counts: Counter = Counter()
-    records = iter_records(cfg.source, HUB_ID, None, cfg.split)
-    for i, record in enumerate(tqdm(records, desc="prepare hh", unit=" pairs")):
-        if cfg.limit is not None and i >= cfg.limit:
-            break
-        counts["read"] += 1
-        try:
-            pair, truncated = tokenize_record(record, cfg.max_len)
-        except MalformedPair as e:
-            counts[str(e)] += 1
-            continue
-        counts["truncated"] += truncated
-        split = "val" if is_val(record, cfg.val_fraction) else "train"
-        splits[split].append(json.dumps(pair) + "\n")
-    if not splits["train"]:
-        raise UserError(f"no usable preference pairs in {cfg.source or HUB_ID} (counts: {dict(counts)})")
-    for split, lines in splits.items():
-        with atomic_write(out / f"{split}.jsonl", "w") as f:
-            f.writelines(lines)
-    meta = {"source": cfg.source or HUB_ID, "max_len": cfg.max_len, "train": len(splits["train"]),
-            "val": len(splits["val"]), **dict(counts)}
-    write_json_atomic(out / "meta.json", meta)
-    skipped = {k: v for k, v in counts.items() if k not in ("read", "truncated")}
-    print(f"prepare hh: {meta['train']} train + {meta['val']} val pairs -> {out} "
-          f"({counts['read']} read, {counts['truncated']} truncated, skipped {skipped or 'none'})")
-    return meta

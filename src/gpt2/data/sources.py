@@ -84,7 +84,7 @@ def _iter_local(path: Path) -> Iterator[dict]:
 def _iter_hub(hub_id: str, hub_config: str | None, split: str) -> Iterator[dict]:
     name = f"{hub_id}" + (f" (config {hub_config})" if hub_config else "") + f" split {split}"
     try:
-        import datasets
+        import datasets  # about a second to import, and only the hub path needs it
 
         ds = datasets.load_dataset(hub_id, hub_config, split=split, streaming=True)
     except Exception as e:  # network, auth and unknown-name errors come in many types
@@ -102,6 +102,7 @@ def _iter_hub(hub_id: str, hub_config: str | None, split: str) -> Iterator[dict]
 
 
 def _read_parquet(path: Path) -> Iterator[dict]:
+    # pyarrow only for .parquet files: every `gpt2` command imports this module, few read parquet
     import pyarrow as pa
     import pyarrow.parquet as pq
 

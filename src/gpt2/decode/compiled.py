@@ -312,7 +312,7 @@ class CompiledForward:
     """The loaded pieces of one model; `hidden_states` and `logits` mirror `GPT.hidden_states` and `GPT.logits`."""
 
     def __init__(self, directory: Path, n_pieces: int):
-        import torch._inductor
+        import torch._inductor  # a second to import: here, so that importing gpt2.decode stays quick
 
         # largest first (the embeddings, the head): loading a piece briefly holds its weights twice, and this way
         # that happens while little else is loaded (124M: peak 1079 -> 960 MB)

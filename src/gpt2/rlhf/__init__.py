@@ -5,7 +5,8 @@
 - `heads`: `RewardModel` (GPT + scalar head on the last real token) and PPO's `ActorCritic` (policy +
   value head on the same backbone), with their file layout.
 - `pairs`: the training-loop task over preference pairs and the setup shared by DPO and the reward model.
-- `dpo`, `reward`, `ppo`: one command each (`gpt2 dpo`, `gpt2 reward`, `gpt2 ppo`).
+- `dpo`, `reward`, `ppo`: each algorithm's Task for the shared loop (their commands, `gpt2 dpo`, `gpt2 reward`
+  and `gpt2 ppo`, are in `gpt2.commands`).
 Preference pairs come from `gpt2.data.preferences` (`gpt2 prepare hh`).
 
 Why a package of its own rather than `gpt2/train/{dpo,reward,ppo}.py`: the three

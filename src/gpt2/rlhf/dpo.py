@@ -1,8 +1,8 @@
-"""`gpt2 dpo`: Direct Preference Optimization of a fine-tuned policy against a frozen reference copy.
+"""Direct Preference Optimization: the pair task of a policy against a frozen reference copy (`gpt2 dpo`, in
+`gpt2.commands.dpo`, is its command).
 
 Design decisions:
-- The policy starts from the SFT checkpoint (`gpt2.checkpoint.load_model`: a run folder, an HF folder or
-  a hub name) and the reference is a frozen copy of the same weights, so training starts at loss ln 2.
+- The reference is a frozen copy of the policy's starting weights, so training starts at loss ln 2.
 - Loss: sigmoid DPO on summed answer log-probs (`gpt2.rlhf.losses.dpo_loss`), beta 0.1 by default.
   Chosen and rejected rows go through one forward pass (`collate_pairs`), and the reference's forward is
   under `no_grad`.
@@ -14,17 +14,12 @@ Design decisions:
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
-from gpt2.config import arg
-from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.rlhf.losses import dpo_loss, sequence_logprobs, token_kl
-from gpt2.rlhf.pairs import PairStageConfig, PairTask, run_pair_stage
+from gpt2.rlhf.pairs import PairTask
 
 
 class DPOTask(PairTask):
@@ -48,23 +43,3 @@ class DPOTask(PairTask):
         with torch.no_grad():
             metrics["kl"] = token_kl(logits.detach(), ref_logits, targets != -100)
         return loss, metrics
-
-
-@dataclass
-class DPOConfig(PairStageConfig):
-    out: str = arg("runs/dpo", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png")
-    beta: float = arg(0.1, "DPO beta: strength of the implicit KL constraint to the reference")
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.beta > 0:
-            raise UserError(f"--beta must be > 0 (got {self.beta}): at 0 the DPO loss is ln 2 whatever the policy "
-                            "does, so nothing would be trained")
-
-
-def run(cfg: DPOConfig) -> nn.Module:
-    def make_task(start: GPT, train_pairs, val_pairs, dist) -> DPOTask:
-        return DPOTask(copy.deepcopy(start), cfg.beta, train_pairs, val_pairs, cfg.batch_size, seed=cfg.seed,
-                       rank=dist.rank, world_size=dist.world_size)
-
-    return run_pair_stage(cfg, lambda start: start, make_task)

@@ -12,7 +12,10 @@ Design decisions:
 - The two pair stages share their flags (`PairStageConfig`: the shared loop's `TrainConfig` plus model,
   data, batch size, epochs) and their setup (`run_pair_stage`): the run's length follows the rule of
   every command (`gpt2.train.loop.run_length`: `--max-steps` when given, else `--epochs` x steps per
-  epoch), and evaluation on the held-out pairs defaults to once an epoch.
+  epoch), and evaluation on the held-out pairs defaults to once an epoch. Both live here, with the task,
+  rather than in a command module: they are the common base of two commands (`gpt2.commands.dpo` and
+  `gpt2.commands.reward` each subclass the config and pass their model and task to the setup), and a
+  command module never imports another.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from gpt2.data.preferences import Pair, collate_pairs, load_pairs, pair_length, 
 from gpt2.distributed import DistInfo, all_gather_object, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT
-from gpt2.train.loop import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length, train
+from gpt2.train.config import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length
+from gpt2.train.loop import train
 from gpt2.train.task import Task
 
 

@@ -1,4 +1,5 @@
-"""`gpt2 ppo`: InstructGPT-style PPO against a reward model, with a per-token KL penalty to the reference.
+"""InstructGPT-style PPO against a reward model, with a per-token KL penalty to the reference: the rollout and
+the Task of the shared loop (`gpt2 ppo`, in `gpt2.commands.ppo`, is its command).
 
 One iteration:
   1. Rollout (no grad): sample an answer for each prompt with `gpt2.inference.generate` (KV cache); an
@@ -25,37 +26,28 @@ Design decisions:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from gpt2.checkpoint import check_vocab, load_model
-from gpt2.config import arg, check_sampling, flag_name
 from gpt2.data.batching import LengthGroupedBatcher, collate, pad_right
-from gpt2.data.preferences import load_pairs, split_file
-from gpt2.distributed import all_reduce_mean, destroy_distributed, init_distributed
-from gpt2.errors import UserError
+from gpt2.distributed import all_reduce_mean
 from gpt2.inference import generate
 from gpt2.model import GPT
-from gpt2.rlhf.heads import ActorCritic, RewardModel
+from gpt2.rlhf.heads import ActorCritic
 from gpt2.rlhf.losses import (
     gae,
     kl_penalized_rewards,
-    last_token_index,
     ppo_policy_loss,
     ppo_value_loss,
     token_logprobs,
     whiten,
 )
-from gpt2.template import format_prompt
-from gpt2.tokenizer import EOT, encode
-from gpt2.train.loop import TrainConfig, train
-from gpt2.train.runtime import autocast_context, autocast_dtype, seed_everything
+from gpt2.tokenizer import EOT
+from gpt2.train.runtime import autocast_context
 from gpt2.train.task import Task
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, targets) -> scores (B,)
@@ -185,101 +177,3 @@ class PPOTask(Task):
         self.sampler.load_state_dict(state["sampler"])
         self.gen.set_state(state["gen"])
         self.shuffle.set_state(state["shuffle"])
-
-
-# ----------------------------------------------------------------------------- `gpt2 ppo`
-
-
-@dataclass
-class PPOConfig(TrainConfig):
-    """The shared loop's flags (a "step" is one PPO iteration: a rollout batch and its update) plus PPO's."""
-
-    out: str = arg("runs/ppo", "run directory: checkpoint.pt, model/ (HF policy + value_head.safetensors), "
-                               "metrics.jsonl, loss.png")
-    model: str = arg("runs/finetune", "starting policy (the SFT model): a run folder, an HF folder or a hub name")
-    reward_model: str = arg("runs/reward", "reward model folder written by `gpt2 reward` (its run folder works)")
-    data: str = arg("data/hh", "prompts from this `gpt2 prepare hh` folder (train.jsonl; val.jsonl for eval)")
-    prompts: str | None = arg(None, "instead of --data: a text file with one question per line, rendered with "
-                                    "the fine-tuning template (the first --eval-prompts are also the eval set)")
-    max_steps: int = arg(100, "PPO iterations (one rollout batch and its update each; the LR schedule ends here)")
-    batch_size: int = arg(16, "prompts rolled out per iteration per process", minimum=1)
-    minibatch_size: int = arg(8, "rollouts per optimizer step within an iteration", minimum=1)
-    ppo_epochs: int = arg(4, "passes over each rollout batch", minimum=1)
-    max_new_tokens: int = arg(64, "longest sampled answer in tokens", minimum=1)
-    temperature: float = arg(1.0, "sampling temperature of the rollouts")
-    kl_coef: float = arg(0.05, "per-token KL penalty to the reference (InstructGPT's beta)", minimum=0)
-    gamma: float = arg(1.0, "discount of GAE")
-    lam: float = arg(0.95, "lambda of GAE")
-    clip: float = arg(0.2, "policy ratio clip range", minimum=0)
-    value_clip: float = arg(0.2, "value clip range around the rollout-time value", minimum=0)
-    vf_coef: float = arg(0.1, "weight of the value loss", minimum=0)
-    eval_prompts: int = arg(32, "held-out prompts scored at each evaluation", minimum=0)
-    lr: float = arg(1e-5, "peak learning rate (reached after warmup)")
-    warmup_steps: int = arg(5, "iterations of linear LR warmup")
-    weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
-    eval_every: int = arg(10, "score held-out prompts every N iterations (and at the end); 0 = never")
-    save_every: int = arg(50, "checkpoint every N iterations; 0 = only at the end")
-    compile: bool | None = arg(False, "torch.compile the training forward (off by default here: rollout shapes change "
-                                      "every iteration, so a compiled forward would recompile)")
-
-    def validate(self) -> None:
-        super().validate()
-        for flag in ("gamma", "lam"):
-            if not 0 <= getattr(self, flag) <= 1:
-                raise UserError(f"{flag_name(flag)} must be in [0, 1] (got {getattr(self, flag)})")
-        check_sampling(self.temperature, None, None)
-
-
-def load_prompts(cfg: PPOConfig, max_prompt_len: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(training prompts, evaluation prompts) as token ids, each at most `max_prompt_len` tokens."""
-    if cfg.prompts is not None:
-        path = Path(cfg.prompts)
-        if not path.is_file():
-            raise UserError(f"--prompts {path}: no such file")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        train = [encode(format_prompt(line)) for line in lines]
-        evals = train[: cfg.eval_prompts]
-    else:
-        def unique_prompts(split: str) -> list[list[int]]:
-            file = split_file(cfg.data, split)
-            pairs = load_pairs(file) if split == "train" or file.is_file() else []
-            return [list(p) for p in dict.fromkeys(tuple(pair["prompt"]) for pair in pairs)]
-
-        train, evals = unique_prompts("train"), unique_prompts("val")[: cfg.eval_prompts]
-    train = [p for p in train if 0 < len(p) <= max_prompt_len]
-    evals = [p for p in evals if 0 < len(p) <= max_prompt_len]
-    if not train:
-        raise UserError(f"no prompt of at most {max_prompt_len} tokens in {cfg.prompts or cfg.data} (the context "
-                        f"must also hold --max-new-tokens {cfg.max_new_tokens})")
-    return train, evals
-
-
-def run(cfg: PPOConfig) -> ActorCritic:
-    """Load the policy, reference and reward model, and train PPO's Task on the shared loop."""
-    cfg.validate()
-    dist = init_distributed(cfg.device)
-    try:
-        device = dist.device
-        policy = load_model(cfg.model, reads_text="--model" if cfg.prompts is not None else None)
-        reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-        scorer = RewardModel.from_pretrained(cfg.reward_model).eval().requires_grad_(False).to(device)
-        check_vocab(scorer, policy.config.vocab_size, f"--reward-model {cfg.reward_model}", f"--model {cfg.model}")
-        context = min(policy.config.block_size, scorer.config.block_size)
-        train_prompts, eval_prompts = load_prompts(cfg, context - cfg.max_new_tokens - 1)
-        seed_everything(cfg.seed)  # the value head's initial weights (DDP broadcasts rank 0's anyway)
-        actor = ActorCritic(policy).to(device)
-
-        def reward_fn(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return scorer(input_ids, last_token_index(targets))
-
-        hp = PPOHyper(**{f.name: getattr(cfg, f.name) for f in fields(PPOHyper)})
-        task = PPOTask(actor, reference, reward_fn, train_prompts, eval_prompts, hp, cfg.batch_size,
-                       seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=device,
-                       amp=autocast_dtype(cfg.dtype, device))
-        if dist.is_main:
-            print(f"{len(train_prompts)} prompts ({len(eval_prompts)} for evaluation); {cfg.max_steps} iterations "
-                  f"of {cfg.batch_size * dist.world_size} rollouts", flush=True)
-        train(actor, task, cfg, 1, dist=dist, run_config=cfg)
-        return actor
-    finally:
-        destroy_distributed()

@@ -1,4 +1,5 @@
-"""`gpt2 reward`: a reward model trained on preference pairs with the Bradley-Terry loss.
+"""Reward modelling: the pair task of a reward model trained with the Bradley-Terry loss (`gpt2 reward`, in
+`gpt2.commands.reward`, is its command).
 
 Design decisions:
 - The model is `RewardModel` (`gpt2.rlhf.heads`): the GPT backbone, initialised from the SFT checkpoint,
@@ -13,15 +14,11 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
-from gpt2.config import arg
-from gpt2.rlhf.heads import RewardModel
 from gpt2.rlhf.losses import bradley_terry_loss, last_token_index
-from gpt2.rlhf.pairs import PairStageConfig, PairTask, run_pair_stage
+from gpt2.rlhf.pairs import PairTask
 
 
 class RewardTask(PairTask):
@@ -34,18 +31,3 @@ class RewardTask(PairTask):
         loss, metrics = bradley_terry_loss(scores[:B], scores[B:])
         metrics["reward_chosen"] = scores[:B].detach().mean()
         return loss, metrics
-
-
-@dataclass
-class RewardConfig(PairStageConfig):
-    out: str = arg("runs/reward", "run directory: checkpoint.pt, model/ (HF backbone + reward_head.safetensors), "
-                                  "metrics.jsonl, loss.png")
-    lr: float = arg(1e-5, "peak learning rate (reached after warmup)")
-
-
-def run(cfg: RewardConfig) -> RewardModel:
-    def make_task(start, train_pairs, val_pairs, dist) -> RewardTask:
-        return RewardTask(train_pairs, val_pairs, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
-                          world_size=dist.world_size)
-
-    return run_pair_stage(cfg, RewardModel, make_task)

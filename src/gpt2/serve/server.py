@@ -1,104 +1,22 @@
-"""`gpt2 serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) with continuous batching.
+"""Running the HTTP server beside the engine: `serve_http_beside` (`gpt2 serve`, in `gpt2.commands.serve`,
+loads the model and calls it).
 
 Design decisions:
-- Binds 127.0.0.1 unless `--host` says otherwise: a model server should not be reachable from the network
-  by accident. `--api-key` (or the GPT2_API_KEY environment variable, which keeps the key out of `ps`)
-  requires `Authorization: Bearer KEY` on every /v1 route.
-- This module only parses flags, loads the model and runs uvicorn in a thread beside the engine, which keeps
-  the main thread (see `serve_http_beside`); FastAPI is imported lazily so that other `gpt2` commands start
-  without it. Models load through `gpt2.checkpoint.load_model`, as everywhere.
+- uvicorn runs in a thread of its own and the engine keeps the main thread, the one that loaded the model
+  (see "One thread does the tensor work" in `gpt2.serve.engine`); Ctrl+C and SIGTERM are caught here and
+  shut the HTTP server down gracefully, after which the engine stops.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
-
-from gpt2.checkpoint import WEIGHT_DTYPES, load_model
-from gpt2.config import arg
-from gpt2.errors import UserError, note
-from gpt2.tokenizer import get_encoding
 
 if TYPE_CHECKING:
     import uvicorn
 
     from gpt2.serve.engine import Engine
-
-DTYPES = WEIGHT_DTYPES
-
-
-@dataclass
-class ServeConfig:
-    model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory or hub name")
-    host: str = arg("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
-    port: int = arg(8000, help="TCP port")
-    api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on /v1 routes; "
-                                         "none = $GPT2_API_KEY if set")
-    model_name: str | None = arg(None, help="model id reported by /v1/models; none = the --model folder's name")
-    max_batch_size: int = arg(16, help="sequences decoded together at most; more requests wait their turn",
-                              minimum=1)
-    max_waiting: int = arg(256, help="queued requests beyond this are refused with 429", minimum=1)
-    default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it", minimum=1)
-    device: str = arg("auto", help="cpu, cuda, mps or auto")
-    dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
-    request_timeout: float = arg(10.0, help="seconds a client has to send a whole request (headers and body) "
-                                            "from its first byte; slower ones get 408 and are closed "
-                                            "(gpt2.serve.timeouts)", minimum=0.001)
-    threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)", minimum=1,
-                              hint="leave it out for torch's choice")
-    compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
-                                          "ready: the server answers at once, eagerly, while the pieces compile in "
-                                          "the background (once per model, torch and CPU; cached, see `gpt2 "
-                                          "cache`), then switches; /health says which decoder runs. default: on "
-                                          "for models of 50M+ parameters on a CPU; --no-compile: never")
-
-
-def run(cfg: ServeConfig) -> None:
-    import uvicorn
-
-    from gpt2.decode import decoder_for
-    from gpt2.serve.api import create_app
-    from gpt2.serve.engine import Engine
-    from gpt2.serve.timeouts import deadline_protocol
-
-    if not 0 < cfg.port < 65536:
-        raise UserError(f"--port {cfg.port}: must be 1..65535")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
-    name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
-    api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
-    # eager at once; compiled pieces, when wanted, are made ready in the background and switched to between steps
-    # by this thread, which runs the engine
-    engine = Engine(model, max_batch_size=cfg.max_batch_size,
-                    decoder=decoder_for(model, cfg.compile, label=name, say=note))
-    app = create_app(engine, model_name=name, api_key=api_key,
-                     default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
-                     max_waiting=cfg.max_waiting, start_engine=False, aliases=model_aliases(cfg))
-    if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
-              file=sys.stderr)
-    print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
-          f"{'(API key required)' if api_key else ''}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
-                                          timeout_graceful_shutdown=5, http=deadline_protocol(cfg.request_timeout)))
-    if not serve_http_beside(engine, server):
-        raise SystemExit(1)  # uvicorn could not start (say the port is taken) and has said why
-
-
-def model_aliases(cfg: ServeConfig) -> tuple[str, ...]:
-    """The other names a request's `model` may give (see `gpt2.serve.api`): the --model value as given and its
-    folder's name."""
-    given = cfg.model.rstrip("/\\")
-    return tuple(n for n in (given, Path(given).name) if n)
 
 
 def serve_http_beside(engine: Engine, server: uvicorn.Server) -> bool:

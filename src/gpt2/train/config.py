@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from gpt2.config import ANNOUNCE, APPLY, SESSION, arg, check_values
 from gpt2.errors import UserError
 from gpt2.io import not_a_folder
-from gpt2.train.runtime import TRAIN_DTYPES
+from gpt2.train.runtime import AUTOCAST_HELP, TRAIN_DTYPES
 
 
 @dataclass
@@ -54,8 +54,7 @@ class TrainConfig:
                               "with (see below); starts a new run when --out has no checkpoint", on_resume=SESSION)
     seed: int = arg(1337, "random seed (model init, data order, dropout)")
     device: str = arg("auto", "cpu, cuda, cuda:N, mps or auto (under torchrun: this process's GPU)", on_resume=APPLY)
-    dtype: str = arg("auto", "autocast dtype: auto (bfloat16 on a GPU that has it, else float16 on CUDA, float32 "
-                             "on a CPU), bfloat16, float16 (with dynamic loss scaling), float32",
+    dtype: str = arg("auto", AUTOCAST_HELP + "; float16 trains with dynamic loss scaling",
                      choices=TRAIN_DTYPES, on_resume=APPLY)
     compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)",
                                on_resume=APPLY)

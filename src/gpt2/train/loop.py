@@ -72,6 +72,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from gpt2.checkpoint import (
@@ -216,8 +217,6 @@ class Trainer:
         if self.sharded:
             shard_model(self.model, self.amp, self.device)
         elif self.dist.is_distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             device = self.device
             ddp = forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None)
         if self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda":

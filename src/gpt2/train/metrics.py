@@ -10,6 +10,7 @@ from typing import Any
 
 from gpt2.errors import UserError
 from gpt2.io import disk_error, make_folder, write_text_atomic
+from gpt2.plots import plot_run
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,11 +46,8 @@ class MetricsLogger:
 
 
 def plot(run_dir: Path) -> None:
-    """Redraw RUN_DIR/loss.png from metrics.jsonl (imported here: matplotlib is slow to import). The graph is
-    a convenience: a failure to draw it (nothing logged yet, a full disk, no matplotlib on a GPU box) is
-    reported, never fatal to a run."""
-    from gpt2.plots import plot_run
-
+    """Redraw RUN_DIR/loss.png from metrics.jsonl. The graph is a convenience: a failure to draw it (nothing
+    logged yet, a full disk, no matplotlib on a GPU box) is reported, never fatal to a run."""
     try:
         plot_run(run_dir)
     except (UserError, OSError, ValueError, ImportError) as e:

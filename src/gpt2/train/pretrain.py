@@ -1,15 +1,7 @@
-"""`gpt2 pretrain`: train GPT-2 from scratch on token shards, on one process or under torchrun.
-
-    gpt2 pretrain --preset tiny --data data/shakespeare --out runs/tiny            # a laptop CPU, minutes
-    torchrun --nproc_per_node=8 -m gpt2 pretrain --preset gpt2-124m --data data/fineweb --out runs/124m
+"""Pretraining's Task: next-token prediction on token shards, for the shared loop (`gpt2 pretrain`, in
+`gpt2.commands.pretrain`, is its command).
 
 Design decisions:
-- The config is flat: every `TrainConfig` field (the shared loop's), every `GPTConfig` field and the data
-  fields are one dataclass, so each is a flag (`--n-layer`, `--lr`, `--micro-batch`, ...) and a preset is
-  one object. `model_config()` picks the GPTConfig fields back out.
-- Batch size is given the way the seed states it, in tokens per optimizer step (`--global-batch 524288`);
-  gradient accumulation follows from the micro batch, sequence length and number of processes, and must
-  divide exactly: a silently rounded batch would change the recipe.
 - On CPU the loss is `gpt2.train.losses.gpt_loss_chunked` (same values and gradients as `GPT.loss`,
   without materialising the (B*T, 50257) logits), which is most of the CPU speed-up in bench/train.py.
 - The task is thin: a rank-aware `ShardLoader` on the train split gives micro batches and its position
@@ -17,86 +9,40 @@ Design decisions:
   `gpt2.data.loader` for why windows rather than blocks); evaluation is `gpt2.evaluate.val_loss` over a
   *fresh* val loader (in order) on a fixed token budget (the same tokens every time, shared out between
   ranks, averaged with an all-reduce) and optionally HellaSwag.
-- The `gpt2-124m` preset is the seed's recipe (build-nanogpt): 2^19 tokens/step, micro batch 32 x 1024,
-  max LR 6e-4 with 715 warmup steps and cosine decay to 10% over 19073 steps (one epoch of FineWeb
-  sample-10BT), AdamW (0.9, 0.95), weight decay 0.1, clip 1.0.
+- Gradient accumulation follows from the batch in tokens (`grad_accum_steps`) and must divide exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
 
-from gpt2.config import APPLY, arg
-from gpt2.data.shards import checked_batch
-from gpt2.distributed import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
+from gpt2.data.loader import ShardLoader
+from gpt2.data.shards import checked_batch, list_shards
+from gpt2.distributed import DistInfo, all_reduce_mean
 from gpt2.errors import UserError
-from gpt2.model import GPT, PRESETS, GPTConfig
-from gpt2.train.loop import TrainConfig, train
+from gpt2.evaluate import hellaswag_eval, load_hellaswag, val_loss
+from gpt2.model import GPT
 from gpt2.train.losses import gpt_loss_chunked
 from gpt2.train.task import Task
 
 
-@dataclass
-class PretrainConfig(TrainConfig):
-    # data and batch
-    data: str = arg("data/fineweb", "folder of token shards (*_train_*.bin, *_val_*.bin) from gpt2 prepare")
-    micro_batch: int = arg(32, "sequences per forward/backward pass on each process", minimum=1)
-    seq_len: int = arg(1024, "tokens per training sequence (at most --block-size)", minimum=1)
-    global_batch: int = arg(524_288, "tokens per optimizer step over all processes; must be a multiple of "
-                                     "micro-batch x seq-len x processes", minimum=1)
-    shuffle: bool = arg(True, "read training windows of --seq-len tokens in a seeded random order, each once per "
-                              "epoch (--no-shuffle: in stream order, as the shards lie)")
-    val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)",
-                          on_resume=APPLY, minimum=1, hint="use --eval-every 0 to skip evaluation")
-    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
-                                        "on for CPU, off for CUDA (where torch.compile fuses the loss)",
-                                  on_resume=APPLY)
-    hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation", on_resume=APPLY)
-    hellaswag_source: str | None = arg(None, "local HellaSwag jsonl instead of downloading the validation set",
-                                       on_resume=APPLY)
-    hellaswag_limit: int | None = arg(None, "score only the first N HellaSwag examples", on_resume=APPLY, minimum=1)
-    # the model (GPTConfig fields)
-    block_size: int = arg(1024, "model: context window (learned positions)", minimum=1)
-    vocab_size: int = arg(50257, "model: vocabulary size (GPT-2 BPE)", minimum=1)
-    n_layer: int = arg(12, "model: transformer blocks", minimum=1)
-    n_head: int = arg(12, "model: attention heads", minimum=1)
-    n_embd: int = arg(768, "model: embedding width", minimum=1)
-    dropout: float = arg(0.0, "model: dropout probability (0 for pretraining)")
-    layer_norm_epsilon: float = arg(1e-5, "model: LayerNorm epsilon")
-    vocab_pad_multiple: int = arg(64, "model: pad the embedding rows to this multiple (GPU speed; outputs "
-                                      "unchanged)", minimum=1)
+class PretrainSettings(Protocol):
+    """What the task reads of its run's config (`gpt2 pretrain`'s `PretrainConfig` is one)."""
 
-    def validate(self) -> None:
-        super().validate()  # with each field's `minimum` (gpt2.config.check_values)
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if not self.layer_norm_epsilon > 0:
-            raise UserError(f"--layer-norm-epsilon must be > 0 (got {self.layer_norm_epsilon})")
-        if self.seq_len > self.block_size:
-            raise UserError(f"--seq-len {self.seq_len} exceeds --block-size {self.block_size}")
-
-    def model_config(self) -> GPTConfig:
-        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
-
-
-def _model_fields(name: str) -> dict:
-    return {f.name: getattr(PRESETS[name], f.name) for f in fields(GPTConfig)}
-
-
-PRETRAIN_PRESETS = {
-    "gpt2-124m": PretrainConfig(
-        out="runs/gpt2-124m", data="data/fineweb", max_steps=19_073, warmup_steps=715, lr=6e-4, min_lr=6e-5,
-        weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, eval_every=250, save_every=1000,
-        micro_batch=32, seq_len=1024, global_batch=524_288, val_tokens=10_485_760, **_model_fields("gpt2")),
-    # Minutes on a laptop CPU: a 4-layer, 128-wide model (most of its 6.6M parameters are the embedding)
-    # on a small corpus such as tiny Shakespeare.
-    "tiny": PretrainConfig(
-        out="runs/tiny", data="data/shakespeare", max_steps=300, warmup_steps=30, lr=2e-3, min_lr=2e-4,
-        weight_decay=0.1, eval_every=50, save_every=100, micro_batch=8, seq_len=128, global_batch=2048,
-        val_tokens=16_384, **_model_fields("tiny")),
-}
+    data: str
+    micro_batch: int
+    seq_len: int
+    shuffle: bool
+    seed: int
+    val_tokens: int
+    vocab_size: int
+    fused_loss: bool | None
+    eval_every: int
+    hellaswag: bool
+    hellaswag_source: str | None
+    hellaswag_limit: int | None
 
 
 def grad_accum_steps(global_batch: int, micro_batch: int, seq_len: int, world_size: int) -> int:
@@ -115,10 +61,7 @@ class PretrainTask(Task):
     """Next-token prediction on shards: train batches from a rank-aware ShardLoader, val loss on a fixed
     budget of val tokens, optionally HellaSwag."""
 
-    def __init__(self, cfg: PretrainConfig, dist: DistInfo):
-        from gpt2.data.loader import ShardLoader
-        from gpt2.data.shards import list_shards
-
+    def __init__(self, cfg: PretrainSettings, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
         self.fused_loss = cfg.fused_loss if cfg.fused_loss is not None else dist.device.type == "cpu"
         self.loader = ShardLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, dist.rank, dist.world_size,
@@ -128,8 +71,6 @@ class PretrainTask(Task):
             print(f"note: {cfg.data} has no val shards; no validation loss will be measured", flush=True)
         self.hellaswag = None
         if cfg.hellaswag:
-            from gpt2.evaluate import load_hellaswag
-
             self.hellaswag = load_hellaswag(cfg.hellaswag_source, "val", limit=cfg.hellaswag_limit)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +81,6 @@ class PretrainTask(Task):
         return (gpt_loss_chunked(model, x, y) if self.fused_loss else model.loss(x, y)), {}
 
     def evaluate(self, model: GPT) -> dict[str, float]:
-        from gpt2.evaluate import hellaswag_eval, val_loss
-
         results = {}
         if self.has_val:
             results["val_loss"] = self._val_loss(model, val_loss)
@@ -157,8 +96,6 @@ class PretrainTask(Task):
         Its batch is --micro-batch rows, or as many as the val split holds per rank when that is fewer (a
         small val split, such as tinyshakespeare's 33 windows of 1024 at micro batch 64, is then still
         measured instead of stopping the run at its first evaluation)."""
-        from gpt2.data.loader import ShardLoader
-
         cfg, dist = self.cfg, self.dist
         probe = ShardLoader(cfg.data, "val", 1, cfg.seq_len, dist.rank, dist.world_size)  # raises if < 1 window
         rows = min(cfg.micro_batch, probe.num_windows // dist.world_size)
@@ -176,29 +113,3 @@ class PretrainTask(Task):
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
-
-
-def run(cfg: PretrainConfig):
-    cfg.validate()
-    dist = init_distributed(cfg.device)
-    try:
-        model_cfg = cfg.model_config()
-        accum = grad_accum_steps(cfg.global_batch, cfg.micro_batch, cfg.seq_len, dist.world_size)
-        task = PretrainTask(cfg, dist)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = GPT(model_cfg)
-        if dist.is_main:
-            epoch = task.loader.num_tokens / cfg.global_batch
-            print(f"pretrain: {model.num_params() / 1e6:.1f}M parameters on {dist.world_size} x {dist.device}; "
-                  f"{cfg.global_batch:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {dist.world_size} "
-                  f"process(es) x {accum} accumulation steps; {cfg.max_steps} steps "
-                  f"({cfg.max_steps / epoch:.2f} epochs of {task.loader.num_tokens:,} train tokens)", flush=True)
-        result = train(model, task, cfg, accum, dist=dist, run_config=cfg)
-        if dist.is_main and cfg.save_final:
-            print(f"pretrain: {result.step} steps done; model in {result.run_dir / 'model'} "
-                  f"(gpt2 generate --model {result.run_dir / 'model'} \"...\")", flush=True)
-        elif dist.is_main:
-            print(f"pretrain: {result.step} steps done; --no-save-final: no final checkpoint", flush=True)
-        return result
-    finally:
-        destroy_distributed()

@@ -25,6 +25,9 @@ import torch
 from gpt2.errors import UserError
 
 TRAIN_DTYPES = ["auto", "bfloat16", "float16", "float32"]
+# --dtype of every command that runs a model under autocast (training and evaluation): one meaning, one text.
+AUTOCAST_HELP = ("autocast dtype: auto (bfloat16 on a GPU that has it, else float16 on CUDA, float32 on a CPU), "
+                 "bfloat16, float16, float32")
 
 
 def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
