@@ -153,9 +153,11 @@ def test_help_shows_the_defaults_that_apply(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(default: 19073 with preset gpt2-124m, 300 with tiny)" in text
-    assert "(default: 715 with preset gpt2-124m, 30 with tiny)" in text
-    assert "(default: 'runs/gpt2-124m' with preset gpt2-124m, 'runs/tiny' with tiny)" in text
+    assert ("(default: 19073 with preset gpt2-124m, 19073 with gpt2-medium, 19073 with gpt2-large, 9537 with "
+            "gpt2-xl, 300 with tiny)") in text
+    assert "(default: 715 with preset gpt2-124m, 715 with gpt2-medium, 715 with gpt2-large, 358 with gpt2-xl, " \
+           "30 with tiny)" in text
+    assert "(default: 'runs/gpt2-124m' with preset gpt2-124m, 'runs/gpt2-medium' with gpt2-medium" in text
     assert "(default: 1000)" not in text and "'runs/run'" not in text
     assert "--resume: `gpt2 pretrain --out RUN --resume` alone continues RUN" in text
-    assert "A new value of --max-steps, --lr, --min-lr, --warmup-steps, --grad-clip is applied" in text
+    assert "A new value of --max-steps, --lr, --min-lr, --warmup-steps, --muon-lr, --grad-clip is applied" in text

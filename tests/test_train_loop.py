@@ -286,8 +286,8 @@ def train_capturing_grads(task, out: Path, grad_accum: int, monkeypatch=None) ->
 
     grads, real = [], loop.build_optimizer
 
-    def build(model, cfg, device):
-        opt = real(model, cfg, device)
+    def build(model, cfg, device, **kw):
+        opt = real(model, cfg, device, **kw)
         opt.register_step_pre_hook(lambda o, a, k: grads.extend(p.grad.clone() for p in model.parameters()))
         return opt
 
