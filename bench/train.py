@@ -27,7 +27,7 @@ best final val loss kept; Muon's AdamW part uses AdamW's best LR); printed: the 
 AdamW's final val loss (goal: within two thirds of the steps) and the ratio of their times per step (goal:
 at most 1.3x).
 
-    python bench/train.py --compare-muon [--steps 300] [--adamw-lrs 1e-3 2e-3 4e-3] [--muon-lrs 0.01 0.02 0.04]
+    python bench/train.py --compare-muon [--steps 300] [--adamw-lrs 2e-3 4e-3] [--muon-lrs 0.02 0.04]
 """
 
 from __future__ import annotations
@@ -205,10 +205,12 @@ def compare_muon(text_path: Path, steps: int, workdir: Path, adamw_lrs: list[flo
     the first evaluated step at which Muon reaches AdamW's final val loss, and their times per step."""
     from dataclasses import replace
 
-    _, _, base = shakespeare(text_path, workdir, steps, eval_every=10)
+    _, _, base = shakespeare(text_path, workdir, steps, eval_every=20)
+    base = replace(base, val_tokens=16 * base.micro_batch * base.seq_len)  # the same 16 val batches every time
     print(f"bench/train.py --compare-muon: CPU {cpu_name()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; tinyshakespeare, {base.n_layer} layers x {base.n_embd} wide, context "
-          f"{base.seq_len}, {base.global_batch:,} tokens/step, {steps} steps, val loss every 10 steps", flush=True)
+          f"{base.seq_len}, {base.global_batch:,} tokens/step, {steps} steps, val loss on {base.val_tokens:,} tokens every "
+          f"20 steps", flush=True)
     runs = {}
     for lr in adamw_lrs:
         runs[("adamw", lr)] = run_curve(replace(base, out=str(workdir / f"adamw-{lr}"), lr=lr, min_lr=lr / 10))
@@ -226,7 +228,7 @@ def compare_muon(text_path: Path, steps: int, workdir: Path, adamw_lrs: list[flo
     reached = next((s for s in sorted(m_curve) if s > 0 and m_curve[s] <= target), None)
     print(f"{'step':>6} {'adamw':>8} {'muon':>8}")
     for s in sorted(a_curve):
-        if s % 50 == 0:
+        if s % 60 == 0:
             print(f"{s:>6} {a_curve[s]:>8.4f} {m_curve[s]:>8.4f}")
     where = f"at step {reached}" if reached else f"not within {steps} steps"
     print(f"AdamW (lr {best_adamw:g}) final val loss {target:.4f}; Muon (lr {best_muon:g}) reaches it {where} "
@@ -308,9 +310,9 @@ def main() -> None:
                    "nanoGPT-style random-window trainer on tinyshakespeare, same model/optimizer/steps")
     p.add_argument("--compare-muon", action="store_true", help="val-loss curves of --optimizer muon vs adamw on "
                    "tinyshakespeare, each with its LR swept: the step at which Muon reaches AdamW's final loss")
-    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3], help="--compare-muon: "
+    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[2e-3, 4e-3], help="--compare-muon: "
                    "AdamW's peak LRs to sweep")
-    p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04], help="--compare-muon: Muon's "
+    p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.02, 0.04], help="--compare-muon: Muon's "
                    "peak LRs to sweep")
     p.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data" /
                    "tinyshakespeare.txt", help="corpus for --compare-nanogpt (default: "
