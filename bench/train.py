@@ -209,8 +209,8 @@ def compare_muon(text_path: Path, steps: int, workdir: Path, adamw_lrs: list[flo
     base = replace(base, val_tokens=16 * base.micro_batch * base.seq_len)  # the same 16 val batches every time
     print(f"bench/train.py --compare-muon: CPU {cpu_name()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; tinyshakespeare, {base.n_layer} layers x {base.n_embd} wide, context "
-          f"{base.seq_len}, {base.global_batch:,} tokens/step, {steps} steps, val loss on {base.val_tokens:,} tokens every "
-          f"20 steps", flush=True)
+          f"{base.seq_len}, {base.global_batch:,} tokens/step, {steps} steps, val loss on {base.val_tokens:,} "
+          "tokens every 20 steps", flush=True)
     runs = {}
     for lr in adamw_lrs:
         runs[("adamw", lr)] = run_curve(replace(base, out=str(workdir / f"adamw-{lr}"), lr=lr, min_lr=lr / 10))
