@@ -54,3 +54,16 @@ def test_every_flag_has_help():
 def test_bad_value_is_an_argparse_error():
     with pytest.raises(SystemExit):
         parse(["--steps", "many"])
+
+
+def test_one_meaning_per_dtype_flag_and_the_old_name_still_parses():
+    """--dtype is the autocast dtype wherever it is the flag's name; the decoding commands' weights dtype is
+    --weights-dtype, with --dtype kept as its alias so that scripts keep working."""
+    from gpt2.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["serve"], ["chat"], ["cache", "build"]):
+        assert parser.parse_args([*argv, "--dtype", "bfloat16"]).weights_dtype == "bfloat16"
+        assert parser.parse_args([*argv, "--weights-dtype", "float16"]).weights_dtype == "float16"
+    for argv in (["pretrain"], ["finetune"], ["eval", "val-loss"]):
+        assert parser.parse_args([*argv, "--dtype", "float16"]).dtype == "float16"

@@ -44,12 +44,14 @@ SESSION, APPLY, ANNOUNCE, REFUSE = "session", "apply", "announce", "refuse"
 
 def arg(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, positional: bool = False,
         choices: list[str] | None = None, metavar: str | None = None, on_resume: str | None = None,
-        minimum: int | float | None = None, hint: str = "") -> Any:
+        minimum: int | float | None = None, hint: str = "", aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field carrying its CLI help text (and optionally choices / positional, and its rule on
     `--resume`: SESSION, APPLY, ANNOUNCE or REFUSE; None = the base class's rule for this name, else REFUSE).
-    minimum: the smallest value that makes sense (`check_values` refuses less, adding `hint` to its message)."""
+    minimum: the smallest value that makes sense (`check_values` refuses less, adding `hint` to its message).
+    aliases: other flag names that set the field too (kept so that scripts written for an older name still run;
+    argparse's help lists them beside the flag)."""
     meta = {"help": help, "positional": positional, "choices": choices, "metavar": metavar,
-            "on_resume": on_resume, "minimum": minimum, "hint": hint or None}
+            "on_resume": on_resume, "minimum": minimum, "hint": hint or None, "aliases": aliases}
     if factory is not _MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -110,13 +112,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, presets: dict
         tp, optional = _unwrap_optional(hints[f.name])
         meta = f.metadata
         help_text = meta.get("help") or f.name.replace("_", " ")
+        aliases = meta.get("aliases") or ()
         kwargs: dict[str, Any] = {"help": f"{help_text} {_default_text(f, presets)}".rstrip(), "dest": f.name}
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if tp is bool:
-            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag_name(f.name), *aliases, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, **kwargs)
             continue
         if typing.get_origin(tp) in (list, tuple):
@@ -132,7 +135,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, presets: dict
                 kwargs["nargs"] = "?" if f.default is not _MISSING else None
             parser.add_argument(f.name, **{k: v for k, v in kwargs.items() if v is not None})
         else:
-            parser.add_argument(flag_name(f.name), default=argparse.SUPPRESS, **kwargs)
+            parser.add_argument(flag_name(f.name), *aliases, default=argparse.SUPPRESS, **kwargs)
 
 
 def given_fields(cls: type, ns: argparse.Namespace) -> dict[str, Any]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
-from gpt2.checkpoint import load_model
+from gpt2.checkpoint import WEIGHT_DTYPES, WEIGHTS_DTYPE_HELP, load_model
 from gpt2.commands import Command
 from gpt2.config import arg
 from gpt2.decode import compile_cache as cc
@@ -29,8 +27,8 @@ class RemoveConfig:
 @dataclass
 class BuildConfig:
     model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory or hub name")
-    dtype: str = arg("float32", help="the weights' dtype, as the decoding command will load them",
-                     choices=["float32", "bfloat16", "float16"])
+    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP + ", as chat or serve will load them",
+                             choices=list(WEIGHT_DTYPES), aliases=("--dtype",))
 
 
 def _gb(n: int) -> str:
@@ -63,7 +61,7 @@ def run_remove(cfg: RemoveConfig) -> list[str]:
 
 
 def run_build(cfg: BuildConfig):
-    model = load_model(cfg.model, "cpu", getattr(torch, cfg.dtype)).eval()
+    model = load_model(cfg.model, "cpu", WEIGHT_DTYPES[cfg.weights_dtype]).eval()
     t0 = time.perf_counter()
     load(model, label=cfg.model, progress=lambda line: print(line, flush=True))
     print(f"compiled pieces of {cfg.model} ready in {time.perf_counter() - t0:.0f} s", flush=True)

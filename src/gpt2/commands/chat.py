@@ -29,7 +29,7 @@ from typing import TextIO
 import torch
 
 from gpt2.checkpoint import WEIGHT_DTYPES as DTYPES
-from gpt2.checkpoint import load_model
+from gpt2.checkpoint import WEIGHTS_DTYPE_HELP, load_model
 from gpt2.commands import Command
 from gpt2.config import arg, check_sampling, check_values
 from gpt2.decode import Decoder, decoder_for
@@ -55,7 +55,7 @@ class ChatConfig:
     max_tokens: int = arg(256, help="longest answer, in tokens", minimum=1)
     seed: int = arg(1337, help="random seed, for reproducible answers")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
-    dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
+    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP, choices=list(DTYPES), aliases=("--dtype",))
     compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
                                           "ready: answers start at once, eagerly, while the pieces compile in the "
                                           "background (once per model, torch and CPU; cached, see `gpt2 cache`). "
@@ -170,7 +170,7 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
 
 def run(cfg: ChatConfig) -> list[dict]:
     cfg.validate()
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
+    model = load_model(cfg.model, cfg.device, DTYPES[cfg.weights_dtype], reads_text="--model").eval()
     # one-shot (--prompt): eager unless --compile; its process ends before loading pieces (seconds) or building
     # them (minutes) would pay, and an exit has to wait for a load in progress
     compile = cfg.compile if cfg.prompt is None else bool(cfg.compile)

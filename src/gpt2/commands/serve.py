@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2.checkpoint import WEIGHT_DTYPES, load_model
+from gpt2.checkpoint import WEIGHT_DTYPES, WEIGHTS_DTYPE_HELP, load_model
 from gpt2.commands import Command
 from gpt2.config import arg
 from gpt2.decode import decoder_for
@@ -46,7 +46,7 @@ class ServeConfig:
     max_waiting: int = arg(256, help="queued requests beyond this are refused with 429", minimum=1)
     default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
-    dtype: str = arg("float32", help="weights and activations dtype", choices=list(DTYPES))
+    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP, choices=list(DTYPES), aliases=("--dtype",))
     request_timeout: float = arg(10.0, help="seconds a client has to send a whole request (headers and body) "
                                             "from its first byte; slower ones get 408 and are closed "
                                             "(gpt2.serve.timeouts)", minimum=0.001)
@@ -72,7 +72,7 @@ def run(cfg: ServeConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype], reads_text="--model").eval()
+    model = load_model(cfg.model, cfg.device, DTYPES[cfg.weights_dtype], reads_text="--model").eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
     # eager at once; compiled pieces, when wanted, are made ready in the background and switched to between steps
