@@ -40,7 +40,7 @@ from gpt2.train.task import Task
 
 
 class PairTask(Task):
-    """Implements the loop's Task protocol; subclasses define `pair_loss(model, input_ids, targets)`."""
+    """The loop's Task over preference pairs; subclasses define `pair_loss(model, input_ids, targets)`."""
 
     def __init__(self, train_pairs: list[Pair], val_pairs: list[Pair], batch_size: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, eval_batch_size: int | None = None):
@@ -58,7 +58,7 @@ class PairTask(Task):
                   ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    # ---- the Task protocol
+    # ---- the Task's methods
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return collate_pairs([self.train_pairs[i] for i in self.batcher.next_batch()])

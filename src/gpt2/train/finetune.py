@@ -38,7 +38,7 @@ from gpt2.train.task import Task
 
 
 class FinetuneTask(Task):
-    """Alpaca batches for the shared loop (see `gpt2.train.loop.Task`)."""
+    """Alpaca batches for the shared loop (a `gpt2.train.task.Task`)."""
 
     def __init__(self, train_examples: list[Example], val_examples: list[Example], batch_size: int, *,
                  seed: int = 0, rank: int = 0, world_size: int = 1, group_batches: int = 16,
