@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 from pathlib import Path
+
+from train import cpu_name  # bench/train.py's
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -50,16 +51,6 @@ def measure(preset: str, rows: int, seq_len: int, steps: int, device: str, check
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     plan = plan_memory(model, rows, seq_len, amp, checkpointing)
     return {"peak": peak, "plan": plan.total}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ from gpt2.model import GPT, GPTConfig
 from gpt2.train.loop import train
 from gpt2.train.parallel import checkpoint_activations
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = GPTConfig(block_size=64, vocab_size=128, n_layer=3, n_head=2, n_embd=32, dropout=0.1)
 
 
@@ -48,12 +50,6 @@ def test_gradients_unchanged_and_activation_memory_cut():
     assert kept_ckpt < 0.5 * kept
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_training_flag_gives_the_same_run(tmp_path):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 from gpt2.commands.finetune import FinetuneConfig, run
 from gpt2.commands.prepare_alpaca import PrepareAlpacaConfig, prepare
@@ -17,6 +16,8 @@ from gpt2.data.batching import collate
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.train.finetune import FinetuneTask, answer_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAIRS = [("Name a primary color.", "Red."), ("What is two plus two?", "Four."), ("Say hello in French.", "Bonjour!")]
 

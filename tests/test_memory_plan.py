@@ -14,13 +14,9 @@ from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.train.memory import GB, fitting_rows, plan_memory
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def activation_bytes(model: GPT, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None) -> int:

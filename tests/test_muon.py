@@ -14,13 +14,9 @@ from gpt2.errors import UserError
 from gpt2.train.loop import train
 from gpt2.train.optim import CombinedOptimizer, apply_lr, build_optimizer, lr_at
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(tmp_path):

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 from gpt2.checkpoint import load_checkpoint, load_model
 from gpt2.cli import main
@@ -19,6 +18,8 @@ from gpt2.errors import UserError
 from gpt2.model import PRESETS, GPTConfig
 from gpt2.train.loop import TrainConfig
 from gpt2.train.pretrain import grad_accum_steps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 256
 

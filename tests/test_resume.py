@@ -14,7 +14,6 @@ from test_pretrain import (
     VOCAB,
     shards,  # noqa: F401  (fixture: a few synthetic token shards)
 )
-from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.cli import main
@@ -22,6 +21,8 @@ from gpt2.config import ANNOUNCE, APPLY, SESSION, arg, resume_rule
 from gpt2.errors import UserError
 from gpt2.train.loop import TrainConfig, lr_at
 from gpt2.train.run_dir import resumed_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The run's recipe (on top of the tiny preset): a model small enough for a test.
 RECIPE = ["--device", "cpu", "--vocab-size", str(VOCAB), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",

@@ -13,13 +13,9 @@ from gpt2.checkpoint import load_checkpoint
 from gpt2.train.loop import train
 from gpt2.train.runtime import autocast_dtype
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 class _InfGrad(torch.autograd.Function):

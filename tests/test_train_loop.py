@@ -21,15 +21,9 @@ from gpt2.model import GPT, GPTConfig
 from gpt2.train.loop import NonFiniteLossError, TrainConfig, lr_at, run_length, train
 from gpt2.train.task import Task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads waiting for each
-    other make steps several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32, vocab_pad_multiple=64)
 T = 16

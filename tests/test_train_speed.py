@@ -28,13 +28,9 @@ from gpt2.checkpoint import BackgroundWriter, state_to_cpu
 from gpt2.train.loop import train
 from gpt2.train.stats import sum_over_ranks
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 # --------------------------------------------------------------------------- batches

@@ -15,13 +15,14 @@ import pytest
 import torch
 from test_generate_cli import model_dir  # noqa: F401  (fixture: a 64-token model)
 from test_pretrain import VOCAB, pretrain, shards  # noqa: F401  (shards: fixture)
-from test_train_loop import _one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 from gpt2 import io as gio
 from gpt2.checkpoint import load_checkpoint
 from gpt2.cli import main
 from gpt2.data.shards import write_shard
 from gpt2.model import GPT, GPTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def error_line(capsys, run) -> str:

@@ -79,28 +79,26 @@ def _model_fields(name: str) -> dict:
     return {f.name: getattr(PRESETS[name], f.name) for f in fields(GPTConfig)}
 
 
+def _fineweb(model: str, lr: float, micro_batch: int, global_batch: int = 524_288, **kw) -> PretrainConfig:
+    """The seed's recipe on FineWeb sample-10BT for a GPT-2 size: one epoch (10B tokens), warmup over 375M tokens
+    (GPT-3's), cosine to lr / 10, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0."""
+    steps = round(10e9 / global_batch)
+    return PretrainConfig(
+        out=f"runs/{model}", data="data/fineweb", max_steps=steps, warmup_steps=round(375e6 / global_batch), lr=lr,
+        min_lr=round(lr / 10, 12), weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, micro_batch=micro_batch,
+        seq_len=1024, global_batch=global_batch, val_tokens=10_485_760,
+        **{**_model_fields(model.removesuffix("-124m")), **kw})
+
+
 PRETRAIN_PRESETS = {
-    "gpt2-124m": PretrainConfig(
-        out="runs/gpt2-124m", data="data/fineweb", max_steps=19_073, warmup_steps=715, lr=6e-4, min_lr=6e-5,
-        weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, eval_every=250, save_every=1000,
-        micro_batch=32, seq_len=1024, global_batch=524_288, val_tokens=10_485_760, **_model_fields("gpt2")),
-    # The larger GPT-2 sizes on the same recipe (one epoch of FineWeb sample-10BT, AdamW (0.9, 0.95), weight
-    # decay 0.1, clip 1.0, warmup 375M tokens, cosine to 10%), with the batch and peak LR of the GPT-3 paper's
-    # model of the nearest size (Brown et al. 2020, table 2.1: Medium 350M 0.5M tokens 3.0e-4, Large 760M 0.5M
-    # 2.5e-4, XL 1.3B 1M 2.0e-4). Micro batches fit an 80 GB card under DDP in bf16 by the memory plan
-    # (scripts/gpu_settings.py); smaller cards: --micro-batch, --activation-checkpointing or --parallel fsdp.
-    "gpt2-medium": PretrainConfig(
-        out="runs/gpt2-medium", data="data/fineweb", max_steps=19_073, warmup_steps=715, lr=3e-4, min_lr=3e-5,
-        weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, eval_every=250, save_every=1000,
-        micro_batch=32, seq_len=1024, global_batch=524_288, val_tokens=10_485_760, **_model_fields("gpt2-medium")),
-    "gpt2-large": PretrainConfig(
-        out="runs/gpt2-large", data="data/fineweb", max_steps=19_073, warmup_steps=715, lr=2.5e-4, min_lr=2.5e-5,
-        weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, eval_every=250, save_every=1000,
-        micro_batch=16, seq_len=1024, global_batch=524_288, val_tokens=10_485_760, **_model_fields("gpt2-large")),
-    "gpt2-xl": PretrainConfig(
-        out="runs/gpt2-xl", data="data/fineweb", max_steps=9_537, warmup_steps=358, lr=2e-4, min_lr=2e-5,
-        weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, eval_every=125, save_every=500,
-        micro_batch=8, seq_len=1024, global_batch=1_048_576, val_tokens=10_485_760, **_model_fields("gpt2-xl")),
+    "gpt2-124m": _fineweb("gpt2-124m", 6e-4, 32, eval_every=250, save_every=1000),
+    # The larger GPT-2 sizes on the same recipe, with the batch and peak LR of the GPT-3 paper's model of the
+    # nearest size (Brown et al. 2020, table 2.1: Medium 350M 0.5M tokens 3.0e-4, Large 760M 0.5M 2.5e-4, XL 1.3B
+    # 1M 2.0e-4). Micro batches fit an 80 GB card under DDP in bf16 by the memory plan (scripts/gpu_settings.py);
+    # smaller cards: --micro-batch, --activation-checkpointing or --parallel fsdp.
+    "gpt2-medium": _fineweb("gpt2-medium", 3e-4, 32, eval_every=250, save_every=1000),
+    "gpt2-large": _fineweb("gpt2-large", 2.5e-4, 16, eval_every=250, save_every=1000),
+    "gpt2-xl": _fineweb("gpt2-xl", 2e-4, 8, global_batch=1_048_576, eval_every=125, save_every=500),
     # Minutes on a laptop CPU: a 4-layer, 128-wide model (most of its 6.6M parameters are the embedding)
     # on a small corpus such as tiny Shakespeare.
     "tiny": PretrainConfig(
