@@ -34,16 +34,26 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, stop_at: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from gpt2.distributed import destroy_distributed, init_distributed
+    from gpt2.distributed import destroy_distributed
 
     try:
-        dist = init_distributed("cpu")
-        cfg = cfg_for(Path(out), parallel=parallel, save_every=2, stop_at_step=stop_at, resume=resume)
-        trainer = Trainer(make_model(seed=7 if resume else 0), ListTask(make_data(), rank, world), cfg, 2, dist)
-        trainer.fit()
-        Path(out, f"bytes{rank}.json").write_text(json.dumps(state_bytes(trainer)))
+        Path(out, f"bytes{rank}.json").write_text(json.dumps(train_and_measure(rank, world, out, parallel, stop_at,
+                                                                               resume)))
     finally:
-        destroy_distributed()
+        destroy_distributed()  # after the trainer is gone: a DDP wrapper freed after its process group deadlocks
+
+
+def train_and_measure(rank: int, world: int, out: str, parallel: str, stop_at: int | None, resume: bool) -> int:
+    from gpt2.distributed import init_distributed
+
+    dist = init_distributed("cpu")
+    cfg = cfg_for(Path(out), parallel=parallel, save_every=2, stop_at_step=stop_at, resume=resume)
+    trainer = Trainer(make_model(seed=7 if resume else 0), ListTask(make_data(), rank, world), cfg, 2, dist)
+    try:
+        trainer.fit()
+        return state_bytes(trainer)
+    finally:
+        trainer.close()
 
 
 def spawn(out: Path, parallel: str, stop_at: int | None = None, resume: bool = False) -> None:

@@ -272,7 +272,7 @@ class Trainer:
         self.state.last_saved = step
 
     def _writer_job(self, state: dict, step: int, previous: int | None) -> Callable[[], None]:
-        shadow, ckpt_path, run_dir = self._shadow, self.ckpt_path, self.run_dir
+        shadow, ckpt_path, run_dir, export = self._shadow, self.ckpt_path, self.run_dir, self.export
 
         def write() -> None:
             written = previous
@@ -280,7 +280,7 @@ class Trainer:
                 save_checkpoint(state, ckpt_path)
                 written = step
                 shadow.load_state_dict(state["model"])
-                self.export(shadow, run_dir / MODEL_DIR)
+                export(shadow, run_dir / MODEL_DIR)
             except UserError as e:
                 kept = f"{ckpt_path} holds step {written}" if written is not None else "no checkpoint was written"
                 raise UserError(f"saving step {step} failed: {e}; {kept}") from e
@@ -301,7 +301,8 @@ class Trainer:
             if results:
                 self.metrics.log({"kind": "eval", "step": step, **{k: float(v) for k, v in results.items()}})
                 self.bar.write(f"step {step}: " + ", ".join(f"{k} {float(v):.4f}" for k, v in results.items()))
-            self.writer.submit(lambda: plot(self.run_dir))
+            run_dir = self.run_dir  # not `self`: the writer's job must not keep the trainer alive
+            self.writer.submit(lambda: plot(run_dir))
 
     def check_memory(self, micro_batch: Any) -> None:
         """The memory plan (`gpt2.train.memory`) for this micro batch's shape, printed; a plan that cannot fit is
@@ -461,6 +462,11 @@ class Trainer:
             self._say(f"stopped at step {end_step} of {cfg.max_steps}; {how}")
         return TrainResult(step=max(start, end_step), loss=loss, run_dir=self.run_dir)
 
+    def close(self) -> None:
+        """Drop the DDP wrapper now, while its process group lives: a DDP reducer freed after
+        `destroy_process_group` (say by the garbage collector at exit) deadlocks in gloo's teardown."""
+        self.forward = self.ddp = None
+
     def _say(self, line: str) -> None:
         if self.dist.is_main:
             print(line, flush=True)
@@ -492,7 +498,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
         try:
             trainer = Trainer(model, task, cfg, grad_accum_steps, dist, run_config=run_config, export=export,
                               flops_per_token=flops_per_token)
-            return trainer.fit()
+            try:
+                return trainer.fit()
+            finally:
+                trainer.close()
         except UserError:
             _close_progress_bars()  # the error line then starts a line of its own, not the bar's
             raise
