@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train_loop import ListTask, _free_port, cfg_for, losses, make_data, make_model
+from test_train_fp16 import OverflowTask
+from test_train_loop import ListTask, _free_port, cfg_for, losses, make_data, make_model, read_lines
 
 from gpt2.checkpoint import load_checkpoint, load_model
 from gpt2.model import GPT
@@ -30,7 +31,8 @@ def state_bytes(trainer: Trainer) -> int:
     return 2 * params + moments
 
 
-def _worker(rank: int, world: int, port: int, out: str, parallel: str, stop_at: int | None, resume: bool) -> None:
+def _worker(rank: int, world: int, port: int, out: str, parallel: str, stop_at: int | None, resume: bool,
+            dtype: str = "auto") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -38,17 +40,22 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, stop_at: 
 
     try:
         Path(out, f"bytes{rank}.json").write_text(json.dumps(train_and_measure(rank, world, out, parallel, stop_at,
-                                                                               resume)))
+                                                                               resume, dtype)))
     finally:
         destroy_distributed()  # after the trainer is gone: a DDP wrapper freed after its process group deadlocks
 
 
-def train_and_measure(rank: int, world: int, out: str, parallel: str, stop_at: int | None, resume: bool) -> int:
+def train_and_measure(rank: int, world: int, out: str, parallel: str, stop_at: int | None, resume: bool,
+                      dtype: str) -> int:
     from gpt2.distributed import init_distributed
 
     dist = init_distributed("cpu")
-    cfg = cfg_for(Path(out), parallel=parallel, save_every=2, stop_at_step=stop_at, resume=resume)
-    trainer = Trainer(make_model(seed=7 if resume else 0), ListTask(make_data(), rank, world), cfg, 2, dist)
+    cfg = cfg_for(Path(out), parallel=parallel, save_every=2, stop_at_step=stop_at, resume=resume, dtype=dtype)
+    # float16 runs overflow in the step whose last micro batch is this rank's 4th (rank 0 only: one rank's
+    # overflow must make every rank skip the step)
+    task = OverflowTask(make_data(), at=4 if rank == 0 else -1) if dtype == "float16" else ListTask(make_data())
+    task.rank, task.world = rank, world
+    trainer = Trainer(make_model(seed=7 if resume else 0), task, cfg, 2, dist)
     try:
         trainer.fit()
         return state_bytes(trainer)
@@ -56,8 +63,8 @@ def train_and_measure(rank: int, world: int, out: str, parallel: str, stop_at: i
         trainer.close()
 
 
-def spawn(out: Path, parallel: str, stop_at: int | None = None, resume: bool = False) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(out), parallel, stop_at, resume), nprocs=2, join=True)
+def spawn(out: Path, parallel: str, stop_at: int | None = None, resume: bool = False, dtype: str = "auto") -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(out), parallel, stop_at, resume, dtype), nprocs=2, join=True)
 
 
 def test_fsdp_matches_ddp_and_one_process_resumes_exactly_and_halves_state(tmp_path):
@@ -93,3 +100,15 @@ def test_fsdp_matches_ddp_and_one_process_resumes_exactly_and_halves_state(tmp_p
     assert losses(tmp_path / "part") == losses(tmp_path / "fsdp")
     part = load_checkpoint(tmp_path / "part")
     assert all(torch.equal(v, part["model"][k]) for k, v in fsdp["model"].items())
+
+
+def test_fsdp_float16_skips_an_overflowed_step_on_every_rank_as_ddp_does(tmp_path):
+    """fp16 loss scaling under FSDP: the gradient scaler's overflow finding is all-reduced, so the step that
+    overflowed on one rank is skipped on both, with the scale halved, exactly where DDP skips it; the losses stay
+    those of DDP (to float32 rounding of the sharded sums)."""
+    spawn(tmp_path / "ddp", "ddp", dtype="float16")
+    spawn(tmp_path / "fsdp", "fsdp", dtype="float16")
+    a, b = read_lines(tmp_path / "ddp", "train"), read_lines(tmp_path / "fsdp", "train")
+    assert [x["skipped"] for x in a] == [False, True, False, False, False, False]
+    assert [(x["skipped"], x["loss_scale"]) for x in b] == [(x["skipped"], x["loss_scale"]) for x in a]
+    assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], abs=1e-4)

@@ -72,6 +72,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
@@ -84,7 +85,7 @@ from gpt2.checkpoint import (
     state_to_cpu,
 )
 from gpt2.config import command_name, to_dict
-from gpt2.distributed import DistInfo, all_gather_object, init_distributed
+from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
 from gpt2.train.config import (  # noqa: F401  (the loop's settings, also known from here)
     EPOCHS_HELP,
@@ -189,10 +190,13 @@ class Trainer:
             checkpoint_activations(model)
         self.amp = autocast_dtype(cfg.dtype, self.device)
         self.sharded = cfg.parallel == "fsdp" and dist.is_distributed
+        if cfg.parallel == "fsdp" and not dist.is_distributed:
+            self._say("note: --parallel fsdp shards over the processes of torchrun; one process trains unsharded")
         # A host copy the writer exports from: made before sharding (the whole model) or at the first save.
         self._shadow: nn.Module | None = copy.deepcopy(model).to("cpu") if self.sharded and dist.is_main else None
         self.forward, self.ddp = self._wrap()  # before the optimizer: sharding replaces the parameters
-        self.optimizer = build_optimizer(model, cfg, self.device, sharded=self.sharded)
+        self.optimizer = build_optimizer(model, cfg, self.device, sharded=self.sharded,
+                                         scaled=self.amp == torch.float16)
         self.state = TrainState()
         run_config = run_config if run_config is not None else cfg
         self.command = command_name(run_config)
@@ -201,7 +205,10 @@ class Trainer:
             self.run_config[COMMAND_KEY] = self.command  # the run's maker: --resume by another is refused
         # float16's narrow range: the loss is scaled up before backward and the gradients unscaled before
         # clipping; a step whose gradients overflowed is skipped and the scale lowered (a no-op otherwise).
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        # Sharded, an overflow may sit in one rank's shard only: the sharded scaler all-reduces the finding, so
+        # every rank skips the same steps.
+        scaler = ShardedGradScaler if self.sharded else torch.amp.GradScaler
+        self.scaler = scaler(self.device.type, enabled=self.amp == torch.float16)
         self.peak = peak_flops(self.device)
         self.export = export or _export_hf
         self.flops_per_token = flops_per_token
@@ -316,11 +323,14 @@ class Trainer:
         resident = sum(local_tensor_bytes(p) for p in self.model.parameters())
         free = free_memory(self.device, resident)
         line = f"memory plan per {self.device.type} device: {plan.describe()} (x {seq_len} tokens)"
-        if free is None:
+        line += f", {free / GB:.1f} GB free" if free is not None else ""
+        misfits = float(free is not None and plan.total > free)
+        if self.dist.is_distributed:  # every rank stops, or none: one stopping alone would hang the others
+            misfits = all_reduce_sum(torch.tensor(misfits, device=self.device)).item()
+        if not misfits:
             return self._say(line)
-        line += f", {free / GB:.1f} GB free"
-        if plan.total <= free:
-            return self._say(line)
+        if free is None or plan.total <= free:
+            raise UserError(f"{line}; another rank's plan does not fit its device (see its line)")
         flag = "--micro-batch" if "micro_batch" in self.run_config else "--batch-size"
         tips = advice(self.model, plan, free, seq_len, self.amp, self.cfg.activation_checkpointing, flag)
         raise UserError(f"{line}: it does not fit; try {tips} (or --no-memory-check to try anyway)")

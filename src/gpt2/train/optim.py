@@ -48,8 +48,11 @@ def apply_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> f
     return lr
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, sharded: bool = False):
-    """The optimizer of --optimizer (module docstring)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, sharded: bool = False,
+                    scaled: bool = False):
+    """The optimizer of --optimizer (module docstring). Sharded (FSDP) with float16 loss scaling (`scaled`),
+    AdamW runs unfused: the fused kernel takes the sharded gradient scaler's inf flag in a shape it refuses
+    (torch 2.13)."""
     params = [p for p in model.parameters() if p.requires_grad]
     hidden = []
     if cfg.optimizer == "muon":
@@ -59,7 +62,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, sh
         in_blocks = {id(p) for b in blocks(model) for p in b.parameters()}
         hidden = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
     chosen = {id(p) for p in hidden}
-    adamw = adamw_for([p for p in params if id(p) not in chosen], cfg, device)
+    fused = device.type in ("cuda", "cpu") and not (sharded and scaled)
+    adamw = adamw_for([p for p in params if id(p) not in chosen], cfg, fused)
     if not hidden:
         return adamw
     muon = torch.optim.Muon([{"params": hidden, "muon": True}], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
@@ -67,13 +71,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, sh
     return CombinedOptimizer(adamw, muon)
 
 
-def adamw_for(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def adamw_for(params: list[nn.Parameter], cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     """AdamW decaying only 2-D weights; fused kernels on CUDA and CPU (one kernel for all parameters)."""
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=fused)
 
 
