@@ -78,7 +78,8 @@ def test_fsdp_matches_ddp_and_one_process_resumes_exactly_and_halves_state(tmp_p
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(single), abs=1e-5)
 
     fsdp, ddp = load_checkpoint(tmp_path / "fsdp"), load_checkpoint(tmp_path / "ddp")
-    assert fsdp["parallel"] == "fsdp" and set(fsdp["model"]) == set(ddp["model"])  # whole weights, same names
+    assert fsdp["sharded"] and not ddp["sharded"]
+    assert set(fsdp["model"]) == set(ddp["model"])  # whole weights, same names
     for k, v in ddp["model"].items():
         torch.testing.assert_close(fsdp["model"][k], v, atol=1e-5, rtol=1e-4)
     # the export loads in one process as a DDP run's does, with the same weights
@@ -100,6 +101,9 @@ def test_fsdp_matches_ddp_and_one_process_resumes_exactly_and_halves_state(tmp_p
     assert losses(tmp_path / "part") == losses(tmp_path / "fsdp")
     part = load_checkpoint(tmp_path / "part")
     assert all(torch.equal(v, part["model"][k]) for k, v in fsdp["model"].items())
+    # a sharded checkpoint continued under DDP: one line on each rank, not a KeyError from the optimizer
+    with pytest.raises(mp.ProcessRaisedException, match=r"UserError: .*was written by an FSDP run"):
+        spawn(tmp_path / "part", "ddp", resume=True)
 
 
 def test_fsdp_float16_skips_an_overflowed_step_on_every_rank_as_ddp_does(tmp_path):

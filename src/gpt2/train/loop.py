@@ -241,6 +241,10 @@ class Trainer:
                 self._say(f"--resume: no checkpoint in {self.run_dir} yet; starting a new run")
             seed_everything(self.cfg.seed + self.dist.rank)
             return None
+        if bool(resumed.get("sharded")) != self.sharded:  # the optimizer state is keyed by name when sharded
+            was = "an FSDP run (--parallel fsdp under torchrun)" if resumed.get("sharded") else "an unsharded run"
+            raise UserError(f"{self.ckpt_path} was written by {was}: resume it the same way (the optimizer state "
+                            "of the two is laid out differently)")
         try:
             load_full_state(self.model, self.optimizer, resumed["model"], resumed["optimizer"])
         except RuntimeError as e:  # a run from before the command was recorded, made by another command
@@ -268,7 +272,7 @@ class Trainer:
                 self._shadow = copy.deepcopy(self.model).to("cpu")
             config = getattr(self.model, "config", None)
             state = state_to_cpu({
-                "model": model_state, "optimizer": optim_state, "step": step, "parallel": self.cfg.parallel,
+                "model": model_state, "optimizer": optim_state, "step": step, "sharded": self.sharded,
                 "elapsed": elapsed, "world_size": self.dist.world_size, "ranks": ranks,
                 "train_config": to_dict(self.cfg), "run_config": self.run_config,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
