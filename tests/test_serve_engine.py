@@ -235,6 +235,16 @@ def test_run_serves_in_the_calling_thread_until_stopped(model):
     assert col.tokens[0] == generate(model, *pad_right([[3, 4]]), 0.0, 4, eos_id=None)[0]
 
 
+def test_a_stop_before_run_ends_run_at_once(model):
+    """`gpt2 serve`'s HTTP thread stops the engine when uvicorn cannot bind, which can happen before the main
+    thread reaches `run()`: that stop must hold, or the process never exits."""
+    engine = Engine(model)
+    engine.stop()
+    done = threading.Event()
+    threading.Thread(target=lambda: (engine.run(), done.set()), daemon=True).start()
+    assert done.wait(10)
+
+
 def test_submit_rejects_impossible_prompts(model):
     engine = Engine(model)
     with pytest.raises(ValueError):

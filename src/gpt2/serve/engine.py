@@ -145,8 +145,9 @@ class Engine:
         return future
 
     def run(self) -> None:
-        """Run `step()` in the calling thread until `stop()` (from another thread or a signal handler)."""
-        self._stopping = False
+        """Run `step()` in the calling thread until `stop()` (from another thread or a signal handler). A `stop()`
+        that came first (the HTTP server failing to bind before this thread got here) ends it at once: the flag
+        is not reset here, or that stop would be lost and the process would never exit."""
         self._loop()
 
     def start(self) -> None:
