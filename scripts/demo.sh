@@ -23,7 +23,7 @@ rm -rf "$OUT"
 echo "== 1/5 prepare a corpus"
 if [ -z "$SOURCE" ] && online; then
   echo "demo: streaming a 2M-token FineWeb sample from the Hugging Face Hub"
-  gpt2 prepare fineweb --out "$DATA" --max-tokens 2000000 --shard-tokens 1000000 --val-tokens 50000 || SOURCE=$FALLBACK
+  gpt2 prepare fineweb --out "$DATA" --total-tokens 2000000 --shard-tokens 1000000 --val-tokens 50000 || SOURCE=$FALLBACK
 fi
 if [ ! -d "$DATA" ] || [ -n "$SOURCE" ]; then
   SOURCE="${SOURCE:-$FALLBACK}"
@@ -43,7 +43,7 @@ gpt2 plot "$RUN"
 echo "== 4/5 samples from the trained model"
 PROMPT="${GPT2_PROMPT:-ROMEO:}"
 case "$SOURCE" in *shakespeare*) ;; *) PROMPT="${GPT2_PROMPT:-The meaning of life is}" ;; esac
-gpt2 generate --model "$RUN/model" --max-steps 48 --temperature 0.8 --top-k 50 --seed 42 "$PROMPT" "$PROMPT"
+gpt2 generate --model "$RUN/model" --max-tokens 48 --temperature 0.8 --top-k 50 --seed 42 "$PROMPT" "$PROMPT"
 
 # Fine-tuning: the pretrained tiny model learns Alpaca's question -> answer <|endoftext|> format. A 7M model
 # pretrained for a minute cannot answer new questions, so it is given what it can learn: the records without an

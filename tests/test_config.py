@@ -67,3 +67,18 @@ def test_one_meaning_per_dtype_flag_and_the_old_name_still_parses():
         assert parser.parse_args([*argv, "--weights-dtype", "float16"]).weights_dtype == "float16"
     for argv in (["pretrain"], ["finetune"], ["eval", "val-loss"]):
         assert parser.parse_args([*argv, "--dtype", "float16"]).dtype == "float16"
+
+
+def test_max_tokens_is_new_tokens_wherever_it_is_a_flag_and_the_old_names_still_parse():
+    """--max-tokens is the most new tokens per answer (chat, generate, as in the OpenAI API); the corpus size
+    limit of `prepare fineweb` is --total-tokens and generate's old --max-steps (training's step count
+    elsewhere) is an alias, both kept so that scripts keep working."""
+    from gpt2.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["generate"], ["chat"]):
+        assert parser.parse_args([*argv, "--max-tokens", "9"]).max_tokens == 9
+    assert parser.parse_args(["generate", "--max-steps", "9"]).max_tokens == 9
+    fineweb = ["prepare", "fineweb", "--out", "x"]
+    assert parser.parse_args([*fineweb, "--total-tokens", "9"]).total_tokens == 9
+    assert parser.parse_args([*fineweb, "--max-tokens", "9"]).total_tokens == 9

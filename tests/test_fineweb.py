@@ -126,7 +126,7 @@ def test_interrupted_rerun_neither_duplicates_nor_loses(source, docs, tmp_path, 
     progress = out / "progress.json"
     done = json.loads(progress.read_text())["tokens"] if progress.exists() else 0
     limit = max(done, VAL + SHARD)
-    small = prepare(source, out, max_tokens=limit)
+    small = prepare(source, out, total_tokens=limit)
     assert sorted(small["shards"]) == [p.name for p in sorted(out.glob("*.bin"))]
     assert stream(out).tolist() == stream(ref)[:limit].tolist()
     prepare(source, out)
@@ -141,9 +141,9 @@ def test_growing_limits_continue_where_they_stopped(source, docs, tmp_path):
     out = tmp_path / "out"
     s = prepare(source, out, max_docs=3)  # ends inside the validation shard
     assert s["docs"] == 3 and decode_bytes(stream(out).tolist()) == expected_text(docs[:3])
-    s = prepare(source, out, max_tokens=VAL + SHARD + 123)  # cuts a document in the middle
+    s = prepare(source, out, total_tokens=VAL + SHARD + 123)  # cuts a document in the middle
     assert s["tokens"] == VAL + SHARD + 123
-    assert prepare(source, out, max_tokens=VAL + SHARD + 123)["tokens"] == VAL + SHARD + 123  # nothing to do
+    assert prepare(source, out, total_tokens=VAL + SHARD + 123)["tokens"] == VAL + SHARD + 123  # nothing to do
     prepare(source, out, max_docs=30)
     prepare(source, out)
     assert snapshot(out) == snapshot(ref)

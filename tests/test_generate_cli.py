@@ -25,13 +25,18 @@ def expected(model_dir, prompts, steps):
 
 
 def test_single_prompt_streams_greedy_text(tokenizer_ok, model_dir, capsys):
-    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "12", "Once upon a"])
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "12", "Once upon a"])
     assert capsys.readouterr().out == "Once upon a" + expected(model_dir, ["Once upon a"], 12)[0] + "\n"
+
+
+def test_the_old_flag_name_max_steps_still_sets_max_tokens(tokenizer_ok, model_dir, capsys):
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "7", "Once upon a"])
+    assert capsys.readouterr().out == "Once upon a" + expected(model_dir, ["Once upon a"], 7)[0] + "\n"
 
 
 def test_several_prompts(tokenizer_ok, model_dir, capsys):
     prompts = ["Hello there", "A"]
-    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "5", *prompts])
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "5", *prompts])
     out = capsys.readouterr().out
     for i, (p, text) in enumerate(zip(prompts, expected(model_dir, prompts, 5))):
         assert f"--- [{i + 1}] ---\n{p}{text}\n" in out
@@ -39,7 +44,7 @@ def test_several_prompts(tokenizer_ok, model_dir, capsys):
 
 def test_errors_are_one_line(tokenizer_ok, model_dir, tmp_path, capsys):
     for argv in (["generate", "--model", str(tmp_path / "nope"), "hi"], ["generate", "--model", str(model_dir)],
-                 ["generate", "--model", str(model_dir), "--max-steps", "-1", "hi"]):
+                 ["generate", "--model", str(model_dir), "--max-tokens", "-1", "hi"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -79,7 +84,7 @@ def test_compile_flag_gives_the_same_text_and_says_it_compiles(tokenizer_ok, mod
     monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", building)
     made = made_decoders(monkeypatch)
     prompts = ["Hello there", "A", "Once upon a time"]
-    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "6", "--compile", *prompts])
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "6", "--compile", *prompts])
     captured = capsys.readouterr()
     assert "compiling the model's" in captured.err and "decoding eagerly until they are ready" in captured.err
     for i, (p, text) in enumerate(zip(prompts, expected(model_dir, prompts, 6))):
@@ -98,7 +103,7 @@ def test_a_failed_compile_leaves_decoding_eager_with_one_line(tokenizer_ok, mode
 
     monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", broken)
     made = made_decoders(monkeypatch)
-    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-steps", "6", "--compile", "Hello there"])
+    main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "6", "--compile", "Hello there"])
     assert made[0]._background is None or made[0]._background.wait(60)
     made[0].maybe_switch()  # what the next step would do: say so
     captured = capsys.readouterr()

@@ -85,11 +85,11 @@ def test_generate_flags(model_dir, capsys, argv, message):  # noqa: F811
 
 
 def test_generate_says_when_the_context_window_ends_it(tokenizer_ok, model_dir, capsys):  # noqa: F811
-    main(["generate", "--model", str(model_dir), "--device", "cpu", "--temperature", "0", "--max-steps", "400",
+    main(["generate", "--model", str(model_dir), "--device", "cpu", "--temperature", "0", "--max-tokens", "400",
           "Hello"])  # "Hello" is 1 token: 63 new tokens fill the 64-token window
     err = capsys.readouterr().err.strip()
-    assert err == "note: stopped after 63 of --max-steps 400 new tokens at the model's context window (64 tokens)"
-    main(["generate", "--model", str(model_dir), "--device", "cpu", "--temperature", "0", "--max-steps", "5",
+    assert err == "note: stopped after 63 of --max-tokens 400 new tokens at the model's context window (64 tokens)"
+    main(["generate", "--model", str(model_dir), "--device", "cpu", "--temperature", "0", "--max-tokens", "5",
           "Hello"])
     assert capsys.readouterr().err == ""
 

@@ -1,7 +1,7 @@
 """`gpt2 generate`: sample continuations of prompts from a checkpoint, printed as they are produced.
 
     gpt2 generate --model RUN_DIR "Hello, I'm a language model,"
-    gpt2 generate --model gpt2 --temperature 0 --max-steps 32 "The capital of France" "Once upon a time"
+    gpt2 generate --model gpt2 --temperature 0 --max-tokens 32 "The capital of France" "Once upon a time"
 
 One prompt is streamed to the terminal (whole characters only); several are generated as one batch and
 printed one after the other. The generation is `gpt2.inference.generate`, the library's API.
@@ -32,7 +32,8 @@ class GenerateConfig:
     model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory (ours or OpenAI's) "
                                   "or a hub name")
     temperature: float = arg(0.8, help="sampling temperature; 0 = greedy")
-    max_steps: int = arg(64, help="maximum number of new tokens per prompt", minimum=0)
+    max_tokens: int = arg(64, help="maximum number of new tokens per prompt", minimum=0,
+                          aliases=("--max-steps",))
     top_k: int | None = arg(None, help="sample only among the k most likely tokens")
     top_p: float | None = arg(None, help="nucleus sampling: smallest token set with this probability mass")
     seed: int = arg(1337, help="random seed, for reproducible sampling")
@@ -76,7 +77,7 @@ def run(cfg: GenerateConfig) -> list[str]:
             sys.stdout.write(stream.push(token))
         sys.stdout.flush()
 
-    outputs = generate(model, ids, mask, cfg.temperature, cfg.max_steps, top_k=cfg.top_k, top_p=cfg.top_p,
+    outputs = generate(model, ids, mask, cfg.temperature, cfg.max_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
                        generator=gen, on_tokens=on_tokens if single else None, decoder=decoder)
     texts = [decode_bytes(o).decode("utf-8", errors="replace") for o in outputs]
     if single:
@@ -84,17 +85,17 @@ def run(cfg: GenerateConfig) -> list[str]:
     else:
         for i, (prompt, text) in enumerate(zip(cfg.prompts, texts)):
             print(f"--- [{i + 1}] ---\n{prompt}{text}")
-    _note_window_stops(mask.sum(1).tolist(), outputs, cfg.max_steps, model.config.block_size)
+    _note_window_stops(mask.sum(1).tolist(), outputs, cfg.max_tokens, model.config.block_size)
     return texts
 
 
-def _note_window_stops(prompt_lengths: list[int], outputs: list[list[int]], max_steps: int, window: int) -> None:
-    """Say on stderr when a prompt stopped short of --max-steps because it filled the context window."""
-    cut = [i for i, (n, out) in enumerate(zip(prompt_lengths, outputs)) if len(out) < max_steps and n + len(out)
+def _note_window_stops(prompt_lengths: list[int], outputs: list[list[int]], max_tokens: int, window: int) -> None:
+    """Say on stderr when a prompt stopped short of --max-tokens because it filled the context window."""
+    cut = [i for i, (n, out) in enumerate(zip(prompt_lengths, outputs)) if len(out) < max_tokens and n + len(out)
            >= window]
     if cut:
         which = "" if len(outputs) == 1 else f"prompt {cut[0] + 1}{' and others' if len(cut) > 1 else ''}: "
-        print(f"note: {which}stopped after {len(outputs[cut[0]])} of --max-steps {max_steps} new tokens at the "
+        print(f"note: {which}stopped after {len(outputs[cut[0]])} of --max-tokens {max_tokens} new tokens at the "
               f"model's context window ({window} tokens)", file=sys.stderr)
 
 

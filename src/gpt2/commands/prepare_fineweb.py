@@ -9,7 +9,7 @@ Design decisions:
   disk next to the shards) and `--source` files take exactly the same path after that.
 - The shard layout, the process pool and the exact resume after a crash are `gpt2.data.fineweb`'s: a re-run
   with the same settings continues where the last one stopped, and one with larger `--max-docs` or
-  `--max-tokens` continues a finished one.
+  `--total-tokens` continues a finished one.
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ class PrepareFinewebConfig:
     val_tokens: int = arg(10_000_000, "tokens in the validation shard (the first shard); 0 for none")
     workers: int | None = arg(None, "tokenizer processes; none means one per available core", minimum=1)
     max_docs: int | None = arg(None, "stop after this many documents (in total, across resumed runs)", minimum=0)
-    max_tokens: int | None = arg(None, "stop after this many tokens (in total, across resumed runs)", minimum=0)
+    total_tokens: int | None = arg(None, "stop after this many tokens (in total, across resumed runs)", minimum=0,
+                                    aliases=("--max-tokens",))
 
     def validate(self) -> None:
         if self.shard_tokens < 1 or self.shard_tokens > 2**31 - 1:
             raise UserError(f"--shard-tokens {self.shard_tokens}: must be between 1 and 2147483647")
         if self.val_tokens < 0 or self.val_tokens > 2**31 - 1:
             raise UserError(f"--val-tokens {self.val_tokens}: must be between 0 and 2147483647")
-        check_values(self)  # --workers, --max-docs, --max-tokens: their `minimum`
+        check_values(self)  # --workers, --max-docs, --total-tokens: their `minimum`
 
 
 def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
                 "text_field": cfg.text_field, "shard_tokens": cfg.shard_tokens, "val_tokens": cfg.val_tokens}
     get_encoding()  # a missing tokenizer is one clear error here, not one per worker
     make_folder(out)
-    limits = {"max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens}
+    limits = {"max_docs": cfg.max_docs, "max_tokens": cfg.total_tokens}  # progress.json's key
     writer = ShardWriter(out, prefix, settings, limits, cfg.shard_tokens, cfg.val_tokens)
     if not writer.resume():
         print(f"{out}: already complete ({len(writer.shards)} shards, {writer.tokens:,} tokens, "
@@ -84,7 +85,7 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
             yield text
 
     texts = counted(texts)
-    budget = None if cfg.max_tokens is None else cfg.max_tokens - writer.tokens  # tokens this run may add
+    budget = None if cfg.total_tokens is None else cfg.total_tokens - writer.tokens  # tokens this run may add
     exhausted = budget is None or budget > 0
     t0 = shown = time.time()
     new_tokens = 0
@@ -101,7 +102,7 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
                 shown = time.time()
                 bar.set_postfix_str(f"{writer.tokens:,} tokens, {new_tokens / (shown - t0):,.0f} tokens/s",
                                     refresh=False)
-            if budget is not None and new_tokens == budget:  # --max-tokens reached
+            if budget is not None and new_tokens == budget:  # --total-tokens reached
                 exhausted = False
                 break
     finally:
@@ -116,7 +117,7 @@ def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
     rate = new_tokens / max(time.time() - t0, 1e-9)
     print(f"{out}: {len(writer.shards)} shards, {writer.tokens:,} tokens from {writer.docs:,} documents "
           f"({new_tokens:,} new tokens at {rate:,.0f} tokens/s)", file=sys.stderr)
-    if writer.shards and all(s["name"] == writer._name(0) for s in writer.shards):
+    if writer.only_val:
         print(f"{out}: warning: every token went to the validation shard; lower --val-tokens", file=sys.stderr)
     return _summary(writer, out)
 

@@ -15,7 +15,7 @@ Design decisions:
   tokens already written of the document that straddles the shard boundary). A re-run skips that many
   documents, drops those tokens, and continues: nothing is duplicated or lost. Shards past the recorded
   position (written just before a crash) are deleted and rewritten. The last shard of a run may be
-  partial; a later run with larger `--max-docs`/`--max-tokens` reopens it and continues filling it.
+  partial; a later run with larger `--max-docs`/`--total-tokens` reopens it and continues filling it.
   Skipping documents on resume re-reads (re-downloads) them but does not re-tokenize them.
 """
 
@@ -138,6 +138,11 @@ class ShardWriter:
             self._open()
         return True
 
+    @property
+    def only_val(self) -> bool:
+        """Whether every shard written so far is the validation shard (no token reached the train split)."""
+        return bool(self.shards) and all(s["name"] == self._name(0) for s in self.shards)
+
     def _name(self, index: int) -> str:
         return shard_name(self.prefix, "val" if index == 0 else "train", index)
 
@@ -156,7 +161,7 @@ class ShardWriter:
 
     def add(self, doc: np.ndarray, skip: int = 0, end: int | None = None) -> int:
         """Append doc[skip:end] (`skip` tokens were written by an earlier run; `end` < len(doc) cuts the
-        document at --max-tokens). Returns the number of tokens appended."""
+        document at --total-tokens). Returns the number of tokens appended."""
         end = len(doc) if end is None else end
         pos = skip
         while pos < end:

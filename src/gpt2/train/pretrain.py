@@ -22,7 +22,8 @@ from gpt2.data.loader import ShardLoader
 from gpt2.data.shards import checked_batch, list_shards
 from gpt2.distributed import DistInfo, all_reduce_mean
 from gpt2.errors import UserError
-from gpt2.evaluate import hellaswag_eval, load_hellaswag, val_loss
+from gpt2.evaluate import hellaswag_eval, load_hellaswag
+from gpt2.evaluate import val_loss as mean_loss_over
 from gpt2.model import GPT
 from gpt2.train.losses import gpt_loss_chunked
 from gpt2.train.task import Task
@@ -83,7 +84,7 @@ class PretrainTask(Task):
     def evaluate(self, model: GPT) -> dict[str, float]:
         results = {}
         if self.has_val:
-            results["val_loss"] = self._val_loss(model, val_loss)
+            results["val_loss"] = self.val_loss(model)
         if self.hellaswag:
             hs = hellaswag_eval(model, self.hellaswag, rank=self.dist.rank, world_size=self.dist.world_size,
                                 batch_size=max(1, self.cfg.micro_batch // 4))
@@ -103,9 +104,10 @@ class PretrainTask(Task):
         steps = max(1, min(cfg.val_tokens // (loader.window * dist.world_size), loader.steps_per_epoch))
         return loader, steps
 
-    def _val_loss(self, model: GPT, val_loss) -> float:
+    def val_loss(self, model: GPT) -> float:
+        """The mean loss over this evaluation's val tokens (`val_loader`), averaged over the ranks."""
         loader, steps = self.val_loader()
-        loss = val_loss(model, (checked_batch(loader, self.cfg.vocab_size) for _ in range(steps)))
+        loss = mean_loss_over(model, (checked_batch(loader, self.cfg.vocab_size) for _ in range(steps)))
         return all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=self.dist.device)).item()
 
     def state_dict(self) -> dict:
