@@ -91,13 +91,13 @@ def time_serve(model_dir: str, cache: Path, switch_timeout: float) -> dict[str, 
         proc.wait(timeout=60)
         log.seek(0)
         text = log.read()
-        m = re.search(r"compiled in (\d+) s, loaded in ([\d.]+) s", text)
+        m = re.search(r"compiled in (\d+) s[^,]*, loaded in ([\d.]+) s", text)
         if m:
             out["one_time"], out["load"] = float(m.group(1)), float(m.group(2))
         m = re.search(r"loaded from the cache in ([\d.]+) s", text)
         if m:
             out["load"] = float(m.group(1))
-        m = re.search(r"peak memory was (\d+) MB", text)
+        m = re.search(r"peak memory (\d+) MB", text)
         if m:
             out["child_peak_mb"] = float(m.group(1))
     return out

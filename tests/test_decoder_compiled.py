@@ -251,6 +251,7 @@ def test_a_slow_first_compile_keeps_nobody_waiting(model, compiled, tmp_path, mo
     def slow_build(model, directory, progress, label=""):
         progress("  piece 1/4 compiled in 9 s")
         assert release.wait(60)
+        progress("  pieces compiled; the compiling process's peak memory was 1515 MB")
         shutil.copytree(entry, directory)
 
     monkeypatch.setattr(gpt2.decode.compiled, "build_in_child", slow_build)
@@ -270,6 +271,7 @@ def test_a_slow_first_compile_keeps_nobody_waiting(model, compiled, tmp_path, mo
     assert generate(own, ids, mask, 0.0, 6, eos_id=None, decoder=decoder) == generate(model, ids, mask, 0.0, 6,
                                                                                        eos_id=None)
     assert decoder.compiled and said[-1].startswith("switched to compiled decoding") and "compiled in" in said[-1]
+    assert "the compiling process's peak memory 1515 MB" in said[-1]  # the memory the compile cost, said once
 
 
 def test_a_failed_background_compile_leaves_decoding_eager(model, tmp_path, monkeypatch):

@@ -375,7 +375,7 @@ class BackgroundCompile:
         self.state = "starting"  # starting, waiting, compiling, loading, ready, not cached, failed
         self.pieces_done = 0
         self.built = False
-        self.child_peak = ""  # the compiler child's last line: its peak memory
+        self.child_peak_mb: int | None = None  # the compiler child's peak memory, from its last line
         self.error: str | None = None
         self.forward: CompiledForward | None = None
         self.started = time.monotonic()
@@ -406,8 +406,8 @@ class BackgroundCompile:
     def _progress(self, line: str) -> None:
         if line.startswith("  piece "):  # "  piece 3/14 compiled in 12 s"
             self.pieces_done += 1
-        elif line.startswith("  pieces compiled"):
-            self.child_peak = line.strip()
+        elif line.startswith("  pieces compiled"):  # "... the compiling process's peak memory was 1515 MB"
+            self.child_peak_mb = int(line.split()[-2])
         elif line.startswith("another process"):
             self.state = "waiting"
             self._say(line)

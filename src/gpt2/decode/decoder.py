@@ -122,7 +122,8 @@ class Decoder:
         if self._release:
             self.model.to("meta")  # the pieces hold the weights now
         return_freed_memory()
-        how = f"compiled in {bg.seconds - bg.load_seconds:.0f} s, loaded" if bg.built else "loaded from the cache"
+        peak = f" (the compiling process's peak memory {bg.child_peak_mb} MB)" if bg.child_peak_mb else ""
+        how = f"compiled in {bg.seconds - bg.load_seconds:.0f} s{peak}, loaded" if bg.built else "loaded from the cache"
         self._say(f"switched to compiled decoding {bg.seconds:.0f} s after the start ({how} in "
                         f"{bg.load_seconds:.1f} s)")
 
