@@ -231,7 +231,7 @@ class VarLenTask(ListTask):
                         for _ in range(size)])
 
 
-def test_variable_lengths_compile_a_bounded_number_of_graphs(tmp_path, monkeypatch):
+def test_variable_lengths_compile_a_bounded_number_of_graphs(tmp_path, monkeypatch, capsys):
     """Measured with dynamo's counters: after the first shape the sequence dimension turns dynamic (one
     recompile), after the first short batch the batch dimension (another), and the model's graph has no break
     (`is_causal` stays a plain bool, not a symbolic one), so 12 steps of ever new lengths make 3 graphs, not
@@ -245,6 +245,8 @@ def test_variable_lengths_compile_a_bounded_number_of_graphs(tmp_path, monkeypat
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
+    # the first step's wait for the compiler is said, once
+    assert capsys.readouterr().out.count("compiling the training step (torch.compile)") == 1
 
 
 def _ddp_compile_worker(rank: int, world: int, port: int, out: str) -> None:

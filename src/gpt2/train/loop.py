@@ -226,7 +226,8 @@ class Trainer:
         elif self.dist.is_distributed:
             device = self.device
             ddp = forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None)
-        if self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda":
+        self.compiled = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+        if self.compiled:
             forward = torch.compile(forward)
         return forward, ddp
 
@@ -440,6 +441,8 @@ class Trainer:
                 updates, batch_metrics = self.task.step_batches(self.accum)
                 if step == start:
                     self.check_memory(updates[0][0])
+                    if self.compiled:  # otherwise the first step is a silent minute or more
+                        self._say("compiling the training step (torch.compile): the first step takes longer")
                 per_update = []
                 for micro_batches in updates:
                     out_of_time = (cfg.max_minutes is not None
