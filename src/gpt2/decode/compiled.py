@@ -407,7 +407,8 @@ class BackgroundCompile:
         if line.startswith("  piece "):  # "  piece 3/14 compiled in 12 s"
             self.pieces_done += 1
         elif line.startswith("  pieces compiled"):  # "... the compiling process's peak memory was 1515 MB"
-            self.child_peak_mb = int(line.split()[-2])
+            words = line.split()  # a line of another shape is only not reported, never a failed build
+            self.child_peak_mb = int(words[-2]) if len(words) > 1 and words[-2].isdigit() else None
         elif line.startswith("another process"):
             self.state = "waiting"
             self._say(line)
