@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from gpt2.decode.compiled import BackgroundCompile, CompiledForward
+from gpt2.decode.compiled import BackgroundCompile, CompiledForward, head_matrix
 from gpt2.decode.compiled import load as load_compiled
 from gpt2.decode.kv_cache import KVCache, Rows
 from gpt2.decode.sampling import TokenLogprob
@@ -80,8 +80,7 @@ class Decoder:
             self._compiled = load_compiled(model, release_weights=release_weights)
             return_freed_memory()  # the released weights and the packages' loading buffers
         else:
-            with torch.no_grad():
-                self.head = w[: self.config.vocab_size].t().contiguous()  # (C, V)
+            self.head = head_matrix(model)  # (C, V)
         self.compile_seconds = time.perf_counter() - t0 if compile else 0.0  # the one-time cost, paid here
 
     @property
