@@ -302,3 +302,17 @@ def test_small_models_are_not_compiled_by_default(model):
     assert wants_compile(big, None)
     assert not wants_compile(SimpleNamespace(num_params=big.num_params,
                                              lm_head=SimpleNamespace(weight=torch.empty(0, device="meta"))), None)
+
+
+def test_one_rows_head_is_the_plain_product_and_agrees_with_the_head_piece(model, compiled):
+    """One row's logits come from `h @ W` on the entry's transposed head (what the eager decoder computes), several
+    rows' from the compiled head piece; the two agree within the pieces' tolerance."""
+    forward = compiled._compiled
+    hidden = torch.randn(3, CONFIG.n_embd, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(forward.head, gpt2.decode.compiled.head_matrix(model), atol=0, rtol=0)
+        one = forward.logits(hidden[1:2])  # (1, V)
+        assert torch.equal(one, hidden[1:2] @ forward.head)
+        several = forward.logits(hidden)  # (3, V): the head piece
+        assert several.shape == (3, VOCAB)
+        torch.testing.assert_close(several[1:2], one, atol=ATOL, rtol=0)
