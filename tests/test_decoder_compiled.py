@@ -246,10 +246,11 @@ def test_a_slow_first_compile_keeps_nobody_waiting(model, compiled, tmp_path, mo
     decoder answers eagerly; it says so, reports progress, and the switch follows."""
     entry = gpt2.decode.compile_cache.cache_root() / cache_key(model)
     monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "empty"))
-    release = threading.Event()
+    first_piece, release = threading.Event(), threading.Event()
 
     def slow_build(model, directory, progress, label=""):
         progress("  piece 1/4 compiled in 9 s")
+        first_piece.set()
         assert release.wait(60)
         progress("  pieces compiled; the compiling process's peak memory was 1515 MB")
         shutil.copytree(entry, directory)
@@ -262,6 +263,7 @@ def test_a_slow_first_compile_keeps_nobody_waiting(model, compiled, tmp_path, mo
     ids, mask = prompts([5])
     assert generate(own, ids, mask, 0.0, 6, eos_id=None, decoder=decoder) == generate(model, ids, mask, 0.0, 6,
                                                                                        eos_id=None)
+    assert first_piece.wait(60)  # the answer may be done before the thread has hashed the weights and begun
     status = decoder.status()
     assert status["decoder"] == "eager" and status["compile"]["state"] == "compiling"
     assert status["compile"]["pieces_compiled"] == 1 and status["compile"]["pieces"] == 4

@@ -75,9 +75,10 @@ def test_compile_flag_gives_the_same_text_and_says_it_compiles(tokenizer_ok, mod
 
     import gpt2.decode.compiled
 
-    release = threading.Event()
+    building_started, release = threading.Event(), threading.Event()
 
     def building(model, directory, progress, label=""):
+        building_started.set()
         assert release.wait(60)
         raise RuntimeError("stopped")
 
@@ -85,6 +86,8 @@ def test_compile_flag_gives_the_same_text_and_says_it_compiles(tokenizer_ok, mod
     made = made_decoders(monkeypatch)
     prompts = ["Hello there", "A", "Once upon a time"]
     main(["generate", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "6", "--compile", *prompts])
+    # the text may be done before the background thread has hashed the weights and said that it compiles
+    assert building_started.wait(60)
     captured = capsys.readouterr()
     assert "compiling the model's" in captured.err and "decoding eagerly until they are ready" in captured.err
     for i, (p, text) in enumerate(zip(prompts, expected(model_dir, prompts, 6))):
