@@ -310,6 +310,8 @@ def test_one_rows_head_is_the_plain_product_and_agrees_with_the_head_piece(model
     """One row's logits come from `h @ W` on the entry's transposed head (what the eager decoder computes), several
     rows' from the compiled head piece; the two agree within the pieces' tolerance."""
     forward = compiled._compiled
+    entry = gpt2.decode.compile_cache.cache_root() / cache_key(model)
+    assert gpt2.decode.compiled.HEAD_FILE in gpt2.decode.compile_cache.read_manifest(entry)["files"]  # checksummed
     hidden = torch.randn(3, CONFIG.n_embd, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(forward.head, gpt2.decode.compiled.head_matrix(model), atol=0, rtol=0)

@@ -11,9 +11,9 @@
   for many, and for one row and for several.)
 - **One row's head is a plain product.** The tied embedding is kept once more, transposed (C, V), beside the
   pieces (`head.pt`): one row's logits are `h @ W` on it, which BLAS runs as a matrix-vector product that
-  streams the 154 MB head (124M) about 1.4x faster than the packed head piece (in a 124M step on a 2-core
-  AVX-512 Intel: 4.1 ms against 5.6 ms), while from two rows on the piece is faster. Token embeddings are
-  read from the same matrix, so the embeddings piece holds no copy of it and the weights stay held once.
+  streams the head faster than the packed head piece, while from two rows on the piece is faster (measured in
+  docs/compiled_decoding.md). Token embeddings are read from the same matrix, so the embeddings piece holds no
+  copy of it and the weights stay held once.
 - **Ahead of time, in another process, cached.** Each piece is exported (`torch.export`, any number of rows)
   and compiled by AOTInductor with frozen weights (which lets it pre-pack them for its GEMMs) and autotuned
   between inductor's C++ GEMM and ATen's, keeping whichever measures faster on this CPU. Compiling holds
