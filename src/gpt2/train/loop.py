@@ -151,16 +151,18 @@ class TrainState:
 
 
 class _TaskLoss(nn.Module):
-    """The model plus the task's loss as one module, so that DDP (gradient sync) and torch.compile wrap the
-    whole training forward while the task still sees the plain model."""
+    """The model plus the task's loss as one module, so that DDP (gradient sync), FSDP (its root unit) and
+    torch.compile wrap the whole training forward while the task still sees the plain model."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch):
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: Any, run: Callable[[nn.Module], Any] | None = None) -> Any:
+        """The task's loss on `batch`; or `run(model)`, for other work on the model (evaluation) that must go
+        through this module's call, where FSDP gathers the root unit's parameters."""
+        return run(self.model) if run is not None else self.loss_fn(self.model, batch)
 
 
 def _export_hf(model: nn.Module, folder: Path) -> None:
@@ -220,9 +222,10 @@ class Trainer:
         when distributed, compiled when asked. `torch.compile(DDP(module))`, not the reverse: see the module
         docstring."""
         forward: nn.Module = _TaskLoss(self.model, self.task.loss)
+        self.root = forward  # uncompiled: evaluation runs through it when sharded
         ddp = None
         if self.sharded:
-            shard_model(self.model, self.amp, self.device)
+            shard_model(forward, self.amp, self.device)
         elif self.dist.is_distributed:
             device = self.device
             ddp = forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None)
@@ -239,7 +242,7 @@ class Trainer:
         resumed = resume_checkpoint(self.run_dir, self.cfg.resume, self.command, self.dist.world_size)
         if resumed is None:
             if self.cfg.resume:
-                self._say(f"--resume: no checkpoint in {self.run_dir} yet; starting a new run")
+                self._say(f"--resume: no checkpoint in {self.run_dir} yet; starting from step 0")
             seed_everything(self.cfg.seed + self.dist.rank)
             return None
         if bool(resumed.get("sharded")) != self.sharded:  # the optimizer state is keyed by name when sharded
@@ -255,11 +258,23 @@ class Trainer:
         if self.scaler.is_enabled() and resumed.get("scaler"):
             self.scaler.load_state_dict(resumed["scaler"])
         step = resumed["step"]
+        self._check_end(step)
         self.state = TrainState(step=step, elapsed=resumed.get("elapsed", 0.0), last_saved=step,
                                 skipped_steps=resumed.get("skipped_steps", 0))
         for line in resume_changes(resumed.get("train_config", {}), self.cfg, step):
             self._say(line)
         return resumed["ranks"][self.dist.rank]["rng"]
+
+    def _check_end(self, step: int) -> None:
+        """Refuse a session that would end at or before the checkpoint's `step`: it would do nothing but rewrite
+        the checkpoint. A plain --resume of a finished run (--max-steps as saved, not given) is no error."""
+        cfg = self.cfg
+        if cfg.stop_at_step is not None and cfg.stop_at_step <= step:
+            raise UserError(f"--stop-at-step {cfg.stop_at_step}: {self.ckpt_path} is already at step {step}; give a "
+                            "later step, or leave it out to train to --max-steps")
+        if cfg.max_steps < step or (cfg.max_steps == step and "max_steps" in cfg._given):
+            raise UserError(f"--max-steps {cfg.max_steps}: {self.ckpt_path} is already at step {step}; give more "
+                            "steps to train on")
 
     def save(self, step: int, elapsed: float) -> None:
         """Checkpoint `step`. The device only waits for the copy of the state to host memory; the file, the HF
@@ -307,7 +322,11 @@ class Trainer:
         logged and printed, and the loss graph redrawn in the background."""
         self.model.eval()
         with torch.no_grad(), autocast_context(self.device, self.amp):
-            results = self.task.evaluate(self.model)
+            if self.sharded:  # through FSDP's root, which gathers the parameters outside the blocks, then frees them
+                results = self.root(None, run=self.task.evaluate)
+                self.root.reshard()
+            else:
+                results = self.task.evaluate(self.model)
         self.model.train()
         if self.dist.is_main:
             if results:
@@ -363,7 +382,7 @@ class Trainer:
         sums: dict[str, Any] = {}  # task metrics: 0-d device tensors or host numbers, summed
         for micro, batch in enumerate(on_device):
             weight = weights[micro] if weights else 1
-            with gradient_sync(self.model, self.ddp, micro == len(on_device) - 1):
+            with gradient_sync(self.root, self.ddp, micro == len(on_device) - 1):
                 with autocast_context(device, self.amp):
                     loss, step_metrics = self.forward(batch)
                 self.scaler.scale(loss * (weight * W / total)).backward()
@@ -482,7 +501,7 @@ class Trainer:
     def close(self) -> None:
         """Drop the DDP wrapper now, while its process group lives: a DDP reducer freed after
         `destroy_process_group` (say by the garbage collector at exit) deadlocks in gloo's teardown."""
-        self.forward = self.ddp = None
+        self.forward = self.ddp = self.root = None
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:

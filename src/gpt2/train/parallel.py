@@ -58,26 +58,36 @@ def checkpoint_activations(model: nn.Module) -> int:
 PARALLEL = ["ddp", "fsdp"]
 
 
-def shard_model(model: nn.Module, amp: torch.dtype | None, device: torch.device) -> None:
+def shard_model(root: nn.Module, amp: torch.dtype | None, device: torch.device) -> None:
     """FSDP2 (`fully_shard`): each block is its own unit, gathered for its forward and backward and freed after;
-    the root unit holds the rest (embeddings with the tied head, the final LayerNorm). Parameters stay fp32 and
-    sharded; on a GPU with autocast they are gathered in the autocast dtype and gradients reduced in fp32."""
+    the root unit holds the rest (embeddings with the tied head, the final LayerNorm, a task's heads). Parameters
+    stay fp32 and sharded; on a GPU with autocast they are gathered in the autocast dtype and gradients reduced
+    in fp32.
+
+    `root` is the module the trainer calls (the task's loss around the model), not the model: FSDP gathers the
+    root unit's parameters in a hook on the root's `__call__`, so every method a loss calls on the model
+    (`hidden_states` for the fused loss and the RLHF heads, the tied head's weight) then sees whole tensors. The
+    root keeps them gathered from its forward to the end of backward (`reshard_after_forward=False`, FSDP's own
+    choice for a root, stated here because the losses rely on it). Its output is the loss, never a view of a
+    parameter's product, so FSDP's pre-backward hook always holds."""
     mp = MixedPrecisionPolicy()
     if device.type == "cuda" and amp is not None:
         mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
-    for block in blocks(model):
+    for block in blocks(root):
         fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    fully_shard(root, mp_policy=mp, reshard_after_forward=False)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP shards `module` or a module inside it."""
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def gradient_sync(model: nn.Module, ddp: nn.Module | None, sync: bool) -> AbstractContextManager:
-    """Reduce gradients over ranks in this backward only when `sync` (the update's last micro batch)."""
-    if is_sharded(model):
-        model.set_requires_gradient_sync(sync)
+def gradient_sync(root: nn.Module, ddp: nn.Module | None, sync: bool) -> AbstractContextManager:
+    """Reduce gradients over ranks in this backward only when `sync` (the update's last micro batch). `root`:
+    the module the trainer calls (FSDP's root unit when sharded)."""
+    if isinstance(root, FSDPModule):
+        root.set_requires_gradient_sync(sync)
         return nullcontext()
     return nullcontext() if sync or ddp is None else ddp.no_sync()
 
