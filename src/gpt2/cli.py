@@ -109,7 +109,7 @@ def resumed(cmd: Command, ns: argparse.Namespace) -> Any | None:
     if not (_resumable(cmd) and getattr(ns, "resume", False)):
         return None
     out = getattr(ns, "out", None) or default_config(cmd.config, ns, cmd.presets).out
-    saved = resume_settings(out, cmd.name, getattr(ns, "preset", None))
+    saved = resume_settings(out, cmd.name, getattr(ns, "preset", None), cmd.config)
     return None if saved is None else resumed_config(cmd.config, saved, given_fields(cmd.config, ns))
 
 

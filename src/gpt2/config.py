@@ -181,7 +181,8 @@ def check_values(cfg: Any) -> None:
 def build_config(cls: type[T], ns: argparse.Namespace, presets: dict[str, T] | None = None) -> T:
     """The preset named by `ns.preset` (or the class defaults), with every flag the user gave applied. (On
     `--resume` the saved settings are the base instead: `gpt2.train.run_dir.resumed_config`.)"""
-    cfg = dataclasses.replace(default_config(cls, ns, presets), **given_fields(cls, ns))
+    given = given_fields(cls, ns)
+    cfg = with_given(dataclasses.replace(default_config(cls, ns, presets), **given), given)
     check_values(cfg)
     return cfg
 
@@ -215,8 +216,15 @@ def command_name(config: Any) -> str | None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON-ready dict of a (possibly nested) dataclass config."""
-    return dataclasses.asdict(cfg)
+    """JSON-ready dict of a (possibly nested) dataclass config, without its fields that are not flags (`_name`)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("_")}
+
+
+def with_given(cfg: T, given: dict[str, Any]) -> T:
+    """`cfg` knowing which fields the user set (its `_given` field, where it has one: `TrainConfig`'s)."""
+    if "_given" not in {f.name for f in dataclasses.fields(cfg)}:
+        return cfg
+    return dataclasses.replace(cfg, _given=tuple(sorted(given)))
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -31,23 +31,34 @@ _EVAL_SKIP = {"kind", "step", "val_loss", "time"}
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The JSON objects of a metrics.jsonl file, in order; torn or invalid lines are skipped."""
+    """The records of a metrics.jsonl file, in order; unreadable lines are skipped (`metrics_lines`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such metrics file (a training run writes RUN_DIR/metrics.jsonl)")
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
+    return [rec for _, rec in metrics_lines(path)[0]]
+
+
+def metrics_lines(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """((text, record) of each good line, numbers of the others). A good line is UTF-8 JSON of an object whose
+    "step", where present, is a whole number. Others are a line cut short by a crash (the trainer appends) or a
+    hand edit: never fatal to reading, drawing or resuming."""
+    good, bad = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a partially written line (the trainer is appending, or crashed mid-write)
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
+                text = raw.decode("utf-8").strip()
+                rec = json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                bad.append(number)
+                continue
+            step = rec.get("step", 0) if isinstance(rec, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool):
+                good.append((text, rec))
+            else:
+                bad.append(number)
+    return good, bad
 
 
 def _is_number(v) -> bool:

@@ -4,10 +4,11 @@ and the rules for the length and LR schedule of a run."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from gpt2.config import ANNOUNCE, APPLY, SESSION, arg, check_values
-from gpt2.errors import UserError
+from gpt2.errors import UserError, note
 from gpt2.io import not_a_folder
 from gpt2.train.runtime import AUTOCAST_HELP, TRAIN_DTYPES
 
@@ -31,7 +32,8 @@ class TrainConfig:
     lr: float = arg(6e-4, "peak learning rate (reached after warmup)", on_resume=ANNOUNCE)
     min_lr: float | None = arg(None, "learning rate at the end of the cosine decay (default: lr / 10)",
                                on_resume=ANNOUNCE, minimum=0)
-    warmup_steps: int = arg(100, "steps of linear LR warmup", on_resume=ANNOUNCE, minimum=0)
+    warmup_steps: int = arg(100, "steps of linear LR warmup; when not given, cut to the run's length (with a "
+                                 "note) if the run is shorter", on_resume=ANNOUNCE, minimum=0)
     weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only (not biases or LayerNorms)", minimum=0)
     optimizer: str = arg("adamw", "adamw for every weight, or muon for the 2-D weights inside the blocks (AdamW "
                                   "keeps the embeddings, head, biases and LayerNorms; not with --parallel fsdp)",
@@ -69,6 +71,9 @@ class TrainConfig:
                                    "optimizer state, activations) and stop with what would fit when it exceeds "
                                    "the device's free memory", on_resume=APPLY)
     progress: bool = arg(True, "show a progress bar (rank 0)", on_resume=APPLY)
+    # Not a flag: the fields the user set (the CLI fills it). A default may be fitted to the run; a value the
+    # user gave is refused when it contradicts another.
+    _given: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def validate(self) -> None:
         """Raise a one-line UserError naming the first flag whose value makes no sense. Stages with more
@@ -87,6 +92,7 @@ class TrainConfig:
             raise UserError(f"--max-minutes must be > 0 (got {self.max_minutes}); leave it out for no time limit")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a positive number (got {self.lr})")
+        self.fit_warmup()
         check_schedule(self.lr, self.min_lr, self.warmup_steps, self.max_steps)
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise UserError(f"--grad-clip must be >= 0, 0 = no clipping (got {self.grad_clip})")
@@ -96,6 +102,17 @@ class TrainConfig:
                 raise UserError(f"--{flag.replace('_', '-')} must be >= 0, 0 = never (got {value})")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"--betas takes two numbers in [0, 1) (got {list(self.betas)})")
+
+
+    def fit_warmup(self) -> None:
+        """A warmup the user did not set (the class's or the preset's) is cut to a run that is shorter, with a
+        note; one the user gave stays, and `check_schedule` refuses it."""
+        if "warmup_steps" in self._given or self.max_steps is None or self.warmup_steps <= self.max_steps:
+            return
+        if os.environ.get("RANK", "0") == "0":
+            note(f"note: warmup cut from {self.warmup_steps} to the run's {self.max_steps} steps (--max-steps); "
+                 "--warmup-steps sets it")
+        self.warmup_steps = self.max_steps
 
 
 def check_schedule(lr: float, min_lr: float | None, warmup_steps: int, max_steps: int | None) -> None:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import UserError
+from gpt2.errors import UserError, note
 from gpt2.io import disk_error, make_folder, write_text_atomic
-from gpt2.plots import plot_run
+from gpt2.plots import metrics_lines, plot_run
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -27,13 +27,11 @@ class MetricsLogger:
         make_folder(self.path.parent)
         kept = []
         if keep_until_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if rec.get("step", 0) <= keep_until_step:
-                    kept.append(line + "\n")
+            good, bad = metrics_lines(self.path)
+            kept = [text + "\n" for text, rec in good if rec.get("step", 0) <= keep_until_step]
+            if bad:  # a line cut short by a crash, or a hand edit
+                note(f"note: {self.path}: dropped {len(bad)} unreadable line(s) (line {bad[0]} first): not UTF-8 "
+                     "JSON objects with a whole-number step")
         write_text_atomic(self.path, "".join(kept))
 
     def log(self, record: dict[str, Any]) -> None:

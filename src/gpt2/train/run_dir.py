@@ -19,14 +19,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from contextlib import AbstractContextManager
+import types
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpt2.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from gpt2.config import ANNOUNCE, REFUSE, SESSION, check_values, flag_name, resume_rule, to_dict
+from gpt2.checkpoint import CHECKPOINT_FILE, MODEL_DIR, load_checkpoint
+from gpt2.config import ANNOUNCE, REFUSE, SESSION, check_values, flag_name, resume_rule, to_dict, with_given
 from gpt2.errors import UserError
-from gpt2.io import dir_lock, make_folder, write_json_atomic
+from gpt2.io import dir_lock, make_folder, remove_temp_files, write_json_atomic
 
 T = TypeVar("T")
 
@@ -38,10 +41,15 @@ def checkpoint_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINT_FILE
 
 
-def run_lock(run_dir: str | os.PathLike) -> AbstractContextManager[Path]:
+@contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold RUN_DIR/run.lock for the block, or raise a one-line UserError naming the process that holds it.
-    Re-entrant in one process (a stage that writes before the loop takes it first)."""
-    return dir_lock(run_dir, "run.lock")
+    Re-entrant in one process (a stage that writes before the loop takes it first). Holding it, nothing else
+    writes RUN_DIR: the temporary files of a save that a killed run left (there and in its model/) go."""
+    with dir_lock(run_dir, "run.lock") as path:
+        for folder in (Path(run_dir), Path(run_dir) / MODEL_DIR):
+            remove_temp_files(folder)
+        yield path
 
 
 def write_run_config(run_dir: str | os.PathLike, run_config: dict[str, Any]) -> None:
@@ -51,12 +59,10 @@ def write_run_config(run_dir: str | os.PathLike, run_config: dict[str, Any]) -> 
 
 
 def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
-    """The settings of the run in `run_dir` and the file they came from, when it has a checkpoint to resume:
-    its config.json, else the checkpoint's own copy. None when there is no checkpoint (`--resume` then starts a
-    new run)."""
+    """The settings of the run in `run_dir` and the file they came from: its config.json, else (missing or cut
+    short) the checkpoint's own copy. A run killed before its first checkpoint has config.json alone: its
+    settings still apply. None when the folder holds neither (`--resume` then starts a new run)."""
     ckpt = checkpoint_path(run_dir)
-    if not ckpt.exists():
-        return None
     path = Path(run_dir) / CONFIG_FILE
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -64,11 +70,49 @@ def saved_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] 
             return saved, path
     except (OSError, ValueError):
         pass  # missing or cut short: the checkpoint has the same settings
+    if not ckpt.exists():
+        if path.exists():
+            raise UserError(f"{path} is not a JSON object of settings and there is no checkpoint to read them "
+                            "from: cannot resume with them; start a new run with another --out")
+        return None
     state = load_checkpoint(ckpt)
     saved = state.get("run_config") or state.get("train_config")
     if not isinstance(saved, dict):
         raise UserError(f"{ckpt} holds no saved settings and {path} is missing: cannot resume with them")
     return dict(saved), ckpt
+
+
+def check_saved_settings(cls: type, saved: dict[str, Any], source: Path) -> None:
+    """Each saved setting that is a field of `cls` has that field's type (a hand-edited config.json with
+    `"lr": "fast"` is one line naming the file and the field, not a traceback deep in the loop)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in saved and not _fits(hints[f.name], saved[f.name]):
+            raise UserError(f"{source}: setting {f.name!r} is {saved[f.name]!r}, not {_type_text(hints[f.name])}; "
+                            "fix the file or start a new run with another --out")
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    """Whether a JSON value has type `tp` (int | None, float, str, bool, list[str], tuple[float, float], ...)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        inner = args[0] if args else Any
+        return isinstance(value, list) and all(_fits(inner, v) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return tp is Any or isinstance(value, tp)
+
+
+def _type_text(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(tp, f"of type {tp}")
 
 
 def run_command(run_dir: str | os.PathLike) -> str | None:
@@ -80,16 +124,20 @@ def run_command(run_dir: str | os.PathLike) -> str | None:
     return saved.get(COMMAND_KEY) if isinstance(saved, dict) else None
 
 
+def check_maker(run_dir: str | os.PathLike, made_by: str | None, command: str | None) -> None:
+    """Refuse, in one line, to continue a run that another command made, naming that command."""
+    if made_by and command and made_by != command:
+        raise UserError(f"{run_dir} is a `gpt2 {made_by}` run, not a `gpt2 {command}` one: continue it with "
+                        f"`gpt2 {made_by} --out {run_dir} --resume`, or choose another --out")
+
+
 def check_run_dir(run_dir: str | os.PathLike, resume: bool, command: str | None, made_by: str | None = None) -> None:
     """Refuse, in one line, a --out whose checkpoint another command made (naming the run and that command),
     and a checkpoint without --resume. made_by: the recording command when known (default: config.json's)."""
     run_dir = Path(run_dir)
     if not checkpoint_path(run_dir).exists():
         return
-    made_by = made_by or run_command(run_dir)
-    if made_by and command and made_by != command:
-        raise UserError(f"{run_dir} is a `gpt2 {made_by}` run, not a `gpt2 {command}` one: continue it with "
-                        f"`gpt2 {made_by} --out {run_dir} --resume`, or choose another --out")
+    check_maker(run_dir, made_by or run_command(run_dir), command)
     if not resume:
         raise UserError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another "
                         "--out")
@@ -111,14 +159,16 @@ def resume_checkpoint(run_dir: str | os.PathLike, resume: bool, command: str | N
     return state
 
 
-def resume_settings(out: str, command: str, preset: str | None) -> dict[str, Any] | None:
-    """On `--resume` of a run that has a checkpoint: its saved settings (printed where they come from), to use
-    instead of the preset. None when there is nothing saved yet."""
+def resume_settings(out: str, command: str, preset: str | None, cls: type) -> dict[str, Any] | None:
+    """On `--resume` of a run that has saved settings (a checkpoint, or config.json alone when it was killed
+    before its first one): those settings (printed where they come from, checked against the fields of the
+    command's config `cls`), to use instead of the preset. None when there is nothing saved yet."""
     found = saved_run_config(out)
     if found is None:
         return None
     saved, source = found
-    check_run_dir(out, True, command, made_by=saved.get(COMMAND_KEY))  # another command's run: say whose
+    check_maker(out, saved.get(COMMAND_KEY), command)  # another command's run: say whose
+    check_saved_settings(cls, saved, source)
     if os.environ.get("RANK", "0") == "0":
         unused = f"; --preset {preset} is not used" if preset else ""
         print(f"--resume: continuing {out} with the settings saved in {source}{unused}", flush=True)
@@ -154,7 +204,7 @@ def resumed_config(cls: type[T], saved: dict[str, Any], given: dict[str, Any]) -
         if resume_rule(cls, name) == SESSION:
             base[name] = getattr(defaults, name)
     check_refused(cls, base, given)
-    cfg = dataclasses.replace(dataclasses.replace(defaults, **base), **given)
+    cfg = with_given(dataclasses.replace(dataclasses.replace(defaults, **base), **given), given)
     check_values(cfg)
     return cfg
 
