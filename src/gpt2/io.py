@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,6 +127,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def remove_temp_files(folder: str | os.PathLike) -> None:
+    """Delete what `atomic_write`s killed mid-write left in `folder` (".NAME.XXXXXXXX.tmp"; never a whole file).
+    Only for a folder whose writers are this process: call it holding the folder's lock."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if _TEMP_NAME.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+_TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # tempfile.mkstemp's 8 random characters
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:

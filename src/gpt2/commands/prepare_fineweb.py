@@ -29,7 +29,7 @@ from gpt2.config import arg, check_values
 from gpt2.data.fineweb import DATASETS, ShardWriter, available_cpus, iter_texts, tokenize_all
 from gpt2.data.sources import iter_records
 from gpt2.errors import UserError
-from gpt2.io import make_folder
+from gpt2.io import dir_lock, make_folder
 from gpt2.tokenizer import get_encoding
 
 
@@ -55,10 +55,17 @@ class PrepareFinewebConfig:
 
 
 def run(cfg: PrepareFinewebConfig) -> dict[str, Any]:
-    """Prepare (or resume preparing) the shards; returns a summary {shards, docs, tokens, out}."""
+    """Prepare (or resume preparing) the shards; returns a summary {shards, docs, tokens, out}. One run per
+    --out at a time: it holds OUT/run.lock, as training runs hold theirs (two writers would mix their shards
+    and progress)."""
     cfg.validate()
-    hub_id, hub_config, prefix = DATASETS[cfg.dataset]
     out = Path(cfg.out or f"data/{cfg.dataset}")
+    with dir_lock(out, "run.lock"):
+        return _prepare(cfg, out)
+
+
+def _prepare(cfg: PrepareFinewebConfig, out: Path) -> dict[str, Any]:
+    hub_id, hub_config, prefix = DATASETS[cfg.dataset]
     settings = {"input": str(Path(cfg.source).resolve()) if cfg.source else f"{hub_id}/{hub_config}",
                 "text_field": cfg.text_field, "shard_tokens": cfg.shard_tokens, "val_tokens": cfg.val_tokens}
     get_encoding()  # a missing tokenizer is one clear error here, not one per worker

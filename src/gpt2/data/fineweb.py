@@ -32,7 +32,7 @@ import numpy as np
 
 from gpt2.data.shards import SPLITS, list_shards, read_header, read_shard, shard_name, write_shard
 from gpt2.errors import UserError
-from gpt2.io import write_json_atomic
+from gpt2.io import remove_temp_files, write_json_atomic
 from gpt2.tokenizer import EOT, encode, get_encoding
 
 DATASETS = {  # --dataset -> (hub id, config, shard file prefix)
@@ -150,10 +150,7 @@ class ShardWriter:
         """Shards renamed into place after the last progress.json write (a crash in between), and temp files,
         are not part of the recorded state: remove them so they are rewritten, never counted twice."""
         recorded = {s["name"] for s in self.shards}
-        for p in self.out.iterdir():
-            # atomic_write's temp names: ".NAME.XXXXXXXX.tmp" (a SIGKILL mid-write leaves one behind)
-            if p.name.startswith((f".{self.prefix}_", f".{PROGRESS}.")) and p.name.endswith(".tmp"):
-                p.unlink()
+        remove_temp_files(self.out)  # the caller holds the folder's lock (`gpt2 prepare fineweb`'s run.lock)
         for split in SPLITS:
             for p in list_shards(self.out, split):
                 if p.name not in recorded:
