@@ -21,6 +21,7 @@ import gpt2.decode.compiled
 from gpt2.cli import main
 from gpt2.decode import compile_cache as cc
 from gpt2.decode.compiled import CacheUnavailable, prepared
+from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -176,11 +177,17 @@ def test_the_size_bound_evicts_the_least_recently_used(cache, model, monkeypatch
     assert [e.key for e in cc.entries(cache)] == ["new"]
 
 
-def test_an_unusable_cache_folder_is_one_error(tmp_path, model, monkeypatch):
+def test_an_unusable_cache_folder_is_one_error(cache, model, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # not writable (root may write anywhere)
+    with pytest.raises(CacheUnavailable, match="cannot be used"):
+        use(model)
+
+
+def test_a_cache_setting_naming_a_file_is_one_error(tmp_path, model, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv("GPT2_COMPILE_CACHE", str(blocker / "compiled"))
-    with pytest.raises(CacheUnavailable, match="cannot be used"):
+    monkeypatch.setenv("GPT2_COMPILE_CACHE", str(blocker / "compiled"))  # a folder under a file
+    with pytest.raises(UserError, match=f"GPT2_COMPILE_CACHE={blocker / 'compiled'}: {blocker} is a file"):
         use(model)
 
 

@@ -88,7 +88,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
 
 def test_bad_encodings_and_containers(tmp_path):
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(UserError, match="latin.txt: not UTF-8"):
+    with pytest.raises(UserError, match="latin.txt:1: not UTF-8"):
         read(tmp_path / "latin.txt")
     (tmp_path / "notgz.jsonl.gz").write_bytes(b"plain text, not gzip")
     with pytest.raises(UserError, match="notgz.jsonl.gz"):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,14 +26,16 @@ from gpt2.model import GPT, GPTConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def error_line(capsys, run) -> str:
+def error_line(capsys, run, alone: bool = False) -> str:
     """Run `run()`, expect exit status 2 and return its error line (the last line of stderr: progress bars may
-    come before it)."""
+    come before it; with `alone`, nothing may)."""
     with pytest.raises(SystemExit) as e:
         run()
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err, err
+    if alone:
+        assert len(err.splitlines()) == 1, err
     return err.splitlines()[-1]
 
 
@@ -414,3 +417,164 @@ def test_a_model_of_another_vocabulary_reading_text(tmp_path, capsys, argv):
     err = error_line(capsys, lambda: main([argv[0], "--model", str(tmp_path / "m"), "--device", "cpu", *argv[1:]]))
     assert err == (f"gpt2 {argv[0]}: error: --model {tmp_path / 'm'} has a vocabulary of 300 tokens but reads the "
                    "token ids of the GPT-2 tokenizer (50257 tokens): was it trained with another tokenizer?")
+
+
+# ------------------------------------------------------------------ files a command reads: one line naming the field
+
+def tiny_model(path, vocab_size: int = 300):
+    """A 1-layer model folder (n_embd 32, 2 heads, 16 positions) of `vocab_size` tokens."""
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_head": 0}, "n_head must be an integer >= 1, got 0"),
+    ({"n_layer": "12"}, 'n_layer must be an integer >= 1, got "12"'),
+    ({"n_layer": True}, "n_layer must be an integer >= 1, got true"),
+    ({"n_embd": 32.0}, "n_embd must be an integer >= 1, got 32.0"),
+    ({"n_positions": -5}, "n_positions must be an integer >= 1, got -5"),
+    ({"vocab_size": None}, "vocab_size must be an integer >= 1, got null"),
+    ({"n_head": 3}, "n_embd (32) must be divisible by n_head (3)"),
+    ({"layer_norm_epsilon": 0}, "layer_norm_epsilon must be a finite number > 0, got 0"),
+    ({"layer_norm_epsilon": "1e-5"}, 'layer_norm_epsilon must be a finite number > 0, got "1e-5"'),
+    ({"gpt2_scratch": {"vocab_pad_multiple": 0}}, "gpt2_scratch.vocab_pad_multiple must be an integer >= 1, got 0"),
+    ([{"n_head": 2}], "expected a JSON object of settings, got an array"),
+])
+def test_a_config_json_of_wrong_types_or_ranges(tmp_path, capsys, change, message):
+    """config.json's fields are checked (types, then ranges) before a model is built from them."""
+    model = tiny_model(tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **change} if isinstance(change, dict) else change))
+    err = error_line(capsys, lambda: main(["generate", "--model", str(model), "--device", "cpu", "hi"]), alone=True)
+    assert err == f"gpt2 generate: error: {model / 'config.json'}: {message}"
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("transformer.wte.weight", (310, 32)),  # too many rows: another vocabulary
+    ("transformer.wte.weight", (290, 32)),  # too few rows: these were filled with zeros
+    ("transformer.wte.weight", (300, 48)),  # another width
+    ("wte.weight", (320, 32)),  # a file saved from transformers' GPT2Model: its names lack "transformer."
+    ("transformer.h.0.mlp.c_fc.weight", (128, 32)),  # transposed
+])
+def test_weights_of_another_shape_than_the_config(tmp_path, capsys, name, shape):
+    """Every tensor of model.safetensors is checked against config.json, the token embedding included: HF files
+    hold exactly vocab_size rows, never the padding."""
+    model = tiny_model(tmp_path / "m")
+    weights = {(k if name.startswith("transformer.") else k.removeprefix("transformer.")): v
+               for k, v in gio.load_safetensors(model / "model.safetensors").items()}
+    want = tuple(weights[name].shape)
+    weights[name] = torch.zeros(shape)
+    gio.save_safetensors(weights, model / "model.safetensors")
+    err = error_line(capsys, lambda: main(["generate", "--model", str(model), "--device", "cpu", "hi"]), alone=True)
+    assert err == (f"gpt2 generate: error: {model / 'model.safetensors'}: tensor {name} has shape {shape}, but the "
+                   f"model's config (config.json) needs {want}")
+
+
+def _damage(path, line: int, field: str, value) -> None:
+    """Set `field` of the JSON object on `line` (1-based) of `path` to `value` (an element when `field` is
+    "name[i]")."""
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[line - 1])
+    name, _, index = field.partition("[")
+    if index:
+        row[name][int(index.rstrip("]"))] = value
+    else:
+        row[name] = value
+    lines[line - 1] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("kind, field, value, message", [
+    ("alpaca", "answer_ids[1]", 50_300, "answer_ids[1] is 50300, not a token id of the GPT-2 tokenizer (an integer "
+                                        "from 0 to 50256)"),
+    ("alpaca", "question_ids[0]", -3, "question_ids[0] is -3, not a token id of the GPT-2 tokenizer (an integer from "
+                                      "0 to 50256)"),
+    ("alpaca", "question_ids", "1 2 3", "question_ids is a string, not a list of token ids"),
+    ("hh", "chosen[0]", 1.5, "chosen[0] is 1.5, not a token id of the GPT-2 tokenizer (an integer from 0 to 50256)"),
+    ("hh", "prompt[2]", "12", 'prompt[2] is "12", not a token id of the GPT-2 tokenizer (an integer from 0 to '
+                              '50256)'),
+])
+def test_prepared_data_with_ids_that_are_not_token_ids(tmp_path, shared_data, tokenizer_ok, capsys, kind, field,
+                                                       value, message):
+    """`gpt2 prepare alpaca` / `prepare hh` output damaged by hand: refused when fine-tuning or DPO loads it."""
+    data = tmp_path / kind
+    if kind == "alpaca":
+        source = tmp_path / "alpaca.jsonl"
+        source.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n"
+                                  for w in ("hi", "yes", "no", "maybe")))
+        main(["prepare", "alpaca", "--source", str(source), "--out", str(data), "--val-fraction", "0"])
+    else:
+        main(["prepare", "hh", "--source", str(shared_data / "hh_rlhf_harmless_test.jsonl.gz"), "--out", str(data),
+              "--limit", "8", "--val-fraction", "0"])
+    capsys.readouterr()
+    _damage(data / "train.jsonl", 2, field, value)
+    model = tiny_model(tmp_path / "m", vocab_size=50257)
+    argv = (["finetune", "--init", str(model), "--data", str(data)] if kind == "alpaca" else
+            ["dpo", "--model", str(model), "--data", str(data)])
+    err = error_line(capsys, lambda: main([*argv, "--out", str(tmp_path / "run"), "--device", "cpu"]), alone=True)
+    assert err == f"gpt2 {argv[0]}: error: {data / 'train.jsonl'}:2: {message}"
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["dpo", "reward"])
+def test_dpo_and_reward_with_a_model_of_another_vocabulary_than_the_pairs(rlhf, capsys, command):
+    """The pairs' ids reach past the model's embedding: refused in one line (it was an IndexError)."""
+    tmp, data, sft = rlhf
+    config = GPT.from_pretrained(sft).config
+    small = tmp / "small"
+    GPT(GPTConfig(**{**config.__dict__, "vocab_size": config.vocab_size - 5})).save_pretrained(small)
+    highest = max(t for line in (data / "train.jsonl").read_text().splitlines()
+                  for seq in json.loads(line).values() for t in seq)
+    err = error_line(capsys, lambda: main([command, "--model", str(small), "--data", str(data), "--out",
+                                           str(tmp / "run"), *RLHF]), alone=True)
+    assert err == (f"gpt2 {command}: error: --model {small} has a vocabulary of {config.vocab_size - 5} tokens but "
+                   f"{data / 'train.jsonl'} holds token id {highest}: was the model trained, or the data prepared, "
+                   "with another tokenizer?")
+
+
+@pytest.mark.parametrize("command", ["ppo", "eval hellaswag"])
+def test_a_prompts_or_hellaswag_file_that_is_not_utf8(tmp_path, capsys, command):
+    """The line named is the one holding the bad byte, also far past the reader's first buffer."""
+    if command == "ppo":
+        good = "What is the capital of France?\n"
+        from gpt2.rlhf.heads import RewardModel
+
+        model = tiny_model(tmp_path / "m", vocab_size=50257)
+        RewardModel(GPT.from_pretrained(model)).save_pretrained(tmp_path / "rm")
+        argv = ["ppo", "--model", str(model), "--reward-model", str(tmp_path / "rm"), "--prompts"]
+        rest = ["--out", str(tmp_path / "run"), "--device", "cpu"]
+    else:
+        good = json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n"
+        argv, rest = ["eval", "hellaswag", "--model", str(tmp_path / "none"), "--source"], []
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(good.encode() * 400 + good.replace("a", "\u00e0").encode("latin-1") + good.encode())
+    err = error_line(capsys, lambda: main([*argv, str(path), *rest]), alone=True)
+    assert err == f"gpt2 {command}: error: {path}:401: not UTF-8 text (byte 0xe0); save the file as UTF-8"
+
+
+@pytest.mark.parametrize("variable, value, command, flags", [
+    ("GPT2_COMPILE_CACHE_MAX_GB", "nan", "cache list", []),
+    ("GPT2_COMPILE_CACHE_MAX_GB", "inf", "cache list", []),
+    ("GPT2_COMPILE_CACHE_MAX_GB", "lots", "cache list", []),
+    ("GPT2_COMPILE_CACHE_MAX_GB", "0", "cache list", []),
+    ("GPT2_COMPILE_CACHE_MAX_GB", "lots", "generate", ["--compile", "hi"]),
+    ("GPT2_COMPILE_CACHE", "a-file", "cache list", []),
+    ("GPT2_COMPILE_CACHE", "a-file", "chat", ["--compile", "--prompt", "hi"]),
+])
+def test_compile_cache_settings(tmp_path, model_dir, capsys, monkeypatch, variable, value, command,  # noqa: F811
+                                flags):
+    """Checked where the commands use them: `gpt2 cache list`, and the compiled decoding of generate, chat and serve
+    at their start (not in the thread that makes the pieces ready, which would leave decoding eager, unsaid)."""
+    if value == "a-file":
+        value = str(tmp_path / "a-file")
+        (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(variable, value)
+    model = [] if command == "cache list" else ["--model", str(model_dir), "--device", "cpu"]
+    err = error_line(capsys, lambda: main([*command.split(), *model, *flags]), alone=True)
+    if variable == "GPT2_COMPILE_CACHE":
+        assert err == (f"gpt2 {command}: error: GPT2_COMPILE_CACHE={value}: {value} is a file, not a folder: choose "
+                       f"another path, or unset it for {Path.home() / '.cache' / 'gpt2-scratch' / 'compiled'}")
+    else:
+        assert err == (f"gpt2 {command}: error: GPT2_COMPILE_CACHE_MAX_GB={value}: expected a positive finite number "
+                       "of gigabytes (the compile cache's size bound; 8 when unset)")

@@ -118,6 +118,16 @@ def check_vocab(model: Any, vocab_size: int, name: str, source: str) -> None:
                         f"({vocab_size} tokens): was it trained with another tokenizer?")
 
 
+def check_ids_fit(model: Any, highest: int, name: str, source: str) -> None:
+    """`model` (called `name`: a flag and its value) is about to read prepared token ids up to `highest` from
+    `source` (a file): data made for a larger vocabulary would fail deep inside the model's embedding. The
+    check of every command that trains on prepared token ids, as `check_vocab` is for the tokenizer's."""
+    own = model.config.vocab_size
+    if highest >= own:
+        raise UserError(f"{name} has a vocabulary of {own} tokens but {source} holds token id {highest}: was the "
+                        "model trained, or the data prepared, with another tokenizer?")
+
+
 def state_to_cpu(obj: Any, _memo: dict | None = None) -> Any:
     """A copy of a nest of dicts/lists/tuples whose tensors are detached copies in host memory, so that it can
     be written while training goes on changing the originals. Tensors sharing memory (tied weights) stay

@@ -27,10 +27,10 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import os
 import urllib.request
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gpt2.data.batching import pad_right
+from gpt2.data.sources import jsonl_records
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
 from gpt2.tokenizer import encode
@@ -146,18 +147,8 @@ def read_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[di
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such HellaSwag file")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            examples.append(_check_record(rec, f"{path}:{lineno}"))
+    # a line at a time, and no further than `limit` records: bad bytes or JSON past them are never read
+    examples = [_check_record(rec, f"{path}:{lineno}") for lineno, rec in islice(jsonl_records(path), limit)]
     if not examples:
         raise UserError(f"{path}: no HellaSwag records")
     return examples

@@ -22,8 +22,9 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2.errors import UserError
+from gpt2.errors import UserError, as_json, json_kind
 from gpt2.hf_tokenizer import save_tokenizer_files
 from gpt2.io import load_safetensors, save_safetensors, write_json_atomic
 
@@ -258,30 +259,38 @@ class GPT(nn.Module):
         path = resolve_checkpoint_dir(name_or_dir)
         config = replace(_config_from_hf(path / "config.json"), **overrides)
         model = cls(config)
-        model.load_hf_state_dict(_read_hf_weights(path))
+        file, weights = _read_hf_weights(path)
+        model.load_hf_state_dict(weights, source=str(file))
         return model
 
-    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()}
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Copy HF-named weights (`source` names their file in errors) into this model. Every tensor's shape is
+        checked against the config first, the token embedding's included: it holds exactly `vocab_size` rows
+        (HF files hold no padding, and `hf_state_dict` writes none), so a file for another vocabulary is
+        refused rather than cut or filled with zero rows that would make nonsense."""
+        names = {_own_name(k): k for k in sd}  # our name -> the file's (which may lack "transformer.")
+        sd = {_own_name(k): v for k, v in sd.items()}
         sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         sd.pop("lm_head.weight", None)  # tied to wte
         own = self.state_dict()
         expected = {k for k in own if k != "lm_head.weight"}
         missing, unexpected = expected - sd.keys(), sd.keys() - expected
         if missing or unexpected:
-            raise UserError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+            raise UserError(f"{source} does not match the model: missing {sorted(missing)[:5]}, "
                             f"unexpected {sorted(unexpected)[:5]}")
+        for k, v in sd.items():
+            want = (self.config.vocab_size, self.config.n_embd) if k == "transformer.wte.weight" else own[k].shape
+            if tuple(v.shape) != tuple(want):
+                raise UserError(f"{source}: tensor {names[k]} has shape {tuple(v.shape)}, but the model's config "
+                                f"(config.json) needs {tuple(want)}")
         with torch.no_grad():
             for k, v in sd.items():
                 target = own[k]
-                if k == "transformer.wte.weight":
+                if k == "transformer.wte.weight":  # the padding rows are never read: zeros
                     target[: v.size(0)].copy_(v)
                     target[v.size(0):].zero_()
-                    continue
-                if target.shape != v.shape:
-                    raise UserError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, model expects "
-                                    f"{tuple(target.shape)}")
-                target.copy_(v)
+                else:
+                    target.copy_(v)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Our weights under HF names and layouts (no vocab padding; lm_head omitted, it is tied to wte)."""
@@ -331,28 +340,81 @@ def _config_to_hf(config: GPTConfig) -> dict:
     }
 
 
+def _own_name(key: str) -> str:
+    """A weight's name in a HF file as our state dict names it (files saved from `GPT2Model` lack "transformer.")."""
+    return key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+
+
+def _is_count(v: object) -> bool:
+    return type(v) is int and v >= 1  # (bool is an int subclass: true is not a count)
+
+
+def _is_epsilon(v: object) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and v > 0
+
+
+def _is_probability(v: object) -> bool:
+    return type(v) in (int, float) and 0 <= v < 1
+
+
+# What each GPTConfig field may hold, and how an error says it: the rules `_config_from_hf` checks a file by.
+_FIELD_RULES = {
+    "block_size": (_is_count, "an integer >= 1"),
+    "vocab_size": (_is_count, "an integer >= 1"),
+    "n_layer": (_is_count, "an integer >= 1"),
+    "n_head": (_is_count, "an integer >= 1"),
+    "n_embd": (_is_count, "an integer >= 1"),
+    "vocab_pad_multiple": (_is_count, "an integer >= 1"),
+    "layer_norm_epsilon": (_is_epsilon, "a finite number > 0"),
+    "dropout": (_is_probability, "a number in [0, 1)"),
+}
+# config.json's names of GPTConfig's fields, and Hugging Face's defaults for those a file leaves out
+_HF_FIELDS = {"n_positions": ("block_size", 1024), "vocab_size": ("vocab_size", 50257), "n_layer": ("n_layer", 12),
+              "n_head": ("n_head", 12), "n_embd": ("n_embd", 768), "layer_norm_epsilon": ("layer_norm_epsilon", 1e-5)}
+
+
 def _config_from_hf(path: Path) -> GPTConfig:
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+    """The GPTConfig of a HF `config.json`, every field checked (`_FIELD_RULES`): a wrong type or range is a
+    UserError naming the file and the field, never a crash while the model is built."""
+    hf = _read_json_object(path)
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{path}: model_type {hf.get('model_type')!r} is not gpt2")
-    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
-        raise UserError(f"{path}: n_inner={hf['n_inner']} is not supported (only 4 * n_embd)")
+        raise UserError(f"{path}: model_type {as_json(hf.get('model_type'))} is not gpt2")
+    values = _checked_fields(hf, path)
+    if values["n_embd"] % values["n_head"]:
+        raise UserError(f"{path}: n_embd ({values['n_embd']}) must be divisible by n_head ({values['n_head']})")
+    if hf.get("n_inner") not in (None, 4 * values["n_embd"]):
+        raise UserError(f"{path}: n_inner={as_json(hf['n_inner'])} is not supported (only 4 * n_embd)")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"{path}: activation_function {hf['activation_function']!r} is not supported")
-    keys = {f.name for f in fields(GPTConfig)}
-    cfg = {
-        "block_size": hf.get("n_positions", 1024),
-        "vocab_size": hf.get("vocab_size", 50257),
-        "n_layer": hf.get("n_layer", 12),
-        "n_head": hf.get("n_head", 12),
-        "n_embd": hf.get("n_embd", 768),
-        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
-        **{k: v for k, v in hf.get("gpt2_scratch", {}).items() if k in keys},
-    }
-    return GPTConfig(**cfg)
+        raise UserError(f"{path}: activation_function {as_json(hf['activation_function'])} is not supported")
+    return GPTConfig(**values)
+
+
+def _checked_fields(hf: dict, path: Path) -> dict:
+    """GPTConfig's fields from a config.json's settings (HF's defaults for those left out; ours under
+    `gpt2_scratch`), each checked by its rule and named as the file names it when it breaks one."""
+    values, names = {}, {}  # GPTConfig field -> value, and -> its name in the file
+    for name, (field, default) in _HF_FIELDS.items():
+        values[field], names[field] = hf.get(name, default), name
+    extra = hf.get("gpt2_scratch", {})
+    if not isinstance(extra, dict):
+        raise UserError(f"{path}: gpt2_scratch must be a JSON object, got {json_kind(extra)}")
+    for field in _FIELD_RULES.keys() & extra.keys():
+        values[field], names[field] = extra[field], f"gpt2_scratch.{field}"
+    for field, value in values.items():
+        ok, expected = _FIELD_RULES[field]
+        if not ok(value):
+            raise UserError(f"{path}: {names[field]} must be {expected}, got {as_json(value)}")
+    return values
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    if not isinstance(hf, dict):
+        raise UserError(f"{path}: expected a JSON object of settings, got {json_kind(hf)}")
+    return hf
 
 
 def resolve_checkpoint_dir(name_or_dir: str | os.PathLike) -> Path:
@@ -375,13 +437,17 @@ def resolve_checkpoint_dir(name_or_dir: str | os.PathLike) -> Path:
                         f"the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_hf_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file of a HF checkpoint folder and its tensors (by their names in the file)."""
     st, pt = path / "model.safetensors", path / "pytorch_model.bin"
     try:
         if st.exists():
-            return load_safetensors(st)
+            return st, load_safetensors(st)
         if pt.exists():
-            return torch.load(pt, map_location="cpu", weights_only=True)
+            sd = torch.load(pt, map_location="cpu", weights_only=True)
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise UserError(f"{pt}: not a state dict of tensors")
+            return pt, sd
     except UserError:
         raise
     except Exception as e:

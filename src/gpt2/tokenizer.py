@@ -12,7 +12,7 @@ import os
 
 import tiktoken
 
-from gpt2.errors import UserError
+from gpt2.errors import UserError, as_json, json_kind
 
 EOT = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
@@ -47,3 +47,17 @@ def decode(ids: list[int]) -> str:
 def decode_bytes(ids: list[int]) -> bytes:
     """Raw bytes; for streaming, where one character may span several tokens."""
     return get_encoding().decode_bytes(ids)
+
+
+def check_token_ids(value: object, where: str) -> list[int]:
+    """`value` (a field of a prepared data file, `where` names the file, line and field) as a list of this
+    tokenizer's ids; anything else (a string, a float, a bool, a negative id, an id past the vocabulary: a file
+    edited by hand or made with another tokenizer) is a UserError naming `where`, not a crash in an embedding."""
+    if not isinstance(value, list):
+        raise UserError(f"{where} is {json_kind(value)}, not a list of token ids")
+    # the common case at C speed; the loop below only finds what to name
+    if all(type(t) is int for t in value) and (not value or (min(value) >= 0 and max(value) < VOCAB_SIZE)):
+        return value
+    i, bad = next((i, t) for i, t in enumerate(value) if type(t) is not int or not 0 <= t < VOCAB_SIZE)
+    raise UserError(f"{where}[{i}] is {as_json(bad)}, not a token id of the GPT-2 tokenizer (an integer from 0 to "
+                    f"{VOCAB_SIZE - 1})")

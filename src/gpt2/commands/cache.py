@@ -36,7 +36,7 @@ def _gb(n: int) -> str:
 
 
 def run_list(cfg: ListConfig) -> list[cc.Entry]:
-    root = cc.cache_root()
+    root = cc.check_settings()
     found = cc.entries(root)
     print(f"{root}: {len(found)} entries, {_gb(sum(e.bytes for e in found))} (bound: {_gb(cc.max_bytes())}, "
           "$GPT2_COMPILE_CACHE_MAX_GB)")

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from gpt2.checkpoint import check_vocab, load_model
+from gpt2.checkpoint import check_ids_fit, check_vocab, load_model
 from gpt2.commands import Command
 from gpt2.config import arg, check_sampling, flag_name
-from gpt2.data.preferences import load_pairs, split_file
+from gpt2.data.preferences import highest_token_id, load_pairs, split_file
+from gpt2.data.sources import text_lines
 from gpt2.distributed import destroy_distributed, init_distributed
 from gpt2.errors import UserError
+from gpt2.model import GPT
 from gpt2.rlhf.heads import ActorCritic, RewardModel
 from gpt2.rlhf.losses import last_token_index
 from gpt2.rlhf.ppo import PPOHyper, PPOTask
@@ -71,21 +73,26 @@ class PPOConfig(TrainConfig):
             if not 0 <= getattr(self, flag) <= 1:
                 raise UserError(f"{flag_name(flag)} must be in [0, 1] (got {getattr(self, flag)})")
         check_sampling(self.temperature, None, None)
+        if self.parallel == "fsdp":
+            raise UserError("--parallel fsdp: PPO samples its rollouts on each rank, from the policy's whole weights, "
+                            "which FSDP keeps in shards; use --parallel ddp")
 
 
-def load_prompts(cfg: PPOConfig, max_prompt_len: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(training prompts, evaluation prompts) as token ids, each at most `max_prompt_len` tokens."""
+def load_prompts(cfg: PPOConfig, max_prompt_len: int, policy: GPT) -> tuple[list[list[int]], list[list[int]]]:
+    """(training prompts, evaluation prompts) as token ids, each at most `max_prompt_len` tokens; prepared pairs
+    with ids past `policy`'s vocabulary are refused in one line naming the file."""
     if cfg.prompts is not None:
         path = Path(cfg.prompts)
         if not path.is_file():
             raise UserError(f"--prompts {path}: no such file")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for _, line in text_lines(path) if line.strip()]  # bad bytes name their line
         train = [encode(format_prompt(line)) for line in lines]
         evals = train[: cfg.eval_prompts]
     else:
         def unique_prompts(split: str) -> list[list[int]]:
             file = split_file(cfg.data, split)
             pairs = load_pairs(file) if split == "train" or file.is_file() else []
+            check_ids_fit(policy, highest_token_id(pairs), f"--model {cfg.model}", str(file))
             return [list(p) for p in dict.fromkeys(tuple(pair["prompt"]) for pair in pairs)]
 
         train, evals = unique_prompts("train"), unique_prompts("val")[: cfg.eval_prompts]
@@ -108,7 +115,7 @@ def run(cfg: PPOConfig) -> ActorCritic:
         scorer = RewardModel.from_pretrained(cfg.reward_model).eval().requires_grad_(False).to(device)
         check_vocab(scorer, policy.config.vocab_size, f"--reward-model {cfg.reward_model}", f"--model {cfg.model}")
         context = min(policy.config.block_size, scorer.config.block_size)
-        train_prompts, eval_prompts = load_prompts(cfg, context - cfg.max_new_tokens - 1)
+        train_prompts, eval_prompts = load_prompts(cfg, context - cfg.max_new_tokens - 1, policy)
         seed_everything(cfg.seed)  # the value head's initial weights (DDP broadcasts rank 0's anyway)
         actor = ActorCritic(policy).to(device)
 

@@ -42,10 +42,11 @@ from typing import Any
 from tqdm import tqdm
 
 from gpt2.data.batching import Example
+from gpt2.data.sources import jsonl_records
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
 from gpt2.template import format_prompt
-from gpt2.tokenizer import EOT, encode_batch
+from gpt2.tokenizer import EOT, check_token_ids, encode_batch
 
 HUB_ID = "tatsu-lab/alpaca"
 MIN_QUESTION_TOKENS = 16  # below this a left-truncated question has lost its instruction: drop instead
@@ -155,18 +156,20 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[Example]:
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path} not found")
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                q, a = row["question_ids"], row["answer_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{path} line {lineno}: not a prepared example ({e})") from e
-            if not q or not a or a[-1] != EOT:
-                raise UserError(f"{path} line {lineno}: empty question or answer not ending in {EOT}")
-            examples.append((q, a))
-    return examples
+    return [check_example(row, f"{path}:{lineno}") for lineno, row in jsonl_records(path)]
+
+
+def check_example(row: dict, where: str) -> Example:
+    """One line of a prepared file (`where` names the file and the line) as an example: both fields lists of
+    GPT-2 token ids, neither empty, the answer ending in <|endoftext|>; else a UserError naming the field."""
+    for field in ("question_ids", "answer_ids"):
+        if field not in row:
+            raise UserError(f"{where}: no field {field}: not a line of `gpt2 prepare alpaca`")
+    q = check_token_ids(row["question_ids"], f"{where}: question_ids")
+    a = check_token_ids(row["answer_ids"], f"{where}: answer_ids")
+    if not q or not a or a[-1] != EOT:
+        raise UserError(f"{where}: empty question or answer not ending in {EOT}")
+    return q, a
 
 
 # ---------------------------------------------------------------- records in bulk

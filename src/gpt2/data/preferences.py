@@ -25,7 +25,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zlib
@@ -34,15 +33,17 @@ from pathlib import Path
 import torch
 
 from gpt2.data.batching import collate
+from gpt2.data.sources import jsonl_records
 from gpt2.errors import UserError
 from gpt2.template import format_chat
-from gpt2.tokenizer import EOT, encode
+from gpt2.tokenizer import EOT, check_token_ids, encode
 
 HUB_ID = "Anthropic/hh-rlhf"
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = {"Human": "user", "Assistant": "assistant"}
 
 Pair = dict[str, list[int]]  # {"prompt": ids, "chosen": ids, "rejected": ids}
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 class MalformedPair(ValueError):
@@ -126,15 +127,21 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such preference file (make one with `gpt2 prepare hh --out DIR`)")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                p = json.loads(line)
-                pairs.append({k: [int(t) for t in p[k]] for k in ("prompt", "chosen", "rejected")})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise UserError(f"{path}:{n}: not a preference pair ({type(e).__name__}: {e})") from e
-    return pairs
+    return [check_pair(row, f"{path}:{lineno}") for lineno, row in jsonl_records(path)]
+
+
+def check_pair(row: dict, where: str) -> Pair:
+    """One line of a prepared file (`where` names the file and the line) as a pair: prompt, chosen and rejected
+    each a list of GPT-2 token ids; else a UserError naming the field."""
+    missing = [k for k in PAIR_FIELDS if k not in row]
+    if missing:
+        raise UserError(f"{where}: no field {missing[0]}: not a line of `gpt2 prepare hh`")
+    return {k: check_token_ids(row[k], f"{where}: {k}") for k in PAIR_FIELDS}
+
+
+def highest_token_id(pairs: list[Pair]) -> int:
+    """The largest token id in `pairs` (-1 when there is none): a model must have more ids to read them."""
+    return max((max(seq) for p in pairs for seq in p.values() if seq), default=-1)
 
 
 def pair_length(pair: Pair) -> int:

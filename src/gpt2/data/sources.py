@@ -27,11 +27,11 @@ Design decisions:
 from __future__ import annotations
 
 import gzip
-import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gpt2.errors import UserError
 
@@ -114,10 +114,50 @@ def _read_parquet(path: Path) -> Iterator[dict]:
         raise UserError(f"{path}: not a readable parquet file ({e})") from e
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_bytes(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
+    """`data`, the bytes of `path` from line `first_line` on, as text. Bytes that are not UTF-8 are a UserError
+    naming the file and the line they are on (decoding a file as a whole stream would name the line where its
+    reader's buffer began instead)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+                        ) from e
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file (gzip-compressed when its name ends in .gz), a line at a time and
+    never more than one record (`MAX_RECORD_BYTES`) of it in memory. The one reader of line-based files (JSON
+    lines, HellaSwag, prompt lists, prepared data): a line that is not UTF-8, too long, or a file that cannot be
+    read is a UserError naming the file and the line."""
+    path = Path(path)
+    lineno = 0
+    try:
+        with _open_bytes(path) as f:
+            while raw := f.readline(MAX_RECORD_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                    raise _too_big(f"{path}:{lineno}: the line", f"longer than {_size(MAX_RECORD_BYTES)}",
+                                   "is it one record? cut it down or leave it out")
+                if raw.endswith(b"\r\n"):  # as text mode reads it (Windows line ends)
+                    raw = raw[:-2] + b"\n"
+                yield lineno, decode_utf8(raw, path, lineno)
+    except (gzip.BadGzipFile, EOFError, OSError) as e:
+        raise UserError(f"{path}:{lineno + 1}: cannot read ({type(e).__name__}: {e})") from e
+
+
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) of each non-blank line of a JSON-lines file (`text_lines`); a line that is not a
+    JSON object is a UserError naming the file and the line."""
+    path = Path(path)
+    for lineno, line in text_lines(path):
+        if line.strip():
+            yield lineno, _as_record(_loads(line, path, lineno), path, lineno)
 
 
 def _size(n: int) -> str:
@@ -129,41 +169,32 @@ def _too_big(what: str, size: str, how: str) -> UserError:
                      f"(gpt2.data.sources.MAX_RECORD_BYTES); {how}")
 
 
-def _read_whole(f: io.TextIOBase, path: Path, how: str) -> str:
-    """The whole text of `f`, refused with its size (before reading it, where the file's size tells) when
+def _read_whole(path: Path, how: str) -> str:
+    """The whole text of `path`, refused with its size (before reading it, where the file's size tells) when
     larger than one record may be."""
     size = path.stat().st_size
     if not path.name.lower().endswith(".gz") and size > MAX_RECORD_BYTES:
         raise _too_big(str(path), _size(size), how)
-    text = f.read(MAX_RECORD_BYTES + 1)
-    if len(text) > MAX_RECORD_BYTES:  # compressed: its size is known only once read this far
+    try:
+        with _open_bytes(path) as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
+    except (gzip.BadGzipFile, EOFError, OSError) as e:
+        raise UserError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    if len(data) > MAX_RECORD_BYTES:  # compressed: its size is known only once read this far
         raise _too_big(str(path), f"more than {_size(MAX_RECORD_BYTES)} uncompressed", how)
-    return text
+    # universal newlines, as text mode reads a file: a document's Windows line ends become "\n"
+    return decode_utf8(data, path).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    lineno = 0
-    try:
-        with _open_text(path) as f:
-            while line := f.readline(MAX_RECORD_BYTES + 1):  # a line at a time, never more than one record
-                lineno += 1
-                if len(line) > MAX_RECORD_BYTES and not line.endswith("\n"):
-                    raise _too_big(f"{path}:{lineno}: the line", f"longer than {_size(MAX_RECORD_BYTES)}",
-                                   "is it one record? cut it down or leave it out")
-                if line.strip():
-                    yield _as_record(_loads(line, path, lineno), path, lineno)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as e:
-        raise UserError(f"{path}:{lineno + 1}: cannot read ({type(e).__name__}: {e})") from e
+    for _, record in jsonl_records(path):
+        yield record
 
 
 def _read_json(path: Path) -> Iterator[dict]:
     """A JSON array of objects (or one object); anything else is read as JSON lines."""
-    try:
-        with _open_text(path) as f:
-            text = _read_whole(f, path, "a .json file is read whole: write it as .jsonl, one record per line, "
-                                        "which is read a line at a time")
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as e:
-        raise UserError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    text = _read_whole(path, "a .json file is read whole: write it as .jsonl, one record per line, which is read "
+                             "a line at a time")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -183,13 +214,8 @@ def _read_json(path: Path) -> Iterator[dict]:
 
 
 def _read_txt(path: Path) -> Iterator[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = _read_whole(f, path, "a .txt file is one document: split it into several files, or write "
-                                        "it as .jsonl with one document per line")
-        yield {"text": text}
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from e
+    yield {"text": _read_whole(path, "a .txt file is one document: split it into several files, or write it as "
+                                     ".jsonl with one document per line")}
 
 
 def _loads(line: str, path: Path, lineno: int) -> Any:

@@ -22,12 +22,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpt2.errors import UserError
+from gpt2.io import not_a_folder
 
 try:
     import fcntl
@@ -36,23 +40,45 @@ except ImportError:  # Windows: no advisory locks; concurrent first starts may t
 
 MANIFEST = "manifest.json"
 BUILD_PREFIX = ".build-"
+ROOT_ENV, MAX_GB_ENV = "GPT2_COMPILE_CACHE", "GPT2_COMPILE_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 8.0
 
 
 def cache_root() -> Path:
-    """Where compiled pieces are kept: $GPT2_COMPILE_CACHE, else ~/.cache/gpt2-scratch/compiled."""
-    env = os.environ.get("GPT2_COMPILE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "gpt2-scratch" / "compiled"
+    """Where compiled pieces are kept: $GPT2_COMPILE_CACHE, else ~/.cache/gpt2-scratch/compiled. A value naming a
+    file (or a folder under one) is a UserError: listed, it would pass for an empty cache."""
+    default = Path.home() / ".cache" / "gpt2-scratch" / "compiled"
+    env = os.environ.get(ROOT_ENV)
+    if not env:
+        return default
+    blocked = not_a_folder(env)
+    if blocked is not None:
+        raise UserError(f"{ROOT_ENV}={env}: {blocked}, or unset it for {default}")
+    return Path(env)
 
 
 def max_bytes() -> int:
-    """The cache's size bound: $GPT2_COMPILE_CACHE_MAX_GB gigabytes (default 8)."""
-    text = os.environ.get("GPT2_COMPILE_CACHE_MAX_GB", "")
+    """The cache's size bound: $GPT2_COMPILE_CACHE_MAX_GB gigabytes (default 8); any other value than a positive
+    finite number is a UserError naming the variable, not a bound silently replaced."""
+    text = os.environ.get(MAX_GB_ENV, "").strip()
+    if not text:
+        return int(DEFAULT_MAX_GB * 1e9)
     try:
-        gb = float(text) if text else DEFAULT_MAX_GB
+        gb = float(text)
     except ValueError:
-        gb = DEFAULT_MAX_GB
-    return int(max(gb, 0.0) * 1e9)
+        gb = math.nan
+    if not (math.isfinite(gb) and gb > 0):
+        raise UserError(f"{MAX_GB_ENV}={text}: expected a positive finite number of gigabytes (the compile "
+                        f"cache's size bound; {DEFAULT_MAX_GB:g} when unset)")
+    return int(gb * 1e9)
+
+
+def check_settings() -> Path:
+    """Both environment variables checked (a UserError naming the one at fault), at the start of whatever uses
+    the cache: the compiled decoding path of a command checks them before its background thread starts, so a
+    bad value is one line at startup rather than a failure inside that thread. Returns the cache's folder."""
+    max_bytes()
+    return cache_root()
 
 
 def _sha256(path: Path) -> str:

@@ -285,7 +285,7 @@ def prepared(model: GPT, progress: Callable[[str], None], build: bool = True,
     """The verified cache entry of `model`'s pieces, built first if it is absent or damaged (None when it is not
     cached and `build` is False), with the entry's lock held until the block ends (so no other process evicts
     or rebuilds it while it is loaded). Raises `CacheUnavailable` where the cache folder cannot be written."""
-    root, key = cc.cache_root(), cache_key(model)
+    root, key = cc.check_settings(), cache_key(model)
     directory, lock = root / key, cc.Lock(root, key)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -401,6 +401,7 @@ class BackgroundCompile:
         self.seconds = 0.0  # until ready (or failed)
         self.load_seconds = 0.0
         self._say = progress
+        cc.check_settings()  # here, in the caller's thread: a bad setting is the command's one-line error
         self._thread = threading.Thread(target=self._run, args=(model, build, label), name="gpt2-compile",
                                         daemon=True)
         _builds.threads.append(self._thread)

@@ -27,10 +27,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from gpt2.checkpoint import load_model
+from gpt2.checkpoint import check_ids_fit, load_model
 from gpt2.config import arg
 from gpt2.data.batching import LengthGroupedBatcher
-from gpt2.data.preferences import Pair, collate_pairs, load_pairs, pair_length, split_file
+from gpt2.data.preferences import Pair, collate_pairs, highest_token_id, load_pairs, pair_length, split_file
 from gpt2.distributed import DistInfo, all_gather_object, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -121,11 +121,15 @@ class PairStageConfig(TrainConfig):
     weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
 
 
-def load_train_val(cfg: PairStageConfig, block_size: int) -> tuple[list[Pair], list[Pair]]:
-    """The prepared train and held-out pairs that fit in `--max-len` (at most the model's context)."""
+def load_train_val(cfg: PairStageConfig, model: GPT) -> tuple[list[Pair], list[Pair]]:
+    """The prepared train and held-out pairs that fit in `--max-len` (at most `model`'s context); pairs with
+    token ids past `model`'s vocabulary are refused in one line naming the file."""
+    block_size = model.config.block_size
     max_len = min(cfg.max_len or block_size, block_size)
     train_file, val_file = split_file(cfg.data, "train"), split_file(cfg.data, "val")
     splits = {"train": load_pairs(train_file), "val": load_pairs(val_file) if val_file.is_file() else []}
+    for split, file in (("train", train_file), ("val", val_file)):
+        check_ids_fit(model, highest_token_id(splits[split]), f"--model {cfg.model}", str(file))
     fits = {k: [p for p in v if pair_length(p) <= max_len] for k, v in splits.items()}
     skipped = {k: len(splits[k]) - len(fits[k]) for k in splits}
     if any(skipped.values()):
@@ -143,7 +147,7 @@ def run_pair_stage(cfg: PairStageConfig, make_model: Callable[[GPT], nn.Module],
     dist = init_distributed(cfg.device)
     try:
         start = load_model(cfg.model)
-        train_pairs, val_pairs = load_train_val(cfg, start.config.block_size)
+        train_pairs, val_pairs = load_train_val(cfg, start)
         task = make_task(start, train_pairs, val_pairs, dist)
         steps_per_epoch = max(1, task.steps_per_epoch // cfg.grad_accum)
         cfg = replace(cfg, max_steps=run_length(cfg.max_steps, cfg.epochs, steps_per_epoch))
