@@ -186,8 +186,8 @@ def run(cfg: FinetuneConfig):
             result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
                            run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
             if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
-                after = answer_prompts(model, cfg.sample_prompts, cfg.sample_max_tokens, cfg.sample_temperature,
-                                       cfg.seed)
+                after = answer_prompts(result.model, cfg.sample_prompts, cfg.sample_max_tokens,
+                                       cfg.sample_temperature, cfg.seed)
                 text = render_samples(cfg.sample_prompts, before, after, header(result.step))
                 write_text_atomic(run_dir / SAMPLES_FILE, text)
                 print(text, flush=True)

@@ -100,6 +100,7 @@ from gpt2.train.optim import apply_lr, build_optimizer, lr_at  # noqa: F401  (lr
 from gpt2.train.parallel import (
     blocks,
     checkpoint_activations,
+    full_model_state,
     full_state,
     gradient_sync,
     load_full_state,
@@ -134,6 +135,9 @@ class TrainResult:
     step: int  # optimizer steps completed
     loss: float | None  # last logged training loss
     run_dir: Path
+    # The trained weights as a plain module on rank 0 (None on the others), for work after training such as
+    # sampling: the model itself, or, sharded, a whole host copy (the sharded model needs every rank to run).
+    model: nn.Module | None = None
 
 
 class NonFiniteLossError(UserError):
@@ -496,7 +500,19 @@ class Trainer:
             saved = self.state.last_saved == end_step
             how = "continue with --resume" if saved else "--no-save-final: no checkpoint of it"
             self._say(f"stopped at step {end_step} of {cfg.max_steps}; {how}")
-        return TrainResult(step=max(start, end_step), loss=loss, run_dir=self.run_dir)
+        return TrainResult(step=max(start, end_step), loss=loss, run_dir=self.run_dir, model=self.whole_model())
+
+    def whole_model(self) -> nn.Module | None:
+        """The trained weights as a plain module on rank 0, None on the others. Sharded: the host copy that
+        saves export from, filled now (a collective of every rank) when the session ended without a save."""
+        if not self.sharded:
+            return self.model if self.dist.is_main else None
+        self.writer.wait()  # a save's export may still be loading the copy
+        if self.state.last_saved != self.state.step:  # the same on every rank: all take part or none
+            state = full_model_state(self.model)
+            if self.dist.is_main:
+                self._shadow.load_state_dict(state)
+        return self._shadow if self.dist.is_main else None
 
     def close(self) -> None:
         """Drop the DDP wrapper now, while its process group lives: a DDP reducer freed after

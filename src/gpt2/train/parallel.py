@@ -100,7 +100,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     rank calls it; the others get empty dicts), the optimizer state keyed by parameter name."""
     if not is_sharded(model):
         return model.state_dict(), optimizer.state_dict()
-    return get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, optimizer, options=_FULL)
+    return full_model_state(model), get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The model's whole weights (sharded: gathered to rank 0's host memory, a collective; others get {})."""
+    return get_model_state_dict(model, options=_FULL) if is_sharded(model) else model.state_dict()
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,

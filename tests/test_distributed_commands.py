@@ -1,0 +1,113 @@
+"""The training commands themselves under `torchrun` with 2 gloo ranks: `gpt2 pretrain`, `gpt2 finetune` and
+`gpt2 dpo`, each with DDP and FSDP, with and without activation checkpointing, in fp32 and fp16 (loss scaling),
+with AdamW and Muon (not with FSDP, which refuses it). Every run's per-step losses equal one process's
+that takes the same global batch as accumulated micro batches.
+
+Each case is one real `torchrun ... -m gpt2 COMMAND` (the path a user runs, defaults included: the fused loss
+on a CPU) against `gpt2 COMMAND` in this process. The combinations are spread over the cases so each setting
+meets each command at least once without running the whole product."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rlhf_data import compact, short_hh_pairs
+from test_finetune import QA, make_data, make_init
+from test_pretrain import VOCAB, synthetic_shards
+
+from gpt2.cli import main
+from gpt2.model import GPT
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+# fp32: the sums are the same up to where they are taken (ranks, shards), so float32 rounding over a few steps.
+# fp16: autocast's float16 products carry 11 bits, so a different order of sums moves the loss in the 4th digit.
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
+
+
+def torchrun(argv: list[str], cwd: Path) -> None:
+    """`torchrun --standalone --nproc_per_node 2 -m gpt2 ARGV`, one thread per rank; fails the test with the
+    ranks' output when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gpt2",
+           *argv]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "returned a view" not in done.stderr, done.stderr[-3000:]
+
+
+def metrics(run: Path, kind: str, key: str) -> list[float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in lines if r["kind"] == kind]
+
+
+def flags(parallel: str, dtype: str, ckpt: bool, optimizer: str) -> list[str]:
+    return ["--parallel", parallel, "--dtype", dtype, "--optimizer", optimizer, "--device", "cpu", "--no-progress",
+            *(["--activation-checkpointing"] if ckpt else [])]
+
+
+def same_run(one: Path, two: Path, dtype: str, steps: int) -> None:
+    """Two ranks' run equals one process's: per-step losses and, under fp16, the skipped steps."""
+    a, b = metrics(one, "train", "loss"), metrics(two, "train", "loss")
+    assert len(a) == steps and b == pytest.approx(a, abs=TOLERANCE[dtype])
+    if dtype == "float16":
+        assert metrics(two, "train", "skipped") == metrics(one, "train", "skipped")
+    if metrics(one, "eval", "val_loss"):
+        assert metrics(two, "eval", "val_loss") == pytest.approx(metrics(one, "eval", "val_loss"),
+                                                                 abs=TOLERANCE[dtype])
+
+
+CASES = [  # (parallel, dtype, activation checkpointing, optimizer)
+    ("ddp", "float32", False, "adamw"),
+    ("fsdp", "float32", True, "adamw"),
+    ("ddp", "float16", True, "muon"),
+    ("fsdp", "float16", False, "adamw"),
+]
+
+
+def case_id(case) -> str:
+    parallel, dtype, ckpt, optimizer = case
+    return f"{parallel}-{dtype}-{'ckpt-' if ckpt else ''}{optimizer}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_pretrain(case, tmp_path):
+    data = synthetic_shards(tmp_path / "shards", 2_000, [3_000, 3_000])
+    common = ["pretrain", "--preset", "tiny", "--data", str(data), "--vocab-size", str(VOCAB), "--n-layer", "2",
+              "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--micro-batch", "2", "--seq-len", "16",
+              "--global-batch", "128", "--max-steps", "3", "--warmup-steps", "1", "--eval-every", "3",
+              "--val-tokens", "256", *flags(*case)]
+    main([*common, "--out", str(tmp_path / "one")])
+    torchrun([*common, "--out", str(tmp_path / "two")], tmp_path)
+    same_run(tmp_path / "one", tmp_path / "two", case[1], 3)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=case_id)
+def test_finetune(case, tmp_path, tokenizer_ok):
+    data, init = make_data(tmp_path, QA[:6], val_fraction=0.3), make_init(tmp_path, n_embd=16)
+    common = ["finetune", "--init", str(init), "--data", str(data), "--epochs", "2", "--lr", "1e-2",
+              "--warmup-steps", "1", "--batch-size", "1", "--save-every", "0", "--sample-prompts", "Hi?",
+              "--sample-max-tokens", "2", *flags(*case)]
+    main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
+    torchrun([*common, "--grad-accum", "1", "--out", str(tmp_path / "two")], tmp_path)
+    same_run(tmp_path / "one", tmp_path / "two", case[1], 4)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=case_id)
+def test_dpo(case, tmp_path, shared_data, tokenizer_ok):
+    pairs, config = compact(short_hh_pairs(shared_data, n=8))
+    data = tmp_path / "hh"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:6]))
+    (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[6:]))
+    GPT(config).save_pretrained(tmp_path / "sft")
+    common = ["dpo", "--model", str(tmp_path / "sft"), "--data", str(data), "--lr", "1e-3", "--warmup-steps", "0",
+              "--max-steps", "3", "--batch-size", "1", *flags(*case)]
+    main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
+    torchrun([*common, "--grad-accum", "1", "--out", str(tmp_path / "two")], tmp_path)
+    same_run(tmp_path / "one", tmp_path / "two", case[1], 3)
