@@ -89,7 +89,9 @@ def test_resume_refuses_an_end_at_or_before_the_checkpoint(shards, tmp_path, cap
 def test_resume_of_a_finished_run_is_no_error(shards, tmp_path, capsys):  # noqa: F811
     run = tmp_path / "run"
     pretrain(shards, run, "--max-steps", "2", "--warmup-steps", "1")
+    capsys.readouterr()
     main(["pretrain", "--out", str(run), "--resume"])
+    assert "is already at step 2 of --max-steps 2: nothing to train" in capsys.readouterr().out
     assert load_checkpoint(run)["step"] == 2 and train_steps(run) == [1, 2]
 
 

@@ -454,6 +454,9 @@ class Trainer:
         t_session = time.perf_counter()
         self.t_start = t_session - self.state.elapsed
         end_step = cfg.stop_at_step or cfg.max_steps
+        if start >= end_step:
+            self._say(f"{self.ckpt_path} is already at step {start} of --max-steps {cfg.max_steps}: nothing to "
+                      "train (a larger --max-steps continues it)")
         loss = None
         with StopSignals() as stop, self.writer:
             for step in range(start, end_step):
