@@ -81,11 +81,27 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# `python -c SLOW_STEPS SECONDS serve ...`: the CLI with every engine step delayed by SECONDS, so that an answer
+# outlasts a deadline or a signal (a tiny model's whole answer takes milliseconds)
+SLOW_STEPS = """
+import sys, time
+from gpt2.serve.engine import Engine
+delay, step = float(sys.argv.pop(1)), Engine.step
+def slow_step(self):
+    time.sleep(delay)
+    step(self)
+Engine.step = slow_step
+from gpt2.cli import main
+main()
+"""
+
+
 class ServerProcess:
     """`gpt2 serve` in a child process on 127.0.0.1 (its own interpreter, so a test's client threads do not
-    compete with the server for one GIL, as real clients do not)."""
+    compete with the server for one GIL, as real clients do not). `step_delay`: seconds added to every engine
+    step (`SLOW_STEPS`)."""
 
-    def __init__(self, model_dir: Path, *flags: str):
+    def __init__(self, model_dir: Path, *flags: str, step_delay: float = 0.0):
         import os
         import subprocess
         import sys
@@ -96,7 +112,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         src = str(Path(__file__).resolve().parents[1] / "src")
         env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2", "serve", "--model", str(model_dir), "--host",
+        launch = ["-c", SLOW_STEPS, str(step_delay)] if step_delay else ["-m", "gpt2"]
+        self.proc = subprocess.Popen([sys.executable, *launch, "serve", "--model", str(model_dir), "--host",
                                       "127.0.0.1", "--port", str(self.port), "--threads", "1", "--no-compile", *flags],
                                      env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -259,6 +259,47 @@ def test_non_stream_disconnect_frees_slot(slow_server):
     assert engine.steps == started  # nothing left running
 
 
+def test_a_stream_that_fails_before_its_first_token_gets_a_status_not_a_stream(model, monkeypatch):
+    """A stream's headers wait for the engine's first event, so a failed prefill is a 500 with OpenAI's error
+    object, as for a plain request, rather than a 200 stream holding only an error."""
+    engine = Engine(model)
+
+    def failing_prefill(*args, **kwargs):
+        raise MemoryError("no room for the prompt")
+
+    monkeypatch.setattr(engine.decoder, "prefill", failing_prefill)
+    with LiveServer(create_app(engine, model_name="tiny")) as s:
+        for stream in (False, True):
+            r = post(s, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "stream": stream}))
+            assert "MemoryError" in assert_error(r, 500)["message"]
+
+
+def test_a_draining_server_answers_503(model):
+    """Once a shutdown began (`Engine.drain`), a new request gets a 503 with OpenAI's error object."""
+    engine = Engine(model)
+    with LiveServer(create_app(engine, model_name="tiny")) as s:
+        engine.drain(grace=0)
+        for stream in (False, True):
+            r = post(s, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "stream": stream}))
+            assert assert_error(r, 503)["code"] == "server_shutting_down"
+
+
+def test_a_queued_stream_whose_client_leaves_is_cancelled(model):
+    """A stream waits for its first event before sending headers; a client that leaves meanwhile (still queued:
+    this engine never steps) cancels its request, so the engine never starts it."""
+    engine = Engine(model)
+    with LiveServer(create_app(engine, model_name="tiny", start_engine=False)) as s:
+        body = json.dumps({"prompt": "hi", "max_tokens": 120, "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert wait_until(lambda: engine.num_waiting == 1, timeout=5)
+        sock.close()
+        assert wait_until(lambda: engine.waiting[0].cancelled, timeout=5)
+        engine.step()  # drops it without running it
+        assert not engine.has_work() and engine.steps == 0
+
+
 def test_server_survives_disconnects(slow_server):
     r = httpx.post(slow_server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

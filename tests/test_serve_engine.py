@@ -1,5 +1,6 @@
 """Continuous batching: the engine gives the same tokens as one-at-a-time generation, whatever the arrivals;
-per-request seeds; cancellation frees slots; the cache stays bounded. Also TextStream (UTF-8, stop strings)."""
+per-request seeds; cancellation frees slots; the cache stays bounded; a drain (shutdown) ends every request.
+Also TextStream (UTF-8, stop strings)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from serve_helpers import one_torch_thread
 from gpt2.decode import KVCache, score_tokens
 from gpt2.inference import generate, pad_right
 from gpt2.model import GPT, GPTConfig
-from gpt2.serve.engine import Engine, SamplingParams
+from gpt2.serve.engine import SHUTDOWN, Engine, SamplingParams
 from gpt2.serve.text import TextStream
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -243,6 +244,36 @@ def test_a_stop_before_run_ends_run_at_once(model):
     done = threading.Event()
     threading.Thread(target=lambda: (engine.run(), done.set()), daemon=True).start()
     assert done.wait(10)
+
+
+def test_a_drain_refuses_the_queue_and_lets_running_requests_finish_within_the_grace(model):
+    engine, col = Engine(model, max_batch_size=1, eos_id=None), Collector()
+    engine.submit([1, 2], SamplingParams(max_tokens=5), col.sink(0))
+    engine.step()
+    engine.submit([3], SamplingParams(max_tokens=5), col.sink(1))  # queued: the batch is full
+    engine.drain(grace=3600)
+    assert engine.draining
+    engine.submit([4], SamplingParams(max_tokens=5), col.sink(2))  # after the drain began
+    for _ in range(10):
+        engine.step()
+    assert col.reason == {0: "length", 1: SHUTDOWN, 2: SHUTDOWN}
+    assert len(col.tokens[0]) == 5 and col.tokens[1] == col.tokens[2] == []
+    assert not engine.has_work()
+
+
+def test_a_drain_ends_running_requests_once_its_grace_has_passed(model):
+    engine, col = Engine(model, eos_id=None), Collector()
+    engine.submit([1, 2], SamplingParams(max_tokens=40), col.sink(0))
+    engine.step()
+    engine.drain(grace=3600)
+    engine.step()
+    assert engine.num_active == 1 and col.reason == {}  # within the grace: still decoding
+    engine.drain(grace=0)  # a second Ctrl+C: now
+    engine.drain(grace=3600)  # a later drain never lengthens the grace
+    tokens, steps = len(col.tokens[0]), engine.steps
+    engine.step()
+    assert col.reason == {0: SHUTDOWN} and len(col.tokens[0]) == tokens and engine.steps == steps  # no more work
+    assert engine.num_active == 0 and not engine.has_work()
 
 
 def test_submit_rejects_impossible_prompts(model):

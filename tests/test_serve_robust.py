@@ -255,22 +255,23 @@ def test_edge_cases_answer_below_500(server, body):
 
 
 def test_an_error_inside_one_request_fails_only_that_request(server, model, monkeypatch, caplog):
-    """A bug hit by one request (here: the text stream raises for it) is that request's 500 (or its stream's
-    error event), logged as one line with the cause; requests running beside it finish exactly."""
+    """A bug hit by one request (here: the text stream raises for it once it has released some text, so that a
+    stream has begun) is that request's 500 (or its stream's error event), logged as one line with the cause;
+    requests running beside it finish exactly."""
     from gpt2.serve import api
 
     class Poisoned(api.TextStream):
         def push(self, token: int) -> str:
-            if "POISON" in self.stop:
+            if "POISON" in self.stop and self.sent:
                 raise RuntimeError("poisoned request")
             return super().push(token)
 
     monkeypatch.setattr(api, "TextStream", Poisoned)
     with caplog.at_level("ERROR", logger="gpt2.serve"), ValidTraffic(server, model) as traffic:
         time.sleep(0.2)
-        bad = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "stop": "POISON", "max_tokens": 5},
-                         timeout=30)
-        status, text = send(server, "/v1/completions", {"prompt": "x", "stop": "POISON", "stream": True})
+        poisoned = {"prompt": "x", "stop": "POISON", "max_tokens": 8, "seed": 1, "logit_bias": {"50256": -100}}
+        bad = httpx.post(server.url + "/v1/completions", json=poisoned, timeout=30)
+        status, text = send(server, "/v1/completions", {**poisoned, "stream": True})
         time.sleep(0.2)
     assert bad.status_code == 500 and "RuntimeError" in bad.json()["error"]["message"]
     assert status == 200 and '"error"' in text and text.rstrip().endswith("data: [DONE]")

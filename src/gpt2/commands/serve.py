@@ -6,15 +6,18 @@ Design decisions:
 - Binds 127.0.0.1 unless `--host` says otherwise: a model server should not be reachable from the network
   by accident. `--api-key` (or the GPT2_API_KEY environment variable, which keeps the key out of `ps`)
   requires `Authorization: Bearer KEY` on every /v1 route.
-- This module only parses flags, loads the model and runs uvicorn in a thread beside the engine, which keeps
-  the main thread (`gpt2.serve.server.serve_http_beside`); FastAPI and uvicorn are imported in `run`, so that
-  the other `gpt2` commands start without them (the CLI imports every command module to build its parser).
-  Models load through `gpt2.checkpoint.load_model`, as everywhere.
+- This module only parses flags, takes the address (`gpt2.serve.server.listen`: a port in use or a bad host is
+  one line and exit 2, before the model loads), loads the model and runs uvicorn in a thread beside the engine,
+  which keeps the main thread (`gpt2.serve.server.serve_http_beside`); FastAPI and uvicorn are imported only
+  when serving (`serve_on`, `gpt2.serve.server.http_server`), so that the other `gpt2` commands start without
+  them (the CLI imports every command module to build its parser). Models load through
+  `gpt2.checkpoint.load_model`, as everywhere.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from gpt2.config import arg
 from gpt2.decode import decoder_for
 from gpt2.errors import UserError, note
 from gpt2.serve.engine import Engine
-from gpt2.serve.server import serve_http_beside
+from gpt2.serve.server import http_server, listen, serve_http_beside
 from gpt2.tokenizer import get_encoding
 
 DTYPES = WEIGHT_DTYPES
@@ -49,7 +52,10 @@ class ServeConfig:
     weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP, choices=list(DTYPES), aliases=("--dtype",))
     request_timeout: float = arg(10.0, help="seconds a client has to send a whole request (headers and body) "
                                             "from its first byte; slower ones get 408 and are closed "
-                                            "(gpt2.serve.timeouts)", minimum=0.001)
+                                            "(gpt2.serve.timeouts). The answer is not limited", minimum=0.001)
+    shutdown_timeout: float = arg(5.0, help="seconds running requests get to finish on Ctrl+C or SIGTERM; then they "
+                                            "end (a 503, or a stream's error event and [DONE]); queued ones get a "
+                                            "503 at once, and a second Ctrl+C ends all at once", minimum=0.0)
     threads: int | None = arg(None, help="CPU threads for torch (default: torch's choice)", minimum=1,
                               hint="leave it out for torch's choice")
     compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
@@ -60,18 +66,24 @@ class ServeConfig:
 
 
 def run(cfg: ServeConfig) -> None:
-    # the web stack only when serving (see the module docstring): uvicorn, FastAPI (gpt2.serve.api) and h11
-    # with uvicorn (gpt2.serve.timeouts)
-    import uvicorn
-
-    from gpt2.serve.api import create_app
-    from gpt2.serve.timeouts import deadline_protocol
-
     if not 0 < cfg.port < 65536:
         raise UserError(f"--port {cfg.port}: must be 1..65535")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request
+    sockets = listen(cfg.host, cfg.port)  # before the model: a taken port is said at once (the module docstring)
+    try:
+        serve_on(sockets, cfg)
+    finally:
+        for s in sockets:  # uvicorn closes them when it ran; not when loading the model failed
+            s.close()
+
+
+def serve_on(sockets: list[socket.socket], cfg: ServeConfig) -> None:
+    """Load the model and serve it on `sockets` until Ctrl+C or SIGTERM."""
+    # the web stack only when serving (see the module docstring): FastAPI here, uvicorn and h11 in http_server
+    from gpt2.serve.api import create_app
+
     model = load_model(cfg.model, cfg.device, DTYPES[cfg.weights_dtype], reads_text="--model").eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
@@ -87,10 +99,9 @@ def run(cfg: ServeConfig) -> None:
               file=sys.stderr)
     print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
           f"{'(API key required)' if api_key else ''}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
-                                          timeout_graceful_shutdown=5, http=deadline_protocol(cfg.request_timeout)))
-    if not serve_http_beside(engine, server):
-        raise SystemExit(1)  # uvicorn could not start (say the port is taken) and has said why
+    server = http_server(app, engine, cfg.request_timeout, cfg.shutdown_timeout)
+    if not serve_http_beside(engine, server, sockets, cfg.shutdown_timeout):
+        raise SystemExit(1)  # uvicorn could not start on the sockets (its lifespan failed) and has said why
 
 
 def model_aliases(cfg: ServeConfig) -> tuple[str, ...]:

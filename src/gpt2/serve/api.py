@@ -24,8 +24,12 @@ Design decisions:
   one line with its cause; a client that hangs up mid-body is one info line, not a traceback.
 - The engine runs in its own thread; each HTTP request gets one asyncio queue that the engine's callbacks
   fill through `call_soon_threadsafe`. When a client goes away (a closed stream, or a dropped connection
-  while waiting for a non-streamed answer) its engine requests are cancelled, which frees their batch slots
-  at the next step.
+  while queued or waiting for a non-streamed answer) its engine requests are cancelled, which frees their batch
+  slots at the next step.
+- A stream's headers wait for the engine's first event (its first token, in practice), so a request that ends
+  before producing anything gets a status like a non-streamed one: a 503 when the server's shutdown refused it
+  while it was queued (`Engine.drain`), a 500 when its prefill failed. Once streaming, an end of that kind is
+  an error event, then the choice's last chunk and `data: [DONE]`; a non-streamed answer gets the 503 or 500.
 - Stop strings are matched on decoded text (`TextStream`), so they work across token boundaries and never
   leak to the client; when one matches, the request is cancelled in the engine.
 - Log-probabilities (`logprobs`; chat's `logprobs` + `top_logprobs`) are the decoding core's: each of the engine's
@@ -63,7 +67,7 @@ from gpt2.decode import Decoder, TokenLogprob, score_tokens
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.serve import logprobs as lp
-from gpt2.serve.engine import Engine, TokenEvent
+from gpt2.serve.engine import SHUTDOWN, Engine, TokenEvent
 from gpt2.serve.schema import APIError, ChatRequest, CompletionRequest, Job, chat_job, completion_job
 from gpt2.serve.text import TextStream
 from gpt2.tokenizer import decode
@@ -316,27 +320,51 @@ def _score_prompts(decoder: Decoder, prompts: list[list[int]], top: int) -> list
 
 async def _serve(request: Request, state: ServerState, job: Job):
     """Run the job's prompts x n choices on the engine (every 400 has been raised by `schema` already)."""
-    engine, req, prompts, max_tokens = state.engine, job.request, job.prompts, job.max_tokens
-    echo, logprobs, chat, n = job.echo, job.logprobs, job.chat, job.n
-    if engine.num_waiting >= state.max_waiting:
+    engine = state.engine
+    _check_room(state)
+    echo_text = [decode(p) for p in job.echo] if job.echo is not None else [""] * len(job.prompts)
+    echo_logprobs: list[list[TokenLogprob]] = [[] for _ in job.prompts]
+    if job.echo is not None and job.logprobs is not None:
+        # in the engine's thread, the one that does the server's tensor work (see `gpt2.serve.engine`)
+        echo_logprobs = await asyncio.wrap_future(
+            engine.call(lambda: _score_prompts(engine.decoder, job.echo, job.logprobs)))
+    queue: asyncio.Queue = asyncio.Queue()
+    choices = _submit(engine, job, queue, echo_text, echo_logprobs)
+    meta = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": state.model_name}
+    events = _events(queue, choices, meta["id"], engine.model)
+    if job.request.stream:
+        return await _stream(request, job, choices, events, meta)
+    return await _answer(request, job, choices, events, meta)
+
+
+def _check_room(state: ServerState) -> None:
+    """A 503 while the server shuts down, a 429 when its queue is full: before any work is done."""
+    if state.engine.draining:
+        raise _shutting_down()
+    if state.engine.num_waiting >= state.max_waiting:
         raise APIError(429, "server busy: too many queued requests, retry later", type="server_error",
                        code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
-    echo_text = [decode(p) for p in echo] if echo is not None else [""] * len(prompts)
-    echo_logprobs = [[] for _ in prompts]
-    if echo is not None and logprobs is not None:
-        # in the engine's thread, the one that does the server's tensor work (see `gpt2.serve.engine`)
-        echo_logprobs = await asyncio.wrap_future(engine.call(lambda: _score_prompts(engine.decoder, echo, logprobs)))
 
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: retry later or elsewhere", type="server_error",
+                    code="server_shutting_down")
+
+
+def _submit(engine: Engine, job: Job, queue: asyncio.Queue, echo_text: list[str],
+            echo_logprobs: list[list[TokenLogprob]]) -> list[_Choice]:
+    """Start every choice on the engine; its events arrive on `queue` as (choice index, TokenEvent)."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
     choices: list[_Choice] = []
     try:
-        for i, prompt in enumerate(prompts):
-            for j in range(n):
-                index = i * n + j
-                choice = _Choice(index, TextStream(req.stops()), prompt, logprobs, echo_text[i], echo_logprobs[i])
+        for i, prompt in enumerate(job.prompts):
+            for j in range(job.n):
+                index = i * job.n + j
+                choice = _Choice(index, TextStream(job.request.stops()), prompt, job.logprobs, echo_text[i],
+                                 echo_logprobs[i])
                 choices.append(choice)
-                if max_tokens == 0:  # scoring a prompt (`echo`): nothing to generate
+                if job.max_tokens == 0:  # scoring a prompt (`echo`): nothing to generate
                     queue.put_nowait((index, TokenEvent(None, finish_reason="length")))
                     continue
 
@@ -347,16 +375,33 @@ async def _serve(request: Request, state: ServerState, job: Job):
     except BaseException:  # a choice that cannot start must not leave its siblings running unread
         _cancel(choices)
         raise
+    return choices
 
-    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-            "model": state.model_name}
-    prompt_tokens = sum(len(p) for p in prompts)
-    events = _events(queue, choices, meta["id"], engine.model)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _sse(events, choices, meta, chat, prompt_tokens, include_usage)
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+async def _stream(request: Request, job: Job, choices: list[_Choice], events: AsyncIterator[Event],
+                  meta: dict) -> StreamingResponse | JSONResponse:
+    """Server-sent events, whose headers wait for the engine's first event: a request ended before it produced
+    anything (refused at shutdown while queued, a failed prefill) gets a status and an error object instead of
+    a stream, and a client that leaves while queued is dropped from the queue."""
+    first = None
+    try:
+        first = await _until_done_or_disconnect(request, anext(events))
+    finally:
+        if first is None or _failed(first[0]):  # gone, or failed before its first token: stop the siblings too
+            _cancel(choices)
+    if first is None:  # the client went away; nobody reads this
+        return JSONResponse({}, status_code=499)
+    _raise_if_failed(choices)  # a choice ended before producing anything: a status, not a stream
+    include_usage = bool(job.request.stream_options and job.request.stream_options.include_usage)
+    prompt_tokens = sum(len(p) for p in job.prompts)
+    body = _sse(_chain(first, events), choices, meta, job.chat, prompt_tokens, include_usage)
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _answer(request: Request, job: Job, choices: list[_Choice], events: AsyncIterator[Event],
+                  meta: dict) -> JSONResponse:
+    """The whole completion as one JSON body, once every choice has finished."""
     try:
         done = await _until_done_or_disconnect(request, _collect(events, choices))
     finally:
@@ -364,9 +409,9 @@ async def _serve(request: Request, state: ServerState, job: Job):
     if done is None:  # the client went away; nobody reads this
         return JSONResponse({}, status_code=499)
     _raise_if_failed(choices)
-    return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
-                         "choices": [_final_choice(c, *done[c.index], chat) for c in choices],
-                         "usage": _usage(prompt_tokens, choices)})
+    return JSONResponse({**meta, "object": "chat.completion" if job.chat else "text_completion",
+                         "choices": [_final_choice(c, *done[c.index], job.chat) for c in choices],
+                         "usage": _usage(sum(len(p) for p in job.prompts), choices)})
 
 
 Event = tuple[_Choice, str, list[Entry]]  # a choice, its new text, and the log-prob entries that go with it
@@ -395,7 +440,7 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str, model:
         else:
             delta = c.text.finish()
             c.finish_reason = reason
-            if reason.startswith("error"):
+            if reason.startswith("error") and reason != SHUTDOWN:  # the engine logs a shutdown once, not per request
                 log.error("%s choice %d failed in the engine: %s", rid, index, reason)
         entries = _released(c)
         if reason == "stop" and event.logprob is not None:  # ended on <|endoftext|> (not a stop string)
@@ -412,6 +457,12 @@ def _released(c: _Choice) -> list[Entry]:
     out = [e for e in c.pending if e[0] < c.text.sent]
     c.pending = [] if c.finish_reason is not None else c.pending[len(out):]
     return out
+
+
+async def _chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    yield first
+    async for event in rest:
+        yield event
 
 
 async def _collect(events: AsyncIterator[Event], choices: list[_Choice]) -> dict[int, tuple[str, list[Entry]]]:
@@ -487,9 +538,16 @@ def _cancel(choices: list[_Choice]) -> None:
             c.request.cancel()
 
 
+def _failed(c: _Choice) -> bool:
+    return c.finish_reason is not None and c.finish_reason.startswith("error")
+
+
 def _raise_if_failed(choices: list[_Choice]) -> None:
+    """A 503 if the server's shutdown ended a choice, else a 500 if the engine failed one."""
+    if any(c.finish_reason == SHUTDOWN for c in choices):
+        raise _shutting_down()
     for c in choices:
-        if c.finish_reason is not None and c.finish_reason.startswith("error"):
+        if _failed(c):
             raise APIError(500, c.finish_reason, type="server_error")
 
 

@@ -28,12 +28,17 @@ Design decisions:
   runs the engine in its main thread, where it loaded the model (the HTTP server runs in another, which does
   no tensor work), and other tensor work the server needs (scoring a prompt for `echo`) goes through the
   engine's thread with `call()`.
+- **Shutting down without leaving a client hanging.** `drain(grace)` (the server's Ctrl+C / SIGTERM) stops
+  admitting: the waiting requests, and any submitted later, end at the next step with the finish reason
+  `SHUTDOWN`, while the running ones may finish within `grace` seconds and are then ended with it too, so every
+  client gets an end (the HTTP layer turns it into a 503, or a stream's error event and `[DONE]`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -45,9 +50,12 @@ from gpt2.decode import Choice, Decoder, Rows, RowSampler, SamplingParams, Token
 from gpt2.model import GPT
 from gpt2.tokenizer import EOT
 
-__all__ = ["Engine", "Request", "SamplingParams", "Sink", "TokenEvent"]
+__all__ = ["SHUTDOWN", "Engine", "Request", "SamplingParams", "Sink", "TokenEvent"]
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN = "error: the server is shutting down"  # the finish reason of requests ended by `drain`
+
 
 @dataclass(frozen=True)
 class TokenEvent:
@@ -95,6 +103,7 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._drain_at: float | None = None  # see `drain`: time.monotonic() after which running rows end
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # see `call`
         self.steps = 0  # decode steps run (for tests and stats)
 
@@ -130,6 +139,11 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def draining(self) -> bool:
+        """Whether `drain` was called: no request is admitted any more."""
+        return self._drain_at is not None
 
     def has_work(self) -> bool:
         return bool(self.rows or self.waiting or self._jobs)
@@ -171,22 +185,50 @@ class Engine:
             self._thread.join()
             self._thread = None
 
+    def drain(self, grace: float) -> None:
+        """Admit no more requests: the waiting ones, and any submitted from now on, end at the next step with the
+        finish reason `SHUTDOWN`; the running ones may go on for `grace` seconds, then end with it too. A later
+        call may shorten the grace (a second Ctrl+C: 0), never lengthen it. Safe in a signal handler of the
+        engine's own thread: it only sets a deadline, under the engine's re-entrant lock, and wakes the loop."""
+        at = time.monotonic() + max(grace, 0.0)
+        with self._cv:
+            self._drain_at = at if self._drain_at is None else min(self._drain_at, at)
+            self._cv.notify()
+
     # ------------------------------------------------------------------ one scheduling step
 
     def step(self) -> None:
         """Drop cancelled requests, admit waiting ones (prefill + first token), then decode one token for
-        every running row in a single batched forward pass. Jobs given to `call` run first."""
+        every running row in a single batched forward pass. Jobs given to `call` run first. While draining
+        (see `drain`), the waiting requests are ended instead of admitted, and past the grace the running ones."""
         self._run_jobs()
         self._keep([not r.cancelled for r in self.rows])
-        with self._cv:
-            for req in [r for r in self.waiting if r.cancelled]:
-                self.waiting.remove(req)
-            free = self.max_batch_size - len(self.rows)
-            new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        new, refused = self._take_waiting()
+        if refused:
+            log.info("shutting down: %d queued request(s) refused", len(refused))
+        for r in refused:
+            self._send(r, None, SHUTDOWN)
+        if self.rows and self._drain_at is not None and time.monotonic() >= self._drain_at:
+            log.warning("shutting down: %d request(s) still running after the grace period ended", len(self.rows))
+            self._end_rows(SHUTDOWN)
         if new:
             self._admit(new)
         if self.rows:
             self._decode()
+
+    def _take_waiting(self) -> tuple[list[Request], list[Request]]:
+        """(requests to admit now, as many as there are free slots; requests to refuse: all of them while
+        draining), dropping cancelled ones. Under the lock, so that a request submitted meanwhile is either taken
+        here or left for the next step."""
+        with self._cv:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+            if self._drain_at is not None:
+                refused = list(self.waiting)
+                self.waiting.clear()
+                return [], refused
+            free = self.max_batch_size - len(self.rows)
+            return [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))], []
 
     def _run_jobs(self) -> None:
         while True:
@@ -293,6 +335,10 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         log.error("engine step failed: %s; ending the %d running request(s)", message, len(self.rows))
+        self._end_rows("error: " + message)
+
+    def _end_rows(self, reason: str) -> None:
+        """End every running request with `reason` and drop its row."""
         for r in self.rows:
-            self._send(r, None, "error: " + message)
+            self._send(r, None, reason)
         self._keep([False] * len(self.rows))
