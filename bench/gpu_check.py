@@ -1,5 +1,6 @@
 """Every GPU check of the seed's headline in one call of at most 9 minutes on one H200: correctness on CUDA,
-124M training speed and MFU, a loss curve, exact resume, torchrun, generation speed against transformers.
+124M training speed and MFU, a loss curve, the memory plan against the real peak, fp16 training with the gradient
+scaler, exact resume, torchrun, generation speed against transformers.
 
 Each section runs in its own process (its own session, so a timeout kills it with everything it started) and
 its own time box; results.json and table.txt are rewritten after every section, so a killed call keeps what
@@ -24,6 +25,19 @@ Sections, most important first, and what each proves:
                     whole val split (32 of its 33 windows of 1024) each epoch. 124M memorises 304K tokens within
                     a few epochs, so the val loss turns up after its best: expected, reported, not a failure.
                     It does not reproduce the seed's FineWeb run.
+  memory            the memory plan the trainer prints before step 1 (gpt2.train.memory.plan_memory, as
+                    check_memory calls it) against torch.cuda.max_memory_allocated over 3 steps of the real loop
+                    (eager, bf16, fused AdamW) at micro batch 32 and 64 x 1024, without and with
+                    --activation-checkpointing: plan / real for each and checkpointing's saving, real and
+                    planned. The goal is a plan within 15% of the real peak; one outside is reported (with the
+                    numbers to correct the plan by), not failed. Eager, because compile fuses the loss and keeps
+                    other activations: the compiled peaks of speed-32-compiled and speed-64-compiled (no
+                    checkpointing) are set against the same plans when those ran
+  fp16              speed-32-eager's run in float16 (`--dtype float16`: fp16 autocast with the gradient scaler,
+                    the path for GPUs without bf16): its losses within 5e-2 of speed-32-eager's bf16 ones over
+                    the first 10 steps, or up to the first skipped step (after it the runs are a step apart);
+                    the skipped steps (metrics.jsonl), the loss scale at the end, tokens/s and its ratio to
+                    bf16's. It must learn (last loss below the first) and skip fewer than half its steps
   resume            stop at 4 of 8 steps + `--resume` == the straight run (dropout on: the CUDA RNG state counts;
                     accumulation 2), eager with torch.use_deterministic_algorithms (CUBLAS_WORKSPACE_CONFIG
                     :4096:8): bit-exact when two straight runs agree bit for bit, else within 3x their spread
@@ -49,10 +63,14 @@ spread) where the GPU machine's 16 cores and GPU do no better:
     warm (inductor's on-disk cache from an earlier process) 35 s more than a compiled step;
   - importing torch and gpt2: 3 s on an idle machine, up to 28 s on a loaded one.
 The GPU machine starts bare, so the first compile there is cold: speed-32-compiled gets 180 s; bare-32 and
-speed-64-compiled come later and find part of inductor's cache. No benchmark run writes a checkpoint
-(`--no-save-final`); only resume writes one (and torchrun two of the tiny model). The call stops starting
+speed-64-compiled come later and find part of inductor's cache. memory is 4 runs of 3 eager steps in one
+process (half at micro batch 64, half with checkpointing's recompute; no compile), fp16 one eager run like
+speed-32-eager's. No benchmark run writes a checkpoint (`--no-save-final`); only resume writes one (and
+torchrun two of the tiny model). The call stops starting
 sections when fewer seconds are left than a section's expected time (default budget 510 s: 9 minutes less a
-margin) and says so: those are the ones `--rerun-failed` runs next.
+margin) and says so: those are the ones `--rerun-failed` runs next. The expected times add up to more than the
+budget: at them, the two least important sections (bare-32 and speed-64-eager) are not started in the first
+call (`--check-sizes` prints the plan: which start, which would be skipped).
 
 Data: the GPU machine receives only the repository, so the caller copies the text (and the tokenizer files)
 into the ignored folder `.gpu/` first (carry .gpu):
@@ -65,10 +83,10 @@ into the ignored folder `.gpu/` first (carry .gpu):
     .venv/bin/python bench/gpu_check.py --dry-run       # here: every section at tiny sizes on the CPU
 
 Output: progress and a table printed last; under $OUT (or --out DIR; else a new temporary folder, printed first)
-at most 7 files: gpu_check.log
-(every section's output), results.json, table.txt, curve_metrics.jsonl, loss.png, speed_metrics.jsonl,
-torchrun.log. Needs only torch, numpy, tiktoken, safetensors, tqdm (transformers for `generate`'s baseline and
-matplotlib for the PNG are optional: without matplotlib a plain PNG is drawn here).
+at most 7 files: gpu_check.log (every section's output), results.json, table.txt, curve_metrics.jsonl, loss.png,
+speed_metrics.jsonl (the speed sections' and fp16's train lines), torchrun.log. Needs only torch, numpy,
+tiktoken, safetensors, tqdm (transformers for `generate`'s baseline and matplotlib for the PNG are optional:
+without matplotlib a plain PNG is drawn here).
 """
 
 from __future__ import annotations
@@ -92,7 +110,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 T_START = time.time()  # the budget counts from here: the interpreter's start-up is outside it
 DEFAULT_BUDGET = 510.0  # seconds for the whole call on CUDA: 9 minutes less a margin for start-up and teardown
+START_OVERHEAD = 20  # seconds before the first section starts: the size check and the shards
+COMPARED_STEPS = 10  # the first steps whose losses the compile and fp16 checks compare
 COMPILE_TOL = 3e-2
+# fp16 against bf16, same seed, data and steps: the runs differ only by rounding, and bf16 (8 significand bits
+# to fp16's 11) carries nearly all of it: the parity section bounds bf16's effect on the first loss at 1e-2,
+# and the compiled-vs-eager check allows 3e-2 for part of the same rounding; the first steps' updates carry
+# it on. A lost or doubled update moves the loss by a whole early step's drop, well above this.
+FP16_TOL = 5e-2
+MEMORY_TOL = 0.15  # the memory plan's goal: within 15% of the real peak
+SMALLER_CARD = 78 * 2**30  # bytes a process gets on the smaller card the check runs on (H100 80 GB)
 
 
 @dataclass(frozen=True)
@@ -102,6 +129,7 @@ class Section:
     box: int  # its time box there
     cpu_box: int  # its time box on the CPU dry run (a shared 2-core machine compiles a tiny model in minutes)
     needs: tuple[str, ...] = ()  # a check computed from these sections' results (no process of its own)
+    uses: tuple[str, ...] = ()  # sections whose results this one's check compares with (--only adds them)
 
 
 SECTIONS = [
@@ -111,6 +139,8 @@ SECTIONS = [
     Section("speed-32-eager", 25, 60, 200),
     Section("compile", 0, 0, 0, needs=("speed-32-compiled", "speed-32-eager")),
     Section("curve", 55, 120, 300),
+    Section("memory", 35, 90, 300),
+    Section("fp16", 25, 60, 200, uses=("speed-32-eager",)),
     Section("resume", 50, 120, 400),
     Section("torchrun", 30, 60, 300),
     Section("speed-64-compiled", 80, 150, 900),
@@ -142,10 +172,12 @@ def sizes(args) -> dict:
     if args.dry_run:
         return dict(T=64, micro={32: 2, 64: 4}, timed=3, warm=2, check_steps=4, curve_B=4, curve_steps=40,
                     curve_eval=10, curve_warmup=5, curve_val=16 * 4 * 64, curve_drop=(1.0, 0.3),
-                    resume_BT=(4, 64), gen_new=8, gen_batches=[1, 8], parity_BT=(2, 32), matmul=(1024, 3))
+                    resume_BT=(4, 64), gen_new=8, gen_batches=[1, 8], parity_BT=(2, 32), matmul=(1024, 3),
+                    mem_steps=3)
     return dict(T=1024, micro={32: 32, 64: 64}, timed=30, warm=5, check_steps=10, curve_B=32, curve_steps=120,
                 curve_eval=9, curve_warmup=10, curve_val=10**9, curve_drop=(3.0, 2.0),  # val: the whole split
-                resume_BT=(4, 256), gen_new=128, gen_batches=[1, 8, 64], parity_BT=(4, 256), matmul=(8192, 50))
+                resume_BT=(4, 256), gen_new=128, gen_batches=[1, 8, 64], parity_BT=(4, 256), matmul=(8192, 50),
+                mem_steps=3)  # memory: AdamW's state appears at step 1's end, so step 2 on holds all of it
 
 
 def prepare_shards(args, work: Path) -> Path:
@@ -191,6 +223,31 @@ def speed_config(args, work: Path, micro_key: int, compiled: bool):
                            max_steps=s["warm"] + s["timed"], compile=compiled, dtype="bfloat16")
 
 
+def fp16_config(args, work: Path):
+    """speed-32-eager's run in float16: same seed, data and steps, so its losses compare with that run's."""
+    return replace(speed_config(args, work, 32, False), dtype="float16", out=str(work / "fp16"))
+
+
+def memory_configs(args, work: Path) -> list[tuple[str, object]]:
+    """(a label, the config) for micro batch 32 and 64, without and with activation checkpointing: a few eager
+    bf16 steps each."""
+    steps = sizes(args)["mem_steps"]
+    return [(f"b{key}{'+ckpt' if ckpt else ''}",
+             replace(speed_config(args, work, key, False), max_steps=steps, warmup_steps=steps,
+                     activation_checkpointing=ckpt, out=str(work / f"memory-{key}-{ckpt}")))
+            for key in (32, 64) for ckpt in (False, True)]
+
+
+def memory_plan(cfg, device):
+    """The plan the trainer prints before step 1 for `cfg` (the loop's check_memory: its model, micro batch,
+    autocast dtype and checkpointing, one process), from the model on the meta device."""
+    from gpt2.train.memory import plan_memory
+    from gpt2.train.runtime import autocast_dtype
+
+    return plan_memory(_meta_model(cfg.model_config()), cfg.micro_batch, cfg.seq_len,
+                       autocast_dtype(cfg.dtype, device), cfg.activation_checkpointing)
+
+
 def curve_config(args, work: Path):
     s = sizes(args)
     B, T = s["curve_B"], s["T"]
@@ -226,6 +283,10 @@ def configs_of(name: str, args, work: Path) -> list[tuple[str, object, int]]:
         return [("", speed_config(args, work, micro, compiled), 1)]
     if name == "curve":
         return [("", curve_config(args, work), 1)]
+    if name == "fp16":
+        return [("", fp16_config(args, work), 1)]
+    if name == "memory":
+        return [(f"{label}: ", cfg, 1) for label, cfg in memory_configs(args, work)]
     if name == "resume":
         straight, again, part = resume_configs(args, work)
         return [("straight (twice): ", straight, 1), ("stop at 4 + resume: ", part, 1)]
@@ -369,7 +430,24 @@ def _check_section(name: str, args, work: Path) -> str:
     if name.startswith("speed-") or name == "bare-32":
         vocab = cfg.model_config().padded_vocab_size
         parts.append(f"logits {cfg.micro_batch * cfg.seq_len * vocab * 2 / 2**30:.1f} GiB in bf16")
+    if name == "fp16":
+        parts.append(f"losses of the first {min(COMPARED_STEPS, cfg.max_steps)} steps (to the first skipped one) "
+                     f"against speed-32-eager's within {FP16_TOL:g}")
+    if name == "memory":
+        parts.append(_check_memory_plans(args, work))
     return "; ".join(parts)
+
+
+def _check_memory_plans(args, work: Path) -> str:
+    """Every memory run's plan must fit the smaller card, or the trainer's own check refuses it there."""
+    from gpt2.train.memory import CUDA_RESERVE, GB
+
+    plans = [(label, memory_plan(cfg, _torch().device(args.device))) for label, cfg in memory_configs(args, work)]
+    room = SMALLER_CARD - CUDA_RESERVE
+    over = [label for label, plan in plans if plan.total > room]
+    assert not over, f"plans of {', '.join(over)} exceed {room / GB:.1f} GB"
+    return ("plans " + ", ".join(f"{label} {plan.total / GB:.2f}" for label, plan in plans)
+            + f" GB, each within {room / GB:.1f} GB (an H100)")
 
 
 # ----------------------------------------------------------------------------- sections (child processes)
@@ -435,6 +513,32 @@ def sec_matmul(args, work: Path) -> dict:
             "summary": f"{name}: bf16 {n}^3 matmul {tflops:.3g} TFLOP/s{of_peak}"}
 
 
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        _torch().cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device) -> int | None:
+    """The most bytes tensors held on `device` since reset_peak; None off CUDA (no such count)."""
+    return _torch().cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def loop_tokens_per_s(lines: list[dict], tokens_per_step: int, warm: int) -> float:
+    """Tokens/s over the steps after the first `warm`: the wall time between the first and last timed step's
+    log lines, so everything the loop does between steps (logging, fetching, the host sync) counts, unlike the
+    per-step tokens_per_s of metrics.jsonl."""
+    timed = lines[warm:]
+    return tokens_per_step * (len(timed) - 1) / (timed[-1]["time"] - timed[0]["time"])
+
+
+def save_speed_lines(args, lines: list[dict], config: str) -> None:
+    """A run's train lines into speed_metrics.jsonl, each tagged with its config."""
+    if args.out:
+        with open(Path(args.out) / "speed_metrics.jsonl", "a") as f:
+            for x in lines:
+                f.write(json.dumps({"config": config, **x}) + "\n")
+
+
 def sec_speed(args, work: Path, micro_key: int, compiled: bool) -> dict:
     """Tokens/s, MFU and peak memory of the real loop (`gpt2 pretrain`, accumulation 1, bf16, fused AdamW)."""
     torch = _torch()
@@ -445,19 +549,13 @@ def sec_speed(args, work: Path, micro_key: int, compiled: bool) -> dict:
     cfg = speed_config(args, work, micro_key, compiled)
     B, T = cfg.micro_batch, cfg.seq_len
     dev = torch.device(args.device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    reset_peak(dev)
     run(cfg)
-    peak_gb = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    peak_mem = peak_bytes(dev)
+    peak_gb = peak_mem / 2**30 if peak_mem is not None else None
     lines = train_lines(Path(cfg.out))
-    if args.out:
-        with open(Path(args.out) / "speed_metrics.jsonl", "a") as f:
-            for x in lines:
-                f.write(json.dumps({"config": f"{B}x{T} compiled={compiled}", **x}) + "\n")
-    timed = lines[s["warm"]:]
-    # wall time between the first and last timed step's log lines: everything the loop does between steps
-    # (logging, fetching, the host sync) counts, unlike the per-step tokens_per_s of metrics.jsonl
-    tps = B * T * (len(timed) - 1) / (timed[-1]["time"] - timed[0]["time"])
+    save_speed_lines(args, lines, f"{B}x{T} compiled={compiled}")
+    tps = loop_tokens_per_s(lines, B * T, s["warm"])
     with torch.device("meta"):
         fpt = GPT(cfg.model_config()).flops_per_token(T)
     achieved = tps * fpt / 1e12
@@ -465,8 +563,9 @@ def sec_speed(args, work: Path, micro_key: int, compiled: bool) -> dict:
     mfu = achieved / peak if peak else None
     res = {"ok": True, "micro_batch": B, "seq_len": T, "compiled": compiled, "tokens_per_s": tps,
            "step_s": B * T / tps, "achieved_tflops": achieved, "device_name": name, "datasheet_tflops": peak,
-           "peak_source": peak_text, "mfu_datasheet": mfu, "peak_mem_gb": peak_gb, "timed_steps": len(timed),
-           "first_step_s": lines[0]["time"], "losses": [x["loss"] for x in lines]}
+           "peak_source": peak_text, "mfu_datasheet": mfu, "peak_mem_gb": peak_gb, "peak_mem_bytes": peak_mem,
+           "timed_steps": len(lines) - s["warm"], "first_step_s": lines[0]["time"],
+           "losses": [x["loss"] for x in lines]}
     mem = f", peak {peak_gb:.1f} GB" if peak_gb is not None else ""
     mfu_text = f"MFU {mfu:.1%} of {peak:g}" if mfu is not None else f"MFU unknown ({peak_text})"
     res["summary"] = (f"{B}x{T} {'compiled' if compiled else 'eager'}: {tps:,.0f} tok/s, {achieved:.3g} TFLOP/s, "
@@ -548,6 +647,95 @@ def sec_curve(args, work: Path) -> dict:
             "summary": f"{len(losses)} steps x {loader_epoch:,} tokens: loss {losses[0]:.2f} -> {tail:.2f}, val "
                        f"{first_val:.2f} -> best {best_val:.2f} (step {best_step})"
                        + (f" -> {vals[-1][1]:.2f}" if vals else "")}
+
+
+def sec_memory(args, work: Path) -> dict:
+    """The memory plan against the real peak at micro batch 32 and 64, without and with activation
+    checkpointing (eager, bf16); the compiled peaks are added by derive() from the speed sections."""
+    torch = _torch()
+    dev = torch.device(args.device)
+    rows = [measure_memory(label, cfg, dev) for label, cfg in memory_configs(args, work)]
+    savings = checkpointing_savings(rows)
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    within = sum(bool(r["within"]) for r in rows)
+    errors = [f"{r['label']}: {r['error']}" for r in rows if "error" in r]
+    if ratios:
+        measured = ", ".join(f"{r['label']} {r['plan_bytes'] / 1e9:.2f}/{r['real_bytes'] / 1e9:.2f} ({r['ratio']:.2f})"
+                             for r in rows if r["ratio"] is not None)
+        text = f"eager bf16, plan/real GB: {measured}; plan within {MEMORY_TOL:.0%}: {within}/{len(ratios)}"
+    else:
+        planned = ", ".join(f"{r['label']} {r['plan_bytes'] / 1e9:.3f}" for r in rows)
+        text = f"eager bf16, plan GB (no CUDA peak on {dev.type}): {planned}"
+    text += "; checkpointing saves " + ", ".join(
+        (f"{x['real']:.0%} (plan {x['plan']:.0%})" if x["real"] is not None else f"{x['plan']:.0%} (plan)")
+        + f" at {x['label']}" for x in savings)
+    return {"ok": not errors, "compiled": False, "dtype": "bfloat16", "rows": rows, "savings": savings,
+            "tolerance": MEMORY_TOL, "plan_within_tolerance": (within == len(ratios)) if ratios else None,
+            "summary": text + ("; " + "; ".join(errors) if errors else "")}
+
+
+def measure_memory(label: str, cfg, device) -> dict:
+    """One run's plan and real peak: the most bytes its tensors held on the device, above what was held before
+    it started (an earlier run's leftovers). An error (the trainer's plan refusing to start, or out of memory
+    inside a step) is a finding for this row, not the end of the section."""
+    import gc
+
+    torch = _torch()
+    from gpt2.commands.pretrain import run
+    from gpt2.errors import UserError
+
+    plan = memory_plan(cfg, device)
+    row = {"label": label, "micro_batch": cfg.micro_batch, "checkpointing": cfg.activation_checkpointing,
+           "plan_bytes": plan.total, "plan": plan.describe(), "real_bytes": None, "ratio": None, "within": None}
+    gc.collect()  # the earlier run's model and optimizer sit in reference cycles
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    reset_peak(device)
+    try:
+        run(cfg)
+    except UserError as e:
+        row["error"] = str(e).splitlines()[0][:300]
+        return row
+    peak = peak_bytes(device)
+    if peak is not None:
+        row["real_bytes"] = peak - before
+        row["ratio"] = plan.total / row["real_bytes"]
+        row["within"] = abs(row["ratio"] - 1) <= MEMORY_TOL
+    return row
+
+
+def checkpointing_savings(rows: list[dict]) -> list[dict]:
+    """For each micro batch: the share of the peak activation checkpointing saves, real (None without a CUDA
+    peak) and planned."""
+    out = []
+    for plain in (r for r in rows if not r["checkpointing"]):
+        ckpt = next(r for r in rows if r["checkpointing"] and r["micro_batch"] == plain["micro_batch"])
+        real = (1 - ckpt["real_bytes"] / plain["real_bytes"]) if plain["real_bytes"] and ckpt["real_bytes"] else None
+        out.append({"label": plain["label"], "micro_batch": plain["micro_batch"], "real": real,
+                    "plan": 1 - ckpt["plan_bytes"] / plain["plan_bytes"]})
+    return out
+
+
+def sec_fp16(args, work: Path) -> dict:
+    """speed-32-eager's run in float16 with the gradient scaler: skipped steps, the loss scale, tokens/s. Its
+    losses are set against speed-32-eager's bf16 ones by derive()."""
+    from gpt2.commands.pretrain import run
+
+    cfg = fp16_config(args, work)
+    B, T = cfg.micro_batch, cfg.seq_len
+    run(cfg)
+    lines = train_lines(Path(cfg.out))
+    save_speed_lines(args, lines, f"{B}x{T} compiled=False float16")
+    losses = [x["loss"] for x in lines]
+    skipped_at = [x["step"] for x in lines if x["skipped"]]
+    tps = loop_tokens_per_s(lines, B * T, sizes(args)["warm"])
+    scale = lines[-1]["loss_scale"]
+    # it learns, and the scaler settles: one that overflows on most steps leaves fp16 untrained
+    run_ok = all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] and len(skipped_at) < len(lines) / 2
+    return {"ok": run_ok, "run_ok": run_ok, "micro_batch": B, "seq_len": T, "compiled": False, "steps": len(lines),
+            "losses": losses, "skipped_steps": len(skipped_at), "skipped_at": skipped_at, "loss_scale": scale,
+            "tokens_per_s": tps,
+            "summary": f"{B}x{T} eager fp16: {tps:,.0f} tok/s, {len(skipped_at)}/{len(lines)} steps skipped, "
+                       f"loss scale {scale:g} at the end, loss {losses[0]:.2f} -> {losses[-1]:.2f}"}
 
 
 def sec_resume(args, work: Path) -> dict:
@@ -777,10 +965,11 @@ def row_for(name: str, res: dict) -> str:
 
 def derive(results: dict) -> None:
     """The checks computed from other sections' results, redone whenever those change: compiled == eager
-    losses, MFU against the measured matmul ceiling, the share of the loop's step outside fwd/bwd/opt."""
+    losses, MFU against the measured matmul ceiling, the share of the loop's step outside fwd/bwd/opt, fp16
+    against bf16 losses, the memory plan against the compiled peaks."""
     eager, compiled = results.get("speed-32-eager", {}), results.get("speed-32-compiled", {})
     if eager.get("losses") and compiled.get("losses"):
-        n = min(len(eager["losses"]), len(compiled["losses"]), 10)
+        n = min(len(eager["losses"]), len(compiled["losses"]), COMPARED_STEPS)
         diff = max_diff(eager["losses"][:n], compiled["losses"][:n])
         results["compile"] = {"ok": diff <= COMPILE_TOL, "max_abs_diff": diff, "steps": n, "seconds": 0,
                               "summary": f"{n} steps, max |compiled - eager| loss {diff:.2e} (<= {COMPILE_TOL:g})"}
@@ -794,6 +983,47 @@ def derive(results: dict) -> None:
         bare["outside_fwd_bwd_opt"] = max(0.0, 1 - bare["bare_step_s"] / loop["step_s"])
         bare["summary"] = (bare["summary"].split(" | ")[0] + f" | loop {loop['step_s'] * 1e3:.1f} ms: "
                            f"{bare['outside_fwd_bwd_opt']:.1%} outside fwd/bwd/opt")
+    derive_fp16(results)
+    derive_memory(results)
+
+
+def derive_fp16(results: dict) -> None:
+    """fp16's losses against speed-32-eager's bf16 ones (same seed, data and steps) over the first steps, up to
+    and including the first skipped step: its loss comes before the skip, the next ones a step behind."""
+    fp16, bf16 = results.get("fp16", {}), results.get("speed-32-eager", {})
+    if "run_ok" not in fp16:
+        return
+    own = fp16["summary"].split(" | ")[0]
+    if not bf16.get("losses"):
+        fp16.update(ok=False, summary=own + " | no bf16 losses to compare: speed-32-eager did not run")
+        return
+    first_skip = fp16["skipped_at"][0] if fp16["skipped_at"] else COMPARED_STEPS  # a 1-based step
+    n = min(len(fp16["losses"]), len(bf16["losses"]), COMPARED_STEPS, first_skip)
+    diff = max_diff(fp16["losses"][:n], bf16["losses"][:n])
+    speed = fp16["tokens_per_s"] / bf16["tokens_per_s"] if bf16.get("tokens_per_s") else None
+    fp16.update(ok=fp16["run_ok"] and diff <= FP16_TOL, max_abs_diff_vs_bf16=diff, steps_compared=n,
+                tolerance=FP16_TOL, tokens_per_s_vs_bf16=speed)
+    fp16["summary"] = (own + f" | first {n} steps: max |fp16 - bf16| loss {diff:.2e} (<= {FP16_TOL:g})"
+                       + (f"; {speed:.2f}x bf16's tok/s" if speed else ""))
+
+
+def derive_memory(results: dict) -> None:
+    """The memory section's plans (no checkpointing) against the compiled speed sections' real peaks."""
+    mem = results.get("memory", {})
+    if not mem.get("rows"):
+        return
+    plans = {r["micro_batch"]: r["plan_bytes"] for r in mem["rows"] if not r["checkpointing"]}
+    compiled = []
+    for key in (32, 64):
+        speed = results.get(f"speed-{key}-compiled", {})
+        if speed.get("ok") and speed.get("peak_mem_bytes") and speed.get("micro_batch") in plans:
+            plan, real = plans[speed["micro_batch"]], speed["peak_mem_bytes"]
+            compiled.append({"micro_batch": speed["micro_batch"], "plan_bytes": plan, "real_bytes": real,
+                             "ratio": plan / real, "within": abs(plan / real - 1) <= MEMORY_TOL})
+    mem["compiled_peaks"] = compiled
+    mem["summary"] = mem["summary"].split(" | ")[0] + (
+        " | compiled plan/real: " + ", ".join(f"b{c['micro_batch']} {c['ratio']:.2f}" for c in compiled)
+        if compiled else "")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -816,8 +1046,8 @@ def write_outputs(out: Path, run_info: dict, results: dict) -> str:
 
 
 def select(args) -> list[str]:
-    """The sections this call runs, in SECTIONS order: --only's (with what a derived check needs), or with
-    --rerun-failed those that were not ok in that results.json."""
+    """The sections this call runs, in SECTIONS order: --only's (with what a derived check needs and what a
+    section compares with), or with --rerun-failed those that were not ok in that results.json."""
     names = [s.name for s in SECTIONS]
     if args.only:
         wanted = {w.strip() for w in args.only.split(",") if w.strip()}
@@ -826,11 +1056,13 @@ def select(args) -> list[str]:
             raise SystemExit(f"bench/gpu_check.py: --only {','.join(sorted(unknown))}: unknown; choose from "
                              f"{','.join(names)}")
         names = [n for n in names if n in wanted]
+    previous = load_previous(args.rerun_failed) if args.rerun_failed else {}
     if args.rerun_failed:
-        previous = load_previous(args.rerun_failed)
         names = [n for n in names if not previous.get(n, {}).get("ok")]
     for n in list(names):
         names += [d for d in BY_NAME[n].needs if d not in names]
+        # what a section's check compares with, unless the earlier call's results (merged in) hold it
+        names += [d for d in BY_NAME[n].uses if d not in names and not previous.get(d, {}).get("ok")]
     return [s.name for s in SECTIONS if s.name in names]
 
 
@@ -923,11 +1155,25 @@ def check_sizes_main(args, work: Path, names: list[str]) -> int:
         print(f"{name:<18} {'ok' if res['ok'] else 'FAIL':<5} {res.get('summary') or res.get('error')}")
     plan = [BY_NAME[n] for n in names]
     expected, boxes = sum(s.expected for s in plan), sum(s.box for s in plan)
-    fits = expected <= DEFAULT_BUDGET
+    _, skipped = time_plan(names)
     print(f"time plan on the GPU: expected {expected} s of the {DEFAULT_BUDGET:g} s budget"
-          f"{'' if fits else ' (the last sections would be skipped)'}; boxes {boxes} s; "
-          f"checked in {time.perf_counter() - t0:.1f} s")
+          + (f" (at the expected times not started: {', '.join(skipped)}; --rerun-failed runs them)" if skipped
+             else "") + f"; boxes {boxes} s; checked in {time.perf_counter() - t0:.1f} s")
     return 0 if all(r["ok"] for r in checked.values()) else 1
+
+
+def time_plan(names: list[str], budget: float = DEFAULT_BUDGET) -> tuple[list[str], list[str]]:
+    """(the sections of `names` with a process that start within `budget`, those that are skipped) when each
+    takes its expected time after START_OVERHEAD: run_child's rule, which skips a section that does not fit
+    and goes on to the next."""
+    used, started, skipped = float(START_OVERHEAD), [], []
+    for section in (BY_NAME[n] for n in names if not BY_NAME[n].needs):
+        if budget - used < section.expected + 5:
+            skipped.append(section.name)
+        else:
+            started.append(section.name)
+            used += section.expected
+    return started, skipped
 
 
 def run_all(args, work: Path, names: list[str], torch) -> None:

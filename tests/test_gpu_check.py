@@ -1,6 +1,6 @@
 """bench/gpu_check.py without a GPU: every section's data and batch arithmetic at the GPU's real sizes, the time
-plan, a tiny CPU dry run with results written per section and `--rerun-failed`, and the kill of a section's
-whole process tree."""
+plan, a tiny CPU dry run with results written per section and `--rerun-failed`, the checks derived from other
+sections' results, and the kill of a section's whole process tree."""
 
 from __future__ import annotations
 
@@ -44,14 +44,43 @@ def test_every_section_fits_at_the_gpu_sizes(gc, shared_data, tokenizer_ok, tmp_
     assert "65,536 tokens/step" in text["speed-64-compiled"] and "(4 steps/epoch)" in text["speed-64-compiled"]
     assert "1 save(s) of 1.49 GB + HF export 0.50 GB" in text["resume"]  # the only 124M checkpoint of the call
     assert "save" not in text["speed-32-compiled"] and "save" not in text["curve"]
+    # the memory plans at the GPU's sizes, each within the smaller card (else the trainer refuses the run there)
+    assert "plans b32 28.74, b32+ckpt 19.93, b64 55.49, b64+ckpt 37.88 GB, each within 83.3 GB" in text["memory"]
+    assert "3 steps" in text["memory"] and "save" not in text["memory"]
+    assert text["fp16"].startswith(text["speed-32-eager"].split("; logits")[0])  # the run fp16 is compared with
+    assert "losses of the first 10 steps" in text["fp16"] and "save" not in text["fp16"]
 
 
 def test_the_time_plan_fits_the_call(gc):
     assert gc.DEFAULT_BUDGET <= 9 * 60 - 25  # the command ends within 9 minutes, with a margin to kill a section
-    assert sum(s.expected for s in gc.SECTIONS) <= gc.DEFAULT_BUDGET - 20  # the size check and start-up
     assert all(s.expected < s.box or s.needs for s in gc.SECTIONS)
     names = [s.name for s in gc.SECTIONS]
     assert names[:3] == ["parity", "matmul", "speed-32-compiled"]  # what matters most comes first
+    assert names.index("curve") < names.index("memory") < names.index("fp16") < names.index("resume")
+    # at the expected times only the least important sections, the last ones, are left for --rerun-failed
+    started, skipped = gc.time_plan(names)
+    assert skipped == ["bare-32", "speed-64-eager"]
+    assert started + skipped == [n for n in names if not gc.BY_NAME[n].needs]
+    assert sum(gc.BY_NAME[n].expected for n in started) <= gc.DEFAULT_BUDGET - gc.START_OVERHEAD
+
+
+def test_a_section_that_no_longer_fits_is_skipped_unstarted(gc, tmp_path):
+    args = argparse.Namespace(dry_run=False, device="cuda", text="t", out=None)
+    left = gc.BY_NAME["memory"].expected + 4 + (gc.time.time() - gc.T_START)  # 1 s short of the rule
+    with open(tmp_path / "log", "w") as log:
+        res = gc.run_child(gc.BY_NAME["memory"], args, tmp_path, tmp_path, {}, log, budget=left)
+    assert res["status"] == "skipped" and "--rerun-failed" in res["summary"] and res["seconds"] == 0
+
+
+def test_only_adds_what_a_check_compares_with_unless_held(gc, tmp_path):
+    def select(only, rerun=None):
+        return gc.select(argparse.Namespace(only=only, rerun_failed=rerun))
+
+    assert select("fp16") == ["speed-32-eager", "fp16"]
+    assert select("compile") == ["speed-32-compiled", "speed-32-eager", "compile"]
+    previous = tmp_path / "results.json"
+    previous.write_text(json.dumps({"sections": {"speed-32-eager": {"ok": True}, "fp16": {"ok": False}}}))
+    assert select("fp16", str(previous)) == ["fp16"]  # compared with the earlier call's eager losses
 
 
 def test_a_size_error_shows_in_the_check(gc, shared_data, tokenizer_ok, tmp_path, monkeypatch):
@@ -74,6 +103,7 @@ def test_derived_checks(gc):
                "speed-32-compiled": {"ok": True, "losses": [10.9, 10.51, 10.0], "achieved_tflops": 300.0,
                                      "step_s": 0.1, "summary": "compiled"},
                "matmul": {"ok": True, "tflops": 600.0}, "bare-32": {"ok": True, "bare_step_s": 0.09, "summary": "b"}}
+    results["speed-32-eager"]["tokens_per_s"] = 1000.0
     gc.derive(results)
     gc.derive(results)  # idempotent: summaries are not extended twice
     assert results["compile"]["ok"] and results["compile"]["max_abs_diff"] == pytest.approx(0.01)
@@ -85,6 +115,47 @@ def test_derived_checks(gc):
     assert not results["compile"]["ok"]
 
 
+def fp16_result(losses: list[float], skipped_at: list[int]) -> dict:
+    return {"ok": True, "run_ok": True, "losses": losses, "skipped_at": skipped_at, "tokens_per_s": 900.0,
+            "summary": "fp16"}
+
+
+def test_fp16_is_compared_with_bf16_up_to_its_first_skipped_step(gc):
+    bf16 = {"ok": True, "losses": [10.9, 10.5, 10.0, 9.6], "tokens_per_s": 1000.0}
+    results = {"speed-32-eager": bf16, "fp16": fp16_result([10.9, 10.51, 10.02, 9.59], [])}
+    gc.derive(results)
+    gc.derive(results)
+    fp16 = results["fp16"]
+    assert fp16["ok"] and fp16["steps_compared"] == 4 and fp16["max_abs_diff_vs_bf16"] == pytest.approx(0.02)
+    assert fp16["tokens_per_s_vs_bf16"] == pytest.approx(0.9)
+    assert fp16["summary"] == "fp16 | first 4 steps: max |fp16 - bf16| loss 2.00e-02 (<= 0.05); 0.90x bf16's tok/s"
+    # step 2 skipped: its loss still compares, the next ones are a step behind and do not
+    results["fp16"] = fp16_result([10.9, 10.5, 10.5, 10.0], [2])
+    gc.derive(results)
+    assert results["fp16"]["ok"] and results["fp16"]["steps_compared"] == 2
+    results["fp16"] = fp16_result([10.9, 10.7, 10.2, 9.7], [])  # a wrong update
+    gc.derive(results)
+    assert not results["fp16"]["ok"]
+    del results["speed-32-eager"]  # nothing to compare with: not a pass
+    results["fp16"] = fp16_result([10.9, 10.5], [])
+    gc.derive(results)
+    assert not results["fp16"]["ok"] and "speed-32-eager did not run" in results["fp16"]["summary"]
+
+
+def test_memory_plans_meet_the_compiled_peaks(gc):
+    rows = [{"micro_batch": 32, "checkpointing": False, "plan_bytes": 30e9},
+            {"micro_batch": 32, "checkpointing": True, "plan_bytes": 20e9}]
+    results = {"memory": {"ok": True, "rows": rows, "summary": "eager"},
+               "speed-32-compiled": {"ok": True, "micro_batch": 32, "peak_mem_bytes": 25e9}}
+    gc.derive(results)
+    gc.derive(results)
+    (compiled,) = results["memory"]["compiled_peaks"]
+    assert compiled["ratio"] == pytest.approx(1.2) and not compiled["within"]
+    assert results["memory"]["summary"] == "eager | compiled plan/real: b32 1.20"
+    saved = gc.checkpointing_savings([{**r, "label": "b32", "real_bytes": b} for r, b in zip(rows, (32e9, 16e9))])
+    assert saved == [{"label": "b32", "micro_batch": 32, "real": 0.5, "plan": pytest.approx(1 / 3)}]
+
+
 def run_script(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, env=env,
@@ -93,10 +164,12 @@ def run_script(*argv: str) -> subprocess.CompletedProcess:
 
 def test_dry_run_writes_per_section_and_reruns_only_what_failed(shared_data, tokenizer_ok, tmp_path):
     first = tmp_path / "first"
-    proc = run_script("--dry-run", "--only", "matmul", "--out", str(first))
+    proc = run_script("--dry-run", "--only", "memory,fp16", "--out", str(first))  # fp16 brings speed-32-eager
     assert proc.returncode == 0, proc.stdout + proc.stderr
     done = json.loads((first / "results.json").read_text())
-    assert done["sections"]["matmul"]["ok"] and "matmul" in (first / "table.txt").read_text()
+    assert list(done["sections"]) == ["speed-32-eager", "memory", "fp16"]
+    assert all(r["ok"] for r in done["sections"].values()) and "fp16" in (first / "table.txt").read_text()
+    check_memory_and_fp16(done["sections"], (first / "gpu_check.log").read_text())
     # a call that lost parity and matmul: --rerun-failed runs again what was not ok, keeps the rest
     done["sections"]["matmul"] = {"ok": False, "status": "TIMEOUT", "summary": "over its box"}
     done["sections"]["parity"] = {"ok": True, "summary": "kept from the first call", "seconds": 1}
@@ -107,8 +180,27 @@ def test_dry_run_writes_per_section_and_reruns_only_what_failed(shared_data, tok
     assert proc.returncode == 0, proc.stdout + proc.stderr
     merged = json.loads((second / "results.json").read_text())["sections"]
     assert merged["matmul"]["ok"] and merged["parity"]["summary"] == "kept from the first call"
+    assert merged["fp16"] == done["sections"]["fp16"] and merged["memory"]["ok"]  # kept, derived again alike
     log = (second / "gpu_check.log").read_text()
     assert "===== matmul" in log and "===== parity" not in log
+
+
+def check_memory_and_fp16(sections: dict, log: str) -> None:
+    """The new sections' results on the dry run: the plans (the trainer's own lines) with no CUDA peak, and
+    fp16's run compared with the bf16 one."""
+    memory = sections["memory"]
+    assert [(r["label"], r["micro_batch"], r["checkpointing"]) for r in memory["rows"]] == [
+        ("b32", 2, False), ("b32+ckpt", 2, True), ("b64", 4, False), ("b64+ckpt", 4, True)]
+    for row in memory["rows"]:
+        assert row["plan_bytes"] > 0 and row["real_bytes"] is None and row["ratio"] is None
+        assert f"memory plan per cpu device: {row['plan']}" in log  # the plan is the one the trainer printed
+    assert memory["plan_within_tolerance"] is None and [x["real"] for x in memory["savings"]] == [None, None]
+    assert all(0 < x["plan"] < 1 for x in memory["savings"])
+    assert "plan GB (no CUDA peak on cpu): b32 " in memory["summary"]
+    fp16 = sections["fp16"]
+    assert fp16["steps"] == fp16["steps_compared"] == len(sections["speed-32-eager"]["losses"]) == 5
+    assert fp16["max_abs_diff_vs_bf16"] <= fp16["tolerance"] and fp16["skipped_steps"] == 0
+    assert fp16["loss_scale"] > 0 and fp16["tokens_per_s"] > 0 and fp16["tokens_per_s_vs_bf16"] > 0
 
 
 def test_kill_tree_reaches_a_worker_in_its_own_session(gc):
