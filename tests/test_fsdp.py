@@ -36,13 +36,14 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, stop_at: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from gpt2.distributed import destroy_distributed
+    from gpt2.distributed import destroy_distributed, end_process
 
     try:
         Path(out, f"bytes{rank}.json").write_text(json.dumps(train_and_measure(rank, world, out, parallel, stop_at,
                                                                                resume, dtype)))
     finally:
         destroy_distributed()  # after the trainer is gone: a DDP wrapper freed after its process group deadlocks
+    end_process(0)  # as `gpt2` ends a torchrun worker (see there); an error above is raised to mp.spawn instead
 
 
 def train_and_measure(rank: int, world: int, out: str, parallel: str, stop_at: int | None, resume: bool,

@@ -27,6 +27,7 @@ from gpt2.config import (
     name_command,
     resume_rule,
 )
+from gpt2.distributed import end_process, in_job
 from gpt2.errors import UserError
 from gpt2.train.run_dir import resume_settings, resumed_config
 
@@ -117,15 +118,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     ns = parser.parse_args(argv)
     cmd: Command = ns._command
+    code = 0
     try:
         cfg = resumed(cmd, ns) or build_config(cmd.config, ns, cmd.presets)
         cmd.run(cfg)
     except UserError as e:
         print(f"gpt2 {cmd.name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print(f"\ngpt2 {cmd.name}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    except SystemExit as e:  # a signal's exit after its checkpoint (143)
+        if not in_job():
+            raise
+        code = e.code if isinstance(e.code, int) else 1
+    if in_job():  # a torchrun worker: see `end_process`
+        end_process(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Design decisions:
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -82,6 +84,29 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def in_job() -> bool:
+    """Whether this process is one of several that torchrun started (its WORLD_SIZE above 1)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
+def end_process(code: int) -> NoReturn:
+    """End a process that took part in collectives, without interpreter finalization, once its work is done.
+
+    Why: `destroy_process_group` does not end gloo's process group once FSDP2 or DTensor has run a functional
+    collective on it (torch keeps a reference to the group), so its worker threads live until the interpreter is
+    torn down. A tensor that such a thread releases then, or the group's own teardown, needs the GIL of a
+    finalizing interpreter, and the process aborts ("terminate called without an active exception") after a run
+    that succeeded, which its launcher reports as failed. Everything this package writes is complete by now
+    (files are written atomically and the checkpoint writer is joined before `train()` returns), so only the
+    standard streams are flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: nothing more can reach it
+    os._exit(code)
 
 
 def _active() -> bool:
