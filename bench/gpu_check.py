@@ -241,8 +241,8 @@ def memory_configs(args, work: Path) -> list[tuple[str, object]]:
 def memory_plan(cfg, device):
     """The plan the trainer prints before step 1 for `cfg` (the loop's check_memory: its model, micro batch,
     autocast dtype and checkpointing, one process), from the model on the meta device."""
+    from gpt2.precision import autocast_dtype
     from gpt2.train.memory import plan_memory
-    from gpt2.train.runtime import autocast_dtype
 
     return plan_memory(_meta_model(cfg.model_config()), cfg.micro_batch, cfg.seq_len,
                        autocast_dtype(cfg.dtype, device), cfg.activation_checkpointing)

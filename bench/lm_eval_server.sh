@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lm-evaluation-harness against `gpt2 serve`, checked against lm-eval's own `hf` backend on the same folder.
 #
-# Saves a random-weight `tiny` model (4 layers) with save_pretrained (weights + GPT-2 tokenizer files), serves it
+# Saves a random-weight `tiny` model (4 layers) as a model folder (weights + GPT-2 tokenizer files), serves it
 # on 127.0.0.1, runs two local tasks (bench/lm_eval_tasks: a multiple-choice loglikelihood task and a
 # generate_until task) through `local-completions` with token-id prompts (tokenized_requests=True) and with text
 # prompts (False), then through `hf`, and compares per-choice log-likelihoods (bench/lm_eval_compare.py, 1e-3).
@@ -21,8 +21,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 
 "$PY" bench/lm_eval_tasks/make_data.py
-"$PY" -c 'import sys, torch; from gpt2.model import GPT, PRESETS
-torch.manual_seed(0); GPT(PRESETS["tiny"]).save_pretrained(sys.argv[1])' "$OUT/model"
+"$PY" -c 'import sys, torch; from gpt2.export import save_model_folder; from gpt2.model import GPT, PRESETS
+torch.manual_seed(0); save_model_folder(GPT(PRESETS["tiny"]), sys.argv[1])' "$OUT/model"
 
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$PY" -m gpt2 serve --model "$OUT/model" --host 127.0.0.1 --port "$PORT" --threads 1 >"$OUT/serve.log" 2>&1 &

@@ -133,7 +133,7 @@ def test_leftover_build_folders_are_removed_unless_their_build_is_alive(cache, m
 def test_two_processes_build_an_entry_once(cache, model, tmp_path):
     """The second process waits for the first one's lock, then finds the entry built."""
     weights = tmp_path / "weights"
-    model.save_pretrained(weights, tokenizer=False)
+    model.save_pretrained(weights)
     script = tmp_path / "start.py"
     starters = tmp_path / "started"
     starters.mkdir()
@@ -210,7 +210,7 @@ def test_cache_list_and_remove_commands(cache, model, monkeypatch, capsys):
 
 
 def test_a_full_disk_mid_build_leaves_no_folder(cache, model, monkeypatch):
-    def full(self, directory, tokenizer=True):
+    def full(self, directory):
         Path(directory).mkdir(parents=True)
         (Path(directory) / "model.safetensors").write_bytes(b"partial")
         raise OSError(28, "No space left on device")

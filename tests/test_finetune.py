@@ -14,6 +14,7 @@ from gpt2.commands.prepare_alpaca import PrepareAlpacaConfig, prepare
 from gpt2.data.alpaca import encode_example, load_split
 from gpt2.data.batching import collate
 from gpt2.errors import UserError
+from gpt2.hf_tokenizer import TOKENIZER_FILES
 from gpt2.model import GPT, GPTConfig
 from gpt2.train.finetune import FinetuneTask, answer_prompts
 
@@ -55,6 +56,7 @@ def test_tiny_model_learns_pairs_and_stops(tokenizer_ok, tmp_path):
         assert f"## {PAIRS.index((q, a)) + 1}. {q}" in samples and f"| {a} |" in samples
     assert samples.count("| no | yes |") == 3
     assert (run_dir / "loss.png").is_file() and (run_dir / "checkpoint.pt").is_file()
+    assert all((run_dir / "model" / name).is_file() for name in TOKENIZER_FILES)  # the export's, not the model's
     train_lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(train_lines) == 40 and train_lines[-1]["loss"] < 0.3
     # the logged answer tokens: each step is the one batch of all three answers (+ <|endoftext|> each)

@@ -1,6 +1,7 @@
-"""The folder `save_pretrained` writes carries GPT-2's tokenizer: transformers' AutoTokenizer gives tiktoken's
-ids on real text (Shakespeare, Alpaca, unicode, <|endoftext|>), and pipeline("text-generation") runs on it;
-without the BPE files the weights are still saved, with one warning line."""
+"""A model folder (`gpt2.export.save_model_folder`, what a run's model/ is) carries GPT-2's tokenizer: transformers'
+AutoTokenizer gives tiktoken's ids on real text (Shakespeare, Alpaca, unicode, <|endoftext|>), and
+pipeline("text-generation") runs on it; without the BPE files the weights are still saved, with one warning line.
+The model itself writes its config and weights only."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import pytest
 import torch
 
+from gpt2.export import save_model_folder
 from gpt2.hf_tokenizer import TOKENIZER_FILES
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import get_encoding
@@ -20,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 def folder(tmp_path_factory, tokenizer_ok):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("exported")
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)).save_pretrained(out)
+    save_model_folder(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)), out)
     return out
 
 
@@ -63,8 +65,13 @@ def test_weights_saved_without_tokenizer_files(tmp_path, monkeypatch, capsys):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(hf, "read_gpt2_files", offline)
-    GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8)).save_pretrained(tmp_path)
+    save_model_folder(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8)), tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
     assert not (tmp_path / "vocab.json").exists()
     err = capsys.readouterr().err.strip()
     assert err.startswith("warning: tokenizer files not written") and "\n" not in err
+
+
+def test_the_model_writes_only_its_config_and_weights(tmp_path):
+    GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8)).save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 
@@ -102,6 +103,15 @@ def test_plain_torch_save_files_still_load(tmp_path):
 def tiny():
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300))
+
+
+def test_file_sha256_streams_a_whole_file_or_its_first_bytes(tmp_path):
+    data = os.urandom((1 << 23) + 100)  # more than one chunk
+    (tmp_path / "f").write_bytes(data)
+    assert gio.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert gio.file_sha256(tmp_path / "f", 1 << 23) == hashlib.sha256(data[: 1 << 23]).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert gio.file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
 
 
 def test_corrupted_model_safetensors_is_refused(tmp_path, tiny):

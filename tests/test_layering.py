@@ -1,7 +1,10 @@
 """The package's layering, read statically from its imports: the library never imports the CLI or a command
 module, a command module imports no other, the import graph has no cycle, importing the library's main modules
-loads no command, and an import inside a function says why it is not at its module's top. Also: every command
-module is in the CLI's table and defines its commands' configs and runs itself."""
+loads no command, and an import inside a function says why it is not at its module's top. Also: only training,
+its stages and the commands import `gpt2.train`; the shard format calls nothing of the data pipeline; whole files
+are written and hashed by `gpt2.io` only; no module is imported under an old path; a run's command is passed to
+the trainer, not registered; every command module is in the CLI's table and defines its commands' configs and
+runs itself."""
 
 from __future__ import annotations
 
@@ -80,6 +83,93 @@ def test_the_import_graph_has_no_cycle():
         return False
 
     assert not any(visit(m, []) for m in sorted(g) if state.get(m) is None), " -> ".join(cycle)
+
+
+# Who may build on the training loop: training itself, the RLHF stages (Tasks on the loop) and the commands.
+TRAINING_USERS = ("gpt2.train", "gpt2.rlhf", *COMMANDS)
+
+
+def in_package(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_only_training_its_stages_and_the_commands_import_training():
+    """What training and evaluation share (the chunked loss, autocast) lives below both: evaluation, the model,
+    the data and decoding never import `gpt2.train`."""
+    offenders = sorted(f"{m} imports {', '.join(sorted(d for d in deps if in_package(d, ('gpt2.train',))))}"
+                       for m, deps in graph(top_level_only=False).items()
+                       if not in_package(m, TRAINING_USERS) and any(in_package(d, ("gpt2.train",)) for d in deps))
+    assert offenders == []
+
+
+def test_the_shard_format_calls_nothing_of_the_data_pipeline():
+    """`gpt2.data.shards` is the file format: the loader reads through it, never the other way (no import of
+    the pipeline, and no batch drawn from a loader handed in)."""
+    assert sorted(d for d in graph(top_level_only=False)["gpt2.data.shards"] if d.startswith("gpt2.data")) == []
+    tree = ast.parse((PKG / "data" / "shards.py").read_text())
+    assert not any(isinstance(n, ast.Attribute) and n.attr == "next_batch" for n in ast.walk(tree))
+
+
+def test_whole_files_are_written_and_hashed_by_gpt2_io():
+    """`gpt2.io` is the one home of whole-file writes (atomic) and file checksums: no other module writes a
+    file by `json.dump`, `write_text` or `write_bytes`, or hashes one with `hashlib.file_digest`."""
+    by_hand = {"dump", "write_text", "write_bytes", "file_digest"}
+    offenders = sorted(f"src/gpt2/{path.relative_to(PKG).as_posix()}:{node.lineno}: .{node.func.attr}"
+                       for path in PKG.rglob("*.py") if path != PKG / "io.py"
+                       for node in ast.walk(ast.parse(path.read_text()))
+                       if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                       and node.func.attr in by_hand)
+    assert offenders == []
+
+
+def python_files() -> list[Path]:
+    root = PKG.parents[1]
+    return [p for folder in ("src", "tests", "bench", "scripts") for p in sorted((root / folder).rglob("*.py"))]
+
+
+def test_nothing_imports_a_module_under_an_old_path():
+    """One path per module: `gpt2.decode` is the decoding core, with no alias left at `gpt2.decoder`."""
+    assert not (PKG / "decoder.py").exists()
+    offenders = [f"{p.relative_to(PKG.parents[1])}: {m}" for p in python_files()
+                 for m in imports(p, top_level_only=False) if m == "gpt2.decoder" or m.startswith("gpt2.decoder.")]
+    assert offenders == []
+
+
+def module_level_registries(path: Path) -> list[str]:
+    """Names bound at `path`'s top level to an empty dict, list or set: state that callers fill in at run time."""
+    found = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and is_empty_container(node.value):
+            found.extend(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and is_empty_container(node.value) and isinstance(node.target, ast.Name):
+            found.append(node.target.id)
+    return found
+
+
+def is_empty_container(value: ast.AST | None) -> bool:
+    if isinstance(value, ast.Dict):
+        return not value.keys
+    if isinstance(value, (ast.List, ast.Set)):
+        return not value.elts
+    return (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+            and value.func.id in ("dict", "list", "set") and not value.args and not value.keywords)
+
+
+def test_the_command_of_a_run_is_passed_not_registered():
+    """The command that makes a run reaches the trainer as an argument (`train(..., command=...)`), from the
+    command itself, so a run started without the CLI records it too: the library holds no registry of commands
+    that the CLI would have to fill first."""
+    registries = sorted(f"{module_name(p)}.{name}" for p in PKG.rglob("*.py") if not is_command(module_name(p))
+                        for name in module_level_registries(p) if "command" in name.lower())
+    assert registries == []
+    unnamed = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "train"
+                    and in_package(module_name(path), TRAINING_USERS) and not module_name(path).startswith("gpt2.train")
+                    and "command" not in {k.arg for k in node.keywords}):
+                unnamed.append(f"src/gpt2/{path.relative_to(PKG).as_posix()}:{node.lineno}")
+    assert unnamed == [], "these stages train without saying which command runs them (command=...)"
 
 
 def test_importing_the_library_loads_no_command_module():

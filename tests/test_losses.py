@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from gpt2.losses import gpt_loss_chunked
 from gpt2.model import GPT, GPTConfig
-from gpt2.train.losses import gpt_loss_chunked
 
 
 def test_chunked_loss_matches_model_loss_and_gradients():

@@ -6,7 +6,7 @@ defaults that apply (the preset's)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -125,6 +125,21 @@ def test_the_loop_itself_refuses_a_changed_seed(token_shards, tmp_path):
     cfg = resumed_config(type(PRETRAIN_PRESETS["tiny"]), saved, {"resume": True})
     with pytest.raises(UserError, match="seed 7"):
         run(cfg.__class__(**{**cfg.__dict__, "seed": 7}))
+
+
+def test_a_run_started_through_the_api_records_its_command(token_shards, tmp_path, capsys):
+    """`run(cfg)` called without the CLI (as bench/gpu_check.py does) records its command as `gpt2 pretrain`
+    does, so another command's --resume of it is refused the same way."""
+    from gpt2.commands.pretrain import PRETRAIN_PRESETS, run
+
+    out = tmp_path / "api"
+    run(replace(PRETRAIN_PRESETS["tiny"], data=str(token_shards), out=str(out), device="cpu", vocab_size=VOCAB,
+                n_layer=1, n_head=2, n_embd=32, block_size=32, micro_batch=2, seq_len=16, global_batch=64,
+                max_steps=1, warmup_steps=0, eval_every=0, progress=False))
+    assert json.loads((out / "config.json").read_text())["command"] == "pretrain"
+    with pytest.raises(SystemExit):
+        main(["finetune", "--out", str(out), "--resume"])
+    assert f"{out} is a `gpt2 pretrain` run, not a `gpt2 finetune` one" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ the rules themselves

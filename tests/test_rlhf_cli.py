@@ -112,6 +112,7 @@ def test_reward_command(setup):
     assert len(_records(out, "train")) == 4 and "pref_acc" in _records(out, "eval")[-1]
     rm = RewardModel.from_pretrained(out)  # run dir: backbone + reward_head.safetensors under model/
     assert (out / "model" / "reward_head.safetensors").is_file() and rm.config.vocab_size < 1000
+    assert (out / "model" / "tokenizer.json").is_file()  # a stage's model folder gets the tokenizer files too
 
 
 def ppo_args(setup, out, *extra):

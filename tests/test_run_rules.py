@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from rlhf_data import compact, short_hh_pairs
+from test_finetune import QA, make_data, make_init
 from test_pretrain import (
     VOCAB,
     shards,  # noqa: F401  (fixture: a few synthetic token shards)
@@ -71,6 +72,19 @@ def test_dpo_with_one_step_fits_its_default_warmup(tmp_path, shared_data, tokeni
           "--device", "cpu", "--no-progress", "--batch-size", "2", "--max-steps", "1"])
     assert "warmup cut from 10 to the run's 1 steps" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "dpo")["step"] == 1
+
+
+def test_finetune_fits_its_default_warmup_to_a_run_its_epochs_make_short(tmp_path, tokenizer_ok, capsys):
+    """The run's length is known only once the data is read (--epochs): the default warmup (50) is cut to it
+    then, and a --warmup-steps given beyond it is still refused."""
+    data, init = make_data(tmp_path, QA[:4]), make_init(tmp_path, n_embd=16)
+    argv = ["finetune", "--init", str(init), "--data", str(data), "--epochs", "1", "--batch-size", "2", "--grad-accum",
+            "1", "--device", "cpu", "--no-progress", "--sample-prompts", "Hi?", "--sample-max-tokens", "1"]
+    main([*argv, "--out", str(tmp_path / "cut")])
+    assert "warmup cut from 50 to the run's 2 steps" in capsys.readouterr().err
+    assert train_steps(tmp_path / "cut") == [1, 2]
+    line = refused(capsys, [*argv, "--out", str(tmp_path / "given"), "--warmup-steps", "50"])
+    assert "--warmup-steps 50 is more than the run's 2 steps" in line
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -10,8 +10,8 @@ import torch
 from test_train_loop import ListTask, cfg_for, losses, make_data, make_model, read_lines
 
 from gpt2.checkpoint import load_checkpoint
+from gpt2.precision import autocast_dtype
 from gpt2.train.loop import train
-from gpt2.train.runtime import autocast_dtype
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

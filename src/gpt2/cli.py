@@ -24,7 +24,6 @@ from gpt2.config import (
     default_config,
     flag_name,
     given_fields,
-    name_command,
     resume_rule,
 )
 from gpt2.distributed import end_process, in_job
@@ -54,7 +53,6 @@ def _load_commands() -> dict[str, Command]:
         module = importlib.import_module(f"gpt2.commands.{name}")
         for cmd in getattr(module, "COMMANDS", None) or [module.COMMAND]:
             table[cmd.name] = cmd
-            name_command(cmd.config, cmd.name)  # the run directory records which command made it
     return table
 
 

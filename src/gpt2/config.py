@@ -202,19 +202,6 @@ def resume_rule(cls: type, name: str) -> str:
     return declared(cls, name, "on_resume") or REFUSE
 
 
-_COMMAND_OF: dict[type, str] = {}  # config class -> the command that takes it (filled by the CLI's table)
-
-
-def name_command(config_class: type, command: str) -> None:
-    _COMMAND_OF[config_class] = command
-
-
-def command_name(config: Any) -> str | None:
-    """The name of the command whose config `config` is; None for any other object (a library call's plain
-    `TrainConfig`, a dict) or when no CLI has named the commands."""
-    return _COMMAND_OF.get(type(config))
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready dict of a (possibly nested) dataclass config, without its fields that are not flags (`_name`)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("_")}

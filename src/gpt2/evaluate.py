@@ -38,15 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gpt2.data.batching import pad_right
 from gpt2.data.sources import jsonl_records
 from gpt2.errors import UserError
 from gpt2.io import atomic_write
+from gpt2.losses import IGNORE_INDEX, gpt_loss_chunked
+from gpt2.padding import pad_right
+from gpt2.precision import autocast_context
 from gpt2.tokenizer import encode
-from gpt2.train.losses import gpt_loss_chunked
-from gpt2.train.runtime import autocast_context
 
-IGNORE_INDEX = -100
 HELLASWAG_URLS = {
     split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
     for split in ("train", "val")
@@ -65,7 +64,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of a batch without materialising its full logits: the chunked loss of
-    `gpt2.train.losses` for a GPT (row chunks sized for the device: cache-sized on CPU, larger matmuls on a
+    `gpt2.losses` for a GPT (row chunks sized for the device: cache-sized on CPU, larger matmuls on a
     GPU), `model.loss` for any other model."""
     if not hasattr(model, "hidden_states"):
         return model.loss(x, y)

@@ -1,5 +1,6 @@
-"""GPT-2's tokenizer files for a model folder, so `transformers.AutoTokenizer.from_pretrained(folder)` and
-`pipeline("text-generation", model=folder)` work on what `GPT.save_pretrained` writes, with no hub access.
+"""GPT-2's tokenizer files for a model folder (`gpt2.export.save_model_folder`), so
+`transformers.AutoTokenizer.from_pretrained(folder)` and `pipeline("text-generation", model=folder)` work on it
+with no hub access.
 
 Design decisions:
 - tiktoken's "gpt2" encoding is built from OpenAI's two original files, `encoder.json` and `vocab.bpe`, which
@@ -11,7 +12,7 @@ Design decisions:
 - `tokenizer.json` (the fast tokenizer) is written as JSON directly, not through the `tokenizers` library,
   which is not a dependency of this package: a byte-level BPE model with GPT-2's pre-tokenizer, decoder and
   `<|endoftext|>` as the one special token; tested against tiktoken's ids on real text.
-- When the files cannot be had (offline without a cache), the weights are still saved: `save_pretrained`
+- When the files cannot be had (offline without a cache), the weights are still saved: `save_tokenizer_files`
   prints one warning line and the folder lacks only the tokenizer files. `generation_config.json` needs no
   download and is always written.
 """

@@ -16,8 +16,10 @@ Design decisions:
   - `save_torch` streams `torch.save` through a hasher and appends a 40-byte trailer (magic + sha256 of
     everything before it); `load_torch` verifies it before unpickling. A file without the trailer (written
     before checksums existed) loads unchecked.
-  Hashing runs at 0.5-2 GB/s (sha256, faster with SHA extensions): a second or two for the 124M model's
-  checkpoint, small next to writing it.
+  - `file_sha256` hashes a whole file (or its first bytes) by streaming it: the compile cache's manifest
+    checksums its entries' files with it.
+  Hashing streams and costs little next to the reading or writing it goes with (measured for a checkpoint's
+  load: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -160,6 +162,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 # ------------------------------------------------------------------------------------------- checksums
 
 
+def file_sha256(path: str | os.PathLike, length: int | None = None) -> str:
+    """The sha256 (hex) of the file's bytes, or of its first `length` bytes, read in 8 MB chunks (a file of any
+    size costs that much memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = os.fstat(f.fileno()).st_size if length is None else length
+        while left > 0 and (chunk := f.read(min(left, 1 << 23))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over each tensor's name, dtype, shape and bytes, in sorted name order (no copies for
     contiguous CPU tensors)."""
@@ -229,20 +243,21 @@ def load_torch(path: str | os.PathLike, weights_only: bool = True) -> Any:
     The hash streams over the file; `torch.load` then reads the path itself: its zip reader finds the archive's
     directory by searching back from the end, so the 40-byte trailer after it is harmless (a test holds it)."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size >= _TRAILER_BYTES:
-            f.seek(size - _TRAILER_BYTES)
-            tail = f.read()
-            if tail[:len(_TRAILER_MAGIC)] == _TRAILER_MAGIC:
-                f.seek(0)
-                sha, left = hashlib.sha256(), size - _TRAILER_BYTES
-                while left > 0 and (chunk := f.read(min(left, 1 << 23))):
-                    sha.update(chunk)
-                    left -= len(chunk)
-                if sha.digest() != tail[len(_TRAILER_MAGIC):]:
-                    raise UserError(f"{path} is corrupt: its bytes do not match the sha256 stored in the file")
+    stored = _trailer_digest(path)
+    if stored is not None and file_sha256(path, path.stat().st_size - _TRAILER_BYTES) != stored.hex():
+        raise UserError(f"{path} is corrupt: its bytes do not match the sha256 stored in the file")
     return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def _trailer_digest(path: Path) -> bytes | None:
+    """The sha256 that `save_torch`'s trailer holds; None for a file without one."""
+    size = path.stat().st_size
+    if size < _TRAILER_BYTES:
+        return None
+    with open(path, "rb") as f:
+        f.seek(size - _TRAILER_BYTES)
+        tail = f.read()
+    return tail[len(_TRAILER_MAGIC):] if tail.startswith(_TRAILER_MAGIC) else None
 
 
 # ------------------------------------------------------------------------------------------- run locks

@@ -4,19 +4,20 @@ Design decisions:
 - Parameter names *and layouts* follow the OpenAI/Hugging Face checkpoint (`transformer.h.0.attn.c_attn.weight`,
   ...), so loading is a plain copy. The block projections store their weight as (in, out) (`Projection`, what HF
   calls Conv1D) rather than `nn.Linear`'s (out, in): for the few-row matmuls of decoding, CPU BLAS runs
-  `x @ W` with W (in, out) about twice as fast as `x @ W.T`, and GPUs do not care.
+  `x @ W` with W (in, out) faster than `x @ W.T` (measured: docs/benchmarks.md), and GPUs do not care.
 - The token embedding is padded to a multiple of `vocab_pad_multiple` (50257 -> 50304) because matmuls with
   a round dimension are markedly faster on GPUs. The padding rows are never an input (token ids < 50257) and
   their logits are sliced off, so outputs are unchanged; `num_params()` does not count them and checkpoints
   are written without them.
-- The model knows nothing of data, tokenizers or distributed training. It exposes `forward` (logits),
-  `hidden_states` (the final LayerNorm output, for reward/value heads) and `logits`, and its parts as named
-  pieces: attention's weightless middle (`CausalSelfAttention.attend`) and a block's second half
-  (`Block.mlp_residual`), which the compiled decoder (`gpt2.decode.compiled`) runs between. It holds nothing that
-  exists for decoding speed: incremental decoding passes a cache through one narrow interface (`KVStore`:
-  attention stores its new keys/values and reads all of them back) and explicit positions and attention
-  masks, which batched generation with padding needs. The cache and everything else about decoding live in
-  `gpt2.decode`.
+- The model knows nothing of data, tokenizers or distributed training: `save_pretrained` writes its config and
+  weights only, and whoever exports a model folder adds the tokenizer files (`gpt2.export`). It exposes
+  `forward` (logits), `hidden_states` (the final LayerNorm output, for reward/value heads) and `logits`, and its
+  parts as named pieces: attention's weightless middle (`CausalSelfAttention.attend`) and a block's second half
+  (`Block.mlp_residual`), which the compiled decoder (`gpt2.decode.compiled`) runs between. Beyond the
+  checkpoint's own layout it holds nothing that exists for decoding speed: incremental decoding passes a cache
+  through one narrow interface (`KVStore`: attention stores its new keys/values and reads all of them back) and
+  explicit positions and attention masks, which batched generation with padding needs. The cache and everything
+  else about decoding live in `gpt2.decode`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -33,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.errors import UserError, as_json, json_kind
-from gpt2.hf_tokenizer import save_tokenizer_files
 from gpt2.io import load_safetensors, save_safetensors, write_json_atomic
 
 
@@ -304,15 +304,13 @@ class GPT(nn.Module):
             out[k] = v.contiguous().cpu().clone()
         return out
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: bool = True) -> None:
-        """Write `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel` loads, and with
-        `tokenizer` GPT-2's tokenizer files. Files are written under temporary names and renamed, so a crash
-        never leaves half a checkpoint."""
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel` loads (the tokenizer
+        files of a model folder: `gpt2.export.save_model_folder`). Files are written under temporary names and
+        renamed, so a crash never leaves half a checkpoint."""
         out = Path(directory)
         save_safetensors(self.hf_state_dict(), out / "model.safetensors")  # with a sha256, checked on load
         write_json_atomic(out / "config.json", _config_to_hf(self.config))
-        if tokenizer:
-            save_tokenizer_files(out, self.config.block_size)  # transformers' AutoTokenizer/pipeline load the folder
 
 
 def _config_to_hf(config: GPTConfig) -> dict:
@@ -453,7 +451,3 @@ def _read_hf_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     except Exception as e:
         raise UserError(f"cannot read weights in {path}: {type(e).__name__}: {e}") from e
     raise UserError(f"{path} has neither model.safetensors nor pytorch_model.bin")
-
-
-def config_dict(config: GPTConfig) -> dict:
-    return asdict(config)

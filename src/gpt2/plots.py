@@ -113,7 +113,7 @@ def _loss_ylim_top(train: tuple[list[int], list[float]], val: tuple[list[int], l
 
 def draw(records: list[dict], out: str | os.PathLike, title: str = "") -> Path:
     """Draw train/val loss, LR and extra eval metrics from metrics records to the PNG `out` (atomically)."""
-    # matplotlib takes about 0.4 s to import: only when a graph is drawn, not whenever the loop is imported
+    # matplotlib is slow to import: only when a graph is drawn, not whenever the loop is imported
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -40,7 +40,7 @@ def run(cfg: DPOConfig) -> nn.Module:
         return DPOTask(copy.deepcopy(start), cfg.beta, train_pairs, val_pairs, cfg.batch_size, seed=cfg.seed,
                        rank=dist.rank, world_size=dist.world_size)
 
-    return run_pair_stage(cfg, lambda start: start, make_task)
+    return run_pair_stage(cfg, COMMAND.name, lambda start: start, make_task)
 
 
 COMMAND = Command("dpo", "align a fine-tuned model to preference pairs with DPO", DPOConfig, run)

@@ -20,12 +20,11 @@ from tqdm.auto import tqdm
 from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg
-from gpt2.data.loader import ShardLoader
-from gpt2.data.shards import checked_batch
+from gpt2.data.loader import ShardLoader, checked_batch
 from gpt2.distributed import pick_device
 from gpt2.errors import UserError
 from gpt2.evaluate import HELLASWAG_DIR, HELLASWAG_URLS, hellaswag_eval, load_hellaswag, val_loss
-from gpt2.train.runtime import AUTOCAST_HELP, TRAIN_DTYPES, autocast_dtype
+from gpt2.precision import AUTOCAST_HELP, TRAIN_DTYPES, autocast_dtype
 
 
 def _prepare(model_name: str, device_name: str, dtype_name: str, reads_text: str | None = None,

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from gpt2.checkpoint import load_model
 from gpt2.commands import Command
-from gpt2.config import APPLY, arg, command_name, from_dict, to_dict
+from gpt2.config import APPLY, arg, from_dict, to_dict
 from gpt2.data.alpaca import fit_examples, load_split
 from gpt2.data.batching import Example
 from gpt2.distributed import destroy_distributed, init_distributed
@@ -66,7 +66,7 @@ class FinetuneConfig(TrainConfig):
                                     "longer questions are cut from the left, or the example dropped", minimum=2)
     group_batches: int = arg(16, "length grouping: sort this many batches' worth of shuffled examples by "
                                  "length before cutting batches (more = less padding, less randomness)", minimum=1)
-    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
+    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.losses); default: "
                                         "on for CPU, off for CUDA (where torch.compile fuses the loss)",
                                   on_resume=APPLY)
     sample_prompts: list[str] = arg(factory=lambda: list(DEFAULT_PROMPTS), on_resume=APPLY,
@@ -158,7 +158,7 @@ def _load_examples(cfg: FinetuneConfig, block_size: int, is_main: bool) -> tuple
 def run(cfg: FinetuneConfig):
     cfg.validate()
     run_dir = Path(cfg.out)
-    check_run_dir(run_dir, cfg.resume, command_name(cfg))  # before the model loads
+    check_run_dir(run_dir, cfg.resume, COMMAND.name)  # before the model loads
     dist = init_distributed(cfg.device)
     try:
         model = load_model(cfg.init, reads_text="--init").to(dist.device)
@@ -172,7 +172,8 @@ def run(cfg: FinetuneConfig):
                             f"--grad-accum {cfg.grad_accum}: lower --batch-size or --grad-accum")
         max_steps = run_length(cfg.max_steps, cfg.epochs, steps_per_epoch)
         eval_every = cfg.eval_every if cfg.eval_every is not None else steps_per_epoch if val_ex else 0
-        loop_cfg = from_dict(TrainConfig, {**to_dict(cfg), "max_steps": max_steps, "eval_every": eval_every})
+        loop_cfg = replace(from_dict(TrainConfig, {**to_dict(cfg), "max_steps": max_steps, "eval_every": eval_every}),
+                           _given=cfg._given)  # a --warmup-steps the user gave is still refused, a default cut
 
         # the run's lock spans samples_before.json, samples.md and the loop (which takes it again)
         with run_lock(run_dir) if dist.is_main else nullcontext():
@@ -184,7 +185,7 @@ def run(cfg: FinetuneConfig):
                 before = before_answers(model, cfg, run_dir)
                 write_text_atomic(run_dir / SAMPLES_FILE, render_samples(cfg.sample_prompts, before, None, header(0)))
             result = train(model, task, loop_cfg, cfg.grad_accum, dist=dist,
-                           run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every))
+                           run_config=replace(cfg, max_steps=max_steps, eval_every=eval_every), command=COMMAND.name)
             if dist.is_main:  # also after --stop-at-step / --max-minutes: the answers so far
                 after = answer_prompts(result.model, cfg.sample_prompts, cfg.sample_max_tokens,
                                        cfg.sample_temperature, cfg.seed)

@@ -25,6 +25,7 @@ from gpt2.data.sources import text_lines
 from gpt2.distributed import destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.model import GPT
+from gpt2.precision import autocast_dtype
 from gpt2.rlhf.heads import ActorCritic, RewardModel
 from gpt2.rlhf.losses import last_token_index
 from gpt2.rlhf.ppo import PPOHyper, PPOTask
@@ -32,7 +33,7 @@ from gpt2.template import format_prompt
 from gpt2.tokenizer import encode
 from gpt2.train.config import TrainConfig
 from gpt2.train.loop import train
-from gpt2.train.runtime import autocast_dtype, seed_everything
+from gpt2.train.runtime import seed_everything
 
 
 @dataclass
@@ -129,7 +130,7 @@ def run(cfg: PPOConfig) -> ActorCritic:
         if dist.is_main:
             print(f"{len(train_prompts)} prompts ({len(eval_prompts)} for evaluation); {cfg.max_steps} iterations "
                   f"of {cfg.batch_size * dist.world_size} rollouts", flush=True)
-        train(actor, task, cfg, 1, dist=dist, run_config=cfg)
+        train(actor, task, cfg, 1, dist=dist, run_config=cfg, command=COMMAND.name)
         return actor
     finally:
         destroy_distributed()

@@ -44,7 +44,7 @@ class PretrainConfig(TrainConfig):
                               "epoch (--no-shuffle: in stream order, as the shards lie)")
     val_tokens: int = arg(10_485_760, "validation tokens per evaluation (capped at one pass over the val split)",
                           on_resume=APPLY, minimum=1, hint="use --eval-every 0 to skip evaluation")
-    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.train.losses); default: "
+    fused_loss: bool | None = arg(None, "chunked fused lm_head + cross-entropy (gpt2.losses); default: "
                                         "on for CPU, off for CUDA (where torch.compile fuses the loss)",
                                   on_resume=APPLY)
     hellaswag: bool = arg(False, "also measure HellaSwag accuracy (acc_norm) at each evaluation", on_resume=APPLY)
@@ -123,7 +123,7 @@ def run(cfg: PretrainConfig):
                   f"{cfg.global_batch:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {dist.world_size} "
                   f"process(es) x {accum} accumulation steps; {cfg.max_steps} steps "
                   f"({cfg.max_steps / epoch:.2f} epochs of {task.loader.num_tokens:,} train tokens)", flush=True)
-        result = train(model, task, cfg, accum, dist=dist, run_config=cfg)
+        result = train(model, task, cfg, accum, dist=dist, run_config=cfg, command=COMMAND.name)
         if dist.is_main and cfg.save_final:
             print(f"pretrain: {result.step} steps done; model in {result.run_dir / 'model'} "
                   f"(gpt2 generate --model {result.run_dir / 'model'} \"...\")", flush=True)

@@ -31,7 +31,7 @@ def run(cfg: RewardConfig) -> RewardModel:
         return RewardTask(train_pairs, val_pairs, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
                           world_size=dist.world_size)
 
-    return run_pair_stage(cfg, RewardModel, make_task)
+    return run_pair_stage(cfg, COMMAND.name, RewardModel, make_task)
 
 
 COMMAND = Command("reward", "train a reward model (GPT + scalar head) on preference pairs", RewardConfig, run)

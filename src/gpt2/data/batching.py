@@ -1,4 +1,4 @@
-"""Batches for masked-target training (fine-tuning, DPO, the reward model, PPO) and right padding.
+"""Batches for masked-target training (fine-tuning, DPO, the reward model, PPO): the layout and its order.
 
 Design decisions:
 - One padding helper, `gpt2.padding.pad_right`: token lists -> right-padded ids + 1/0 mask. Generation,
@@ -26,9 +26,8 @@ from collections.abc import Sequence
 import torch
 
 from gpt2.errors import UserError
-from gpt2.padding import PAD_ID, pad_right  # noqa: F401  (this package's batches use them)
-
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+from gpt2.losses import IGNORE_INDEX
+from gpt2.padding import pad_right
 
 Example = tuple[list[int], list[int]]  # (question_ids, answer_ids)
 

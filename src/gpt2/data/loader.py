@@ -16,11 +16,10 @@ How tokens are dealt out:
   Why windows and not blocks of B consecutive windows: the unit of shuffling decides what one batch
   mixes. With blocks, a batch is still B windows of one scene (or one file, or one document), which is the
   correlation that made in-order reading train measurably worse than nanoGPT's random windows (measured:
-  val loss 5.71 vs 5.46 after 300 tiny-model steps on tinyshakespeare). Per-window shuffling gives every
-  row an independent place in the corpus, like nanoGPT's sampling, but without replacement, so an epoch
-  still covers every token once. The cost: B reads of T+1 tokens per batch instead of one read of B*T+1,
-  slices of memory maps either way (negligible next to the step), and the permutation, 4 bytes per window
-  (40 MB for FineWeb 10BT at T = 1024).
+  docs/benchmarks.md, bench/train.py). Per-window shuffling gives every row an independent place in the
+  corpus, like nanoGPT's sampling, but without replacement, so an epoch still covers every token once. The
+  cost: B reads of T+1 tokens per batch instead of one read of B*T+1, slices of memory maps either way
+  (negligible next to the step), and the permutation, 4 bytes per window (40 MB for FineWeb 10BT at T = 1024).
 - Order (`shuffle=False`): window i of the epoch in stream order, so rank r at step s reads the B
   consecutive windows starting at (s*W + r)*B: one contiguous read; ranks together read the stream once.
 - All ranks take the same number of steps per epoch (DDP needs it): `steps_per_epoch = num_windows //
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2.data.shards import list_shards, read_shard
+from gpt2.data.shards import check_token_ids, list_shards, read_shard
 from gpt2.errors import UserError
 
 
@@ -144,3 +143,12 @@ class ShardLoader:
             raise UserError(f"cannot resume the {self.split} loader at token {offset} of the epoch: it is not "
                             f"a multiple of batch x seq_len x world size ({per_step})")
         self._set_position(int(state["epoch"]), offset // per_step)
+
+
+def checked_batch(loader: ShardLoader, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`loader.next_batch()` -> (x, y), refused in one line (naming the shard) when an id is outside a model's
+    vocabulary of `vocab_size` ids (`gpt2.data.shards.check_token_ids`)."""
+    x, y = loader.next_batch()
+    check_token_ids(x.reshape(-1), vocab_size, loader.shards)
+    check_token_ids(y.reshape(-1), vocab_size, loader.shards)
+    return x, y

@@ -134,10 +134,3 @@ def check_token_ids(tokens, vocab_size: int, shards: list[Path]) -> None:
     raise UserError(f"token id {int(tokens.max())} read from {len(shards)} shard(s) is outside the model's "
                     f"vocabulary ({vocab_size} ids)")
 
-
-def checked_batch(loader, vocab_size: int):
-    """`loader.next_batch()` -> (x, y), checked with `check_token_ids` against the loader's `shards`."""
-    x, y = loader.next_batch()
-    check_token_ids(x.reshape(-1), vocab_size, loader.shards)
-    check_token_ids(y.reshape(-1), vocab_size, loader.shards)
-    return x, y

@@ -5,9 +5,10 @@
   `cache_root()`. It is built in a `.build-KEY-PID` folder beside it and renamed into place when complete, so
   a reader never sees half an entry.
 - **A manifest, written last**, lists every file of the entry with its size and SHA-256, and what it was built
-  for (the model's name, parameter count, torch). `verify` re-hashes every file before an entry is used
-  (about a second per GB): a flipped byte, a cut-off file, a missing or extra file is caught, and the entry
-  is rebuilt. An entry without a manifest is not an entry.
+  for (the model's name, parameter count, torch). It is written and its hashes taken by `gpt2.io`
+  (`write_json_atomic`, `file_sha256`), like every other checksummed file of the package. `verify` re-hashes
+  every file before an entry is used (its cost: docs/compiled_decoding.md): a flipped byte, a cut-off file, a
+  missing or extra file is caught, and the entry is rebuilt. An entry without a manifest is not an entry.
 - **One builder per entry.** Building takes `KEY.lock` (`flock`, which the kernel releases when its holder
   dies, however it dies), so two processes that need the same entry build it once: the second waits and then
   finds it built. The same lock tells leftovers from builds in progress: a `.build-KEY-*` folder whose lock
@@ -20,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2.errors import UserError
-from gpt2.io import not_a_folder
+from gpt2.io import file_sha256, not_a_folder, write_json_atomic
 
 try:
     import fcntl
@@ -81,29 +81,11 @@ def check_settings() -> Path:
     return cache_root()
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
-            _sha256_chunks(f)
-
-
-def _sha256_chunks(f) -> str:  # Python 3.10
-    h = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-        h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(directory: Path, about: dict) -> None:
     """Checksum every file of `directory` into its manifest (written last, atomically)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
-    tmp = directory / (MANIFEST + ".tmp")
-    with tmp.open("w") as f:
-        json.dump({**about, "created": time.time(), "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
+    write_json_atomic(directory / MANIFEST, {**about, "created": time.time(), "files": files}, indent=1)
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -125,7 +107,7 @@ def verify(directory: Path) -> str | None:
         return f"missing {missing}" if missing else f"unexpected {extra}"
     for name, want in manifest["files"].items():
         path = directory / name
-        if path.stat().st_size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+        if path.stat().st_size != want.get("bytes") or file_sha256(path) != want.get("sha256"):
             return f"{name} does not match its checksum"
     return None
 

@@ -120,9 +120,8 @@ EXAMPLE_ROWS = 8  # the row count the GEMMs are autotuned and blocked for; any c
 
 
 def _example(i: int, n_pieces: int, model: GPT) -> tuple[torch.Tensor, ...]:
-    """Inputs of `EXAMPLE_ROWS` rows for piece i. The compiled GEMMs are tuned for that many and run any number:
-    measured on 124M pieces (AMD EPYC, AVX2, weights read from memory as in a step), tuning for 8 rows was as
-    fast as tuning for 3 at one and two rows and 2-7% faster at 8 and 16; tuning for 16 was slower throughout."""
+    """Inputs of `EXAMPLE_ROWS` rows for piece i. The compiled GEMMs are tuned for that many and run any number;
+    why 8 (as fast as fewer at one and two rows, faster at 8 and 16): docs/compiled_decoding.md."""
     device = model.lm_head.weight.device
     x = torch.zeros(EXAMPLE_ROWS, model.config.n_embd, device=device, dtype=model.lm_head.weight.dtype)
     if i == 0:
@@ -238,7 +237,7 @@ def build_in_child(model: GPT, directory: Path, progress: Callable[[str], None],
     child = None
     try:
         _builds.add(work)
-        model.save_pretrained(work / "weights", tokenizer=False)
+        model.save_pretrained(work / "weights")
         dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
         cmd = [sys.executable, "-m", "gpt2.decode.compiled", str(work / "weights"), str(work / "pieces"), dtype,
                "--parent", str(os.getpid()), "--work", str(work)]

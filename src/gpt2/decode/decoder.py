@@ -50,9 +50,9 @@ class Decoder:
     Two ways to run the forward, the same arithmetic:
     - **eager** (default): the model's own forward. The vocabulary head is applied with a transposed copy of the
       tied embedding, (n_embd, vocab_size), made when the decoder is: for the few-row products of decoding, CPU
-      BLAS runs `x @ W` with W (in, out) faster than `x @ W.T` (measured on the 124M head on an AMD EPYC, AVX2:
-      30% at one row, 12% at eight), and the head is a third of the weights a step reads. The copy leaves out
-      the padding rows and costs n_embd * vocab_size floats (154 MB at 124M).
+      BLAS runs `x @ W` with W (in, out) faster than `x @ W.T` (measured: docs/benchmarks.md), and the head is
+      a third of the weights a step reads. The copy leaves out the padding rows and costs n_embd * vocab_size
+      floats (154 MB at 124M).
     - **compiled** (CPU): the model's weight-bearing parts compiled ahead of time for this machine
       (`gpt2.decode.compiled`: AOTInductor, pre-packed weights, autotuned GEMMs), with attention between them on this
       decoder's cache as in eager. Prefill, steps and `score` all run on it. `compile=True` makes them ready

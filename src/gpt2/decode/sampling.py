@@ -78,11 +78,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = No
     with optional top-k and nucleus (top-p) filtering. Never forms a NaN probability (see module docstring).
 
     Speed: a step samples from 50257 logits per row. Elementwise ops over that many run multi-threaded, and
-    each costs a thread hand-off that is slow on a busy machine (4-5 ms each measured on a loaded 2-core
-    AMD EPYC, where the whole of `torch.multinomial`, with its input checks, took 18 ms), while ops along the
-    row (argmax, softmax, cumsum) stay on one thread. So the maximum is read through argmax, 1/T is applied
-    with one multiply (the max-subtraction that keeps a tiny T finite only runs when max / T would overflow),
-    and the draw is an inverse-CDF lookup: one uniform number per row against the cumulative probabilities."""
+    each costs a thread hand-off that can take longer than the op itself on a busy machine (as can
+    `torch.multinomial`, with its input checks), while ops along the row (argmax, softmax, cumsum) stay on one
+    thread. So the maximum is read through argmax, 1/T is applied with one multiply (the max-subtraction that
+    keeps a tiny T finite only runs when max / T would overflow), and the draw is an inverse-CDF lookup: one
+    uniform number per row against the cumulative probabilities."""
     if is_greedy(temperature):
         return logits.argmax(dim=-1)
     logits = logits.float()

@@ -140,9 +140,10 @@ def load_train_val(cfg: PairStageConfig, model: GPT) -> tuple[list[Pair], list[P
     return fits["train"], fits["val"]
 
 
-def run_pair_stage(cfg: PairStageConfig, make_model: Callable[[GPT], nn.Module],
+def run_pair_stage(cfg: PairStageConfig, command: str, make_model: Callable[[GPT], nn.Module],
                    make_task: Callable[[GPT, list[Pair], list[Pair], DistInfo], PairTask]) -> nn.Module:
-    """Load the starting GPT and the pairs, build the stage's model and task, and train on the shared loop."""
+    """Load the starting GPT and the pairs, build the stage's model and task, and train on the shared loop as
+    `command` (the stage's command name, recorded in the run)."""
     cfg.validate()  # before the model loads: a bad flag is refused at once
     dist = init_distributed(cfg.device)
     try:
@@ -157,7 +158,7 @@ def run_pair_stage(cfg: PairStageConfig, make_model: Callable[[GPT], nn.Module],
             print(f"{len(train_pairs)} train / {len(val_pairs)} held-out pairs; {cfg.max_steps} steps "
                   f"({steps_per_epoch} per epoch)", flush=True)
         model = make_model(start)
-        train(model, task, cfg, cfg.grad_accum, dist=dist, run_config=cfg)
+        train(model, task, cfg, cfg.grad_accum, dist=dist, run_config=cfg, command=command)
         return model
     finally:
         destroy_distributed()

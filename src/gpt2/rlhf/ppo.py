@@ -33,10 +33,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt2.data.batching import LengthGroupedBatcher, collate, pad_right
+from gpt2.data.batching import LengthGroupedBatcher, collate
 from gpt2.distributed import all_reduce_mean
 from gpt2.inference import generate
 from gpt2.model import GPT
+from gpt2.padding import pad_right
+from gpt2.precision import autocast_context
 from gpt2.rlhf.heads import ActorCritic
 from gpt2.rlhf.losses import (
     gae,
@@ -47,7 +49,6 @@ from gpt2.rlhf.losses import (
     whiten,
 )
 from gpt2.tokenizer import EOT
-from gpt2.train.runtime import autocast_context
 from gpt2.train.task import Task
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, targets) -> scores (B,)

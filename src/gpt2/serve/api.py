@@ -24,14 +24,14 @@ Design decisions:
   one line with its cause; a client that hangs up mid-body is one info line, not a traceback.
 - The engine runs in its own thread; each HTTP request gets one asyncio queue that the engine's callbacks
   fill through `call_soon_threadsafe`. When a client goes away (a closed stream, or a dropped connection
-  while queued or waiting for a non-streamed answer) its engine requests are cancelled, which frees their batch
-  slots at the next step.
+  while queued or waiting for a non-streamed answer) its generations in the engine are cancelled, which frees
+  their batch slots at the next step.
 - A stream's headers wait for the engine's first event (its first token, in practice), so a request that ends
   before producing anything gets a status like a non-streamed one: a 503 when the server's shutdown refused it
   while it was queued (`Engine.drain`), a 500 when its prefill failed. Once streaming, an end of that kind is
   an error event, then the choice's last chunk and `data: [DONE]`; a non-streamed answer gets the 503 or 500.
 - Stop strings are matched on decoded text (`TextStream`), so they work across token boundaries and never
-  leak to the client; when one matches, the request is cancelled in the engine.
+  leak to the client; when one matches, that choice's generation is cancelled in the engine.
 - Log-probabilities (`logprobs`; chat's `logprobs` + `top_logprobs`) are the decoding core's: each of the engine's
   token events carries its token's entry, and `echo` scores the prompt with one full forward (`score_tokens`, in
   the engine's thread through `Engine.call`, so the event loop keeps serving). They follow the text the client
@@ -55,6 +55,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -65,9 +66,9 @@ from starlette.requests import ClientDisconnect
 
 from gpt2.decode import Decoder, TokenLogprob, score_tokens
 from gpt2.errors import UserError
-from gpt2.model import GPT
 from gpt2.serve import logprobs as lp
 from gpt2.serve.engine import SHUTDOWN, Engine, TokenEvent
+from gpt2.serve.engine import Request as Generation
 from gpt2.serve.schema import APIError, ChatRequest, CompletionRequest, Job, chat_job, completion_job
 from gpt2.serve.text import TextStream
 from gpt2.tokenizer import decode
@@ -78,13 +79,17 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a GPT-2 context window
 RETRY_AFTER_S = 1  # a 429's Retry-After: a queue slot frees as soon as one request finishes
 
+# Names in this module: `request` is the HTTP request, `body` its parsed JSON (a `schema` request model), a `Job`
+# what the engine runs for it, and a `Generation` the engine's handle on one choice being generated.
+Body = TypeVar("Body", bound=BaseModel)
+
 
 def error_response(err: APIError) -> JSONResponse:
-    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    content = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
     headers = dict(err.headers or {})
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=err.status, headers=headers or None)
+    return JSONResponse(content, status_code=err.status, headers=headers or None)
 
 
 # ---------------------------------------------------------------------------------------- the app
@@ -227,17 +232,17 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
     @_guarded
     async def completions(request: Request):
         _authorize(request, state)
-        req = await _parse(request, CompletionRequest)
-        _check_model(req.model, state)
-        return await _serve(request, state, completion_job(req, engine.block_size))
+        body = await _parse(request, CompletionRequest)
+        _check_model(body.model, state)
+        return await _serve(request, state, completion_job(body, engine.block_size))
 
     @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
     @_guarded
     async def chat_completions(request: Request):
         _authorize(request, state)
-        req = await _parse(request, ChatRequest)
-        _check_model(req.model, state)
-        return await _serve(request, state, chat_job(req, engine.block_size, state.default_max_tokens))
+        body = await _parse(request, ChatRequest)
+        _check_model(body.model, state)
+        return await _serve(request, state, chat_job(body, engine.block_size, state.default_max_tokens))
 
     return app
 
@@ -260,7 +265,7 @@ def _check_model(name: str | None, state: ServerState) -> None:
 
 
 async def _read_body(request: Request) -> bytes:
-    """The request body, refusing more than MAX_BODY_BYTES (by header, then while reading)."""
+    """The request's raw body, refusing more than MAX_BODY_BYTES (by header, then while reading)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
@@ -273,10 +278,11 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse(request: Request, schema: type[BaseModel]):
-    body = await _read_body(request)
+async def _parse(request: Request, schema: type[Body]) -> Body:
+    """The request's body parsed by `schema`, or a 400 naming the field at fault."""
+    raw = await _read_body(request)
     try:
-        return schema.model_validate_json(body)
+        return schema.model_validate_json(raw)
     except ValidationError as e:
         err = e.errors()[0]
         if err["type"] == "json_invalid":
@@ -294,14 +300,16 @@ Entry = tuple[int, TokenLogprob]  # a generated token's log-prob entry and its c
 
 
 @dataclass
-class _Choice:
+class _ResponseChoice:
+    """One of a response's `choices` (OpenAI's word): a prompt's completion as it is generated and sent."""
+
     index: int
     text: TextStream
     prompt: list[int]
     top: int | None = None  # log-probs asked: alternatives per token (None: not asked)
     echo: str = ""  # the prompt's text, returned before the completion (`echo`)
     echo_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's, with `echo` and `logprobs`
-    request: object = None  # the engine's Request; None when nothing is generated (max_tokens 0)
+    generation: Generation | None = None  # the engine's handle (`Engine.submit`); None when max_tokens is 0
     tokens: int = 0
     finish_reason: str | None = None
     generated: list[int] = field(default_factory=list)
@@ -332,8 +340,8 @@ async def _serve(request: Request, state: ServerState, job: Job):
     choices = _submit(engine, job, queue, echo_text, echo_logprobs)
     meta = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": state.model_name}
-    events = _events(queue, choices, meta["id"], engine.model)
-    if job.request.stream:
+    events = _events(queue, choices, meta["id"])
+    if job.body.stream:
         return await _stream(request, job, choices, events, meta)
     return await _answer(request, job, choices, events, meta)
 
@@ -353,16 +361,16 @@ def _shutting_down() -> APIError:
 
 
 def _submit(engine: Engine, job: Job, queue: asyncio.Queue, echo_text: list[str],
-            echo_logprobs: list[list[TokenLogprob]]) -> list[_Choice]:
+            echo_logprobs: list[list[TokenLogprob]]) -> list[_ResponseChoice]:
     """Start every choice on the engine; its events arrive on `queue` as (choice index, TokenEvent)."""
     loop = asyncio.get_running_loop()
-    choices: list[_Choice] = []
+    choices: list[_ResponseChoice] = []
     try:
         for i, prompt in enumerate(job.prompts):
             for j in range(job.n):
                 index = i * job.n + j
-                choice = _Choice(index, TextStream(job.request.stops()), prompt, job.logprobs, echo_text[i],
-                                 echo_logprobs[i])
+                choice = _ResponseChoice(index, TextStream(job.body.stops()), prompt, job.logprobs, echo_text[i],
+                                         echo_logprobs[i])
                 choices.append(choice)
                 if job.max_tokens == 0:  # scoring a prompt (`echo`): nothing to generate
                     queue.put_nowait((index, TokenEvent(None, finish_reason="length")))
@@ -371,14 +379,14 @@ def _submit(engine: Engine, job: Job, queue: asyncio.Queue, echo_text: list[str]
                 def sink(event: TokenEvent, index=index):
                     loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
-                choice.request = engine.submit(prompt, job.params(index), sink)
+                choice.generation = engine.submit(prompt, job.params(index), sink)
     except BaseException:  # a choice that cannot start must not leave its siblings running unread
         _cancel(choices)
         raise
     return choices
 
 
-async def _stream(request: Request, job: Job, choices: list[_Choice], events: AsyncIterator[Event],
+async def _stream(request: Request, job: Job, choices: list[_ResponseChoice], events: AsyncIterator[Event],
                   meta: dict) -> StreamingResponse | JSONResponse:
     """Server-sent events, whose headers wait for the engine's first event: a request ended before it produced
     anything (refused at shutdown while queued, a failed prefill) gets a status and an error object instead of
@@ -392,14 +400,14 @@ async def _stream(request: Request, job: Job, choices: list[_Choice], events: As
     if first is None:  # the client went away; nobody reads this
         return JSONResponse({}, status_code=499)
     _raise_if_failed(choices)  # a choice ended before producing anything: a status, not a stream
-    include_usage = bool(job.request.stream_options and job.request.stream_options.include_usage)
+    include_usage = bool(job.body.stream_options and job.body.stream_options.include_usage)
     prompt_tokens = sum(len(p) for p in job.prompts)
-    body = _sse(_chain(first, events), choices, meta, job.chat, prompt_tokens, include_usage)
-    return StreamingResponse(body, media_type="text/event-stream",
+    chunks = _sse(_chain(first, events), choices, meta, job.chat, prompt_tokens, include_usage)
+    return StreamingResponse(chunks, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _answer(request: Request, job: Job, choices: list[_Choice], events: AsyncIterator[Event],
+async def _answer(request: Request, job: Job, choices: list[_ResponseChoice], events: AsyncIterator[Event],
                   meta: dict) -> JSONResponse:
     """The whole completion as one JSON body, once every choice has finished."""
     try:
@@ -414,10 +422,10 @@ async def _answer(request: Request, job: Job, choices: list[_Choice], events: As
                          "usage": _usage(sum(len(p) for p in job.prompts), choices)})
 
 
-Event = tuple[_Choice, str, list[Entry]]  # a choice, its new text, and the log-prob entries that go with it
+Event = tuple[_ResponseChoice, str, list[Entry]]  # a choice, its new text, and the log-prob entries that go with it
 
 
-async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str, model: GPT) -> AsyncIterator[Event]:
+async def _events(queue: asyncio.Queue, choices: list[_ResponseChoice], rid: str) -> AsyncIterator[Event]:
     """(choice, new text, entries) as tokens arrive; a choice's last event comes with its finish_reason set.
     A choice the engine failed is logged here with the engine's reason (the cause), once."""
     by_index = {c.index: c for c in choices}
@@ -435,7 +443,7 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str, model:
             c.generated.append(token)
             delta = c.text.push(token)
             if c.text.stopped:
-                c.request.cancel()
+                c.generation.cancel()
                 c.finish_reason = "stop"
         else:
             delta = c.text.finish()
@@ -451,7 +459,7 @@ async def _events(queue: asyncio.Queue, choices: list[_Choice], rid: str, model:
             yield c, delta, entries
 
 
-def _released(c: _Choice) -> list[Entry]:
+def _released(c: _ResponseChoice) -> list[Entry]:
     """The pending entries whose token's text starts in the text sent so far; once the choice is finished the
     rest (tokens wholly past a stop string's cut) are dropped."""
     out = [e for e in c.pending if e[0] < c.text.sent]
@@ -465,7 +473,7 @@ async def _chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Even
         yield event
 
 
-async def _collect(events: AsyncIterator[Event], choices: list[_Choice]) -> dict[int, tuple[str, list[Entry]]]:
+async def _collect(events: AsyncIterator[Event], choices: list[_ResponseChoice]) -> dict[int, tuple[str, list[Entry]]]:
     """Each choice's whole text (the echo first) and its generated tokens' entries."""
     done: dict[int, tuple[str, list[Entry]]] = {c.index: (c.echo, []) for c in choices}
     async for c, delta, entries in events:
@@ -491,7 +499,7 @@ async def _until_done_or_disconnect(request: Request, work):
             t.cancel()
 
 
-async def _sse(events: AsyncIterator[Event], choices: list[_Choice], meta: dict, chat: bool,
+async def _sse(events: AsyncIterator[Event], choices: list[_ResponseChoice], meta: dict, chat: bool,
                prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; cancelling this generator (client gone) frees the slots."""
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -532,17 +540,17 @@ async def _sse(events: AsyncIterator[Event], choices: list[_Choice], meta: dict,
     yield "data: [DONE]\n\n"
 
 
-def _cancel(choices: list[_Choice]) -> None:
+def _cancel(choices: list[_ResponseChoice]) -> None:
     for c in choices:
-        if c.finish_reason is None and c.request is not None:
-            c.request.cancel()
+        if c.finish_reason is None and c.generation is not None:
+            c.generation.cancel()
 
 
-def _failed(c: _Choice) -> bool:
+def _failed(c: _ResponseChoice) -> bool:
     return c.finish_reason is not None and c.finish_reason.startswith("error")
 
 
-def _raise_if_failed(choices: list[_Choice]) -> None:
+def _raise_if_failed(choices: list[_ResponseChoice]) -> None:
     """A 503 if the server's shutdown ended a choice, else a 500 if the engine failed one."""
     if any(c.finish_reason == SHUTDOWN for c in choices):
         raise _shutting_down()
@@ -551,7 +559,7 @@ def _raise_if_failed(choices: list[_Choice]) -> None:
             raise APIError(500, c.finish_reason, type="server_error")
 
 
-def _logprobs(c: _Choice, entries: list[Entry], chat: bool, echo: bool) -> dict | None:
+def _logprobs(c: _ResponseChoice, entries: list[Entry], chat: bool, echo: bool) -> dict | None:
     """A choice's `logprobs` object for `entries` (generated tokens), in the endpoint's shape; with `echo`
     the legacy object starts with the prompt's entries. None when the request did not ask."""
     if c.top is None:
@@ -564,7 +572,7 @@ def _logprobs(c: _Choice, entries: list[Entry], chat: bool, echo: bool) -> dict 
     return lp.merge_legacy(parts)
 
 
-def _final_choice(c: _Choice, text: str, entries: list[Entry], chat: bool) -> dict:
+def _final_choice(c: _ResponseChoice, text: str, entries: list[Entry], chat: bool) -> dict:
     logprobs = _logprobs(c, entries, chat, echo=True)
     if chat:
         return {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
@@ -572,7 +580,7 @@ def _final_choice(c: _Choice, text: str, entries: list[Entry], chat: bool) -> di
     return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 
-def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
+def _usage(prompt_tokens: int, choices: list[_ResponseChoice]) -> dict:
     completion = sum(c.tokens for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion}

@@ -228,7 +228,7 @@ class ChatRequest(_Common):
 class Job:
     """What the engine runs for one request: `n` choices of each prompt."""
 
-    request: _Common
+    body: _Common  # the parsed request body
     prompts: list[list[int]]  # what the engine decodes (never empty: an empty prompt starts at <|endoftext|>)
     max_tokens: int  # 0: score the prompts only (`echo`)
     chat: bool
@@ -237,10 +237,10 @@ class Job:
 
     @property
     def n(self) -> int:
-        return self.request.choices()
+        return self.body.choices()
 
     def params(self, index: int) -> SamplingParams:
-        return self.request.sampling_params(self.max_tokens, index, self.logprobs)
+        return self.body.sampling_params(self.max_tokens, index, self.logprobs)
 
 
 def completion_job(req: CompletionRequest, block_size: int) -> Job:

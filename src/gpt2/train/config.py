@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from gpt2.config import ANNOUNCE, APPLY, SESSION, arg, check_values
 from gpt2.errors import UserError, note
 from gpt2.io import not_a_folder
-from gpt2.train.runtime import AUTOCAST_HELP, TRAIN_DTYPES
+from gpt2.precision import AUTOCAST_HELP, TRAIN_DTYPES
 
 
 @dataclass

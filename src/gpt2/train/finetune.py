@@ -8,7 +8,7 @@ Design decisions:
   batch's answer tokens (question and padding positions are -100), and `loss_weight` tells the loop how
   many, so a step averages over every answer token of the global batch (`gpt2.train.loop`: a micro batch
   with 10 answer tokens counts 10/500 of one with 500, not as much). `answer_tokens` is logged per step.
-  On CPU the same loss is computed by `gpt2.train.losses.gpt_loss_chunked` (equal values and gradients,
+  On CPU the same loss is computed by `gpt2.losses.gpt_loss_chunked` (equal values and gradients,
   without materialising the (B*T, 50257) logits), as pretraining does.
 - Under torch.compile (the default on CUDA) the varying lengths cost one recompile, after which the sequence
   dimension is dynamic (and one more for a short last batch): 3 graphs in all, measured with dynamo's counters
@@ -29,9 +29,9 @@ from gpt2.distributed import all_reduce_sum
 from gpt2.errors import UserError
 from gpt2.evaluate import val_loss
 from gpt2.inference import generate, tokenize_batch_input
+from gpt2.losses import IGNORE_INDEX, gpt_loss_chunked
 from gpt2.template import format_prompt
 from gpt2.tokenizer import decode_bytes
-from gpt2.train.losses import gpt_loss_chunked
 from gpt2.train.task import Task
 
 # ---------------------------------------------------------------- the task
@@ -62,7 +62,7 @@ class FinetuneTask(Task):
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
         input_ids, targets = batch
         loss = gpt_loss_chunked(model, input_ids, targets) if self.fused_loss else model.loss(input_ids, targets)
-        return loss, {"answer_tokens": (targets != -100).sum()}
+        return loss, {"answer_tokens": (targets != IGNORE_INDEX).sum()}
 
     def loss_weight(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         """The loss is a mean over answer tokens: the loop weights each micro batch by their number."""
@@ -73,7 +73,7 @@ class FinetuneTask(Task):
             return {}
 
         device = next(model.parameters()).device
-        count = sum(int((y != -100).sum()) for _, y in self.val_batches)
+        count = sum(num_targets(y) for _, y in self.val_batches)
         total = val_loss(model, self.val_batches) * count if count else 0.0
         sums = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
         return {"val_loss": float(sums[0] / sums[1])}

@@ -84,9 +84,11 @@ from gpt2.checkpoint import (
     save_checkpoint,
     state_to_cpu,
 )
-from gpt2.config import command_name, to_dict
+from gpt2.config import to_dict
 from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
 from gpt2.errors import UserError
+from gpt2.export import save_model_folder
+from gpt2.precision import autocast_context, autocast_dtype
 from gpt2.train.config import (  # noqa: F401  (the loop's settings, also known from here)
     EPOCHS_HELP,
     MAX_STEPS_HELP,
@@ -117,8 +119,6 @@ from gpt2.train.run_dir import (
     write_run_config,
 )
 from gpt2.train.runtime import (
-    autocast_context,
-    autocast_dtype,
     configure_matmul,
     first_tensor,
     peak_flops,
@@ -170,8 +170,8 @@ class _TaskLoss(nn.Module):
 
 
 def _export_hf(model: nn.Module, folder: Path) -> None:
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder)
+    if hasattr(model, "save_pretrained"):  # a stage's model; the loop also trains plain modules (tests)
+        save_model_folder(model, folder)
 
 
 class Trainer:
@@ -179,13 +179,15 @@ class Trainer:
     (a `TrainState`), which are what a checkpoint holds; `update`, `evaluate`, `save` and `fit` act on them.
 
     run_config: the stage's whole config (a dataclass or dict), written to RUN_DIR/config.json and into
-    checkpoints (default: cfg). export(model, dir): writes the HF export at each save (default:
-    `model.save_pretrained` when the model has it). flops_per_token: training FLOPs per token for MFU (default:
+    checkpoints (default: cfg). command: the name of the command that trains (its `Command.name`), recorded
+    beside run_config so that a --resume by another command is refused; None (a library call) records none.
+    export(model, dir): writes the model folder at each save (default: `gpt2.export.save_model_folder` when
+    the model has `save_pretrained`). flops_per_token: training FLOPs per token for MFU (default:
     `model.flops_per_token(T)` with T the batch's last dimension)."""
 
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int, dist: DistInfo, *,
-                 run_config: Any = None, export: Callable[[nn.Module, Path], None] | None = None,
-                 flops_per_token: float | None = None):
+                 run_config: Any = None, command: str | None = None,
+                 export: Callable[[nn.Module, Path], None] | None = None, flops_per_token: float | None = None):
         self.model, self.task, self.cfg, self.accum, self.dist = model, task, cfg, grad_accum_steps, dist
         self.device = dist.device
         self.run_dir = Path(cfg.out)
@@ -205,7 +207,7 @@ class Trainer:
                                          scaled=self.amp == torch.float16)
         self.state = TrainState()
         run_config = run_config if run_config is not None else cfg
-        self.command = command_name(run_config)
+        self.command = command
         self.run_config = to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
         if self.command is not None:
             self.run_config[COMMAND_KEY] = self.command  # the run's maker: --resume by another is refused
@@ -536,7 +538,7 @@ def validate(cfg: TrainConfig, grad_accum_steps: int) -> None:
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int = 1, *,
-          dist: DistInfo | None = None, run_config: Any = None,
+          dist: DistInfo | None = None, run_config: Any = None, command: str | None = None,
           export: Callable[[nn.Module, Path], None] | None = None,
           flops_per_token: float | None = None) -> TrainResult:
     """Train `model` on `task` for cfg.max_steps optimizer steps of `grad_accum_steps` micro batches each, holding
@@ -551,8 +553,8 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
     dist = dist or init_distributed(cfg.device)
     with run_lock(cfg.out) if dist.is_main else nullcontext():
         try:
-            trainer = Trainer(model, task, cfg, grad_accum_steps, dist, run_config=run_config, export=export,
-                              flops_per_token=flops_per_token)
+            trainer = Trainer(model, task, cfg, grad_accum_steps, dist, run_config=run_config, command=command,
+                              export=export, flops_per_token=flops_per_token)
             try:
                 return trainer.fit()
             finally:

@@ -2,7 +2,7 @@
 `gpt2.commands.pretrain`, is its command).
 
 Design decisions:
-- On CPU the loss is `gpt2.train.losses.gpt_loss_chunked` (same values and gradients as `GPT.loss`,
+- On CPU the loss is `gpt2.losses.gpt_loss_chunked` (same values and gradients as `GPT.loss`,
   without materialising the (B*T, 50257) logits), which is most of the CPU speed-up in bench/train.py.
 - The task is thin: a rank-aware `ShardLoader` on the train split gives micro batches and its position
   (resume), its windows in a seeded random order by default (`--no-shuffle`: stream order; see
@@ -18,14 +18,14 @@ from typing import Protocol
 
 import torch
 
-from gpt2.data.loader import ShardLoader
-from gpt2.data.shards import checked_batch, list_shards
+from gpt2.data.loader import ShardLoader, checked_batch
+from gpt2.data.shards import list_shards
 from gpt2.distributed import DistInfo, all_reduce_mean
 from gpt2.errors import UserError
 from gpt2.evaluate import hellaswag_eval, load_hellaswag
 from gpt2.evaluate import val_loss as mean_loss_over
+from gpt2.losses import gpt_loss_chunked
 from gpt2.model import GPT
-from gpt2.train.losses import gpt_loss_chunked
 from gpt2.train.task import Task
 
 

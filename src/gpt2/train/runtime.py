@@ -1,6 +1,6 @@
-"""What the training loop needs to know about the device it runs on: the autocast dtype of `--dtype`, matmul
-precision, seeding, moving batches to the device, and the dense bf16 peak that MFU is measured against
-(`peak_flops`). Evaluation and PPO's rollouts use the same helpers, so every stage runs a device the same way.
+"""What the training loop needs to know about the device it runs on: TF32 matmuls, seeding, moving batches to the
+device, and the dense bf16 peak that MFU is measured against (`peak_flops`). The autocast dtype of `--dtype` is
+`gpt2.precision`'s, shared with evaluation.
 
 The peak table holds vendors' datasheet figures for dense bf16 tensor-core math (no 2:4 sparsity: datasheets print
 the sparse figure first, twice the dense one) with fp32 accumulation, which is what autocast training does.
@@ -16,39 +16,10 @@ from __future__ import annotations
 
 import random
 import re
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
-
-from gpt2.errors import UserError
-
-TRAIN_DTYPES = ["auto", "bfloat16", "float16", "float32"]
-# --dtype of every command that runs a model under autocast (training and evaluation): one meaning, one text.
-AUTOCAST_HELP = ("autocast dtype: auto (bfloat16 on a GPU that has it, else float16 on CUDA, float32 on a CPU), "
-                 "bfloat16, float16, float32")
-
-
-def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--dtype` on this device; None = plain float32. auto: bfloat16 on a GPU that has it,
-    float16 on another GPU (V100, T4, RTX 20xx: with a gradient scaler in training), float32 on a CPU."""
-    if cfg_dtype == "float32":
-        return None
-    if cfg_dtype == "bfloat16":
-        return torch.bfloat16
-    if cfg_dtype == "float16":
-        return torch.float16
-    if cfg_dtype == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    raise UserError(f"--dtype {cfg_dtype!r}: choose one of {', '.join(TRAIN_DTYPES)}")
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """`torch.autocast` for `dtype` on `device`, or a no-op for None (float32)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def configure_matmul(device: torch.device) -> None:

@@ -7,9 +7,9 @@ computed, turned into the loss and, since the loss is a scalar, straight into it
 hot), which are multiplied back into dL/dh and accumulated into dL/dW while still in cache. Backward then
 only scales the stored gradients. Same FLOPs, far less memory traffic (the Liger-kernel idea, in PyTorch).
 
-Used by `gpt2 pretrain` on CPU, and by every evaluation (`gpt2.evaluate.val_loss`, forward only). In CUDA
-training the plain `GPT.loss` under torch.compile is used instead (the compiler fuses the softmax, and bf16
-logits need no chunking to fit).
+Used by pretraining and fine-tuning on CPU, and by every evaluation (`gpt2.evaluate.val_loss`, forward only),
+which is why it sits below both `gpt2.train` and `gpt2.evaluate`. In CUDA training the plain `GPT.loss` under
+torch.compile is used instead (the compiler fuses the softmax, and bf16 logits need no chunking to fit).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: a target that is not trained on
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
