@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpt2.data.preferences import MalformedPair, tokenize_record
-from gpt2.model import GPTConfig
+from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import EOT
 
 
@@ -50,3 +51,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pair_stage_inputs(folder: Path, shared_data: Path, n: int, n_train: int) -> tuple[Path, Path]:
+    """(a prepared pairs folder of n compacted HH pairs, n_train of them for training; a random starting model
+    of their vocabulary), both written under `folder`: what `gpt2 dpo` and `gpt2 reward` read."""
+    pairs, config = compact(short_hh_pairs(shared_data, n=n))
+    data = folder / "hh"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:n_train]))
+    (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[n_train:]))
+    GPT(config).save_pretrained(folder / "sft")
+    return data, folder / "sft"

@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from rlhf_data import compact, short_hh_pairs
+from rlhf_data import pair_stage_inputs
 from test_finetune import QA, make_data, make_init
 from test_pretrain import VOCAB, synthetic_shards
 
 from gpt2.cli import main
-from gpt2.model import GPT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -100,13 +99,8 @@ def test_finetune(case, tmp_path, tokenizer_ok):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=case_id)
 def test_dpo(case, tmp_path, shared_data, tokenizer_ok):
-    pairs, config = compact(short_hh_pairs(shared_data, n=8))
-    data = tmp_path / "hh"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:6]))
-    (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[6:]))
-    GPT(config).save_pretrained(tmp_path / "sft")
-    common = ["dpo", "--model", str(tmp_path / "sft"), "--data", str(data), "--lr", "1e-3", "--warmup-steps", "0",
+    data, sft = pair_stage_inputs(tmp_path, shared_data, n=8, n_train=6)
+    common = ["dpo", "--model", str(sft), "--data", str(data), "--lr", "1e-3", "--warmup-steps", "0",
               "--max-steps", "3", "--batch-size", "1", *flags(*case)]
     main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
     torchrun([*common, "--grad-accum", "1", "--out", str(tmp_path / "two")], tmp_path)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from rlhf_data import compact, one_thread, short_hh_pairs  # noqa: F401 (one_thread: autouse)
+from rlhf_data import one_thread, pair_stage_inputs  # noqa: F401 (one_thread: autouse)
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.cli import main
@@ -19,13 +19,8 @@ from gpt2.rlhf.heads import VALUE_HEAD, RewardModel
 
 @pytest.fixture
 def setup(tmp_path, shared_data, tokenizer_ok):
-    pairs, config = compact(short_hh_pairs(shared_data, n=12))
-    data = tmp_path / "hh"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:8]))
-    (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[8:]))
-    GPT(config).save_pretrained(tmp_path / "sft")
-    return tmp_path, data, tmp_path / "sft"
+    data, sft = pair_stage_inputs(tmp_path, shared_data, n=12, n_train=8)
+    return tmp_path, data, sft
 
 
 def _records(run_dir, kind):

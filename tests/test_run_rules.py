@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from rlhf_data import compact, short_hh_pairs
+from rlhf_data import pair_stage_inputs
 from test_finetune import QA, make_data, make_init
 from test_pretrain import (
     VOCAB,
@@ -20,7 +20,6 @@ from test_pretrain import (
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.cli import main
-from gpt2.model import GPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,13 +61,8 @@ def test_a_default_warmup_is_cut_to_a_short_run_and_a_given_one_is_refused(shard
 
 
 def test_dpo_with_one_step_fits_its_default_warmup(tmp_path, shared_data, tokenizer_ok, capsys):
-    pairs, config = compact(short_hh_pairs(shared_data, n=6))
-    data = tmp_path / "hh"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:4]))
-    (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[4:]))
-    GPT(config).save_pretrained(tmp_path / "sft")
-    main(["dpo", "--model", str(tmp_path / "sft"), "--data", str(data), "--out", str(tmp_path / "dpo"),
+    data, sft = pair_stage_inputs(tmp_path, shared_data, n=6, n_train=4)
+    main(["dpo", "--model", str(sft), "--data", str(data), "--out", str(tmp_path / "dpo"),
           "--device", "cpu", "--no-progress", "--batch-size", "2", "--max-steps", "1"])
     assert "warmup cut from 10 to the run's 1 steps" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "dpo")["step"] == 1
