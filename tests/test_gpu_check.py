@@ -1,6 +1,7 @@
-"""bench/gpu_check.py without a GPU: every section's data and batch arithmetic at the GPU's real sizes, the time
-plan, a tiny CPU dry run with results written per section and `--rerun-failed`, the checks derived from other
-sections' results, and the kill of a section's whole process tree."""
+"""bench/gpu_check.py (the runner) and bench/gpu_check_sections.py (the sections) without a GPU: every section's
+data and batch arithmetic at the GPU's real sizes, the time plan, the table's dispatch, a tiny CPU dry run with
+results written per section and `--rerun-failed`, the checks derived from other sections' results, the --text
+flag's error, and the kill of a section's process group."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
+SECTIONS_FILE = REPO / "bench" / "gpu_check_sections.py"
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,16 @@ def gc():
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
+    spec.loader.exec_module(mod)  # imports gpu_check_sections, beside it
     yield mod
     sys.modules.pop("gpu_check", None)
+    sys.modules.pop("gpu_check_sections", None)
+
+
+@pytest.fixture(scope="module")
+def gs(gc):
+    """The sections module the runner imported."""
+    return sys.modules["gpu_check_sections"]
 
 
 def args_for(shared_data: Path, dry_run: bool) -> argparse.Namespace:
@@ -83,9 +92,9 @@ def test_only_adds_what_a_check_compares_with_unless_held(gc, tmp_path):
     assert select("fp16", str(previous)) == ["fp16"]  # compared with the earlier call's eager losses
 
 
-def test_a_size_error_shows_in_the_check(gc, shared_data, tokenizer_ok, tmp_path, monkeypatch):
-    real = gc.sizes
-    monkeypatch.setattr(gc, "sizes", lambda args: {**real(args), "T": 2048})  # longer than the block
+def test_a_size_error_shows_in_the_check(gc, gs, shared_data, tokenizer_ok, tmp_path, monkeypatch):
+    real = gs.sizes
+    monkeypatch.setattr(gs, "sizes", lambda args: {**real(args), "T": 2048})  # longer than the block
     checked = gc.check_sizes(args_for(shared_data, False), tmp_path, ["speed-32-eager", "parity"])
     assert not checked["speed-32-eager"]["ok"] and "--seq-len 2048 exceeds --block-size 1024" in \
         checked["speed-32-eager"]["error"]
@@ -142,7 +151,7 @@ def test_fp16_is_compared_with_bf16_up_to_its_first_skipped_step(gc):
     assert not results["fp16"]["ok"] and "speed-32-eager did not run" in results["fp16"]["summary"]
 
 
-def test_memory_plans_meet_the_compiled_peaks(gc):
+def test_memory_plans_meet_the_compiled_peaks(gc, gs):
     rows = [{"micro_batch": 32, "checkpointing": False, "plan_bytes": 30e9},
             {"micro_batch": 32, "checkpointing": True, "plan_bytes": 20e9}]
     results = {"memory": {"ok": True, "rows": rows, "summary": "eager"},
@@ -152,7 +161,7 @@ def test_memory_plans_meet_the_compiled_peaks(gc):
     (compiled,) = results["memory"]["compiled_peaks"]
     assert compiled["ratio"] == pytest.approx(1.2) and not compiled["within"]
     assert results["memory"]["summary"] == "eager | compiled plan/real: b32 1.20"
-    saved = gc.checkpointing_savings([{**r, "label": "b32", "real_bytes": b} for r, b in zip(rows, (32e9, 16e9))])
+    saved = gs.checkpointing_savings([{**r, "label": "b32", "real_bytes": b} for r, b in zip(rows, (32e9, 16e9))])
     assert saved == [{"label": "b32", "micro_batch": 32, "real": 0.5, "plan": pytest.approx(1 / 3)}]
 
 
@@ -164,7 +173,8 @@ def run_script(*argv: str) -> subprocess.CompletedProcess:
 
 def test_dry_run_writes_per_section_and_reruns_only_what_failed(shared_data, tokenizer_ok, tmp_path):
     first = tmp_path / "first"
-    proc = run_script("--dry-run", "--only", "memory,fp16", "--out", str(first))  # fp16 brings speed-32-eager
+    text = str(shared_data / "tinyshakespeare.txt")
+    proc = run_script("--dry-run", "--only", "memory,fp16", "--text", text, "--out", str(first))  # + speed-32-eager
     assert proc.returncode == 0, proc.stdout + proc.stderr
     done = json.loads((first / "results.json").read_text())
     assert list(done["sections"]) == ["speed-32-eager", "memory", "fp16"]
@@ -176,7 +186,7 @@ def test_dry_run_writes_per_section_and_reruns_only_what_failed(shared_data, tok
     (first / "results.json").write_text(json.dumps(done))
     second = tmp_path / "second"
     proc = run_script("--dry-run", "--only", "parity,matmul", "--rerun-failed", str(first / "results.json"),
-                      "--out", str(second))
+                      "--text", text, "--out", str(second))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     merged = json.loads((second / "results.json").read_text())["sections"]
     assert merged["matmul"]["ok"] and merged["parity"]["summary"] == "kept from the first call"
@@ -203,14 +213,44 @@ def check_memory_and_fp16(sections: dict, log: str) -> None:
     assert fp16["loss_scale"] > 0 and fp16["tokens_per_s"] > 0 and fp16["tokens_per_s_vs_bf16"] > 0
 
 
-def test_kill_tree_reaches_a_worker_in_its_own_session(gc):
-    # torchrun starts its workers with start_new_session: killing the launcher's group alone would leave them
+def test_sections_are_dispatched_through_the_table(gc, gs):
+    for s in gc.SECTIONS:
+        assert (s.run is None) == bool(s.needs), s.name  # a process of its own, or a check derived by derive()
+    assert gc.BY_NAME["speed-64-eager"].run.keywords == {"micro_key": 64, "compiled": False}
+    assert dict(gc.BY_NAME["resume"].env) == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    for path in (SCRIPT, SECTIONS_FILE):  # no lookup by name, no folder outside the repository assumed
+        text = path.read_text()
+        assert "globals()" not in text and "../shared" not in text and "shared/" not in text, path
+
+
+def test_a_missing_text_names_the_flag(tmp_path):
+    proc = run_script("--check-sizes", "--text", str(tmp_path / "absent.txt"))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (f"bench/gpu_check.py: --text {tmp_path / 'absent.txt'}: no "
+                                                    "such file (tinyshakespeare's text; pass --text FILE)")
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie (it has exited: it holds nothing; its reaper may be slow)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg") or not Path("/proc").is_dir(), reason="POSIX with /proc")
+def test_kill_session_ends_the_whole_group(gc):
+    # a section's child that ignores SIGTERM, in the section's group: SIGKILL reaches it after the grace time
     code = ("import subprocess, sys, time\n"
-            "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+            "w = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)'], "
+            "stdout=subprocess.PIPE)\n"
+            "w.stdout.readline()\n"
             "print(w.pid, flush=True)\n"
             "time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     worker = int(proc.stdout.readline())
-    assert gc._alive(worker)
-    gc.kill_tree(proc, grace=5.0)
-    assert proc.poll() is not None and not gc._alive(worker)
+    assert not _gone(worker)
+    gc.kill_session(proc, grace=1.0)
+    assert proc.poll() is not None and _gone(worker)
