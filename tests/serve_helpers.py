@@ -66,8 +66,8 @@ def tiny_model(tmp_path_factory, tokenizer_ok) -> GPT:
 
 def tiny_server(model: GPT):
     """Fixture body: the API on `model` (named "tiny") served on 127.0.0.1 in this process."""
+    from gpt2.decode.engine import Engine
     from gpt2.serve.api import create_app
-    from gpt2.serve.engine import Engine
 
     with LiveServer(create_app(Engine(model), model_name="tiny")) as s:
         yield s
@@ -85,7 +85,7 @@ def one_torch_thread():
 # outlasts a deadline or a signal (a tiny model's whole answer takes milliseconds)
 SLOW_STEPS = """
 import sys, time
-from gpt2.serve.engine import Engine
+from gpt2.decode.engine import Engine
 delay, step = float(sys.argv.pop(1)), Engine.step
 def slow_step(self):
     time.sleep(delay)

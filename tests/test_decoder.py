@@ -14,9 +14,9 @@ import torch
 from serve_helpers import one_torch_thread
 
 from gpt2.decode import Decoder, RowSampler, SamplingParams, choose, pad_right, return_freed_memory, score_tokens
+from gpt2.decode.engine import Engine
 from gpt2.inference import generate
 from gpt2.model import GPT, GPTConfig
-from gpt2.serve.engine import Engine
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
@@ -111,7 +111,7 @@ def test_one_rows_failure_ends_only_that_request(model, caplog):
     engine.submit([5, 6, 7], SamplingParams(max_tokens=8, temperature=0.0), good)
     engine.step()  # the good request is running when the bad one joins
     engine.submit([1, 2], SamplingParams(max_tokens=8, temperature=0.0, logit_bias={10**9: 5.0}), bad)
-    with caplog.at_level(logging.ERROR, logger="gpt2.serve.engine"):
+    with caplog.at_level(logging.ERROR, logger="gpt2.decode.engine"):
         run(engine)
     assert bad.reason == "error" and bad.tokens == []
     assert "logit_bias" in caplog.text  # the cause is logged

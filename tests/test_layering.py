@@ -2,9 +2,9 @@
 module, a command module imports no other, the import graph has no cycle, importing the library's main modules
 loads no command, and an import inside a function says why it is not at its module's top. Also: only training,
 its stages and the commands import `gpt2.train`; the shard format calls nothing of the data pipeline; whole files
-are written and hashed by `gpt2.io` only; no module is imported under an old path; a run's command is passed to
-the trainer, not registered; every command module is in the CLI's table and defines its commands' configs and
-runs itself."""
+are written and hashed by `gpt2.io` only; no module is imported under an old path; only the decoding engine steps
+the decoder; a run's command is passed to the trainer, not registered; every command module is in the CLI's table
+and defines its commands' configs and runs itself."""
 
 from __future__ import annotations
 
@@ -127,12 +127,40 @@ def python_files() -> list[Path]:
     return [p for folder in ("src", "tests", "bench", "scripts") for p in sorted((root / folder).rglob("*.py"))]
 
 
+OLD_PATHS = ("gpt2.decoder", "gpt2.serve.engine", "gpt2.serve.text")  # now in gpt2.decode
+
+
 def test_nothing_imports_a_module_under_an_old_path():
-    """One path per module: `gpt2.decode` is the decoding core, with no alias left at `gpt2.decoder`."""
-    assert not (PKG / "decoder.py").exists()
+    """One path per module: `gpt2.decode` is the decoding core (its engine and text streams included), with no
+    alias left behind."""
+    for old in OLD_PATHS:
+        assert not PKG.parent.joinpath(*old.split(".")).with_suffix(".py").exists(), old
     offenders = [f"{p.relative_to(PKG.parents[1])}: {m}" for p in python_files()
-                 for m in imports(p, top_level_only=False) if m == "gpt2.decoder" or m.startswith("gpt2.decoder.")]
+                 for m in imports(p, top_level_only=False)
+                 if any(m == old or m.startswith(old + ".") for old in OLD_PATHS)]
     assert offenders == []
+
+
+def decoder_calls(path: Path) -> list[str]:
+    """Calls in `path` that run the decoder's decoding: any `.prefill(...)`, and `.step(...)` on a decoder."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            receiver = ast.unparse(node.func.value)
+            if node.func.attr == "prefill" or (node.func.attr == "step" and receiver.endswith("decoder")):
+                out.append(f"{path.relative_to(PKG.parents[1])}:{node.lineno}: {ast.unparse(node.func)}")
+    return out
+
+
+def test_only_the_engine_steps_the_decoder():
+    """One decoding loop: generate, the chat, the server, fine-tuning's samples and PPO's rollouts all run on
+    `gpt2.decode.engine`, the only module (besides the decoder itself) that prefills or steps a decoder."""
+    allowed = {PKG / "decode" / "engine.py", PKG / "decode" / "decoder.py"}
+    root = PKG.parents[1]
+    files = [p for folder in ("src", "bench", "scripts") for p in sorted((root / folder).rglob("*.py"))]
+    offenders = [c for p in files if p not in allowed for c in decoder_calls(p)]
+    assert offenders == []
+    assert decoder_calls(PKG / "decode" / "engine.py")  # the rule still sees the engine's own calls
 
 
 def module_level_registries(path: Path) -> list[str]:

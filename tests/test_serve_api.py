@@ -12,10 +12,10 @@ import httpx
 import pytest
 from serve_helpers import LiveServer, one_torch_thread, tiny_model, tiny_server, wait_until
 
+from gpt2.decode.engine import Engine
 from gpt2.errors import UserError
 from gpt2.inference import generate, pad_right
 from gpt2.serve.api import MAX_BODY_BYTES, create_app
-from gpt2.serve.engine import Engine
 from gpt2.template import format_chat
 from gpt2.tokenizer import decode, encode
 
@@ -495,7 +495,7 @@ def test_queue_full_gets_429_with_retry_after(model):
 
 
 def engine_params():
-    from gpt2.serve.engine import SamplingParams
+    from gpt2.decode.engine import SamplingParams
 
     return SamplingParams(max_tokens=2)
 

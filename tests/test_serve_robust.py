@@ -17,10 +17,10 @@ import httpx
 import pytest
 from serve_helpers import LiveServer, ServerProcess, one_torch_thread, tiny_checkpoint
 
+from gpt2.decode.engine import Engine
 from gpt2.inference import generate, pad_right
 from gpt2.model import GPT
 from gpt2.serve.api import create_app
-from gpt2.serve.engine import Engine
 from gpt2.serve.schema import ENGINE_FIELDS
 from gpt2.tokenizer import decode, encode
 

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from serve_helpers import LiveServer, one_torch_thread, tiny_checkpoint
 
+from gpt2.decode.engine import Engine
 from gpt2.model import GPT
 from gpt2.serve.api import create_app
-from gpt2.serve.engine import Engine
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

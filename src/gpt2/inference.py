@@ -4,9 +4,10 @@ Design decisions:
 - The seed's API is kept exactly: `tokenize_batch_input(prompts) -> (input_ids, attention_masks)` gives
   right-padded LongTensors (pad id 0, mask 1/0), and `generate(model, input_ids, attention_masks,
   temperature, max_steps)` returns each prompt's new tokens, cut before `<|endoftext|>`.
-- Everything about decoding (cache, left-aligned prefill, steps, sampling) is `gpt2.decode`'s, the same
-  code the serving engine runs, so a prompt's greedy tokens are the same here, in a batch, and in the
-  server. Rows that finish are dropped from the batch, which gets cheaper as its prompts end.
+- Everything about decoding (cache, left-aligned prefill, steps, sampling, the stop rules) is `gpt2.decode`'s:
+  a batch runs on the decoding engine (`Engine.run_batch`), the one the server runs, so a prompt's greedy
+  tokens are the same here, in a batch, and in the server. Rows that finish are dropped from the batch, which
+  gets cheaper as its prompts end.
 - GPT-2 has learned absolute positions: nothing can be generated past `block_size`. A prompt longer than
   the context window is an error; generation stops early when a row reaches the window's end.
 - This module works on token ids only; `tokenize_batch_input` is the one place that calls the tokenizer.
@@ -18,7 +19,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from gpt2.decode import PAD_ID, Decoder, RowSampler, SamplingParams, choose, left_align, pad_right, sample_next
+from gpt2.decode import PAD_ID, Decoder, SamplingParams, left_align, pad_right, sample_next
+from gpt2.decode.engine import Engine
 from gpt2.model import GPT
 from gpt2.tokenizer import EOT, encode
 
@@ -41,36 +43,15 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
     _check_inputs(model, input_ids, attention_masks, max_steps)
     lengths = attention_masks.sum(dim=1).tolist()
     prompts = [row[:n] for row, n in zip(input_ids.tolist(), lengths)]
-    block = model.config.block_size
-    steps = min(max_steps, block - min(lengths)) if prompts else 0
-    if steps <= 0:
-        return
+    # per call unless given one: the weights may have changed since the last call
+    if decoder is not None and decoder.model is not model:
+        raise ValueError("decoder= was made for another model: make it with Decoder(model)")
+    params = SamplingParams(max_tokens=max_steps, temperature=temperature, top_p=top_p, top_k=top_k)
     was_training = model.training
-    model.eval()
     try:
-        # per call unless given one: the weights may have changed since the last call
-        if decoder is not None and decoder.model is not model:
-            raise ValueError("decoder= was made for another model: make it with Decoder(model)")
-        decoder = decoder if decoder is not None else Decoder(model)
-        rows = decoder.prefill(prompts, room=steps)
-        params = SamplingParams(max_tokens=steps, temperature=temperature, top_p=top_p, top_k=top_k)
-        samplers = [RowSampler(params, generator) for _ in prompts]
-        alive = list(range(len(prompts)))  # original prompt index of each remaining row
-        for _ in range(steps):
-            chosen = choose(rows.logits, samplers)
-            for c in chosen:
-                if isinstance(c, Exception):
-                    raise c
-            tokens = [c.token for c in chosen]
-            yield [(i, t) for i, t in zip(alive, tokens) if t != eos_id]
-            # a row also stops when its token took the context window's last position
-            keep = [t != eos_id and pos < block - 1 for t, pos in zip(tokens, rows.positions)]
-            if not any(keep):
-                return
-            rows.keep(keep)
-            alive = [i for i, k in zip(alive, keep) if k]
-            samplers = [s for s, k in zip(samplers, keep) if k]
-            decoder.step(rows, [t for t, k in zip(tokens, keep) if k])
+        engine = Engine(model, max_batch_size=max(len(prompts), 1), eos_id=eos_id, decoder=decoder)
+        for events in engine.run_batch(prompts, params, generator):
+            yield [(i, e.token) for i, e in events if e.token is not None]
     finally:
         model.train(was_training)
 

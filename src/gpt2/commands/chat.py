@@ -32,11 +32,10 @@ from gpt2.checkpoint import WEIGHT_DTYPES as DTYPES
 from gpt2.checkpoint import WEIGHTS_DTYPE_HELP, load_model
 from gpt2.commands import Command
 from gpt2.config import arg, check_sampling, check_values
-from gpt2.decode import Decoder, decoder_for
+from gpt2.decode import Decoder, TextStream, decoder_for
 from gpt2.errors import UserError
 from gpt2.inference import generate_stream, pad_right
 from gpt2.model import GPT
-from gpt2.serve.text import TextStream
 from gpt2.template import format_chat
 from gpt2.tokenizer import encode
 

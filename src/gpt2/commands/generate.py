@@ -17,11 +17,10 @@ import torch
 from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg, check_sampling, check_values
-from gpt2.decode import decoder_for
+from gpt2.decode import TextStream, decoder_for
 from gpt2.distributed import pick_device
 from gpt2.errors import UserError, note
 from gpt2.inference import generate, tokenize_batch_input
-from gpt2.serve.text import TextStream
 from gpt2.tokenizer import decode_bytes
 
 

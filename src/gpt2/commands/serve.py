@@ -27,9 +27,8 @@ import torch
 from gpt2.checkpoint import WEIGHT_DTYPES, WEIGHTS_DTYPE_HELP, load_model
 from gpt2.commands import Command
 from gpt2.config import arg
-from gpt2.decode import decoder_for
+from gpt2.decode import Engine, decoder_for
 from gpt2.errors import UserError, note
-from gpt2.serve.engine import Engine
 from gpt2.serve.server import http_server, listen, serve_http_beside
 from gpt2.tokenizer import get_encoding
 

@@ -1,7 +1,9 @@
 """The one decoding core: the KV cache (`kv_cache`), prefill and batched steps (`decoder`), choosing tokens and
-log-probabilities (`sampling`), and the model's pieces compiled for this CPU (`compiled`, cached on disk by
-`compile_cache`). `gpt2.inference.generate`, the serving engine and the chat all run on it; nothing else reads or
-writes a KV cache. It prints nothing: callers pass `say`/`progress` callbacks for the lines a user should see."""
+log-probabilities (`sampling`), tokens to text with stop strings (`text`), the model's pieces compiled for this CPU
+(`compiled`, cached on disk by `compile_cache`), and the engine that schedules rows and states the stop rules
+(`engine`). `gpt2.inference.generate`, the server and the chat all run on the engine; nothing else steps the
+decoder or reads or writes a KV cache. It prints nothing: callers pass `say`/`progress` callbacks for the lines a
+user should see."""
 
 from gpt2.decode.decoder import (
     COMPILE_MIN_PARAMS,
@@ -12,6 +14,7 @@ from gpt2.decode.decoder import (
     score_tokens,
     wants_compile,
 )
+from gpt2.decode.engine import SHUTDOWN, Engine, TokenEvent
 from gpt2.decode.kv_cache import KVCache, Rows
 from gpt2.decode.sampling import (
     Choice,
@@ -24,10 +27,12 @@ from gpt2.decode.sampling import (
     sample_next,
     token_logprob,
 )
+from gpt2.decode.text import TextStream
 from gpt2.padding import PAD_ID, pad_right
 
 __all__ = [
-    "COMPILE_MIN_PARAMS", "Choice", "Decoder", "KVCache", "PAD_ID", "RowSampler", "Rows", "SamplingParams",
-    "TokenLogprob", "adjusted_logits", "choose", "decoder_for", "is_greedy", "left_align", "pad_right",
-    "return_freed_memory", "sample_next", "score_tokens", "token_logprob", "wants_compile",
+    "COMPILE_MIN_PARAMS", "SHUTDOWN", "Choice", "Decoder", "Engine", "KVCache", "PAD_ID", "RowSampler", "Rows",
+    "SamplingParams", "TextStream", "TokenEvent", "TokenLogprob", "adjusted_logits", "choose", "decoder_for",
+    "is_greedy", "left_align", "pad_right", "return_freed_memory", "sample_next", "score_tokens", "token_logprob",
+    "wants_compile",
 ]

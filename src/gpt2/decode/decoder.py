@@ -1,10 +1,10 @@
 """The decoder: prefill and one batched step of a model on a `KVCache`, eager or compiled; echo scoring.
 
-`gpt2.inference.generate` (the seed's API, the chat) and `gpt2.serve.engine` (continuous batching) both run
-on this module; nothing else reads or writes a cache. Its forward is the model's own or, compiled, the model's
-pieces from `gpt2.decode.compiled` with the same attention between them: the cache and the masks are the same. The
-model (`gpt2.model`) stays pure: attention stores and reads keys/values through `KVStore.update`, and this
-module passes it positions and masks.
+The decoding engine (`gpt2.decode.engine`), which `gpt2.inference.generate`, the chat and the server run on, is
+the one caller of its prefill and step; nothing else reads or writes a cache. Its forward is the model's own
+or, compiled, the model's pieces from `gpt2.decode.compiled` with the same attention between them: the cache
+and the masks are the same. The model (`gpt2.model`) stays pure: attention stores and reads keys/values through
+`KVStore.update`, and this module passes it positions and masks.
 
 Design decisions:
 - **Last position only.** Prefill projects only each row's last hidden state onto the vocabulary: the

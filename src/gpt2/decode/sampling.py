@@ -34,6 +34,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token generated so far
     frequency_penalty: float = 0.0  # subtracted per occurrence of every token generated so far
     logprobs: int | None = None  # None = not asked; k >= 0 = the chosen token's log-prob and the top-k
+    stop: list[str] | None = None  # strings that end the generation when its text contains one (not included)
 
 
 @dataclass

@@ -30,8 +30,9 @@ Design decisions:
   before producing anything gets a status like a non-streamed one: a 503 when the server's shutdown refused it
   while it was queued (`Engine.drain`), a 500 when its prefill failed. Once streaming, an end of that kind is
   an error event, then the choice's last chunk and `data: [DONE]`; a non-streamed answer gets the 503 or 500.
-- Stop strings are matched on decoded text (`TextStream`), so they work across token boundaries and never
-  leak to the client; when one matches, that choice's generation is cancelled in the engine.
+- Stop strings are the engine's stop rule (it ends a choice whose text contains one); here the same
+  `TextStream` cuts the text before the stop string and holds back a tail that may begin one, so a stop string
+  never leaks to the client, even across token boundaries.
 - Log-probabilities (`logprobs`; chat's `logprobs` + `top_logprobs`) are the decoding core's: each of the engine's
   token events carries its token's entry, and `echo` scores the prompt with one full forward (`score_tokens`, in
   the engine's thread through `Engine.call`, so the event loop keeps serving). They follow the text the client
@@ -64,13 +65,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from gpt2.decode import Decoder, TokenLogprob, score_tokens
+from gpt2.decode import SHUTDOWN, Decoder, Engine, TextStream, TokenEvent, TokenLogprob, score_tokens
+from gpt2.decode.engine import Request as Generation
 from gpt2.errors import UserError
 from gpt2.serve import logprobs as lp
-from gpt2.serve.engine import SHUTDOWN, Engine, TokenEvent
-from gpt2.serve.engine import Request as Generation
 from gpt2.serve.schema import APIError, ChatRequest, CompletionRequest, Job, chat_job, completion_job
-from gpt2.serve.text import TextStream
 from gpt2.tokenizer import decode
 
 log = logging.getLogger("gpt2.serve")
@@ -333,7 +332,7 @@ async def _serve(request: Request, state: ServerState, job: Job):
     echo_text = [decode(p) for p in job.echo] if job.echo is not None else [""] * len(job.prompts)
     echo_logprobs: list[list[TokenLogprob]] = [[] for _ in job.prompts]
     if job.echo is not None and job.logprobs is not None:
-        # in the engine's thread, the one that does the server's tensor work (see `gpt2.serve.engine`)
+        # in the engine's thread, the one that does the server's tensor work (see `gpt2.decode.engine`)
         echo_logprobs = await asyncio.wrap_future(
             engine.call(lambda: _score_prompts(engine.decoder, job.echo, job.logprobs)))
     queue: asyncio.Queue = asyncio.Queue()
@@ -434,17 +433,12 @@ async def _events(queue: asyncio.Queue, choices: list[_ResponseChoice], rid: str
         index, event = await queue.get()
         token, reason = event.token, event.finish_reason
         c = by_index[index]
-        if c.finish_reason is not None:
-            continue  # already ended by a stop string; late tokens from the engine are dropped
         if token is not None:
             if event.logprob is not None:
                 c.pending.append((len(c.text.text), event.logprob))
             c.tokens += 1
             c.generated.append(token)
-            delta = c.text.push(token)
-            if c.text.stopped:
-                c.generation.cancel()
-                c.finish_reason = "stop"
+            delta = c.text.push(token)  # cut before a stop string, which the engine ends the choice on
         else:
             delta = c.text.finish()
             c.finish_reason = reason

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpt2.serve.engine import SamplingParams
+from gpt2.decode import SamplingParams
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, VOCAB_SIZE, encode
 
@@ -123,7 +123,8 @@ class _Common(_Strict):
         seed = None if self.seed is None else (self.seed + index) % 2**63  # fits any 64-bit generator seed
         extra = {k: v for k, v in {**self.wanted(), "logprobs": logprobs}.items() if v is not None}
         return SamplingParams(max_tokens=max_tokens, temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-                              top_p=None if top_p >= 1 else max(top_p, MIN_TOP_P), seed=seed, **extra)
+                              top_p=None if top_p >= 1 else max(top_p, MIN_TOP_P), seed=seed,
+                              stop=self.stops() or None, **extra)
 
     def require_engine_support(self, logprobs: int | None, logprobs_param: str) -> None:
         """400 for each requested knob the engine's `SamplingParams` does not have."""

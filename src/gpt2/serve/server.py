@@ -8,7 +8,7 @@ Design decisions:
   says it is serving, rather than uvicorn's log lines after. They listen at once too, which is what holds the
   port; a client that connects while the model loads waits in the backlog and is answered once it is up.
 - uvicorn runs in a thread of its own and the engine keeps the main thread, the one that loaded the model
-  (see "One thread does the tensor work" in `gpt2.serve.engine`); Ctrl+C and SIGTERM are caught here.
+  (see "One thread does the tensor work" in `gpt2.decode.engine`); Ctrl+C and SIGTERM are caught here.
 - Shutting down ends every request with an answer (see `Engine.drain`): on the first Ctrl+C or SIGTERM the
   engine admits nothing more (queued requests get a 503) and the running ones have `grace` seconds to finish,
   after which they are ended (a 503, or a stream's error event and `[DONE]`); a second signal ends them at
@@ -32,7 +32,7 @@ from gpt2.errors import UserError
 if TYPE_CHECKING:
     import uvicorn
 
-    from gpt2.serve.engine import Engine
+    from gpt2.decode import Engine
 
 log = logging.getLogger("gpt2.serve")
 
@@ -118,7 +118,7 @@ def quiet_at_shutdown(app, engine: Engine):
 
 def serve_http_beside(engine: Engine, server: uvicorn.Server, sockets: list[socket.socket], grace: float) -> bool:
     """Run the HTTP server on `sockets` in a thread of its own and the engine in this one (the thread that loaded
-    the model and compiled the step: see "One thread does the tensor work" in `gpt2.serve.engine`) until the HTTP
+    the model and compiled the step: see "One thread does the tensor work" in `gpt2.decode.engine`) until the HTTP
     server ends. Ctrl+C or SIGTERM shut it down, giving running requests `grace` seconds (a second signal: none;
     see the module docstring); the engine then stops. Returns whether the HTTP server had started."""
     def http() -> None:

@@ -1,6 +1,6 @@
-"""Continuous batching: the engine gives the same tokens as one-at-a-time generation, whatever the arrivals;
-per-request seeds; cancellation frees slots; the cache stays bounded; a drain (shutdown) ends every request.
-Also TextStream (UTF-8, stop strings)."""
+"""The decoding engine: continuous batching gives the same tokens as one-at-a-time generation, whatever the
+arrivals; per-request seeds; cancellation frees slots; the cache stays bounded; a drain (shutdown) ends every
+request; a stop string ends its request; `run_batch` raises a row's error. Also TextStream (UTF-8, stop strings)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from serve_helpers import one_torch_thread
 
 from gpt2.decode import KVCache, score_tokens
+from gpt2.decode.engine import SHUTDOWN, Engine, SamplingParams
+from gpt2.decode.text import TextStream
 from gpt2.inference import generate, pad_right
 from gpt2.model import GPT, GPTConfig
-from gpt2.serve.engine import SHUTDOWN, Engine, SamplingParams
-from gpt2.serve.text import TextStream
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
@@ -282,6 +282,25 @@ def test_submit_rejects_impossible_prompts(model):
         engine.submit([], SamplingParams(), lambda e: None)
     with pytest.raises(ValueError):
         engine.submit([1] * model.config.block_size, SamplingParams(), lambda e: None)
+
+
+def test_a_stop_string_ends_its_request_after_the_token_that_completes_it(model, tokenizer_ok):
+    from gpt2.tokenizer import decode
+
+    prompt = [5, 6, 7]
+    plain = run_schedule(Engine(model), {0: [(0, prompt, SamplingParams(max_tokens=12, temperature=0))]})
+    tokens = plain.tokens[0]
+    stop = decode([tokens[2]]).strip() or decode([tokens[2]])
+    end = next(k for k in range(len(tokens)) if stop in decode(tokens[: k + 1]))
+    params = SamplingParams(max_tokens=12, temperature=0, stop=[stop])
+    got = run_schedule(Engine(model), {0: [(0, prompt, params)]})
+    assert got.tokens[0] == tokens[: end + 1] and got.reason[0] == "stop"
+
+
+def test_run_batch_raises_the_error_of_a_failing_row(model):
+    params = SamplingParams(max_tokens=4, temperature=0, logit_bias={10**9: 1.0})  # outside the vocabulary
+    with pytest.raises(ValueError, match="logit_bias"):
+        list(Engine(model).run_batch([[1, 2, 3]], params))
 
 
 # ------------------------------------------------------------------ TextStream

@@ -1,16 +1,25 @@
-"""Continuous batching: many requests decoded together, one batched forward pass per step.
+"""The decoding engine: continuous batching, many requests decoded together, one batched forward pass per step.
+
+It is the one loop that steps the decoder: `gpt2.inference.generate` (and so the chat, fine-tuning's samples and
+PPO's rollouts) runs its batches through `run_batch`, the server through `submit` and `run`. It admits rows,
+chooses their tokens and states every stop rule once (`_deliver`): end-of-text, `max_tokens`, the context
+window's end and stop strings.
 
 Design decisions:
-- The engine only schedules: which requests run, when they join and leave, and where their tokens go. All
-  tensor work (prefill, the batched step, the KV cache, choosing tokens, log-probs) is `gpt2.decode`'s,
-  the same code `gpt2.inference.generate` runs, so a request's greedy tokens equal `generate`'s for its
-  prompt alone whatever else is running (tested).
+- The engine schedules: which requests run, when they join and leave, and where their tokens go. The tensor
+  work (prefill, the batched step, the KV cache, choosing tokens, log-probs) is the decoder's and the sampler's,
+  so a request's greedy tokens equal `generate`'s for its prompt alone whatever else is running (tested).
+- `run_batch` decodes prompts submitted together in the calling thread, sharing one `SamplingParams` and one
+  generator: `choose` then draws one uniform number per row per round for the whole batch, in row order, the
+  draws `generate` makes, so a seeded generator gives the same tokens whichever caller runs it.
 - A request joins at the next step: the requests admitted at a step are prefilled together, their first
   token is chosen from the prefill logits, and `Rows.stack` re-packs their cache and the running one into
   one (which also drops columns no row uses any more, so the cache stays at most `block_size` + headroom
   columns wide however long the server runs).
-- A request leaves as soon as it finishes (end-of-text, `max_tokens`, the context window's end, `cancel()`
-  when its client went away, or an error in choosing its token): its row is dropped before the next step.
+- A request leaves as soon as it finishes (end-of-text, `max_tokens`, the context window's end, one of its stop
+  strings in its text, `cancel()` when its client went away, or an error in choosing its token): its row is
+  dropped before the next step. Stop strings are matched on the decoded text (`TextStream`), where one can start
+  inside a token; the caller cuts the text it shows with the same `TextStream`.
   A failure confined to one row (say a bad logit bias) ends only that request, with "error", and is logged
   with its cause; a failing forward pass ends the requests it served.
 - Sampling is per row: each request's own parameters and a `torch.Generator` seeded from its seed, so a
@@ -40,13 +49,16 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
-from gpt2.decode import Choice, Decoder, Rows, RowSampler, SamplingParams, TokenLogprob, choose
+from gpt2.decode.decoder import Decoder
+from gpt2.decode.kv_cache import Rows
+from gpt2.decode.sampling import Choice, RowSampler, SamplingParams, TokenLogprob, choose
+from gpt2.decode.text import TextStream
 from gpt2.model import GPT
 from gpt2.tokenizer import EOT
 
@@ -77,6 +89,8 @@ class Request:
     cancelled: bool = False
     generated: int = 0
     sampler: RowSampler | None = field(default=None, repr=False)
+    text: TextStream | None = field(default=None, repr=False)  # only with stop strings: what they are matched on
+    error: Exception | None = field(default=None, repr=False)  # why the engine failed it, for `run_batch` to raise
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (thread-safe: a flag it polls)."""
@@ -88,8 +102,9 @@ class Engine:
 
     def __init__(self, model: GPT, max_batch_size: int = 16, eos_id: int | None = EOT, headroom: int = 64,
                  decoder: Decoder | None = None):
-        """`decoder`: the decoder to run on (one for the server's life: the weights stay fixed); default: an
-        eager one. Make it in the thread that will run the engine (see "One thread does the tensor work")."""
+        """`decoder`: the decoder to run on, made for this model's current weights (the server keeps one for its
+        life; `generate` makes one per call, as training may change the weights); default: an eager one. Make it
+        in the thread that will run the engine (see "One thread does the tensor work")."""
         self.model = model.eval()
         self.decoder = decoder if decoder is not None else Decoder(self.model)
         self.device = self.decoder.device  # (a compiled decoder's model may hold no weights)
@@ -112,16 +127,56 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> Request:
         """Queue a request; it joins the batch at the next step. The prompt must be 1..block_size-1 tokens
         (the HTTP layer checks this and answers 400 otherwise)."""
-        if not 0 < len(prompt) < self.block_size:
-            raise ValueError(f"prompt has {len(prompt)} tokens; it must have 1 to {self.block_size - 1}")
+        self._check_prompt(prompt, self.block_size - 1)
         if params.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
-        req = Request(list(prompt), params, sink)
         generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        req.sampler = RowSampler(params, generator)
+        return self._queue(prompt, params, sink, generator)
+
+    def run_batch(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None,
+                  ) -> Iterator[list[tuple[int, TokenEvent]]]:
+        """Decode `prompts` together to their ends in the calling thread, on an idle engine: yield each round's
+        events as (prompt index, event), the first round's from the prefill, then one per step. The rows share
+        `params` and `generator` (None: torch's global one), see the module docstring. A prompt may fill the
+        whole window (it gets the one token its last position predicts) unless they all do: then no row has
+        room and nothing is yielded. A row that fails raises its error here."""
+        if self.has_work():
+            raise RuntimeError("run_batch needs an idle engine")
+        if len(prompts) > self.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompts, more than max_batch_size ({self.max_batch_size})")
+        for p in prompts:
+            self._check_prompt(p, self.block_size)
+        if not prompts:
+            return
+        # the most tokens a row can get: its budget, or the shortest prompt's positions left in the window
+        room = min(params.max_tokens, self.block_size - min(len(p) for p in prompts))
+        if room <= 0:
+            return
+        events: list[tuple[int, TokenEvent]] = []
+        reqs = [self._queue(p, params, lambda e, i=i: events.append((i, e)), generator)
+                for i, p in enumerate(prompts)]
+        self._admit(self._take_waiting()[0], room)
+        while True:
+            for r in reqs:
+                if r.error is not None:
+                    raise r.error
+            yield list(events)
+            events.clear()
+            if not self.rows:
+                return
+            self._decode()
+
+    def _check_prompt(self, prompt: list[int], longest: int) -> None:
+        if not 0 < len(prompt) <= longest:
+            raise ValueError(f"prompt has {len(prompt)} tokens; it must have 1 to {longest}")
+
+    def _queue(self, prompt: list[int], params: SamplingParams, sink: Sink, generator: torch.Generator | None,
+               ) -> Request:
+        req = Request(list(prompt), params, sink, sampler=RowSampler(params, generator),
+                      text=TextStream(params.stop) if params.stop else None)
         with self._cv:
             self.waiting.append(req)
             self._cv.notify()
@@ -242,13 +297,17 @@ class Engine:
                 except Exception as e:  # the caller gets it; the engine goes on
                     future.set_exception(e)
 
-    def _admit(self, new: list[Request]) -> None:
-        room = self.headroom if self.batch is None else 0  # re-packing below adds the headroom anyway
+    def _admit(self, new: list[Request], room: int | None = None) -> None:
+        """Prefill `new` and choose their first tokens; `room`: free cache columns (default: the headroom when
+        idle, none otherwise, as re-packing below adds the headroom anyway)."""
+        if room is None:
+            room = self.headroom if self.batch is None else 0
         try:
             batch = self.decoder.prefill([r.prompt for r in new], room=room)
         except Exception as e:  # e.g. out of memory: fail these requests, keep serving the others
             log.exception("prefill failed for %d request(s)", len(new))
             for r in new:
+                r.error = e
                 self._send(r, None, f"error: {type(e).__name__}: {e}")
             return
         keep = self._emit(new, choose(batch.logits, [r.sampler for r in new]), batch.positions)
@@ -285,6 +344,7 @@ class Engine:
         if isinstance(c, Exception):
             log.error("choosing a token failed for one request (%s: %s); ending it", type(c).__name__, c,
                       exc_info=c)
+            r.error = c
             self._send(r, None, "error")
             return False
         if self.eos_id is not None and c.token == self.eos_id:
@@ -293,6 +353,11 @@ class Engine:
         r.generated += 1
         if not self._send(r, c.token, None, c.logprob):
             return False
+        if r.text is not None:
+            r.text.push(c.token)
+            if r.text.stopped:  # a stop string appeared: the caller cuts the text before it
+                self._send(r, None, "stop")
+                return False
         # the token just placed at `pos` used the window's last position, or the budget is spent
         if r.generated >= r.params.max_tokens or pos >= self.block_size - 1:
             self._send(r, None, "length")
