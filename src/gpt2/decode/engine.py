@@ -32,8 +32,7 @@ Design decisions:
   events into an asyncio queue with `call_soon_threadsafe`; nothing else flows between the two.
 - **One thread does the tensor work.** PyTorch's CPU threads are OpenMP's, which keeps a pool of workers per
   thread that runs parallel work; once two threads have, their pools contend for the cores and every parallel
-  region waits longer (measured on a 2-core AMD EPYC, 124M compiled: 64 steps in 1.4 s when one thread does
-  everything, 2.2-3.0 s when the main thread had loaded the model and another ran the steps). So `gpt2 serve`
+  region waits longer (measured: docs/benchmarks-log.md, "serve-2026-11-30-engine-thread"). So `gpt2 serve`
   runs the engine in its main thread, where it loaded the model (the HTTP server runs in another, which does
   no tensor work), and other tensor work the server needs (scoring a prompt for `echo`) goes through the
   engine's thread with `call()`.
