@@ -4,8 +4,9 @@ with AdamW and Muon (not with FSDP, which refuses it). Every run's per-step loss
 that takes the same global batch as accumulated micro batches.
 
 Each case is one real `torchrun ... -m gpt2 COMMAND` (the path a user runs, defaults included: the fused loss
-on a CPU) against `gpt2 COMMAND` in this process. The combinations are spread over the cases so each setting
-meets each command at least once without running the whole product."""
+on a CPU) against `gpt2 COMMAND` in this process. The combinations are spread over the cases rather than run as
+the whole product (each launch costs seconds of process start): every command runs under DDP and under FSDP, and
+checkpointing, fp16 and Muon each run under DDP and (Muon excepted) under FSDP."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def case_id(case) -> str:
     return f"{parallel}-{dtype}-{'ckpt-' if ckpt else ''}{optimizer}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES[1:], ids=case_id)  # plain DDP in fp32: test_dpo's first case
 def test_pretrain(case, tmp_path):
     data = synthetic_shards(tmp_path / "shards", 2_000, [3_000, 3_000])
     common = ["pretrain", "--preset", "tiny", "--data", str(data), "--vocab-size", str(VOCAB), "--n-layer", "2",
