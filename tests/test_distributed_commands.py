@@ -10,56 +10,20 @@ checkpointing, fp16 and Muon each run under DDP and (Muon excepted) under FSDP."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from rlhf_data import pair_stage_inputs
 from test_finetune import QA, make_data, make_init
 from test_pretrain import VOCAB, synthetic_shards
+from torchrun_helpers import same_run, torchrun
 
 from gpt2.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-# fp32: the sums are the same up to where they are taken (ranks, shards), so float32 rounding over a few steps.
-# fp16: autocast's float16 products carry 11 bits, so a different order of sums moves the loss in the 4th digit.
-TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
-
-
-def torchrun(argv: list[str], cwd: Path) -> None:
-    """`torchrun --standalone --nproc_per_node 2 -m gpt2 ARGV`, one thread per rank; fails the test with the
-    ranks' output when it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gpt2",
-           *argv]
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Traceback" not in done.stderr and "returned a view" not in done.stderr, done.stderr[-3000:]
-
-
-def metrics(run: Path, kind: str, key: str) -> list[float]:
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r[key] for r in lines if r["kind"] == kind]
-
 
 def flags(parallel: str, dtype: str, ckpt: bool, optimizer: str) -> list[str]:
     return ["--parallel", parallel, "--dtype", dtype, "--optimizer", optimizer, "--device", "cpu", "--no-progress",
             *(["--activation-checkpointing"] if ckpt else [])]
-
-
-def same_run(one: Path, two: Path, dtype: str, steps: int) -> None:
-    """Two ranks' run equals one process's: per-step losses and, under fp16, the skipped steps."""
-    a, b = metrics(one, "train", "loss"), metrics(two, "train", "loss")
-    assert len(a) == steps and b == pytest.approx(a, abs=TOLERANCE[dtype])
-    if dtype == "float16":
-        assert metrics(two, "train", "skipped") == metrics(one, "train", "skipped")
-    if metrics(one, "eval", "val_loss"):
-        assert metrics(two, "eval", "val_loss") == pytest.approx(metrics(one, "eval", "val_loss"),
-                                                                 abs=TOLERANCE[dtype])
 
 
 CASES = [  # (parallel, dtype, activation checkpointing, optimizer)

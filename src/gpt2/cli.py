@@ -26,7 +26,7 @@ from gpt2.config import (
     given_fields,
     resume_rule,
 )
-from gpt2.distributed import end_process, in_job
+from gpt2.distributed import end_process, in_job, lost_contact
 from gpt2.errors import UserError
 from gpt2.train.run_dir import resume_settings, resumed_config
 
@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> None:
         if not in_job():
             raise
         code = e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # a torchrun worker whose job lost a process: one line, not a traceback
+        if (line := lost_contact(e)) is None:
+            raise
+        print(f"gpt2 {cmd.name}: error: {line}", file=sys.stderr)
+        code = 1
     if in_job():  # a torchrun worker: see `end_process`
         end_process(code)
     if code:

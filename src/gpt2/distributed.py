@@ -5,13 +5,21 @@ Design decisions:
   it we are a single process and no process group is created, so the same code runs under plain `python`.
 - NCCL when the processes train on CUDA, gloo on CPU (gloo runs everywhere, which is what the CPU tests use).
 - gloo has no `ReduceOp.AVG`, so averages are always an all-reduce SUM followed by a division.
+- Two ranks, two jobs: LOCAL_RANK (the process's number on its machine) picks the GPU; RANK (its number in the
+  whole job, over every machine) splits the data and makes rank 0 the one process that writes the run folder.
+  On one machine they coincide; across machines (`torchrun --nnodes N`) only RANK is unique.
+- A process that stops (its machine died, it was killed, it failed) ends the others' next collective: gloo
+  raises a RuntimeError on each of them, which `lost_contact` turns into one line for the CLI. One that hangs
+  instead holds the others until the process group's timeout (`--dist-timeout`, else torch's default).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import NoReturn
 
 import torch
@@ -65,8 +73,9 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join torchrun's process group when launched by it; otherwise describe a single process."""
+def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistInfo:
+    """Join torchrun's process group when launched by it; otherwise describe a single process. timeout_minutes:
+    how long joining and each collective wait for the other processes (None: torch's default)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(0, 0, 1, pick_device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -77,6 +86,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        if timeout_minutes is not None:
+            kwargs["timeout"] = timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     return DistInfo(rank, local_rank, world, dev)
 
@@ -89,6 +100,32 @@ def destroy_distributed() -> None:
 def in_job() -> bool:
     """Whether this process is one of several that torchrun started (its WORLD_SIZE above 1)."""
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
+# gloo's transport errors (a peer's connection closed or reset, a receive that timed out) come as plain RuntimeErrors
+# whose text starts with the source location inside gloo's transport; NCCL's and the store's as `dist.DistError`s.
+_GLOO_TRANSPORT = re.compile(r"^\[[^\]]*gloo/transport/[^\]]*\]\s*")
+
+
+def lost_contact(error: BaseException) -> str | None:
+    """One line for an error that means this process of a torchrun job lost the others: a collective that failed
+    because another process (or its machine) stopped, or waited past the timeout for one that hangs. None for any
+    other error, and outside a job: a real bug keeps its traceback. The line names this rank and the transport's
+    own words (peer address, or the time waited), without gloo's source location and advice."""
+    if not in_job():
+        return None
+    cause: BaseException | None = error
+    while cause is not None:  # the failed collective may be the cause of what reached us
+        text = (str(cause).strip().splitlines() or [""])[0]
+        gloo = isinstance(cause, RuntimeError) and _GLOO_TRANSPORT.match(text)
+        if gloo or isinstance(cause, dist.DistError):
+            what = _GLOO_TRANSPORT.sub("", text).split(". ")[0].rstrip(".")
+            rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+            return (f"rank {rank} of {world} lost contact with the other processes of this job ({what}): another "
+                    "process or its machine stopped or hangs; its own output says why (a hung one is given up on "
+                    "after --dist-timeout minutes)")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def end_process(code: int) -> NoReturn:

@@ -249,6 +249,14 @@ def load_torch(path: str | os.PathLike, weights_only: bool = True) -> Any:
     return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
+def stored_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 (hex) that a `save_torch` file's trailer holds, read without hashing the file: a cheap name for
+    its contents. None when there is no such file or it has no trailer."""
+    path = Path(path)
+    digest = _trailer_digest(path) if path.is_file() else None
+    return digest.hex() if digest is not None else None
+
+
 def _trailer_digest(path: Path) -> bytes | None:
     """The sha256 that `save_torch`'s trailer holds; None for a file without one."""
     size = path.stat().st_size

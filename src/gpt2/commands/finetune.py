@@ -159,7 +159,7 @@ def run(cfg: FinetuneConfig):
     cfg.validate()
     run_dir = Path(cfg.out)
     check_run_dir(run_dir, cfg.resume, COMMAND.name)  # before the model loads
-    dist = init_distributed(cfg.device)
+    dist = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         model = load_model(cfg.init, reads_text="--init").to(dist.device)
         train_ex, val_ex = _load_examples(cfg, model.config.block_size, dist.is_main)

@@ -108,7 +108,7 @@ def load_prompts(cfg: PPOConfig, max_prompt_len: int, policy: GPT) -> tuple[list
 def run(cfg: PPOConfig) -> ActorCritic:
     """Load the policy, reference and reward model, and train PPO's Task on the shared loop."""
     cfg.validate()
-    dist = init_distributed(cfg.device)
+    dist = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         device = dist.device
         policy = load_model(cfg.model, reads_text="--model" if cfg.prompts is not None else None)

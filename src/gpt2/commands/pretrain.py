@@ -110,7 +110,7 @@ PRETRAIN_PRESETS = {
 
 def run(cfg: PretrainConfig):
     cfg.validate()
-    dist = init_distributed(cfg.device)
+    dist = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         model_cfg = cfg.model_config()
         accum = grad_accum_steps(cfg.global_batch, cfg.micro_batch, cfg.seq_len, dist.world_size)

@@ -145,7 +145,7 @@ def run_pair_stage(cfg: PairStageConfig, command: str, make_model: Callable[[GPT
     """Load the starting GPT and the pairs, build the stage's model and task, and train on the shared loop as
     `command` (the stage's command name, recorded in the run)."""
     cfg.validate()  # before the model loads: a bad flag is refused at once
-    dist = init_distributed(cfg.device)
+    dist = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         start = load_model(cfg.model)
         train_pairs, val_pairs = load_train_val(cfg, start)

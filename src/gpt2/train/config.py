@@ -56,6 +56,12 @@ class TrainConfig:
                               "with (see below); starts a new run when --out has no checkpoint", on_resume=SESSION)
     seed: int = arg(1337, "random seed (model init, data order, dropout)")
     device: str = arg("auto", "cpu, cuda, cuda:N, mps or auto (under torchrun: this process's GPU)", on_resume=APPLY)
+    dist_timeout: float | None = arg(None, "under torchrun: minutes a process waits for the others (to join the job, "
+                                           "in each collective) before it ends with one line; a process or "
+                                           "machine that hangs is given up on after this long, so it must exceed "
+                                           "the longest time one process works alone (its first compiled step, "
+                                           "rank 0 finishing a checkpoint write); default: torch's (10 with NCCL, "
+                                           "30 with gloo)", on_resume=APPLY)
     dtype: str = arg("auto", AUTOCAST_HELP + "; float16 trains with dynamic loss scaling",
                      choices=TRAIN_DTYPES, on_resume=APPLY)
     compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)",
@@ -90,6 +96,9 @@ class TrainConfig:
                             "combined with --no-save-final")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"--max-minutes must be > 0 (got {self.max_minutes}); leave it out for no time limit")
+        if self.dist_timeout is not None and not self.dist_timeout > 0:
+            raise UserError(f"--dist-timeout must be > 0 minutes (got {self.dist_timeout}); leave it out for torch's "
+                            "default")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a positive number (got {self.lr})")
         self.fit_warmup()

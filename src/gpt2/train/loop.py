@@ -85,7 +85,7 @@ from gpt2.checkpoint import (
     state_to_cpu,
 )
 from gpt2.config import to_dict
-from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed
+from gpt2.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed, lost_contact
 from gpt2.errors import UserError
 from gpt2.export import save_model_folder
 from gpt2.precision import autocast_context, autocast_dtype
@@ -112,6 +112,7 @@ from gpt2.train.parallel import (
 )
 from gpt2.train.run_dir import (
     COMMAND_KEY,
+    check_same_run,
     checkpoint_path,
     resume_changes,
     resume_checkpoint,
@@ -192,6 +193,12 @@ class Trainer:
         self.device = dist.device
         self.run_dir = Path(cfg.out)
         self.ckpt_path = checkpoint_path(self.run_dir)
+        run_config = run_config if run_config is not None else cfg
+        self.command = command
+        self.run_config = to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
+        if self.command is not None:
+            self.run_config[COMMAND_KEY] = self.command  # the run's maker: --resume by another is refused
+        check_same_run(self.run_dir, self.run_config, dist)  # before DDP's check of the model, less clear
         configure_matmul(self.device)
         model.to(self.device)
         if cfg.activation_checkpointing:
@@ -206,11 +213,6 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg, self.device, sharded=self.sharded,
                                          scaled=self.amp == torch.float16)
         self.state = TrainState()
-        run_config = run_config if run_config is not None else cfg
-        self.command = command
-        self.run_config = to_dict(run_config) if is_dataclass(run_config) else dict(run_config)
-        if self.command is not None:
-            self.run_config[COMMAND_KEY] = self.command  # the run's maker: --resume by another is refused
         # float16's narrow range: the loss is scaled up before backward and the gradients unscaled before
         # clipping; a step whose gradients overflowed is skipped and the scale lowered (a no-op otherwise).
         # Sharded, an overflow may sit in one rank's shard only: the sharded scaler all-reduces the finding, so
@@ -550,7 +552,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
         raise TypeError(f"{type(task).__name__} is not a gpt2.train.Task: subclass it (its optional methods "
                         "have defaults)")
     validate(cfg, grad_accum_steps)
-    dist = dist or init_distributed(cfg.device)
+    dist = dist or init_distributed(cfg.device, cfg.dist_timeout)
     with run_lock(cfg.out) if dist.is_main else nullcontext():
         try:
             trainer = Trainer(model, task, cfg, grad_accum_steps, dist, run_config=run_config, command=command,
@@ -559,8 +561,9 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, grad_accum_steps: int 
                 return trainer.fit()
             finally:
                 trainer.close()
-        except UserError:
-            _close_progress_bars()  # the error line then starts a line of its own, not the bar's
+        except Exception as e:
+            if isinstance(e, UserError) or lost_contact(e):
+                _close_progress_bars()  # the error line then starts a line of its own, not the bar's
             raise
 
 

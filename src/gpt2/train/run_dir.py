@@ -12,6 +12,12 @@ made it), `model/` (the Hugging Face export), `metrics.jsonl`, `loss.png` and `r
   flags (the schedule) apply from the checkpoint's step and are printed (`resume_changes`); a REFUSE flag with a
   new value is an error naming every such flag (`check_refused`), whether it came from the command line
   (`resumed_config`) or from a library caller's config (the loop checks the checkpoint's own copy).
+- Across machines, every process reads RUN_DIR from its own machine's disk (the CLI its config.json; on --resume
+  the loop its checkpoint.pt, which holds each rank's data position and RNG state beside the weights), while only
+  global rank 0 writes it. So RUN_DIR must be on storage the machines share, or copied to each before --resume;
+  `check_same_run` refuses, on every rank in one line, a job whose processes see different checkpoints or were
+  started with different settings (one machine resuming while another starts afresh would train on silently).
+  Reading rather than broadcasting from rank 0 keeps a resume from sending the whole state over the network.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import types
 import typing
 from collections.abc import Iterator
@@ -28,8 +35,9 @@ from typing import Any, TypeVar
 
 from gpt2.checkpoint import CHECKPOINT_FILE, MODEL_DIR, load_checkpoint
 from gpt2.config import ANNOUNCE, REFUSE, SESSION, check_values, flag_name, resume_rule, to_dict, with_given
-from gpt2.errors import UserError
-from gpt2.io import dir_lock, make_folder, remove_temp_files, write_json_atomic
+from gpt2.distributed import DistInfo, all_gather_object
+from gpt2.errors import UserError, as_json
+from gpt2.io import dir_lock, make_folder, remove_temp_files, stored_sha256, write_json_atomic
 
 T = TypeVar("T")
 
@@ -157,6 +165,55 @@ def resume_checkpoint(run_dir: str | os.PathLike, resume: bool, command: str | N
         raise UserError(f"{path} was written by {state['world_size']} processes; resume it with the same number "
                         f"(now {world_size})")
     return state
+
+
+def check_same_run(run_dir: str | os.PathLike, run_config: dict[str, Any], dist: DistInfo) -> None:
+    """Under torchrun, refuse a job whose processes do not see the same run: another checkpoint.pt in RUN_DIR (or
+    none) on some machine, or other settings (another command line). One all-gather, on every rank at the start
+    of training; a difference is the same one-line error on each rank, naming ranks and hosts."""
+    if not dist.is_distributed:
+        return
+    path = checkpoint_path(run_dir)
+    found = (stored_sha256(path) or f"{path.stat().st_size} bytes") if path.is_file() else None
+    everyone = all_gather_object((socket.gethostname(), found, run_config))
+    hosts = [host for host, _, _ in everyone]
+    seen = _by_value([ckpt for _, ckpt, _ in everyone], hosts)
+    if len(seen) > 1:
+        where = "; ".join(f"{who}: {f'sha256 {ckpt[:12]}' if ckpt else 'none'}" for ckpt, who in seen)
+        raise UserError(f"--out {run_dir}: the processes of this job do not see the same {path.name} ({where}); "
+                        "every machine reads the run folder at the same path: keep it on storage they share, or "
+                        "copy it to each machine before --resume")
+    names = sorted({name for _, _, settings in everyone for name in settings})
+    differ = []
+    for name in names:
+        values = _by_value([settings.get(name, "(not set)") for _, _, settings in everyone], hosts)
+        if len(values) > 1:
+            label = "the command" if name == COMMAND_KEY else flag_name(name)
+            differ.append(f"{label} " + ", ".join(f"{as_json(v)} on {who}" for v, who in values))
+    if differ:
+        raise UserError(f"the processes of this job were started with different settings ({'; '.join(differ[:3])}"
+                        f"{'; ...' if len(differ) > 3 else ''}): run the same command on every machine")
+
+
+def _by_value(values: list[Any], hosts: list[str]) -> list[tuple[Any, str]]:
+    """Each distinct value of the ranks' `values`, in rank order, with who holds it: "ranks 0-7 (node-a)"."""
+    groups: dict[str, list[int]] = {}
+    for rank, value in enumerate(values):
+        groups.setdefault(json.dumps(value, sort_keys=True, default=str), []).append(rank)
+    return [(values[ranks[0]], f"{_ranks_text(ranks)} ({', '.join(dict.fromkeys(hosts[r] for r in ranks))})")
+            for ranks in groups.values()]
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """[3] -> "rank 3"; [0, 1, 2, 5] -> "ranks 0-2, 5"."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
 
 
 def resume_settings(out: str, command: str, preset: str | None, cls: type) -> dict[str, Any] | None:
