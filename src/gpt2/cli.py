@@ -33,7 +33,7 @@ from gpt2.train.run_dir import resume_settings, resumed_config
 # The command modules (`gpt2 --help` lists their commands by name).
 COMMAND_MODULES = [
     "prepare_fineweb", "prepare_alpaca", "prepare_hh",
-    "pretrain", "finetune", "dpo", "reward", "ppo",
+    "pretrain", "finetune", "dpo", "reward", "ppo", "grpo",
     "eval", "plot", "generate", "chat", "serve", "cache",
 ]
 

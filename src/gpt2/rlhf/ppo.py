@@ -47,21 +47,18 @@ from gpt2.rlhf.losses import (
     token_logprobs,
     whiten,
 )
-from gpt2.rlhf.rollout import answer_batch, answer_stats, sample_answers
+from gpt2.rlhf.rollout import RolloutHyper, answer_batch, answer_stats, sample_answers
 from gpt2.train.task import Task
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, targets) -> scores (B,)
 
 
 @dataclass
-class PPOHyper:
+class PPOHyper(RolloutHyper):
     """The algorithm's knobs (the command's config carries the same names)."""
-    max_new_tokens: int = 64
-    temperature: float = 1.0
     kl_coef: float = 0.05
     gamma: float = 1.0
     lam: float = 0.95
-    clip: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.1
     ppo_epochs: int = 4
@@ -93,7 +90,7 @@ def rollout(actor: ActorCritic, reference: GPT, reward_fn: RewardFn, prompts: li
         "score": score.mean().item(),
         "kl": kl.sum(1).mean().item(),  # per sequence, summed over its tokens
         "reward": rewards.sum(1).mean().item(),
-        **answer_stats(targets),
+        **answer_stats(answers),
     }
     return batch, metrics
 
