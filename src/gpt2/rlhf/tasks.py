@@ -65,6 +65,7 @@ class VerifiableTask:
     """A task whose answers a program checks (module docstring). Subclasses set `name` and implement both."""
 
     name: str = ""
+    max_new_tokens: int = 64  # a long enough answer: generating further cannot turn a wrong one right
 
     def questions(self, split: str) -> list[Question]:
         """The questions of `split` ("train" or "test"): the same list on every call and machine; the two
@@ -101,6 +102,7 @@ class ArithmeticTask(VerifiableTask):
         if n_train + n_test > (10**digits) ** 2 // 2:
             raise ValueError(f"{n_train + n_test} questions asked for, too many for {digits}-digit sums")
         self.digits, self.n_train, self.n_test, self.seed = digits, n_train, n_test, seed
+        self.max_new_tokens = 2 * digits + 4  # one token per digit of the sum, <|endoftext|>, some slack
         self._splits: dict[str, list[Question]] | None = None
 
     def questions(self, split: str) -> list[Question]:
@@ -164,6 +166,7 @@ class GSM8KTask(VerifiableTask):
     """GSM8K word problems from the hub or a local copy (module docstring)."""
 
     name = "gsm8k"
+    max_new_tokens = 256  # room for a worked solution like the reference ones
 
     def __init__(self, source: str | None = None) -> None:
         if source is not None and not Path(source).exists():
@@ -262,24 +265,29 @@ def prompt_ids(model: torch.nn.Module, questions: list[Question], max_new_tokens
     return ids
 
 
-def complete(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, generator: torch.Generator | None = None) -> list[str]:
-    """The model's answer to each prompt (token ids), decoded to text, `batch_size` prompts at a time through
-    the one decoding engine (`gpt2.inference.generate`); an answer ends at <|endoftext|> or `max_new_tokens`."""
+def complete_ids(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """The model's answer tokens for each prompt (token ids), `batch_size` prompts at a time through the one
+    decoding engine (`gpt2.inference.generate`): greedy at temperature 0, else sampled with `generator`. An
+    answer ends before <|endoftext|> (not included), at `max_new_tokens` or at the context window's end."""
     device = next(model.parameters()).device
-    texts: list[str] = []
+    answers: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = pad_right(prompts[start:start + batch_size])
-        out = generate(model, ids.to(device), mask.to(device), temperature, max_new_tokens, generator=generator)
-        texts += [decode_bytes(o).decode("utf-8", errors="replace") for o in out]
-    return texts
+        answers += generate(model, ids.to(device), mask.to(device), temperature, max_new_tokens, generator=generator)
+    return answers
+
+
+def as_text(ids: list[int]) -> str:
+    return decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 def evaluate_task(model: torch.nn.Module, questions: list[Question], task: VerifiableTask, max_new_tokens: int = 32,
                   batch_size: int = 64) -> dict:
     """Greedy answers of `model` to `questions`, scored by `task`: {"accuracy", "n", "correct", "ci_low",
     "ci_high" (95% Wilson interval), "completions", "scores"}."""
-    completions = complete(model, prompt_ids(model, questions, max_new_tokens), max_new_tokens, batch_size)
+    answers = complete_ids(model, prompt_ids(model, questions, max_new_tokens), max_new_tokens, batch_size)
+    completions = [as_text(a) for a in answers]
     scores = [task.score(q, c) for q, c in zip(questions, completions)]
     correct, n = int(sum(scores)), len(questions)
     low, high = wilson_interval(correct, n)
