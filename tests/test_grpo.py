@@ -36,6 +36,7 @@ class ColourTask(VerifiableTask):
     """Test-only: "Name colour i." (every i the same number of tokens), and only "blue" scores."""
 
     name = "colour"
+    max_new_tokens = 3  # the colour, <|endoftext|>, and one more: `gpt2 grpo`'s default
 
     def questions(self, split: str) -> list[Question]:
         numbers = range(4) if split == "train" else range(4, 8)
@@ -84,7 +85,7 @@ def start_model(tmp_path_factory, tokenizer_ok) -> Path:
 
 def grpo_args(model: Path, out: Path, *extra: str) -> list[str]:
     return ["grpo", "--model", str(model), "--task", "colour", "--out", str(out), "--samples-per-prompt", "4",
-            "--prompts-per-step", "4", "--micro-batch", "4", "--max-new-tokens", "3", "--lr", "1e-2",
+            "--prompts-per-step", "4", "--micro-batch", "4", "--lr", "1e-2",
             "--warmup-steps", "0", "--device", "cpu", "--no-progress", "--eval-questions", "4", *extra]
 
 
@@ -185,6 +186,7 @@ def test_grpo_resumes_exactly(start_model, tmp_path):
     keys = (*STEP_KEYS, "kl")
     assert [[r[k] for k in keys] for r in split] == [[r[k] for k in keys] for r in whole]
     assert whole[-1]["kl"] > 0 and any(r["clip_frac"] > 0 for r in whole)  # the KL and the clip took part
+    assert max(r["answer_len"] for r in whole) <= ColourTask.max_new_tokens  # the task's budget by default
 
 
 def _ddp_worker(rank: int, world: int, port: int, argv: list[str]) -> None:

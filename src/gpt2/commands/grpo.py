@@ -46,6 +46,8 @@ class GRPOConfig(RolloutConfig):
                                   hint="a group of one answer has no baseline, so its advantage is always 0")
     micro_batch: int = arg(16, "answers per forward pass (memory); the step's loss is the same however it is cut",
                            minimum=1)
+    max_new_tokens: int | None = arg(None, "longest sampled answer in tokens, also at evaluation; default: the "
+                                           "task's", minimum=1)
     kl_coef: float = arg(0.0, "weight of the per-token k3 KL penalty to the starting policy; 0 = none (no "
                               "reference model is kept)", minimum=0)
     clip: float = arg(0.2, "policy ratio clip range (acts only with --updates-per-rollout above 1)", minimum=0)
@@ -79,16 +81,17 @@ def run(cfg: GRPOConfig) -> GPT:
         if not train_questions:
             raise UserError(f"--task {cfg.task}: its train split has no question")
         evals = task.questions("test")[: cfg.eval_questions] if cfg.eval_questions else []
-        prompts = prompt_ids(policy, train_questions, cfg.max_new_tokens)
-        prompt_ids(policy, evals, cfg.max_new_tokens)  # refused now rather than at the first evaluation
         hp = GRPOHyper(**{f.name: getattr(cfg, f.name) for f in fields(GRPOHyper)})
+        hp.max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
+        prompts = prompt_ids(policy, train_questions, hp.max_new_tokens)
+        prompt_ids(policy, evals, hp.max_new_tokens)  # refused now rather than at the first evaluation
         grpo = GRPOTask(policy, reference, task, train_questions, prompts, evals, hp, cfg.prompts_per_step,
                         seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=device,
                         amp=autocast_dtype(cfg.dtype, device))
         if dist.is_main:
             print(f"{cfg.task}: {len(train_questions)} training questions ({len(evals)} for evaluation); "
-                  f"{cfg.max_steps} steps of {cfg.prompts_per_step} questions x {cfg.samples_per_prompt} answers",
-                  flush=True)
+                  f"{cfg.max_steps} steps of {cfg.prompts_per_step} questions x {cfg.samples_per_prompt} answers of "
+                  f"up to {hp.max_new_tokens} tokens", flush=True)
         train(policy, grpo, cfg, 1, dist=dist, run_config=cfg, command=COMMAND.name)
         return policy
     finally:

@@ -29,7 +29,8 @@ from gpt2.inference import generate
 from gpt2.losses import IGNORE_INDEX
 from gpt2.model import GPT
 from gpt2.padding import pad_right
-from gpt2.tokenizer import EOT, decode_bytes
+from gpt2.rlhf.tasks import as_text
+from gpt2.tokenizer import EOT
 from gpt2.train.config import TrainConfig
 
 
@@ -87,10 +88,9 @@ def sample_answers(policy: GPT, prompts: list[list[int]], temperature: float, ma
 
 
 def answer_text(answer: list[int]) -> str:
-    """An answer's text as a scorer reads it: its tokens without the ending `<|endoftext|>`, decoded (a
-    character cut by the token budget becomes U+FFFD)."""
-    tokens = answer[:-1] if answer and answer[-1] == EOT else answer
-    return decode_bytes(tokens).decode("utf-8", errors="replace")
+    """An answer's text as a scorer reads it: its tokens without the ending `<|endoftext|>`, decoded as
+    evaluation decodes them (`gpt2.rlhf.tasks.as_text`)."""
+    return as_text(answer[:-1] if answer and answer[-1] == EOT else answer)
 
 
 def answer_batch(prompts: list[list[int]], answers: list[list[int]], device: torch.device | None = None,
