@@ -10,7 +10,8 @@ from rlhf_data import one_thread  # noqa: F401 (autouse fixture)
 
 from gpt2.model import GPT, GPTConfig
 from gpt2.rlhf.heads import ActorCritic
-from gpt2.rlhf.ppo import PPOHyper, PPOTask, complete, rollout
+from gpt2.rlhf.ppo import PPOHyper, PPOTask, rollout
+from gpt2.rlhf.rollout import complete
 from gpt2.tokenizer import EOT
 from gpt2.train.loop import TrainConfig, train
 

@@ -32,16 +32,16 @@ from gpt2.train.run_dir import resume_settings, resumed_config
 
 # The command modules (`gpt2 --help` lists their commands by name).
 COMMAND_MODULES = [
-    "prepare_fineweb", "prepare_alpaca", "prepare_hh",
-    "pretrain", "finetune", "dpo", "reward", "ppo",
+    "prepare_fineweb", "prepare_alpaca", "prepare_hh", "prepare_task",
+    "pretrain", "finetune", "dpo", "reward", "ppo", "grpo",
     "eval", "plot", "generate", "chat", "serve", "cache",
 ]
 
 
 # Help lines of the two-word command groups.
 GROUP_HELP = {
-    "prepare": "download or read a dataset and tokenize it (fineweb, alpaca, hh)",
-    "eval": "evaluate a model (hellaswag, val-loss)",
+    "prepare": "download or read a dataset and tokenize it (fineweb, alpaca, hh, task, task-pairs)",
+    "eval": "evaluate a model (hellaswag, val-loss, task)",
     "cache": "the compiled decoding pieces kept on disk (list, remove, build)",
 }
 

@@ -1,11 +1,14 @@
-"""`gpt2 eval hellaswag` and `gpt2 eval val-loss`: score a model (a training run, a Hugging Face folder or a
-hub name) on HellaSwag or on the val (or train) split of token shards, and print the result.
+"""`gpt2 eval hellaswag`, `gpt2 eval val-loss` and `gpt2 eval task`: score a model (a training run, a Hugging
+Face folder or a hub name) on HellaSwag, on the val (or train) split of token shards, or on the held-out
+questions of a task with a verifiable answer, and print the result.
 
     gpt2 eval hellaswag --model RUN_DIR                             # downloads hellaswag_val.jsonl once
     gpt2 eval val-loss --model RUN_DIR --data data/fineweb --tokens 10485760
+    gpt2 eval task --model RUN_DIR --task arithmetic --limit 500 --show 5
 
 The scoring is `gpt2.evaluate`'s (`hellaswag_eval`, `val_loss`), the same functions the training loop
-evaluates with. `--dtype auto` is the training loop's rule (bfloat16 autocast on a GPU that supports it).
+evaluates with, and `gpt2.rlhf.tasks.evaluate_task` for tasks, the function GRPO evaluates with.
+`--dtype auto` is the training loop's rule (bfloat16 autocast on a GPU that supports it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from gpt2.data.loader import ShardLoader, checked_batch
 from gpt2.distributed import pick_device
 from gpt2.errors import UserError
 from gpt2.evaluate import HELLASWAG_DIR, HELLASWAG_URLS, hellaswag_eval, load_hellaswag, val_loss
+from gpt2.io import write_json_atomic
 from gpt2.precision import AUTOCAST_HELP, TRAIN_DTYPES, autocast_dtype
+from gpt2.rlhf.tasks import SPLITS, TASKS, evaluate_task, get_task
 
 
 def _prepare(model_name: str, device_name: str, dtype_name: str, reads_text: str | None = None,
@@ -86,9 +91,48 @@ def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
     return {"val_loss": loss, "tokens": n_tokens}
 
 
+@dataclass
+class TaskEvalConfig:
+    model: str = arg("runs/finetune", help="training run dir, Hugging Face checkpoint dir, or hub name")
+    task: str = arg("arithmetic", help="task with a verifiable answer (gpt2.rlhf.tasks)", choices=sorted(TASKS))
+    source: str | None = arg(None, help="gsm8k: a local file or folder with the hub's fields (question, answer) "
+                                        "instead of downloading openai/gsm8k")
+    split: str = arg("test", help="which questions to answer (test is held out of training)", choices=list(SPLITS))
+    limit: int | None = arg(None, help="answer only the first N questions of the split", minimum=1)
+    max_new_tokens: int | None = arg(None, help="longest answer in tokens; default: the task's", minimum=1)
+    batch_size: int = arg(64, help="questions answered together", minimum=1)
+    show: int = arg(0, help="print the first K questions with the model's answer and its verdict", minimum=0)
+    json: str | None = arg(None, help="also write the result (and every answer) to this JSON file",
+                           metavar="FILE")
+    device: str = arg("auto", help="cpu, cuda, mps or auto")
+
+
+def run_task(cfg: TaskEvalConfig) -> dict:
+    """Greedy answers to the split's questions, scored exactly; prints accuracy with its 95% Wilson interval."""
+    task = get_task(cfg.task, cfg.source)
+    questions = task.questions(cfg.split)[: cfg.limit]
+    model = load_model(cfg.model, pick_device(cfg.device), reads_text="--model").eval()
+    max_new = cfg.max_new_tokens or task.max_new_tokens
+    result = evaluate_task(model, questions, task, max_new, cfg.batch_size)
+    for q, answer, score in list(zip(questions, result["completions"], result["scores"]))[: cfg.show]:
+        print(f"{'right' if score else 'WRONG'}  {q.prompt!r} -> {answer.strip()!r} (expected {q.target})")
+    print(f"{task.name} {cfg.split}: {result['correct']}/{result['n']} correct, accuracy {result['accuracy']:.3f} "
+          f"(95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}), greedy, at most {max_new} new tokens")
+    summary = {k: result[k] for k in ("accuracy", "n", "correct", "ci_low", "ci_high")}
+    if cfg.json:
+        write_json_atomic(cfg.json, {"model": cfg.model, "task": task.name, "split": cfg.split,
+                                     "max_new_tokens": max_new, **summary,
+                                     "answers": [{"prompt": q.prompt, "target": q.target, "answer": a, "score": sc}
+                                                 for q, a, sc in zip(questions, result["completions"],
+                                                                     result["scores"])]})
+    return summary
+
+
 COMMANDS = [
     Command("eval hellaswag", "HellaSwag accuracy (completion-style scoring, acc and acc_norm)",
             HellaSwagConfig, run_hellaswag),
     Command("eval val-loss", "mean next-token loss of a model on token shards", ValLossConfig,
             run_val_loss),
+    Command("eval task", "exact-match accuracy on a task's held-out questions (greedy answers, 95% CI)",
+            TaskEvalConfig, run_task),
 ]

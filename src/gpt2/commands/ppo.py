@@ -19,7 +19,7 @@ import torch
 
 from gpt2.checkpoint import check_ids_fit, check_vocab, load_model
 from gpt2.commands import Command
-from gpt2.config import arg, check_sampling, flag_name
+from gpt2.config import arg, flag_name
 from gpt2.data.preferences import highest_token_id, load_pairs, split_file
 from gpt2.data.sources import text_lines
 from gpt2.distributed import destroy_distributed, init_distributed
@@ -29,20 +29,20 @@ from gpt2.precision import autocast_dtype
 from gpt2.rlhf.heads import ActorCritic, RewardModel
 from gpt2.rlhf.losses import last_token_index
 from gpt2.rlhf.ppo import PPOHyper, PPOTask
+from gpt2.rlhf.rollout import RolloutConfig
 from gpt2.template import format_prompt
 from gpt2.tokenizer import encode
-from gpt2.train.config import TrainConfig
 from gpt2.train.loop import train
 from gpt2.train.runtime import seed_everything
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(RolloutConfig):
     """The shared loop's flags (a "step" is one PPO iteration: a rollout batch and its update) plus PPO's."""
 
+    stage = "PPO"
     out: str = arg("runs/ppo", "run directory: checkpoint.pt, model/ (HF policy + value_head.safetensors), "
                                "metrics.jsonl, loss.png")
-    model: str = arg("runs/finetune", "starting policy (the SFT model): a run folder, an HF folder or a hub name")
     reward_model: str = arg("runs/reward", "reward model folder written by `gpt2 reward` (its run folder works)")
     data: str = arg("data/hh", "prompts from this `gpt2 prepare hh` folder (train.jsonl; val.jsonl for eval)")
     prompts: str | None = arg(None, "instead of --data: a text file with one question per line, rendered with "
@@ -51,32 +51,18 @@ class PPOConfig(TrainConfig):
     batch_size: int = arg(16, "prompts rolled out per iteration per process", minimum=1)
     minibatch_size: int = arg(8, "rollouts per optimizer step within an iteration", minimum=1)
     ppo_epochs: int = arg(4, "passes over each rollout batch", minimum=1)
-    max_new_tokens: int = arg(64, "longest sampled answer in tokens", minimum=1)
-    temperature: float = arg(1.0, "sampling temperature of the rollouts")
     kl_coef: float = arg(0.05, "per-token KL penalty to the reference (InstructGPT's beta)", minimum=0)
     gamma: float = arg(1.0, "discount of GAE")
     lam: float = arg(0.95, "lambda of GAE")
-    clip: float = arg(0.2, "policy ratio clip range", minimum=0)
     value_clip: float = arg(0.2, "value clip range around the rollout-time value", minimum=0)
     vf_coef: float = arg(0.1, "weight of the value loss", minimum=0)
     eval_prompts: int = arg(32, "held-out prompts scored at each evaluation", minimum=0)
-    lr: float = arg(1e-5, "peak learning rate (reached after warmup)")
-    warmup_steps: int = arg(5, "iterations of linear LR warmup")
-    weight_decay: float = arg(0.0, "AdamW weight decay, on 2-D weights only")
-    eval_every: int = arg(10, "score held-out prompts every N iterations (and at the end); 0 = never")
-    save_every: int = arg(50, "checkpoint every N iterations; 0 = only at the end")
-    compile: bool | None = arg(False, "torch.compile the training forward (off by default here: rollout shapes change "
-                                      "every iteration, so a compiled forward would recompile)")
 
     def validate(self) -> None:
         super().validate()
         for flag in ("gamma", "lam"):
             if not 0 <= getattr(self, flag) <= 1:
                 raise UserError(f"{flag_name(flag)} must be in [0, 1] (got {getattr(self, flag)})")
-        check_sampling(self.temperature, None, None)
-        if self.parallel == "fsdp":
-            raise UserError("--parallel fsdp: PPO samples its rollouts on each rank, from the policy's whole weights, "
-                            "which FSDP keeps in shards; use --parallel ddp")
 
 
 def load_prompts(cfg: PPOConfig, max_prompt_len: int, policy: GPT) -> tuple[list[list[int]], list[list[int]]]:

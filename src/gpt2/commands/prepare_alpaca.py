@@ -17,10 +17,9 @@ from pathlib import Path
 
 from gpt2.commands import Command
 from gpt2.config import arg, check_values
-from gpt2.data.alpaca import HUB_ID, MANIFEST, encode_records, split_indices, write_examples
+from gpt2.data.alpaca import HUB_ID, encode_records, write_prepared
 from gpt2.data.sources import iter_records
 from gpt2.errors import UserError
-from gpt2.io import write_json_atomic
 
 
 @dataclass
@@ -45,27 +44,9 @@ def prepare(cfg: PrepareAlpacaConfig) -> dict:
     if not examples:
         raise UserError(f"{cfg.source or HUB_ID}: no valid Alpaca records among {n_records} "
                         f"(malformed: {dict(malformed) or 'none'})")
-    train_idx, val_idx = split_indices(len(examples), cfg.val_fraction, cfg.seed)
+    manifest = write_prepared(Path(cfg.out), examples, source=cfg.source or HUB_ID, records=n_records,
+                              malformed=malformed, where=where, val_fraction=cfg.val_fraction, seed=cfg.seed)
     out = Path(cfg.out)
-    write_examples(out / "train.jsonl", (examples[i] for i in train_idx))
-    write_examples(out / "val.jsonl", (examples[i] for i in val_idx))
-    lengths = sorted(len(q) + len(a) for q, a in examples)
-    manifest = {
-        "format": "alpaca-examples-v1",
-        "source": cfg.source or HUB_ID,
-        "tokenizer": "gpt2",
-        "records": n_records,
-        "valid": len(examples),
-        "train": len(train_idx),
-        "val": len(val_idx),
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-        "malformed": dict(sorted(malformed.items())),
-        "malformed_examples": {k: where[k] for k in sorted(where)},
-        "tokens": {"total": sum(lengths), "max_len": lengths[-1], "median_len": lengths[len(lengths) // 2],
-                   "over_1024": sum(n > 1024 for n in lengths)},
-    }
-    write_json_atomic(out / MANIFEST, manifest)
     print(report(manifest, out))
     return manifest
 

@@ -11,7 +11,6 @@ fitted to `--max-len` and held out by a hash of the dialogue; malformed pairs ar
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,9 @@ from tqdm import tqdm
 
 from gpt2.commands import Command
 from gpt2.config import arg, check_values
-from gpt2.data.preferences import HUB_ID, MalformedPair, is_val, tokenize_record
+from gpt2.data.preferences import HUB_ID, MalformedPair, is_val, tokenize_record, write_pairs
 from gpt2.data.sources import iter_records
 from gpt2.errors import UserError
-from gpt2.io import atomic_write, make_folder, write_json_atomic
 
 
 @dataclass
@@ -43,8 +41,7 @@ def prepare(cfg: PrepareHHConfig) -> dict:
     if not 0 <= cfg.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     out = Path(cfg.out)
-    make_folder(out)
-    splits: dict[str, list[str]] = {"train": [], "val": []}
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
     counts: Counter = Counter()
     records = iter_records(cfg.source, HUB_ID, None, cfg.split)
     for i, record in enumerate(tqdm(records, desc="prepare hh", unit=" pairs")):
@@ -57,16 +54,12 @@ def prepare(cfg: PrepareHHConfig) -> dict:
             counts[str(e)] += 1
             continue
         counts["truncated"] += truncated
-        split = "val" if is_val(record, cfg.val_fraction) else "train"
-        splits[split].append(json.dumps(pair) + "\n")
+        splits["val" if is_val(record, cfg.val_fraction) else "train"].append(pair)
     if not splits["train"]:
         raise UserError(f"no usable preference pairs in {cfg.source or HUB_ID} (counts: {dict(counts)})")
-    for split, lines in splits.items():
-        with atomic_write(out / f"{split}.jsonl", "w") as f:
-            f.writelines(lines)
     meta = {"source": cfg.source or HUB_ID, "max_len": cfg.max_len, "train": len(splits["train"]),
             "val": len(splits["val"]), **dict(counts)}
-    write_json_atomic(out / "meta.json", meta)
+    write_pairs(out, splits, meta)
     skipped = {k: v for k, v in counts.items() if k not in ("read", "truncated")}
     print(f"prepare hh: {meta['train']} train + {meta['val']} val pairs -> {out} "
           f"({counts['read']} read, {counts['truncated']} truncated, skipped {skipped or 'none'})")

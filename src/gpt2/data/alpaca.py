@@ -44,7 +44,7 @@ from tqdm import tqdm
 from gpt2.data.batching import Example
 from gpt2.data.sources import jsonl_records
 from gpt2.errors import UserError
-from gpt2.io import atomic_write
+from gpt2.io import atomic_write, write_json_atomic
 from gpt2.template import format_prompt
 from gpt2.tokenizer import EOT, check_token_ids, encode_batch
 
@@ -138,6 +138,34 @@ def write_examples(path: Path, examples: Iterable[Example]) -> None:
     with atomic_write(path, "w") as f:
         for q, a in examples:
             f.write(json.dumps({"question_ids": q, "answer_ids": a}, separators=(",", ":")) + "\n")
+
+
+def write_prepared(out: Path, examples: list[Example], *, source: str, records: int, malformed: Counter,
+                   where: dict[str, list[int]], val_fraction: float, seed: int) -> dict:
+    """Split `examples` (`split_indices`) and write the prepared folder that `gpt2 finetune --data` reads:
+    train.jsonl, val.jsonl, then the manifest (last, so a folder with a manifest is complete). Returns the
+    manifest. `records`, `malformed` and `where` are what was read (`encode_records`), `source` names it."""
+    train_idx, val_idx = split_indices(len(examples), val_fraction, seed)
+    write_examples(out / "train.jsonl", (examples[i] for i in train_idx))
+    write_examples(out / "val.jsonl", (examples[i] for i in val_idx))
+    lengths = sorted(len(q) + len(a) for q, a in examples)
+    manifest = {
+        "format": "alpaca-examples-v1",
+        "source": source,
+        "tokenizer": "gpt2",
+        "records": records,
+        "valid": len(examples),
+        "train": len(train_idx),
+        "val": len(val_idx),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "malformed": dict(sorted(malformed.items())),
+        "malformed_examples": {k: where[k] for k in sorted(where)},
+        "tokens": {"total": sum(lengths), "max_len": lengths[-1], "median_len": lengths[len(lengths) // 2],
+                   "over_1024": sum(n > 1024 for n in lengths)},
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:

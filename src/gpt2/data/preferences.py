@@ -25,6 +25,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import zlib
@@ -35,6 +36,7 @@ import torch
 from gpt2.data.batching import collate
 from gpt2.data.sources import jsonl_records
 from gpt2.errors import UserError
+from gpt2.io import atomic_write, make_folder, write_json_atomic
 from gpt2.template import format_chat
 from gpt2.tokenizer import EOT, check_token_ids, encode
 
@@ -106,8 +108,13 @@ def tokenize_record(record: dict, max_len: int) -> tuple[Pair, bool]:
 
 def is_val(record: dict, val_fraction: float) -> bool:
     """Held-out by a hash of the shared dialogue prefix (stable across runs and record order)."""
-    prefix = record["chosen"][: record["chosen"].rfind("\n\nAssistant:")]
-    return zlib.crc32(prefix.encode("utf-8")) % 1_000_000 < val_fraction * 1_000_000
+    return held_out(record["chosen"][: record["chosen"].rfind("\n\nAssistant:")], val_fraction)
+
+
+def held_out(key: str, val_fraction: float) -> bool:
+    """Whether the pairs of prompt `key` are validation pairs: a hash of the text, so the same prompt always
+    falls on the same side, whatever the order or the other pairs."""
+    return zlib.crc32(key.encode("utf-8")) % 1_000_000 < val_fraction * 1_000_000
 
 
 # ----------------------------------------------------------------------------- batches
@@ -147,6 +154,16 @@ def highest_token_id(pairs: list[Pair]) -> int:
 def pair_length(pair: Pair) -> int:
     """Tokens a pair needs in the context window: its prompt plus its longer answer."""
     return len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"]))
+
+
+def write_pairs(out: Path, splits: dict[str, list[Pair]], meta: dict) -> None:
+    """The prepared folder `gpt2 dpo`, `gpt2 reward` and `gpt2 ppo` read: `{split}.jsonl` (a pair per line) for
+    each split, then meta.json (counts, `meta` plus the split sizes), each written atomically."""
+    make_folder(out)
+    for split, pairs in splits.items():
+        with atomic_write(out / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in pairs)
+    write_json_atomic(out / "meta.json", {**meta, **{split: len(pairs) for split, pairs in splits.items()}})
 
 
 def split_file(data: str | os.PathLike, split: str) -> Path:

@@ -16,6 +16,10 @@ Design decisions:
   = -kl_coef * (logp_policy - logp_ref) at every answer token, plus the reward model's score at the last
   answer token; GAE(gamma, lambda) advantages, whitened over the batch; clipped policy ratio loss and
   clipped value loss, both averaged over answer tokens.
+- GRPO (DeepSeekMath, Shao et al. 2024, as `gpt2.rlhf.grpo` chooses it): one scalar reward per sampled answer,
+  the advantage of each of a prompt's G answers its reward minus the group's mean (optionally over the
+  group's std), the same at every token of the answer; the clipped surrogate of PPO on it, plus an optional
+  k3 estimate of KL(policy || reference) per token, both averaged over answer tokens.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+                    clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate: mean over answer tokens of max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)).
     All inputs (B, T); only `logp` carries gradient."""
     log_ratio = logp - old_logp
@@ -158,10 +162,10 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
+    with torch.no_grad():  # 0-d tensors: logging them costs no device sync inside the step
         metrics = {
-            "clip_frac": masked_mean((clipped > unclipped).float(), mask).item(),
-            "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask).item(),  # KL(old || new), Schulman's k2
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask),  # KL(old || new), Schulman's k2
         }
     return loss, metrics
 
@@ -175,3 +179,43 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     with torch.no_grad():
         frac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask).item()
     return loss, {"value_clip_frac": frac}
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = False, eps: float = 1e-4,
+                     ) -> torch.Tensor:
+    """Each answer's reward minus the mean reward of its group, optionally divided by the group's standard
+    deviation (Bessel-corrected, + eps). rewards: (P * G,), the G answers of a prompt next to each other.
+    Returns (P * G,); a group whose answers all scored the same gets 0 (it carries no signal)."""
+    groups = rewards.view(-1, group_size)  # (P, G)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(policy || reference) from the sampled tokens' log-probs, token by token:
+    exp(ref - logp) - (ref - logp) - 1. Unbiased for tokens sampled from the policy, never negative, and 0
+    where the two agree. Same shape as its inputs."""
+    delta = ref_logp - logp
+    return delta.exp() - delta - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip: float = 0.2, kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's loss, a mean over answer tokens of: the clipped surrogate (`ppo_policy_loss`) with each answer's
+    advantage at every one of its tokens, plus kl_coef * k3(policy, reference) when `ref_logp` is given.
+    logp (with gradient), old_logp, ref_logp, mask: (B, T); advantages: (B,). Returns (loss, metrics as 0-d
+    tensors: policy_loss, clip_frac, approx_kl, and kl when `ref_logp` is given)."""
+    per_token_adv = advantages[:, None].to(logp.dtype) * mask
+    policy_loss, metrics = ppo_policy_loss(logp, old_logp, per_token_adv, mask, clip)
+    metrics["policy_loss"] = policy_loss.detach()
+    if ref_logp is None:
+        return policy_loss, metrics
+    kl = masked_mean(k3_kl(logp, ref_logp), mask)
+    metrics["kl"] = kl.detach()
+    return policy_loss + kl_coef * kl, metrics

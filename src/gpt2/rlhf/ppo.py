@@ -2,9 +2,10 @@
 the Task of the shared loop (`gpt2 ppo`, in `gpt2.commands.ppo`, is its command).
 
 One iteration:
-  1. Rollout (no grad): sample an answer for each prompt with `gpt2.inference.generate` (KV cache); an
-     answer that stopped on `<|endoftext|>` keeps it as its last action. Prompt + answer rows use the
-     fine-tuning layout, so every per-token tensor is (B, T) with `mask` on the answer tokens.
+  1. Rollout (no grad): sample an answer for each prompt with `gpt2.inference.generate` (KV cache), as GRPO
+     does (`gpt2.rlhf.rollout`); an answer that stopped on `<|endoftext|>` keeps it as its last action.
+     Prompt + answer rows use the fine-tuning layout, so every per-token tensor is (B, T) with `mask` on
+     the answer tokens.
      Record the policy's log-probs and values, the reference's log-probs, and the reward model's score.
   2. Rewards: -kl_coef * (logp - ref_logp) at every answer token, plus the score at the last one
      (`kl_penalized_rewards`). Advantages by GAE(gamma, lam), whitened over the batch; returns = A + V.
@@ -33,11 +34,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt2.data.batching import LengthGroupedBatcher, collate
+from gpt2.data.batching import LengthGroupedBatcher
 from gpt2.distributed import all_reduce_mean
-from gpt2.inference import generate
 from gpt2.model import GPT
-from gpt2.padding import pad_right
 from gpt2.precision import autocast_context
 from gpt2.rlhf.heads import ActorCritic
 from gpt2.rlhf.losses import (
@@ -48,34 +47,22 @@ from gpt2.rlhf.losses import (
     token_logprobs,
     whiten,
 )
-from gpt2.tokenizer import EOT
+from gpt2.rlhf.rollout import RolloutHyper, answer_batch, answer_stats, sample_answers
 from gpt2.train.task import Task
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, targets) -> scores (B,)
 
 
 @dataclass
-class PPOHyper:
+class PPOHyper(RolloutHyper):
     """The algorithm's knobs (the command's config carries the same names)."""
-    max_new_tokens: int = 64
-    temperature: float = 1.0
     kl_coef: float = 0.05
     gamma: float = 1.0
     lam: float = 0.95
-    clip: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.1
     ppo_epochs: int = 4
     minibatch_size: int = 8
-
-
-def complete(prompt: list[int], answer: list[int], max_new_tokens: int, block_size: int) -> list[int]:
-    """`generate` drops the final `<|endoftext|>`; put it back when that is why the answer stopped (it is
-    an action the policy took and must be credited), i.e. when neither the token budget nor the context
-    window ended it."""
-    if len(answer) < max_new_tokens and len(prompt) + len(answer) < block_size:
-        return answer + [EOT]
-    return answer
 
 
 @torch.no_grad()
@@ -83,11 +70,8 @@ def rollout(actor: ActorCritic, reference: GPT, reward_fn: RewardFn, prompts: li
             generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Sample answers and compute everything the update needs. Returns (batch of (B, T) tensors, metrics)."""
     device = next(actor.parameters()).device
-    ids, masks = pad_right(prompts)
-    answers = generate(actor.policy, ids, masks, hp.temperature, hp.max_new_tokens, generator=generator)
-    block = actor.policy.config.block_size
-    input_ids, targets = collate([(p, complete(p, a, hp.max_new_tokens, block)) for p, a in zip(prompts, answers)])
-    input_ids, targets = input_ids.to(device), targets.to(device)
+    answers = sample_answers(actor.policy, prompts, hp.temperature, hp.max_new_tokens, generator)
+    input_ids, targets = answer_batch(prompts, answers, device)
     mask = targets != -100  # (B, T) answer tokens = actions
 
     was_training = actor.training
@@ -106,8 +90,7 @@ def rollout(actor: ActorCritic, reference: GPT, reward_fn: RewardFn, prompts: li
         "score": score.mean().item(),
         "kl": kl.sum(1).mean().item(),  # per sequence, summed over its tokens
         "reward": rewards.sum(1).mean().item(),
-        "answer_len": mask.sum(1).float().mean().item(),
-        "ended": sum(bool(row[row != -100][-1] == EOT) for row in targets) / len(prompts),  # stopped by EOT
+        **answer_stats(answers),
     }
     return batch, metrics
 
