@@ -62,11 +62,14 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk: int = 128) -> torch.Tensor:
     """mean cross_entropy(h @ weight.T, targets), ignore_index=-100, in float32, in row chunks.
     h: (..., C), weight: (V, C), targets: (...). Without autograd (evaluation) only the loss is computed. Rows
-    whose target is ignored are dropped first (their gradient is zero): fine-tuning's prompts cost no logits."""
+    whose target is ignored are dropped first on a CPU (their gradient is zero): fine-tuning's prompts cost no logits."""
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-    valid = targets != IGNORE_INDEX
-    if not bool(valid.all()):  # masked targets (fine-tuning: the answer only): no logits for the rest at all
-        h, targets = h[valid], targets[valid]
+    # Masked targets (fine-tuning: the answer only) need no logits at all. Only on a CPU: on a GPU, testing
+    # for them and the data-dependent gather each wait for the device, which costs more than the rows.
+    if h.device.type == "cpu":
+        valid = targets != IGNORE_INDEX
+        if not bool(valid.all()):
+            h, targets = h[valid], targets[valid]
     if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
         return _linear_cross_entropy_value(h, weight, targets, chunk)
     with torch.autocast(h.device.type, enabled=False):

@@ -69,7 +69,7 @@ def run(cfg: GRPOConfig) -> GPT:
     """Load the task and the policy (and, for a KL term, its frozen copy); train GRPO's Task on the shared loop."""
     cfg.validate()
     task = get_task(cfg.task, cfg.source)
-    dist = init_distributed(cfg.device)
+    dist = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         if cfg.prompts_per_step % dist.world_size:
             raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {dist.world_size} "
