@@ -62,7 +62,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk: int = 128) -> torch.Tensor:
     """mean cross_entropy(h @ weight.T, targets), ignore_index=-100, in float32, in row chunks.
     h: (..., C), weight: (V, C), targets: (...). Without autograd (evaluation) only the loss is computed. Rows
-    whose target is ignored are dropped first on a CPU (their gradient is zero): fine-tuning's prompts cost no logits."""
+    whose target is ignored are dropped first on a CPU (their gradient is zero): fine-tuning's prompts cost no
+    logits."""
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     # Masked targets (fine-tuning: the answer only) need no logits at all. Only on a CPU: on a GPU, testing
     # for them and the data-dependent gather each wait for the device, which costs more than the rows.
