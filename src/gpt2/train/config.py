@@ -11,6 +11,7 @@ from gpt2.config import ANNOUNCE, APPLY, SESSION, arg, check_values
 from gpt2.errors import UserError, note
 from gpt2.io import not_a_folder
 from gpt2.precision import AUTOCAST_HELP, TRAIN_DTYPES
+from gpt2.train.trackers import DEFAULT_WANDB_PROJECT, EXTRA, check_trackers
 
 
 @dataclass
@@ -77,6 +78,12 @@ class TrainConfig:
                                    "optimizer state, activations) and stop with what would fit when it exceeds "
                                    "the device's free memory", on_resume=APPLY)
     progress: bool = arg(True, "show a progress bar (rank 0)", on_resume=APPLY)
+    logger: list[str] = arg(factory=list, help="trackers that also get metrics.jsonl's numbers (rank 0), "
+                                               "space-separated: tensorboard (into RUN_DIR/tensorboard), wandb "
+                                               "(W&B, online or WANDB_MODE=offline; the run id kept in RUN_DIR), or "
+                                               f"none; they need `{EXTRA}`", on_resume=APPLY, metavar="NAME")
+    wandb_project: str | None = arg(None, "--logger wandb: the W&B project (default: $WANDB_PROJECT, else "
+                                          f"{DEFAULT_WANDB_PROJECT})", on_resume=APPLY)
     # Not a flag: the fields the user set (the CLI fills it). A default may be fitted to the run; a value the
     # user gave is refused when it contradicts another.
     _given: tuple[str, ...] = field(default=(), repr=False, compare=False)
@@ -111,6 +118,7 @@ class TrainConfig:
                 raise UserError(f"--{flag.replace('_', '-')} must be >= 0, 0 = never (got {value})")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"--betas takes two numbers in [0, 1) (got {list(self.betas)})")
+        check_trackers(self.logger)
 
 
     def fit_warmup(self) -> None:

@@ -54,15 +54,17 @@ The pieces live beside it: settings (`train.config`), optimizer and LR schedule 
   the step that failed and the one the file holds, and the atomic write left no temp file.
 - One run per directory: `train()` holds RUN_DIR/run.lock (`gpt2.train.run_dir.run_lock`) from before its
   first write; a second run on the same --out is refused at start, a crashed or killed one never leaves it stuck.
-- Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval), a tqdm bar on rank 0 and the loss
-  graph (`gpt2.plots.plot_run`) redrawn at every evaluation. MFU uses the GPU's own dense bf16 peak from the
-  table in `gpt2.train.runtime` (None, and no MFU, when the card is unknown or on CPU), not one hard-coded card.
+- Observability: `RUN_DIR/metrics.jsonl` (one line per step and per eval, each also sent to the trackers of
+  `--logger`: `gpt2.train.trackers`), a tqdm bar on rank 0 and the loss graph (`gpt2.plots.plot_run`) redrawn at
+  every evaluation. MFU uses the GPU's own dense bf16 peak from the table in `gpt2.train.runtime` (None, and no
+  MFU, when the card is unknown or on CPU), not one hard-coded card.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -129,6 +131,7 @@ from gpt2.train.runtime import (
 from gpt2.train.signals import StopSignals
 from gpt2.train.stats import StepStats, global_count
 from gpt2.train.task import Task
+from gpt2.train.trackers import Trackers, open_trackers
 
 
 @dataclass
@@ -224,6 +227,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.writer = BackgroundWriter()
         self.bar = None
+        self.trackers = Trackers([])  # rank 0 opens those of --logger once it knows the step it starts from
 
     def _wrap(self) -> tuple[nn.Module, Any]:
         """The training forward: the task's loss around the model, under DDP (or with the model sharded by FSDP)
@@ -446,8 +450,11 @@ class Trainer:
         start = self.state.step
         if dist.is_main:
             write_run_config(self.run_dir, self.run_config)
-        self.metrics = MetricsLogger(self.run_dir / METRICS_FILE, enabled=dist.is_main,
-                                     keep_until_step=start if rng is not None else None)
+        resume_step = start if rng is not None else None
+        if dist.is_main:
+            self.trackers = open_trackers(cfg.logger, self.run_dir, self.run_config, resume_step, cfg.wandb_project)
+        self.metrics = MetricsLogger(self.run_dir / METRICS_FILE, enabled=dist.is_main, keep_until_step=resume_step,
+                                     trackers=self.trackers)
         self.bar = tqdm(total=cfg.max_steps, initial=start, disable=not (dist.is_main and cfg.progress),
                         unit="step", dynamic_ncols=True, desc=self.run_dir.name)
         self.model.train()
@@ -522,8 +529,10 @@ class Trainer:
         return self._shadow if self.dist.is_main else None
 
     def close(self) -> None:
-        """Drop the DDP wrapper now, while its process group lives: a DDP reducer freed after
+        """Close the trackers (flushed; W&B told whether the session failed: an error, not a signal's saved stop),
+        and drop the DDP wrapper now, while its process group lives: a DDP reducer freed after
         `destroy_process_group` (say by the garbage collector at exit) deadlocks in gloo's teardown."""
+        self.trackers.close(failed=isinstance(sys.exc_info()[1], Exception))
         self.forward = self.ddp = self.root = None
 
     def _say(self, line: str) -> None:

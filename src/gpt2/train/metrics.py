@@ -1,4 +1,5 @@
-"""A run's metrics: RUN_DIR/metrics.jsonl, one JSON object per step and per evaluation, and its loss graph."""
+"""A run's metrics: RUN_DIR/metrics.jsonl, one JSON object per step and per evaluation (each also sent to the
+run's trackers, `gpt2.train.trackers`), and its loss graph."""
 
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ from typing import Any
 from gpt2.errors import UserError, note
 from gpt2.io import disk_error, make_folder, write_text_atomic
 from gpt2.plots import metrics_lines, plot_run
+from gpt2.train.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0 only). On resume, lines logged after
-    the checkpoint's step are dropped, so the file always matches the weights."""
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (rank 0 only), and hands each to `trackers`.
+    On resume, lines logged after the checkpoint's step are dropped, so the file always matches the weights."""
 
-    def __init__(self, path: str | os.PathLike, enabled: bool = True, keep_until_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, enabled: bool = True, keep_until_step: int | None = None,
+                 trackers: Trackers | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = trackers or Trackers([])
         if not enabled:
             return
         make_folder(self.path.parent)
@@ -41,6 +45,7 @@ class MetricsLogger:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
                 raise (disk_error(self.path, e) or e) from e
+            self.trackers.log(record)
 
 
 def plot(run_dir: Path) -> None:
