@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "prepare_fineweb", "prepare_alpaca", "prepare_hh",
     "pretrain", "finetune", "dpo", "reward", "ppo",
     "eval", "plot", "generate", "chat", "serve", "cache",
+    "export",
 ]
 
 
