@@ -9,6 +9,7 @@ llama-cpp-python is not installed (`pip install -e ".[llama]"` builds it; `make 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -34,8 +35,8 @@ UNICODE_TEXT = ("Héllo wörld, naïve café — crème brûlée! 😀🚀👍�
                 "don't, we'll, I'm, they've, she'd. ¿Qué tal? Ωμέγα. АБВ где.\n")
 PROMPT = "The model writes the checkpoint and the model folder, then"
 # llama.cpp vs ours, measured on this file's models (see the docstrings of the tests that use them)
-F32_ATOL = 2e-3
-F16_ATOL = 5e-2
+F32_ATOL = 3e-3
+F16_ATOL = 2e-2
 Q8_TOP1_SHARE = 0.9
 
 
@@ -101,6 +102,7 @@ def our_logits(model_path: Path, tokens: list[int]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- the file itself
 
 
+@functools.cache  # reading the 50257 tokens and 50000 merges back takes seconds
 def fields(path: Path) -> tuple[dict, list]:
     reader = GGUFReader(path)
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}, reader.tensors
@@ -205,13 +207,18 @@ def test_refusals_are_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
+    try:
+        import llama_cpp
+    except Exception as e:  # not installed, or installed with a llama.cpp library that does not load
+        pytest.skip(f"llama-cpp-python is not usable ({type(e).__name__}: {e}); pip install -e '.[llama]' builds it")
+    return llama_cpp
 
 
 def llama(llama_cpp, path: Path, n_ctx: int):
-    # f32 K/V cache: the comparison is of the weights' types, not of llama.cpp's default f16 cache
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, n_batch=n_ctx, logits_all=True, verbose=False,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    """llama.cpp on `path` with an f32 K/V cache (the comparison is of the weights' types, not of llama.cpp's
+    default f16 cache) and one thread (on a shared 2-core machine its threads spin waiting for each other)."""
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=1, n_threads_batch=1, n_batch=n_ctx, logits_all=True,
+                           verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def llama_logits(llm, tokens: list[int]) -> np.ndarray:
@@ -222,6 +229,34 @@ def llama_logits(llm, tokens: list[int]) -> np.ndarray:
 
 def top1_share(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+def clear_top1_misses(theirs: np.ndarray, ours: np.ndarray) -> list[int]:
+    """Positions where llama.cpp's top-1 token is not ours although our top two logits are 2 x F32_ATOL apart or
+    more (closer ones, near-ties, may fall either way within f32's tolerance)."""
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] >= 2 * F32_ATOL
+    return np.flatnonzero(clear & (theirs.argmax(-1) != ours.argmax(-1))).tolist()
+
+
+def greedy_pair(llama_cpp, model_path: Path, gguf: Path, steps: int) -> tuple[list[int], list[int], int]:
+    """Our greedy continuation of PROMPT, llama.cpp's (its own sampler at temperature 0, top-k 1), and how many
+    tokens must agree: up to the first step whose top two logits (ours) are closer than 2 x F32_ATOL, where
+    llama.cpp's float error may pick the other one (a near-tie: random weights have a few)."""
+    prompt = tiktoken.get_encoding("gpt2").encode_ordinary(PROMPT)
+    model = load_model(model_path).eval()
+    ours = generate(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), 0.0, steps)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ours]))[0, len(prompt) - 1: len(prompt) - 1 + len(ours)]
+    top2 = logits.topk(2, dim=-1).values
+    near_ties = ((top2[:, 0] - top2[:, 1]) < 2 * F32_ATOL).nonzero().flatten().tolist()
+    llm = llama(llama_cpp, gguf, len(prompt) + steps)
+    theirs = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        if token == llm.token_eos() or len(theirs) == steps:
+            break
+        theirs.append(token)
+    return ours, theirs, (near_ties + [len(ours)])[0]
 
 
 def test_llama_cpp_tokenizes_like_tiktoken(llama_cpp, trained_gguf):
@@ -235,43 +270,30 @@ def test_llama_cpp_tokenizes_like_tiktoken(llama_cpp, trained_gguf):
     assert llm.token_eos() == llm.token_bos() == 50256
 
 
-def test_llama_cpp_logits_match_ours(llama_cpp, trained, trained_gguf):
-    """Over a 64-token window (the whole context). f32: llama.cpp computes in f32 too, with its own summation order
-    and a tanh-GELU from a table of f16 inputs; the measured max abs difference is a few 1e-4 on logits of
-    size ~10, bounded by F32_ATOL. f16 weights: max difference measured ~1e-2, bounded by F16_ATOL. q8_0: the
-    same top-1 token at nearly every position (measured: all 64)."""
+def test_llama_cpp_logits_and_greedy_text_match_ours(llama_cpp, trained, trained_gguf):
+    """Over a 64-token window (the whole context): f32 max |difference| measured 3e-5 (F32_ATOL: see the 124M
+    test), f16 weights 8e-4, q8_0 1.4e-2 with the same top-1 token at every position (logits' std 0.33). The greedy
+    continuation is llama.cpp's own sampling loop, K/V cache and positions; after a dozen steps this model mostly
+    repeats its likeliest token, so the 124M test's random model checks varied text."""
     tokens = tiktoken.get_encoding("gpt2").encode_ordinary(UNICODE_TEXT + PROMPT)[:64]
     ours = our_logits(trained, tokens)
-    diffs = {}
-    for outtype in ("f32", "f16", "q8_0"):
-        theirs = llama_logits(llama(llama_cpp, trained_gguf[outtype], 64), tokens)
-        assert theirs.shape == ours.shape
-        diffs[outtype] = (float(np.abs(theirs - ours).max()), top1_share(theirs, ours))
-    print("max |logit diff|, top-1 share:", diffs)
-    assert diffs["f32"][0] < F32_ATOL and diffs["f32"][1] == 1.0
-    assert diffs["f16"][0] < F16_ATOL
-    assert diffs["q8_0"][1] >= Q8_TOP1_SHARE
-
-
-def test_llama_cpp_greedy_continuation_is_ours(llama_cpp, trained, trained_gguf):
-    prompt = tiktoken.get_encoding("gpt2").encode_ordinary(PROMPT)
-    steps = 64 - len(prompt)
-    model = load_model(trained).eval()
-    ours = generate(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), 0.0, steps)[0]
-    llm = llama(llama_cpp, trained_gguf["f32"], 64)
-    theirs = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-        if token == llm.token_eos() or len(theirs) == steps:
-            break
-        theirs.append(token)
-    assert len(ours) >= 8  # a real continuation, not one that stopped at once
-    assert theirs == ours
+    theirs = {t: llama_logits(llama(llama_cpp, path, 64), tokens) for t, path in trained_gguf.items()}
+    diff = {t: float(np.abs(logits - ours).max()) for t, logits in theirs.items()}
+    print("max |logit diff|:", diff, "q8_0 top-1 share:", top1_share(theirs["q8_0"], ours))
+    assert diff["f32"] < F32_ATOL and clear_top1_misses(theirs["f32"], ours) == []
+    assert diff["f16"] < F16_ATOL
+    assert top1_share(theirs["q8_0"], ours) >= Q8_TOP1_SHARE
+    ours_text, theirs_text, agree = greedy_pair(llama_cpp, trained, trained_gguf["f32"], 32)
+    assert len(ours_text) == 32 and theirs_text[:agree] == ours_text[:agree] and agree == 32
 
 
 def test_a_124m_model_runs_in_llama_cpp_like_ours(llama_cpp, gpt2_124m):
-    """The 124M shape (12 layers, 768 wide, 1024 positions), random weights: f32 logits within F32_ATOL (measured
-    a few 1e-4), q8_0 the same top-1 token at nearly every position (random weights make near-ties common; measured
-    share printed)."""
+    """The 124M shape (12 layers, 768 wide, 1024 positions), random weights (logits' std 0.55). f32: max |difference|
+    measured 1.2e-3, mostly from ggml's GELU, which reads its input and writes its output as f16 through a table
+    (rounding our GELU's input and output so brings our own logits 1e-3 apart); F32_ATOL leaves 2x margin and is
+    still far below what a wrong layout makes (differences of the logits' own size). q8_0: measured 0.98 of
+    positions with our top-1 token, as random weights make near-ties. Greedy: the same 32 varied tokens up to the
+    first near-tie."""
     hf, files = gpt2_124m
     tokens = tiktoken.get_encoding("gpt2").encode_ordinary(UNICODE_TEXT)[:48]
     ours = our_logits(hf, tokens)
@@ -279,5 +301,9 @@ def test_a_124m_model_runs_in_llama_cpp_like_ours(llama_cpp, gpt2_124m):
     q8 = llama_logits(llama(llama_cpp, files["q8_0"], 64), tokens)
     print(f"124M: f32 max |diff| {np.abs(f32 - ours).max():.2e}, q8_0 max |diff| {np.abs(q8 - ours).max():.2e}, "
           f"q8_0 top-1 share {top1_share(q8, ours):.3f}")
-    assert np.abs(f32 - ours).max() < F32_ATOL and top1_share(f32, ours) == 1.0
+    assert np.abs(f32 - ours).max() < F32_ATOL and clear_top1_misses(f32, ours) == []
     assert top1_share(q8, ours) >= Q8_TOP1_SHARE
+    ours_text, theirs_text, agree = greedy_pair(llama_cpp, hf, files["f32"], 32)
+    print(f"124M greedy: {agree} tokens before the first near-tie, {len(set(ours_text[:agree]))} distinct")
+    assert agree >= 24 and len(set(ours_text[:agree])) >= 3
+    assert theirs_text[:agree] == ours_text[:agree]
