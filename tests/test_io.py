@@ -169,3 +169,20 @@ def test_files_the_issue_found_0600_are_0644(tmp_path, tiny, umask_022):
     for path in (tmp_path / "model" / "model.safetensors", tmp_path / "model" / "config.json",
                  tmp_path / "loss.png", tmp_path / "train.jsonl"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_remove_dead_temps_removes_a_killed_writers_file_only(tmp_path):
+    """A writer's temporary file stays locked while it is written: old or not, it is spared; an old unlocked one (its
+    writer was killed) is removed; a young one is kept (its writer may not have locked it yet)."""
+    target = tmp_path / "big.gguf"
+    dead, young = tmp_path / ".big.gguf.abcd1234.tmp", tmp_path / ".big.gguf.efgh5678.tmp"
+    dead.write_bytes(b"left by a killed export")
+    young.write_bytes(b"just created")
+    os.utime(dead, (0, 0))
+    with gio.atomic_path(target) as tmp:
+        tmp.write_bytes(b"being written")
+        os.utime(tmp, (0, 0))
+        assert gio.remove_dead_temps(target) == [dead]
+        assert tmp.exists() and young.exists()
+    assert target.read_bytes() == b"being written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [young.name, target.name]

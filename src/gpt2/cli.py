@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "prepare_fineweb", "prepare_alpaca", "prepare_hh", "prepare_task",
     "pretrain", "finetune", "dpo", "reward", "ppo", "grpo",
     "eval", "plot", "generate", "chat", "serve", "cache",
+    "export",
 ]
 
 

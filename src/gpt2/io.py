@@ -6,6 +6,9 @@ Design decisions:
   `path` and fsyncs the folder, so after a crash, a SIGKILL or a full disk `path` holds either the old or the
   new bytes, never half of them. The temporary file is removed on any failure. The file gets mode 0666
   minus the umask (0644 usually), like a file made by `open()`; `mkstemp` alone would leave it 0600.
+  `atomic_path(path)` is the same for a writer that opens the file by name itself (gguf's writer): it gets the
+  temporary file's path. The temporary file is `flock`ed while it is written, so `remove_dead_temps` deletes
+  what a killed writer left (a multi-GB GGUF file) without touching one being written.
 - A disk error while writing (full disk, read-only file system, no permission) becomes a one-line
   `UserError` naming the file, not a traceback from deep inside torch or safetensors.
 - Appends (metrics.jsonl) stay plain appends: a line cut short by a crash is skipped by its reader.
@@ -25,12 +28,14 @@ Design decisions:
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import io
 import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,22 +107,23 @@ def disk_error(path: str | os.PathLike, e: OSError) -> UserError | None:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """`with atomic_write(path, "w") as f: f.write(...)`: `path` appears complete or not at all.
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """`with atomic_path(path) as tmp: writer.write(tmp)`: for writers that open the file by name themselves
+    (gguf's `GGUFWriter`). `tmp` is an empty temporary file beside `path` (".NAME.XXXXXXXX.tmp", mode 0666 minus
+    the umask); when the block ends it is fsynced and renamed over `path`, and on any error it is removed.
 
-    mode: "wb" or "w" (text, `encoding`). The parent folder is created if needed."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
+    The temporary file stays locked (`flock`) until it is renamed, so `remove_dead_temps` can tell the leftover
+    of a killed writer from a file being written. The parent folder is created if needed."""
     path = Path(path)
     tmp: str | None = None
+    fd: int | None = None
     try:
         make_folder(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        _lock(fd, blocking=True)
+        yield Path(tmp)
+        os.fsync(fd)  # the same file, however the writer opened it: its data reach the disk before the rename
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -126,9 +132,60 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
             raise
         raise err from e
     finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """`with atomic_write(path, "w") as f: f.write(...)`: `path` appears complete or not at all.
+
+    mode: "wb" or "w" (text, `encoding`). The parent folder is created if needed."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+        yield f
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """An exclusive `flock` on `fd`: True once held, False when another process holds it (only when not
+    `blocking`). True where `fcntl` does not exist (Windows): nothing is locked there."""
+    try:
+        import fcntl  # POSIX only
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def remove_dead_temps(path: str | os.PathLike, min_age_s: float = 5.0) -> list[Path]:
+    """Delete the temporary files that `atomic_path` writers of `path` killed mid-write left beside it, and return
+    them: the ones no living writer holds locked. A file younger than `min_age_s` is kept (its writer may not
+    have locked it yet), and so is every file where locks do not exist (Windows)."""
+    path = Path(path)
+    if not path.parent.is_dir() or os.name != "posix":  # no flock elsewhere: a live file would look dead
+        return []
+    removed = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if not _TEMP_NAME.fullmatch(p.name) or time.time() - p.stat().st_mtime < min_age_s:
+                continue
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:  # gone meanwhile
+            continue
+        try:
+            if _lock(fd, blocking=False):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def remove_temp_files(folder: str | os.PathLike) -> None:
