@@ -24,7 +24,7 @@ install: $(BIN)/.installed
 
 # llama-cpp-python for the GGUF tests, tried once: where it cannot be built, those tests skip with the reason
 $(BIN)/.llama: $(BIN)/.installed
-	@echo "make: installing llama-cpp-python (built from source: 10-20 minutes on 2 cores the first time, then cached by pip)"
+	@echo "make: installing llama-cpp-python (the first time it compiles llama.cpp from source, which takes many minutes; pip caches the result)"
 	$(BIN)/python -m pip install -q -e ".[dev,llama]" || echo "make: llama-cpp-python could not be built: the tests that run GGUF files in llama.cpp will skip"
 	touch $@
 
