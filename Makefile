@@ -31,8 +31,10 @@ $(BIN)/.llama: $(BIN)/.installed
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
+# One pytest-xdist worker per core, a test file per worker at a time: many tests wait on child processes, servers
+# or compilers, and module fixtures stay built once per file.
 test: install $(BIN)/.llama
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -16,14 +16,22 @@ SHARED_DATA = SHARED / "data"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores: more torch
+# threads than cores make OpenMP threads wait for each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _compile_cache(tmp_path_factory) -> None:
     """Compiled decoding pieces (`gpt2.decode.compiled`) go to a folder of this session, not the user's cache, and are
     shared by its tests (child processes inherit it)."""
-    os.environ["GPT2_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compiled"))
+    base = tmp_path_factory.getbasetemp()
+    # xdist workers share one folder (their base folders' parent) so a piece is compiled once per run; the cache's
+    # lock makes concurrent builders wait for one another.
+    folder = base.parent / "compiled" if "PYTEST_XDIST_WORKER" in os.environ else base / "compiled"
+    folder.mkdir(exist_ok=True)
+    os.environ["GPT2_COMPILE_CACHE"] = str(folder)
 
 
 def _tokenizer_available() -> bool:
