@@ -65,8 +65,7 @@ class FbgemmPerMatrix(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        q, scale = quantize_rows(linear.weight)
-        self.linear = fbgemm_linear(q, scale)
+        self.linear = fbgemm_linear(quantize_rows(linear.weight))
         self.bias = nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +98,7 @@ def linear_routes(compiled: bool) -> dict[str, Callable[[torch.Tensor], object]]
         "fp32 eager (x @ W)": Stack([MatmulIn(lin) for lin in base]).eval(),
         "int8 fbgemm, per-matrix range": Stack([FbgemmPerMatrix(lin) for lin in base]).eval(),
         "int8 fbgemm, per-token range (ours)":
-            Stack([Int8Linear(*quantize_rows(lin.weight), lin.bias) for lin in base]).eval(),
+            Stack([Int8Linear(quantize_rows(lin.weight), lin.bias) for lin in base]).eval(),
     }
     makers: dict[str, Callable[[], nn.Module]] = {
         "torchao int8 dyn-act eager": lambda: torchao_stack("Int8DynamicActivationInt8WeightConfig"),

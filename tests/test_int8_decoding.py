@@ -21,11 +21,12 @@ QA = [("Name a primary color.", "Red is a primary color."),
       ("What is the capital of France?", "The capital of France is Paris."),
       ("Give a synonym for happy.", "A synonym for happy is joyful."),
       ("How many legs does a spider have?", "A spider has eight legs.")]
-# Log-probabilities of the trained answers' tokens, int8 against fp32: the weights are rounded to 1/254 of each
-# output channel's largest magnitude and each token's activations to 1/127 of its own, so every logit moves by
-# a small fraction of its size; on this model the answers' tokens moved by at most ~0.02 nats (a few hundredths
-# of a percent of probability at these confident tokens), and a change of 0.1 would mean a real error.
-LOGPROB_TOLERANCE = 0.1
+# Log-probabilities, int8 against fp32. The weights are rounded to 1/254 of each output channel's largest magnitude
+# and each token's activations to 1/127 of their own, so a logit moves by a small fraction of the logits' spread:
+# measured on this model, at most 0.0025 nats at the answers' tokens (confident, as a trained model's answers
+# are: log-probs about -0.05) and 0.084 at the prompt's (log-probs down to -10, where the spread is wide). The
+# bounds leave about 3x (prompt) and 8x (answers) of room for other CPUs' float rounding, not for a real error.
+ANSWER_TOLERANCE, PROMPT_TOLERANCE = 0.02, 0.25
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,22 +81,26 @@ def test_greedy_answers_equal_fp32_and_log_probs_are_close(trained):
     assert generate(model, *pad_right(prompts), 0.0, 16, decoder=int8) == fp32_answers
     assert generate(model, *pad_right(prompts), 0.0, 16, weights_dtype="int8") == fp32_answers
     sequences = [p + a for p, a in zip(prompts, fp32_answers)]
-    want = [[t.logprob for t in row[1:]] for row in score_tokens(model, sequences)]
-    got = [[t.logprob for t in row[1:]] for row in score_tokens(int8, sequences)]
-    worst = max(abs(g - w) for gs, ws in zip(got, want) for g, w in zip(gs, ws))
-    assert 0 < worst < LOGPROB_TOLERANCE  # quantized (not the fp32 weights), and close
+    want, got = score_tokens(model, sequences), score_tokens(int8, sequences)
+    for p, w, g in zip(prompts, want, got):
+        moved = [abs(a.logprob - b.logprob) for a, b in zip(w[1:], g[1:])]  # token 0 has no log-prob
+        answer, prompt = moved[len(p) - 1:], moved[:len(p) - 1]
+        assert max(answer) < ANSWER_TOLERANCE and max(prompt) < PROMPT_TOLERANCE, (max(answer), max(prompt))
+        assert max(prompt) > 0  # the int8 weights, not fp32's
 
 
 def test_a_row_decodes_the_same_alone_and_in_a_batch(trained):
-    """Each token's activations are quantized on their own range, so batch-mates change nothing, bit for bit."""
+    """Each token's activations are quantized on their own range, so batch-mates change no product, bit for bit
+    (scoring pads rows to the longest, and attention's float rounding may then differ in the last bit, as fp32's)."""
     decoder = Decoder(load(trained), weights_dtype="int8")
     prompts = [chat_ids(q) for q, _ in QA] + [encode("Red is")]
     together = generate(decoder.model, *pad_right(prompts), 0.0, 12, decoder=decoder)
     alone = [generate(decoder.model, *pad_right([p]), 0.0, 12, decoder=decoder)[0] for p in prompts]
     assert together == alone
     batch = score_tokens(decoder, prompts)
-    assert [[t.logprob for t in r[1:]] for r in batch] == \
-        [[t.logprob for t in score_tokens(decoder, [p])[0][1:]] for p in prompts]
+    for p, row in zip(prompts, batch):
+        alone = score_tokens(decoder, [p])[0]
+        assert [t.logprob for t in row[1:]] == pytest.approx([t.logprob for t in alone[1:]], abs=1e-5)
 
 
 def test_released_weights_leave_the_int8_copy_only(trained):

@@ -44,58 +44,56 @@ WEIGHTS_DTYPES = ("float32", "bfloat16", "float16", "int8")
 _TINY = 1e-12  # a token whose activations are all zero divides by this instead of by zero
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of `w` (out, in): (int8 values (out, in), fp32 scales (out,)), w ~ q * s."""
-    scale = w.detach().float().abs().amax(dim=1).clamp(min=_TINY) / 127
-    q = torch.round(w.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def quantize_rows(w: torch.Tensor) -> torch.Tensor:
+    """`w` (out, in) as a qint8 tensor quantized per row (output channel), symmetric: round(w / s) with
+    s = max|w| / 127 per row, zero points 0."""
+    w = w.detach().float()
+    scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=_TINY).div_(127)  # (out,)
+    return torch.quantize_per_channel(w, scale.double(), torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
 
 
-def fbgemm_linear(q: torch.Tensor, scale: torch.Tensor) -> nn.Module:
-    """fbgemm's dynamic int8 linear holding `q * scale` (out, in), without bias."""
+def fbgemm_linear(qweight: torch.Tensor) -> nn.Module:
+    """fbgemm's dynamic int8 linear holding `qweight` (qint8 (out, in)), without bias."""
     from torch.ao.nn.quantized.dynamic import Linear  # imported when used: the import warns it is deprecated
 
-    zero_points = torch.zeros(q.size(0), dtype=torch.long)
-    qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(), zero_points, 0, torch.qint8)
-    linear = Linear(q.size(1), q.size(0), dtype=torch.qint8)
+    linear = Linear(1, 1, bias_=False, dtype=torch.qint8)  # made 1 x 1: its constructor packs a placeholder
     linear.set_weight_bias(qweight, None)
+    linear.out_features, linear.in_features = qweight.shape
     return linear
 
 
 class Int8Linear(nn.Module):
     """`x @ W.T + b` (W (out, in)) with W in int8 and each token's activations quantized on their own range."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, qweight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.linear = fbgemm_linear(q, scale)
+        self.linear = fbgemm_linear(qweight)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        pin = torch.zeros(1, q.size(1))
+        pin = torch.zeros(1, qweight.size(1))
         pin[0, 0], pin[0, 1] = 1.0, -1.0  # fixes the matrix's range at [-1, 1] (see the module docstring)
         self.register_buffer("pin", pin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1)).float()  # (N, in)
-        amax = flat.abs().amax(dim=1, keepdim=True).clamp(min=_TINY)  # (N, 1)
-        y = self.linear(torch.cat([flat / amax, self.pin]))[:-1]  # (N, out)
-        y = y * amax if self.bias is None else torch.addcmul(self.bias, y, amax)
+        # few operations: at one row, each costs about as much as a tenth of the product itself
+        amax = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True).clamp_(min=_TINY)  # (N, 1)
+        pinned = torch.cat([flat, self.pin])  # (N + 1, in)
+        pinned[:-1].div_(amax)
+        y = self.linear(pinned)[:-1]  # (N, out)
+        y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
         return y.view(*x.shape[:-1], y.size(-1)).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):
     """Rows of an int8 table, each times its scale: the token embedding from the head's quantized matrix."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, qweight: torch.Tensor):
         super().__init__()
-        self.register_buffer("q", q)  # (V, C) int8
-        self.register_buffer("scale", scale)  # (V,)
+        self.register_buffer("q", qweight.int_repr())  # (V, C) int8
+        self.register_buffer("scale", qweight.q_per_channel_scales().float())  # (V,)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.q[idx].float() * self.scale[idx].unsqueeze(-1)
-
-
-def _projection(p: Projection) -> Int8Linear:
-    q, scale = quantize_rows(p.weight.t())  # a Projection stores (in, out)
-    return Int8Linear(q, scale, p.bias)
 
 
 def quantized(model: GPT) -> GPT:
@@ -115,13 +113,14 @@ def quantized(model: GPT) -> GPT:
         warnings.simplefilter("ignore")
         for name, module in model.named_modules():
             if isinstance(module, Projection):
-                out.set_submodule(name, _projection(module))
+                out.set_submodule(name, Int8Linear(quantize_rows(module.weight.t()), module.bias))  # (in, out)
             elif isinstance(module, (nn.LayerNorm, nn.Embedding)) and module is not model.transformer.wte:
                 out.set_submodule(name, copy.deepcopy(module).float())  # position embeddings, LayerNorms
-        q, scale = quantize_rows(model.transformer.wte.weight[: config.vocab_size])
-        out.transformer.wte = Int8Embedding(q, scale)
-        out.lm_head = Int8Linear(q, scale, None)
-    left = [k for k, v in out.state_dict().items() if isinstance(v, torch.Tensor) and v.is_meta]
+        head = quantize_rows(model.transformer.wte.weight[: config.vocab_size])
+        out.transformer.wte = Int8Embedding(head)
+        out.lm_head = Int8Linear(head, None)
+    left = [k for k, v in [*out.named_parameters(), *out.named_buffers()] if v.is_meta]  # (state_dict() would
+    # unpack every fbgemm weight)
     if left:  # a module kind this function does not know of: fail here, not in the first forward
         raise TypeError(f"quantized: no int8 or fp32 copy made of {left[:3]}")
     return out
