@@ -144,7 +144,7 @@ class ChatSession:
 def interact(session: ChatSession, inp: TextIO | None = None) -> None:
     """Read messages and commands line by line (from stdin by default) until /quit or end of input."""
     out, inp = session.out, inp or sys.stdin
-    out.write(f"chatting with {session.cfg.model}; {HELP}\n")
+    out.write(f"chatting with {session.cfg.model} ({session.decoder.weights_dtype} weights); {HELP}\n")
     while True:
         out.write("> ")
         out.flush()

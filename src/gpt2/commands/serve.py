@@ -95,7 +95,8 @@ def serve_on(sockets: list[socket.socket], cfg: ServeConfig) -> None:
     if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
-    print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
+    print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters, {engine.decoder.weights_dtype} weights) at "
+          f"http://{cfg.host}:{cfg.port}/ "
           f"{'(API key required)' if api_key else ''}", flush=True)
     server = http_server(app, engine, cfg.request_timeout, cfg.shutdown_timeout)
     if not serve_http_beside(engine, server, sockets, cfg.shutdown_timeout):
