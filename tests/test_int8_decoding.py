@@ -159,3 +159,12 @@ def test_serve_reports_and_answers_with_int8_weights(trained):
         r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == decode(want)
+
+
+def test_a_cpu_without_avx2_is_told_in_one_line(trained, capsys, monkeypatch):
+    """fbgemm needs AVX2: on an older CPU the command says so instead of failing inside the first product."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(trained), "--weights-dtype", "int8", "--device", "cpu", "Red is"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "AVX2" in err and "--weights-dtype float32" in err, err

@@ -102,10 +102,10 @@ def quantized(model: GPT) -> GPT:
     if model.lm_head.weight.device.type != "cpu":
         raise UserError(f"--weights-dtype int8 decodes on a CPU only (the model is on "
                         f"{model.lm_head.weight.device.type}); use bfloat16 or float16 there")
-    if "fbgemm" not in torch.backends.quantized.supported_engines and \
-            "x86" not in torch.backends.quantized.supported_engines:
-        raise UserError("--weights-dtype int8 needs PyTorch's x86 int8 engine (fbgemm), which this build or CPU "
-                        "lacks; decode with --weights-dtype float32")
+    engines = torch.backends.quantized.supported_engines
+    if not {"fbgemm", "x86"} & set(engines) or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        raise UserError("--weights-dtype int8 needs PyTorch's x86 int8 engine (fbgemm) and a CPU with AVX2, which "
+                        "this build or CPU lacks; decode with --weights-dtype float32")
     config = model.config
     with torch.device("meta"):
         out = GPT(config).eval()
