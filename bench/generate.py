@@ -1,22 +1,29 @@
-"""Greedy generation speed on CPU: gpt2-scratch vs `transformers` generate vs ONNX Runtime, one run.
+"""Greedy generation speed on CPU: gpt2-scratch (fp32 and int8) vs `transformers` generate vs ONNX Runtime (fp32 and
+int8), one run.
 
 A random-weight GPT-2 124M is saved once in HF format and loaded by every implementation. Each generates
 `--new-tokens` tokens greedily for `--prompt-len`-token prompts at each batch size (stop token disabled, so
 all produce exactly the same number of tokens), in rounds that alternate the implementations so that other
 load on the machine hits them alike; the fastest round of each is kept. Printed: the CPU model and its
-vector extensions, tokens/s of each and ours' ratio to each, ours with temperature sampling, the one-time
-cost, peak memory of ours against transformers (each in a fresh process), and two checks: ours' greedy
-tokens equal transformers' at batch 1, and each batch row equals that prompt decoded alone.
+vector extensions, one table of tokens/s (a column per implementation) and one of ratios (ours against each
+implementation a user would run instead), ours with temperature sampling, the one-time cost, peak memory of ours
+(fp32 and int8) against transformers (each in a fresh process), and checks: ours' greedy tokens equal
+transformers' and ONNX Runtime's at batch 1, each batch row equals that prompt decoded alone, and int8's greedy
+tokens agree with fp32's (ours and ONNX Runtime's) at a share of positions (random weights have many near-ties).
 
 "ours" is the compiled decoder (`Decoder(model, compile=True)`: what `gpt2 chat`, `gpt2 serve` and
 `gpt2 generate --compile` run; its pieces are compiled once per weights, torch and CPU and cached, see
 `gpt2.compiled`); "eager" is the same decoder without compiling (`--no-compile`, and `generate()` called
-without a decoder, as training's samples do). Its memory is measured as the commands run it: a start with the
-compiled pieces cached, the model's weights handed over to them (`release_weights`).
+without a decoder, as training's samples do); "ours int8" is `Decoder(model, weights_dtype="int8")`
+(`--weights-dtype int8`: 8-bit weights, fbgemm's integer kernels). Memory is measured as the commands run it: a
+start with the compiled pieces cached, the model's weights handed over (`release_weights`).
 
 ONNX Runtime runs an ONNX export of the same fp32 weights: one graph taking the past keys/values as inputs
-and returning them extended (the plain way to run GPT-2 with a KV cache there). It is an optional bench
-dependency (`pip install -e ".[bench]"`); without it that column says why it is missing.
+and returning them extended (the plain way to run GPT-2 with a KV cache there); "ORT int8" is that export with
+its weight products as MatMul nodes, quantized by `onnxruntime.quantization.quantize_dynamic` (per-channel
+symmetric int8 weights, as ours). It is an optional bench dependency (`pip install -e ".[bench]"`); without it
+those columns say why they are missing. Another engine is one more `Column` in `columns()` (and, to compare
+against it, one more pair in `RATIOS`).
 
     python bench/generate.py [--batch-sizes 1 8 16] [--prompt-len 32] [--new-tokens 128] [--threads 2]
 """
@@ -33,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,10 +105,48 @@ class _StepGraph(torch.nn.Module):
         return (self.model.logits(hidden[:, -1]), *cache.present)
 
 
-class OrtGreedy:
-    """Greedy decoding with ONNX Runtime on an ONNX export of `model` (same weights, fp32)."""
+class _MatMulProjection(torch.nn.Module):
+    """A `Projection` as `x @ W + b`, which ONNX exports as MatMul and Add (the model's `addmm` becomes Gemm, which
+    ONNX Runtime's dynamic quantizer leaves in fp32)."""
 
-    def __init__(self, model, threads: int, directory: str):
+    def __init__(self, projection):
+        super().__init__()
+        self.weight, self.bias = projection.weight, projection.bias
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class _MatMulHead(torch.nn.Module):
+    """The tied head as `x @ W.T` (MatMul), for the same reason."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
+def matmul_copy(model):
+    """A copy of `model` whose weight products export as MatMul nodes (`_MatMulProjection`, `_MatMulHead`)."""
+    import copy
+
+    from gpt2.model import Projection
+
+    out = copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, Projection):
+            out.set_submodule(name, _MatMulProjection(module))
+    out.lm_head = _MatMulHead(out.transformer.wte.weight)
+    return out
+
+
+class OrtGreedy:
+    """Greedy decoding with ONNX Runtime on an ONNX export of `model` (same weights, fp32); with `int8`, the export
+    quantized by ONNX Runtime's `quantize_dynamic` (per-channel symmetric int8 weights)."""
+
+    def __init__(self, model, threads: int, directory: str, int8: bool = False):
         import numpy as np
         import onnxruntime as ort
 
@@ -113,15 +159,24 @@ class OrtGreedy:
         dyn = {"ids": {0: "B", 1: "T"}, "positions": {0: "B", 1: "T"}, "mask": {0: "B", 2: "T", 3: "S"},
                **{n: {0: "B", 2: "P"} for n in names}, "logits": {0: "B"},
                **{f"present_{i}": {0: "B", 2: "S"} for i in range(2 * self.L)}}
-        path = os.path.join(directory, "gpt2_step.onnx")
-        torch.onnx.export(_StepGraph(model).eval(), (ids, pos, mask, *past), path, dynamo=False,
-                          input_names=["ids", "positions", "mask", *names],
+        path = os.path.join(directory, "gpt2_step_int8.onnx" if int8 else "gpt2_step.onnx")
+        torch.onnx.export(_StepGraph(matmul_copy(model) if int8 else model).eval(), (ids, pos, mask, *past), path,
+                          dynamo=False, input_names=["ids", "positions", "mask", *names],
                           output_names=["logits", *[f"present_{i}" for i in range(2 * self.L)]],
                           dynamic_axes=dyn, opset_version=17)
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = path.replace(".onnx", ".q.onnx")
+            quantize_dynamic(path, quantized, per_channel=True, weight_type=QuantType.QInt8)
+            path = quantized
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.names = names
+
+    def generate_for(self, new_tokens: int) -> Callable[[torch.Tensor], list[list[int]]]:
+        return lambda ids: self.generate(ids, new_tokens)
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
         np = self.np
@@ -156,7 +211,9 @@ def peak_memory_child(impl: str, directory: str, batch: int, prompt_len: int, ne
         from gpt2.model import GPT
 
         model = GPT.from_pretrained(directory).eval()
-        decoder = Decoder(model, compile=True, release_weights=True) if impl == "ours" else Decoder(model)
+        decoder = {"ours": lambda: Decoder(model, compile=True, release_weights=True),
+                   "ours-int8": lambda: Decoder(model, release_weights=True, weights_dtype="int8"),
+                   "ours-eager": lambda: Decoder(model)}[impl]()
         generate(model, ids, torch.ones_like(ids), 0.0, new_tokens, eos_id=None, decoder=decoder)
     else:
         import transformers
@@ -203,7 +260,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every implementation "
                                                               "(default: torch's choice)")
     p.add_argument("--temperature", type=float, default=0.8, help="temperature of ours' sampled row")
-    p.add_argument("--peak-memory-of", choices=["ours", "ours-eager", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--peak-memory-of", choices=["ours", "ours-int8", "ours-eager", "transformers"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -239,70 +297,112 @@ def main() -> None:
     print(f"start-up cost (ours: loading the compiled pieces from {compile_cache.cache_root()}, every chat/server "
           "start): "
           f"{compiled.compile_seconds:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    int8 = Decoder(ours, weights_dtype="int8")
+    print(f"start-up cost (ours int8: quantizing the weights, every start): {time.perf_counter() - t0:.1f} s")
+    ort = {name: ort_session(ours, threads, tmp.name, int8=q) for name, q in (("ORT", False), ("ORT int8", True))}
+    cols = columns(ours, compiled, int8, hf, ort, args.new_tokens)
+    names = [c.name for c in cols]
+    print("\ntok/s (ours: the compiled pieces, as chat, serve and generate --compile run; eager: --no-compile; "
+          "ours int8: --weights-dtype int8)")
+    print("| batch | " + " | ".join(names) + " | ours sampled / greedy | checks |\n|---|" + "---|" * (len(names) + 2))
+    ratios = []
+    for B in args.batch_sizes:
+        ratios.append((B, measure_batch(B, ours, cols, compiled, args)))
+    print("\nratios (tokens/s of the first against the second, same run)\n| batch | "
+          + " | ".join(f"{a} / {b}" for a, b in RATIOS) + " |\n|---|" + "---|" * len(RATIOS))
+    for B, rate in ratios:
+        cells = [f"{rate[a] / rate[b]:.2f}x" if a in rate and b in rate else "-" for a, b in RATIOS]
+        print(f"| {B} | " + " | ".join(cells) + " |")
+    mb = {impl: memory_use(impl, tmp.name, args) for impl in ("ours", "ours-int8", "ours-eager", "transformers")}
+    for key, what in (("peak_mb", "peak memory"), ("resident_mb", "resident memory after generating")):
+        hf_mb = mb["transformers"][key]
+        parts = [f"{impl} {mb[impl][key]:.0f} MB ({mb[impl][key] / hf_mb:.2f}x)"
+                 for impl in ("ours", "ours-int8", "ours-eager")]
+        print(f"{what} at batch {max(args.batch_sizes)} (fresh process each; ours as a start with its compiled "
+              f"pieces cached): {', '.join(parts)}, transformers {hf_mb:.0f} MB")
+    tmp.cleanup()
+
+
+@dataclass
+class Column:
+    """One implementation of the table: `run(ids)` decodes the prompts (B, T) greedily, returning the new tokens."""
+
+    name: str
+    run: Callable[[torch.Tensor], list[list[int]]]
+
+
+# (ours, theirs) pairs printed as ratios of tokens/s; a pair whose column is missing prints "-"
+RATIOS = [("ours", "ORT"), ("ours int8", "ORT int8"), ("ours int8", "ours"), ("ours", "HF")]
+
+
+def columns(ours, compiled, int8, hf, ort: dict[str, OrtGreedy | None], new_tokens: int) -> list[Column]:
+    """The table's implementations, in column order (ONNX Runtime's only where it could be set up)."""
+    from gpt2.inference import generate
+
+    def ours_with(decoder):
+        return lambda ids: generate(ours, ids, torch.ones_like(ids), 0.0, new_tokens, eos_id=None, decoder=decoder)
+
+    cols = [Column("ours", ours_with(compiled)), Column("ours int8", ours_with(int8)),
+            Column("eager", ours_with(None)), Column("HF", lambda ids: hf_greedy(hf, ids, new_tokens))]
+    cols += [Column(name, session.generate_for(new_tokens)) for name, session in ort.items() if session is not None]
+    return cols
+
+
+def ort_session(model, threads: int, directory: str, int8: bool) -> OrtGreedy | None:
+    """ONNX Runtime on an export of `model` (quantized with `int8`), or None with the reason printed."""
+    label = "ONNX Runtime" + (" int8" if int8 else "")
     try:
         import onnxruntime
 
         t0 = time.perf_counter()
-        ort = OrtGreedy(ours, threads, tmp.name)
-        print(f"ONNX Runtime {onnxruntime.__version__}: export + session {time.perf_counter() - t0:.1f} s")
+        session = OrtGreedy(model, threads, directory, int8=int8)
+        print(f"{label} {onnxruntime.__version__}: export{' + quantize' if int8 else ''} + session "
+              f"{time.perf_counter() - t0:.1f} s")
+        return session
     except Exception as e:  # ImportError when the bench extra is absent; an export failure says why
-        ort, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        print(f"ONNX Runtime skipped: {why} (pip install -e '.[bench]')")
-
-    header = (f"{'batch':>5} {'ours':>7} {'HF':>7} {'ORT':>7} {'vs HF':>6} {'vs ORT':>6} "
-              f"{'sampled':>8} {'/greedy':>7} {'eager':>7}  checks")
-    print("tok/s (ours: the compiled pieces, as chat, serve and generate --compile run; eager: --no-compile)\n"
-          + header)
-    for B in args.batch_sizes:
-        measure_batch(B, ours, compiled, hf, ort, args)
-    mb = {impl: memory_use(impl, tmp.name, args) for impl in ("ours", "ours-eager", "transformers")}
-    for key, what in (("peak_mb", "peak memory"), ("resident_mb", "resident memory after generating")):
-        ours, eager, hf = mb["ours"][key], mb["ours-eager"][key], mb["transformers"][key]
-        print(f"{what} at batch {max(args.batch_sizes)} (fresh process each; ours as a start with its compiled "
-              f"pieces cached): ours {ours:.0f} MB "
-              f"({ours / hf:.2f}x), eager {eager:.0f} MB ({eager / hf:.2f}x), transformers {hf:.0f} MB")
-    tmp.cleanup()
+        print(f"{label} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]} (pip install -e '.[bench]')")
+        return None
 
 
-def measure_batch(B: int, ours, compiled, hf, ort: OrtGreedy | None, args) -> None:
-    """One table row: all implementations at batch B, alternated."""
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of positions where two greedy outputs have the same token."""
+    return sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / max(1, sum(len(r) for r in a))
+
+
+def measure_batch(B: int, ours, cols: list[Column], compiled, args) -> dict[str, float]:
+    """One table row: every column at batch B, alternated; returns tokens/s by column."""
     from gpt2.inference import generate
 
     ids = torch.randint(0, 50257, (B, args.prompt_len))
     mask = torch.ones_like(ids)
-    runs: dict[str, Callable[[], object]] = {
-        "ours": lambda: generate(ours, ids, mask, 0.0, args.new_tokens, eos_id=None, decoder=compiled),
-        "sampled": lambda: generate(ours, ids, mask, args.temperature, args.new_tokens, eos_id=None,
-                                    generator=torch.Generator().manual_seed(0), decoder=compiled),
-        "eager": lambda: generate(ours, ids, mask, 0.0, args.new_tokens, eos_id=None),
-        "hf": lambda: hf_greedy(hf, ids, mask, args.new_tokens),
-    }
-    if ort is not None:
-        runs["ort"] = lambda: ort.generate(ids, args.new_tokens)
+    runs: dict[str, Callable[[], object]] = {c.name: (lambda c=c: c.run(ids)) for c in cols}
+    runs["sampled"] = lambda: generate(ours, ids, mask, args.temperature, args.new_tokens, eos_id=None,
+                                       generator=torch.Generator().manual_seed(0), decoder=compiled)
     t, out = alternate(runs, args.rounds)
-    n = B * args.new_tokens
-    rate = {k: n / v for k, v in t.items()}
+    rate = {k: B * args.new_tokens / v for k, v in t.items()}
     checks = []
     if B == 1:
-        checks.append(f"greedy == HF: {out['ours'] == out['hf']}")
-        if ort is not None:
-            checks.append(f"== ORT: {out['ours'] == out['ort']}")
+        checks.append(f"greedy == HF: {out['ours'] == out['HF']}")
+        if "ORT" in out:
+            checks.append(f"== ORT: {out['ours'] == out['ORT']}")
     else:
         alone = [generate(ours, ids[i:i + 1], mask[i:i + 1], 0.0, args.new_tokens, eos_id=None,
                           decoder=compiled)[0] for i in range(B)]
         checks.append(f"rows == alone: {alone == out['ours']}")
-    ort_rate = f"{rate['ort']:>7.1f}" if ort is not None else f"{'-':>7}"
-    ort_ratio = f"{rate['ours'] / rate['ort']:>5.2f}x" if ort is not None else f"{'-':>6}"
-    print(f"{B:>5} {rate['ours']:>7.1f} {rate['hf']:>7.1f} {ort_rate} {rate['ours'] / rate['hf']:>5.2f}x "
-          f"{ort_ratio} {rate['sampled']:>8.1f} {rate['sampled'] / rate['ours']:>6.2f}x {rate['eager']:>7.1f}  "
-          f"{', '.join(checks)}",
+    checks.append(f"int8 agrees with fp32 at {agreement(out['ours int8'], out['ours']):.0%}")
+    if "ORT int8" in out and "ORT" in out:
+        checks.append(f"ORT int8 with ORT at {agreement(out['ORT int8'], out['ORT']):.0%}")
+    cells = [f"{rate[c.name]:.1f}" for c in cols]
+    print(f"| {B} | " + " | ".join(cells) + f" | {rate['sampled'] / rate['ours']:.2f}x | {', '.join(checks)} |",
           flush=True)
+    return rate
 
 
-def hf_greedy(hf, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> list[list[int]]:
+def hf_greedy(hf, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[:, ids.size(1):].tolist()
 
 

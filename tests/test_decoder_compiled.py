@@ -217,7 +217,7 @@ def test_decoding_starts_eagerly_and_switches_mid_generation(model, compiled):
     out = generate(own, ids, mask, 0.0, 12, eos_id=None, decoder=decoder, on_tokens=on_tokens)
     assert out == generate(model, ids, mask, 0.0, 12, eos_id=None)
     assert steps[:3] == [False] * 3 and all(steps[4:])  # eager first, compiled after the switch
-    assert decoder.status() == {"decoder": "compiled", "compile": background.status()}
+    assert decoder.status() == {"decoder": "compiled", "weights_dtype": "float32", "compile": background.status()}
     assert background.status()["state"] == "ready" and not background.built
     assert all(p.is_meta for p in own.parameters())  # the pieces hold the only copy now
     assert len(said) == 1 and said[0].startswith("switched to compiled decoding")

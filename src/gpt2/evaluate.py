@@ -65,8 +65,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of a batch without materialising its full logits: the chunked loss of
     `gpt2.losses` for a GPT (row chunks sized for the device: cache-sized on CPU, larger matmuls on a
-    GPU), `model.loss` for any other model."""
-    if not hasattr(model, "hidden_states"):
+    GPU), `model.loss` for any other model and for a GPT whose head holds no weight matrix (8-bit weights:
+    `gpt2.decode.int8`)."""
+    if not hasattr(model, "hidden_states") or not isinstance(getattr(model.lm_head, "weight", None), torch.Tensor):
         return model.loss(x, y)
     return gpt_loss_chunked(model, x, y, chunk=128 if x.device.type == "cpu" else 4096)
 

@@ -37,7 +37,8 @@ def tokenize_batch_input(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor
 def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.Tensor, temperature: float,
                     max_steps: int, *, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, eos_id: int | None = EOT,
-                    decoder: Decoder | None = None) -> Iterator[list[tuple[int, int]]]:
+                    decoder: Decoder | None = None, weights_dtype: str | None = None,
+                    ) -> Iterator[list[tuple[int, int]]]:
     """Yield, for each decoding step, the (prompt index, token) pairs produced at that step (rows that
     emit `eos_id` yield nothing for it and stop). See `generate` for the arguments."""
     _check_inputs(model, input_ids, attention_masks, max_steps)
@@ -46,6 +47,10 @@ def generate_stream(model: GPT, input_ids: torch.Tensor, attention_masks: torch.
     # per call unless given one: the weights may have changed since the last call
     if decoder is not None and decoder.model is not model:
         raise ValueError("decoder= was made for another model: make it with Decoder(model)")
+    if decoder is not None and weights_dtype is not None and weights_dtype != decoder.weights_dtype:
+        raise ValueError(f"weights_dtype={weights_dtype!r} but decoder= holds {decoder.weights_dtype} weights")
+    if decoder is None and weights_dtype is not None:
+        decoder = Decoder(model, weights_dtype=weights_dtype)
     params = SamplingParams(max_tokens=max_steps, temperature=temperature, top_p=top_p, top_k=top_k)
     was_training = model.training
     try:
@@ -60,7 +65,7 @@ def generate(model: GPT, input_ids: torch.Tensor, attention_masks: torch.Tensor,
              max_steps: int, *, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, eos_id: int | None = EOT,
              on_tokens: Callable[[list[tuple[int, int]]], None] | None = None,
-             decoder: Decoder | None = None) -> list[list[int]]:
+             decoder: Decoder | None = None, weights_dtype: str | None = None) -> list[list[int]]:
     """Sample up to `max_steps` new tokens for each right-padded prompt.
 
     input_ids, attention_masks: LongTensor [B, T], real tokens first, then padding (mask 0).
@@ -69,11 +74,14 @@ def generate(model: GPT, input_ids: torch.Tensor, attention_masks: torch.Tensor,
     end; the loop ends when every prompt has stopped or after `max_steps` tokens.
     Returns each prompt's generated tokens, prompt excluded. `on_tokens` is called after every step
     with that step's (prompt index, token) pairs, for streaming. `decoder`: a `gpt2.decode.Decoder` of this
-    model to run on (say a compiled one, kept across calls while the weights stay fixed); default: a new one.
+    model to run on (say a compiled one, kept across calls while the weights stay fixed); default: a new one,
+    holding the weights in `weights_dtype` ("int8": 8-bit weights on a CPU, see `gpt2.decode.int8`; None: the
+    model's dtype; a float dtype's name: a cast copy), made per call like the default decoder.
     """
     results: list[list[int]] = [[] for _ in range(input_ids.size(0))]
     for produced in generate_stream(model, input_ids, attention_masks, temperature, max_steps, top_k=top_k,
-                                    top_p=top_p, generator=generator, eos_id=eos_id, decoder=decoder):
+                                    top_p=top_p, generator=generator, eos_id=eos_id, decoder=decoder,
+                                    weights_dtype=weights_dtype):
         for i, tok in produced:
             results[i].append(tok)
         if on_tokens is not None:

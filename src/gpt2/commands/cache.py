@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gpt2.checkpoint import WEIGHT_DTYPES, WEIGHTS_DTYPE_HELP, load_model
+from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg
+from gpt2.decode import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPE_METAVAR, load_dtype
 from gpt2.decode import compile_cache as cc
 from gpt2.decode.compiled import load
 from gpt2.errors import UserError
@@ -28,7 +29,7 @@ class RemoveConfig:
 class BuildConfig:
     model: str = arg("gpt2", help="training run directory, Hugging Face checkpoint directory or hub name")
     weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP + ", as chat or serve will load them",
-                             choices=list(WEIGHT_DTYPES), aliases=("--dtype",))
+                             metavar=WEIGHTS_DTYPE_METAVAR, aliases=("--dtype",))
 
 
 def _gb(n: int) -> str:
@@ -61,7 +62,11 @@ def run_remove(cfg: RemoveConfig) -> list[str]:
 
 
 def run_build(cfg: BuildConfig):
-    model = load_model(cfg.model, "cpu", WEIGHT_DTYPES[cfg.weights_dtype]).eval()
+    dtype = load_dtype(cfg.weights_dtype)
+    if cfg.weights_dtype == "int8":
+        raise UserError("--weights-dtype int8: int8 weights are never compiled (they run fbgemm's integer kernels "
+                        "as they are), so there is nothing to build; chat and serve quantize them at start")
+    model = load_model(cfg.model, "cpu", dtype).eval()
     t0 = time.perf_counter()
     load(model, label=cfg.model, progress=lambda line: print(line, flush=True))
     print(f"compiled pieces of {cfg.model} ready in {time.perf_counter() - t0:.0f} s", flush=True)

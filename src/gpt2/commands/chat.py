@@ -28,11 +28,10 @@ from typing import TextIO
 
 import torch
 
-from gpt2.checkpoint import WEIGHT_DTYPES as DTYPES
-from gpt2.checkpoint import WEIGHTS_DTYPE_HELP, load_model
+from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg, check_sampling, check_values
-from gpt2.decode import Decoder, TextStream, decoder_for
+from gpt2.decode import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPE_METAVAR, Decoder, TextStream, decoder_for, load_dtype
 from gpt2.errors import UserError
 from gpt2.inference import generate_stream, pad_right
 from gpt2.model import GPT
@@ -54,7 +53,7 @@ class ChatConfig:
     max_tokens: int = arg(256, help="longest answer, in tokens", minimum=1)
     seed: int = arg(1337, help="random seed, for reproducible answers")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
-    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP, choices=list(DTYPES), aliases=("--dtype",))
+    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP, metavar=WEIGHTS_DTYPE_METAVAR, aliases=("--dtype",))
     compile: bool | None = arg(None, help="decode with the model compiled for this CPU (AOTInductor) once it is "
                                           "ready: answers start at once, eagerly, while the pieces compile in the "
                                           "background (once per model, torch and CPU; cached, see `gpt2 cache`). "
@@ -64,6 +63,7 @@ class ChatConfig:
     def validate(self) -> None:
         check_values(self)  # an empty --prompt or --system is refused there
         check_sampling(self.temperature, self.top_k, self.top_p)
+        load_dtype(self.weights_dtype)
 
 
 class ChatSession:
@@ -144,7 +144,7 @@ class ChatSession:
 def interact(session: ChatSession, inp: TextIO | None = None) -> None:
     """Read messages and commands line by line (from stdin by default) until /quit or end of input."""
     out, inp = session.out, inp or sys.stdin
-    out.write(f"chatting with {session.cfg.model}; {HELP}\n")
+    out.write(f"chatting with {session.cfg.model} ({session.decoder.weights_dtype} weights); {HELP}\n")
     while True:
         out.write("> ")
         out.flush()
@@ -169,12 +169,12 @@ def interact(session: ChatSession, inp: TextIO | None = None) -> None:
 
 def run(cfg: ChatConfig) -> list[dict]:
     cfg.validate()
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.weights_dtype], reads_text="--model").eval()
+    model = load_model(cfg.model, cfg.device, load_dtype(cfg.weights_dtype), reads_text="--model").eval()
     # one-shot (--prompt): eager unless --compile; its process ends before loading pieces (seconds) or building
     # them (minutes) would pay, and an exit has to wait for a load in progress
     compile = cfg.compile if cfg.prompt is None else bool(cfg.compile)
     notes: list[str] = []  # the switch's line, printed between answers rather than inside one
-    decoder = decoder_for(model, compile, label=cfg.model, say=notes.append)
+    decoder = decoder_for(model, compile, label=cfg.model, say=notes.append, weights_dtype=cfg.weights_dtype)
     session = ChatSession(model, cfg, decoder=decoder, notes=notes)
     if cfg.prompt is not None:
         session.reply(cfg.prompt)

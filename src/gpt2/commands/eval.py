@@ -24,6 +24,8 @@ from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg
 from gpt2.data.loader import ShardLoader, checked_batch
+from gpt2.decode import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPE_METAVAR, load_dtype
+from gpt2.decode.int8 import quantized
 from gpt2.distributed import pick_device
 from gpt2.errors import UserError
 from gpt2.evaluate import HELLASWAG_DIR, HELLASWAG_URLS, hellaswag_eval, load_hellaswag, val_loss
@@ -33,10 +35,12 @@ from gpt2.rlhf.tasks import SPLITS, TASKS, evaluate_task, get_task
 
 
 def _prepare(model_name: str, device_name: str, dtype_name: str, reads_text: str | None = None,
-             ) -> tuple[nn.Module, torch.device, torch.dtype | None]:
-    """The model on its device in eval mode, and the autocast dtype for `--dtype`."""
+             weights_dtype: str = "float32") -> tuple[nn.Module, torch.device, torch.dtype | None]:
+    """The model on its device in eval mode, its weights in `weights_dtype` (int8: the copy decoding runs,
+    `gpt2.decode.int8`), and the autocast dtype for `--dtype`."""
     device = pick_device(device_name)
-    return load_model(model_name, device, reads_text=reads_text).eval(), device, autocast_dtype(dtype_name, device)
+    model = load_model(model_name, device, load_dtype(weights_dtype), reads_text=reads_text).eval()
+    return (quantized(model) if weights_dtype == "int8" else model), device, autocast_dtype(dtype_name, device)
 
 
 @dataclass
@@ -71,12 +75,16 @@ class ValLossConfig:
     seq_len: int | None = arg(None, help="tokens per sequence; none = the model's context window", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help=AUTOCAST_HELP, choices=TRAIN_DTYPES)
+    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP + "; int8 measures what 8-bit decoding loses "
+                             "(its logits are materialised per batch: bound them with --batch-size)",
+                             metavar=WEIGHTS_DTYPE_METAVAR)
 
 
 def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
     if not cfg.data:
         raise UserError("give the shard folder: gpt2 eval val-loss --model M --data DIR")
-    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype)
+    load_dtype(cfg.weights_dtype)  # a bad value is one line before anything loads
+    model, device, dtype = _prepare(cfg.model, cfg.device, cfg.dtype, weights_dtype=cfg.weights_dtype)
     seq_len = cfg.seq_len or model.config.block_size
     if seq_len > model.config.block_size:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context window ({model.config.block_size})")
@@ -87,7 +95,7 @@ def run_val_loss(cfg: ValLossConfig) -> dict[str, float]:
         loss = val_loss(model, (checked_batch(loader, model.config.vocab_size) for _ in bar), device, dtype)
     n_tokens = steps * loader.window
     print(f"{cfg.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {n_tokens} tokens "
-          f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}")
+          f"({steps} batches of {cfg.batch_size} x {seq_len}) from {cfg.data}, {cfg.weights_dtype} weights")
     return {"val_loss": loss, "tokens": n_tokens}
 
 

@@ -17,7 +17,7 @@ import torch
 from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg, check_sampling, check_values
-from gpt2.decode import TextStream, decoder_for
+from gpt2.decode import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPE_METAVAR, TextStream, decoder_for, load_dtype
 from gpt2.distributed import pick_device
 from gpt2.errors import UserError, note
 from gpt2.inference import generate, tokenize_batch_input
@@ -37,6 +37,7 @@ class GenerateConfig:
     top_p: float | None = arg(None, help="nucleus sampling: smallest token set with this probability mass")
     seed: int = arg(1337, help="random seed, for reproducible sampling")
     device: str = arg("auto", help="cpu, cuda, mps or auto")
+    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP, metavar=WEIGHTS_DTYPE_METAVAR)
     compile: bool = arg(False, help="switch to the model compiled for this CPU (AOTInductor) once it is ready: "
                                     "generation starts at once, eagerly; the pieces are loaded from the cache, or "
                                     "compiled in the background (stopped if generation ends first; `gpt2 cache "
@@ -51,12 +52,13 @@ class GenerateConfig:
             raise UserError(f"prompt {empty[0]} is empty: GPT-2 continues text, give it at least one character")
         check_values(self)
         check_sampling(self.temperature, self.top_k, self.top_p)
+        load_dtype(self.weights_dtype)
 
 
 def run(cfg: GenerateConfig) -> list[str]:
     cfg.validate()
     device = pick_device(cfg.device)
-    model = load_model(cfg.model, device, reads_text="--model").eval()
+    model = load_model(cfg.model, device, load_dtype(cfg.weights_dtype), reads_text="--model").eval()
     ids, mask = tokenize_batch_input(cfg.prompts)
     too_long = [i for i, n in enumerate(mask.sum(1).tolist()) if n > model.config.block_size]
     if too_long:
@@ -64,7 +66,7 @@ def run(cfg: GenerateConfig) -> list[str]:
                         f"({model.config.block_size} tokens)")
     # before the prompt is printed: it may say that it compiles in the background
     # eager unless --compile: a one-off command ends before loading or building the pieces would pay
-    decoder = decoder_for(model, bool(cfg.compile), label=cfg.model, say=note)
+    decoder = decoder_for(model, bool(cfg.compile), label=cfg.model, say=note, weights_dtype=cfg.weights_dtype)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     single = len(cfg.prompts) == 1
     stream = TextStream()

@@ -24,15 +24,13 @@ from pathlib import Path
 
 import torch
 
-from gpt2.checkpoint import WEIGHT_DTYPES, WEIGHTS_DTYPE_HELP, load_model
+from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg
-from gpt2.decode import Engine, decoder_for
+from gpt2.decode import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPE_METAVAR, Engine, decoder_for, load_dtype
 from gpt2.errors import UserError, note
 from gpt2.serve.server import http_server, listen, serve_http_beside
 from gpt2.tokenizer import get_encoding
-
-DTYPES = WEIGHT_DTYPES
 
 
 @dataclass
@@ -48,7 +46,7 @@ class ServeConfig:
     max_waiting: int = arg(256, help="queued requests beyond this are refused with 429", minimum=1)
     default_max_tokens: int = arg(256, help="max_tokens for chat requests that do not set it", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
-    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP, choices=list(DTYPES), aliases=("--dtype",))
+    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP, metavar=WEIGHTS_DTYPE_METAVAR, aliases=("--dtype",))
     request_timeout: float = arg(10.0, help="seconds a client has to send a whole request (headers and body) "
                                             "from its first byte; slower ones get 408 and are closed "
                                             "(gpt2.serve.timeouts). The answer is not limited", minimum=0.001)
@@ -67,6 +65,7 @@ class ServeConfig:
 def run(cfg: ServeConfig) -> None:
     if not 0 < cfg.port < 65536:
         raise UserError(f"--port {cfg.port}: must be 1..65535")
+    load_dtype(cfg.weights_dtype)  # a bad value is said before the port is taken
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_encoding()  # fail now, with the one-line reason, rather than with a 500 on every request
@@ -83,20 +82,21 @@ def serve_on(sockets: list[socket.socket], cfg: ServeConfig) -> None:
     # the web stack only when serving (see the module docstring): FastAPI here, uvicorn and h11 in http_server
     from gpt2.serve.api import create_app
 
-    model = load_model(cfg.model, cfg.device, DTYPES[cfg.weights_dtype], reads_text="--model").eval()
+    model = load_model(cfg.model, cfg.device, load_dtype(cfg.weights_dtype), reads_text="--model").eval()
     name = cfg.model_name or Path(cfg.model.rstrip("/\\")).name or "gpt2"
     api_key = cfg.api_key or os.environ.get("GPT2_API_KEY") or None
     # eager at once; compiled pieces, when wanted, are made ready in the background and switched to between steps
     # by this thread, which runs the engine
     engine = Engine(model, max_batch_size=cfg.max_batch_size,
-                    decoder=decoder_for(model, cfg.compile, label=name, say=note))
+                    decoder=decoder_for(model, cfg.compile, label=name, say=note, weights_dtype=cfg.weights_dtype))
     app = create_app(engine, model_name=name, api_key=api_key,
                      default_max_tokens=min(cfg.default_max_tokens, model.config.block_size),
                      max_waiting=cfg.max_waiting, start_engine=False, aliases=model_aliases(cfg))
     if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
-    print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) at http://{cfg.host}:{cfg.port}/ "
+    print(f"serving {name} ({model.num_params() / 1e6:.1f}M parameters, {engine.decoder.weights_dtype} weights) at "
+          f"http://{cfg.host}:{cfg.port}/ "
           f"{'(API key required)' if api_key else ''}", flush=True)
     server = http_server(app, engine, cfg.request_timeout, cfg.shutdown_timeout)
     if not serve_http_beside(engine, server, sockets, cfg.shutdown_timeout):

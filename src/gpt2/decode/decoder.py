@@ -17,13 +17,16 @@ import ctypes
 import ctypes.util
 import time
 from collections.abc import Callable
+from copy import deepcopy
 
 import torch
 
 from gpt2.decode.compiled import BackgroundCompile, CompiledForward, head_matrix
 from gpt2.decode.compiled import load as load_compiled
+from gpt2.decode.int8 import WEIGHTS_DTYPES, quantized
 from gpt2.decode.kv_cache import KVCache, Rows
 from gpt2.decode.sampling import TokenLogprob
+from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.padding import PAD_ID, pad_right
 
@@ -60,14 +63,25 @@ class Decoder:
       from the cache: seconds; `compile_seconds` says how long it took); `compile_in_background()` decodes
       eagerly meanwhile and switches between two steps, which is what the commands do (`decoder_for`).
       `release_weights=True` empties the model once the pieces hold the weights, so they are held once.
+    `weights_dtype` is the dtype the decoder holds the weights in: None, the model's own; a float dtype's name
+    ("float32", "bfloat16", "float16"), a copy of the model cast to it; "int8", 8-bit weights with fp32
+    activations on a CPU (`gpt2.decode.int8`: fbgemm's integer kernels, run eagerly, never compiled). A copy is
+    made unless `release_weights`, which casts or quantizes the model's own weights and then empties the model.
     Either way a decoder belongs to one set of weights (the head copy; the compiled pieces): `generate` makes one
     per call (training may change the weights between calls, and fused optimizers do not bump tensor versions,
     so staleness cannot be detected); the chat and the serving engine, whose weights are fixed, keep one."""
 
-    def __init__(self, model: GPT, compile: bool = False, release_weights: bool = False):
+    def __init__(self, model: GPT, compile: bool = False, release_weights: bool = False,
+                 weights_dtype: str | None = None):
         self.model = model
         self.config = model.config
-        w = model.lm_head.weight
+        self.weights_dtype = weights_dtype or str(model.lm_head.weight.dtype).removeprefix("torch.")
+        if self.weights_dtype == "int8" and compile:
+            raise ValueError("int8 weights are not compiled: make the decoder without compile=True")
+        self._eager = _weights_in(model, self.weights_dtype, copy=not release_weights)  # what eager decoding runs
+        if self.weights_dtype == "int8" and release_weights:
+            model.to("meta")  # the int8 copy holds the weights now
+        w = self._eager.transformer.wpe.weight
         self.device, self.dtype = w.device, w.dtype
         self.head: torch.Tensor | None = None
         self._compiled: CompiledForward | None = None
@@ -77,10 +91,10 @@ class Decoder:
         self.compile_status: dict | None = None  # the background compile's last status, once it has ended
         t0 = time.perf_counter()
         if compile:
-            self._compiled = load_compiled(model, release_weights=release_weights)
+            self._compiled = load_compiled(self._eager, release_weights=release_weights)
             return_freed_memory()  # the released weights and the packages' loading buffers
-        else:
-            self.head = head_matrix(model)  # (C, V)
+        elif self.weights_dtype != "int8":  # (int8: the copy's own head)
+            self.head = head_matrix(self._eager)  # (C, V)
         self.compile_seconds = time.perf_counter() - t0 if compile else 0.0  # the one-time cost, paid here
 
     @property
@@ -94,14 +108,16 @@ class Decoder:
         start of the next prefill, step or full forward, in the thread that decodes: rows in flight keep their
         cache and go on. `say` gets the lines that say what happens (the start of a build, the switch, a failure)."""
         self._say = say
-        self._background = BackgroundCompile(self.model, build=build, label=label, progress=say)
+        if self.weights_dtype == "int8":
+            raise ValueError("int8 weights are not compiled")
+        self._background = BackgroundCompile(self._eager, build=build, label=label, progress=say)
         return self._background
 
     def status(self) -> dict:
         """Which forward runs ("compiled" or "eager") and, when compiling was asked for, how far it is."""
         bg = self._background
         compile_status = bg.status() if bg is not None else self.compile_status
-        out: dict = {"decoder": "compiled" if self.compiled else "eager"}
+        out: dict = {"decoder": "compiled" if self.compiled else "eager", "weights_dtype": self.weights_dtype}
         if compile_status is not None:
             out["compile"] = compile_status
         return out
@@ -119,7 +135,7 @@ class Decoder:
             return
         self._compiled, self.head = bg.forward, None
         if self._release:
-            self.model.to("meta")  # the pieces hold the weights now
+            self._eager.to("meta")  # the pieces hold the weights now (the model, or the copy it was cast to)
         return_freed_memory()
         peak = f" (the compiling process's peak memory {bg.child_peak_mb} MB)" if bg.child_peak_mb else ""
         how = f"compiled in {bg.seconds - bg.load_seconds:.0f} s{peak}, loaded" if bg.built else "loaded from the cache"
@@ -131,14 +147,14 @@ class Decoder:
         """`GPT.hidden_states` (B, T, C), compiled or eager."""
         self.maybe_switch()
         if self._compiled is None:
-            return self.model.hidden_states(ids, positions, attn_mask, cache)
-        return self._compiled.hidden_states(self.model, ids, positions, attn_mask, cache)
+            return self._eager.hidden_states(ids, positions, attn_mask, cache)
+        return self._compiled.hidden_states(self._eager, ids, positions, attn_mask, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) of hidden states (..., C): `model.logits`, as `x @ W` when eager."""
         if self._compiled is not None:
             return self._compiled.logits(hidden)
-        return hidden @ self.head
+        return self._eager.logits(hidden) if self.head is None else hidden @ self.head
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], room: int) -> Rows:
@@ -173,6 +189,19 @@ class Decoder:
         return self.logits(self.hidden_states(ids))
 
 
+def _weights_in(model: GPT, weights_dtype: str, copy: bool) -> GPT:
+    """`model` with its weights in `weights_dtype` (a name from `WEIGHTS_DTYPES`): itself when they already are;
+    else a cast copy (`copy`) or the model cast in place; for "int8", always a new model (`gpt2.decode.int8`)."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype {weights_dtype!r}: expected one of {', '.join(WEIGHTS_DTYPES)}")
+    if weights_dtype == "int8":
+        return quantized(model)
+    dtype = getattr(torch, weights_dtype)
+    if model.lm_head.weight.dtype == dtype:
+        return model
+    return (deepcopy(model) if copy else model).to(dtype)
+
+
 def return_freed_memory() -> bool:
     """Hand memory that has been freed but is still held by the C allocator back to the OS (glibc's
     `malloc_trim`); returns whether it could. A compiled decoder frees the released model's weights and the
@@ -204,15 +233,34 @@ def wants_compile(model: GPT, compile: bool | None, say: Callable[[str], None] =
     return compile and on_cpu
 
 
+# --weights-dtype of the commands that decode (chat, serve, generate, cache build). Float dtypes cast the weights,
+# unlike training's --dtype (autocast over fp32 weights); --dtype stays its alias there.
+WEIGHTS_DTYPE_HELP = ("the weights' dtype for decoding: float32, bfloat16 or float16 (the weights are cast and "
+                      "decoding computes in it), or int8 (8-bit weights, float32 activations; CPU only)")
+WEIGHTS_DTYPE_METAVAR = "|".join(WEIGHTS_DTYPES)
+
+
+def load_dtype(weights_dtype: str, flag: str = "--weights-dtype") -> torch.dtype:
+    """The dtype a command loads its model in for `weights_dtype`: the float dtype itself, float32 for "int8"
+    (the decoder quantizes it). Any other name is a one-line UserError naming `flag`."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise UserError(f"{flag} {weights_dtype}: expected one of {', '.join(WEIGHTS_DTYPES)}")
+    return torch.float32 if weights_dtype == "int8" else getattr(torch, weights_dtype)
+
+
 def decoder_for(model: GPT, compile: bool | None, build: bool = True, label: str = "",
-                say: Callable[[str], None] = _silent) -> Decoder:
-    """The decoder a command runs on. It decodes eagerly from the first token; where compiling is wanted
-    (`wants_compile`) the compiled pieces are made ready in the background (built when not cached, if `build`)
-    and the decoder switches to them between two steps, taking the model's weights over (`release_weights`:
-    the command uses the model only through the decoder). Nothing ever waits for the compiler. `say` gets
-    the lines a user should see (the commands pass stderr)."""
-    decoder = Decoder(model, release_weights=True)
-    if wants_compile(model, compile, say):
+                say: Callable[[str], None] = _silent, weights_dtype: str | None = None) -> Decoder:
+    """The decoder a command runs on, holding the weights in `weights_dtype` (None: the model's). It decodes
+    eagerly from the first token; where compiling is wanted (`wants_compile`; never for int8 weights, whose
+    kernels are fbgemm's) the compiled pieces are made ready in the background (built when not cached, if
+    `build`) and the decoder switches to them between two steps, taking the model's weights over
+    (`release_weights`: the command uses the model only through the decoder). Nothing ever waits for the
+    compiler. `say` gets the lines a user should see (the commands pass stderr)."""
+    decoder = Decoder(model, release_weights=True, weights_dtype=weights_dtype)
+    if decoder.weights_dtype == "int8":
+        if compile:
+            say("note: --compile is for float weights; int8 weights run fbgemm's integer kernels, never compiled")
+    elif wants_compile(model, compile, say):
         decoder.compile_in_background(build=build, label=label, say=say)
     return decoder
 

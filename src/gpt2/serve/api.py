@@ -213,7 +213,8 @@ def create_app(engine: Engine, model_name: str = "gpt2", api_key: str | None = N
                 "waiting": engine.num_waiting, "max_batch_size": engine.max_batch_size, **engine.decoder.status()}
 
     def model_card(name: str) -> dict:
-        card = {"id": name, "object": "model", "created": state.created, "owned_by": "gpt2-scratch"}
+        card = {"id": name, "object": "model", "created": state.created, "owned_by": "gpt2-scratch",
+                "weights_dtype": engine.decoder.weights_dtype}  # beside OpenAI's fields: what the answers run on
         return card if name == state.model_name else {**card, "parent": state.model_name}
 
     @app.get("/v1/models")

@@ -1,0 +1,170 @@
+"""8-bit weights (`--weights-dtype int8`, `Decoder(model, weights_dtype="int8")`, `gpt2.decode.int8`): a trained
+model's greedy answers are fp32's, its log-probabilities are within quantization noise of fp32's, a row decodes the
+same alone and in a batch, the model given is left alone, and chat, serve and generate take the flag (a bad value
+is one line; `gpt2 cache build` says int8 has nothing to compile)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from serve_helpers import ServerProcess
+
+from gpt2.cli import main
+from gpt2.decode import Decoder, score_tokens
+from gpt2.inference import generate, pad_right
+from gpt2.model import GPT, GPTConfig
+from gpt2.template import format_chat
+from gpt2.tokenizer import EOT, decode, encode
+
+QA = [("Name a primary color.", "Red is a primary color."),
+      ("What is the capital of France?", "The capital of France is Paris."),
+      ("Give a synonym for happy.", "A synonym for happy is joyful."),
+      ("How many legs does a spider have?", "A spider has eight legs.")]
+# Log-probabilities, int8 against fp32. The weights are rounded to 1/254 of each output channel's largest magnitude
+# and each token's activations to 1/127 of their own, so a logit moves by a small fraction of the logits' spread:
+# measured on this model, at most 0.0025 nats at the answers' tokens (confident, as a trained model's answers
+# are: log-probs about -0.05) and 0.084 at the prompt's (log-probs down to -10, where the spread is wide). The
+# bounds leave about 3x (prompt) and 8x (answers) of room for other CPUs' float rounding, not for a real error.
+ANSWER_TOLERANCE, PROMPT_TOLERANCE = 0.02, 0.25
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and quick on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def chat_ids(question: str) -> list[int]:
+    return encode(format_chat([{"role": "user", "content": question}]))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer_ok):
+    """A small model trained (seconds) to give QA's answers in the chat template, saved as a checkpoint: its
+    greedy answers are confident, as a real model's are, unlike a random model's near-ties."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128))
+    prompts = [chat_ids(q) for q, _ in QA]
+    ids, mask = pad_right([p + encode(a) + [EOT] for p, (_, a) in zip(prompts, QA)])
+    answer = torch.zeros_like(mask, dtype=torch.bool)  # the positions that predict an answer's token
+    for row, p in enumerate(prompts):
+        answer[row, len(p) - 1:int(mask[row].sum()) - 1] = True
+    targets = ids[:, 1:][answer[:, :-1]]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):  # the head on the answers' positions only: the 50k-wide head is most of a step
+        logits = model.logits(model.hidden_states(ids)[answer])
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("trained")
+    model.eval().save_pretrained(path)
+    return path
+
+
+def load(path) -> GPT:
+    return GPT.from_pretrained(path).eval()
+
+
+def test_greedy_answers_equal_fp32_and_log_probs_are_close(trained):
+    model = load(trained)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    int8 = Decoder(model, weights_dtype="int8")
+    assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a copy was quantized
+    prompts = [chat_ids(q) for q, _ in QA]
+    fp32_answers = generate(model, *pad_right(prompts), 0.0, 16)
+    assert [decode(a) for a in fp32_answers] == [a for _, a in QA]
+    assert generate(model, *pad_right(prompts), 0.0, 16, decoder=int8) == fp32_answers
+    assert generate(model, *pad_right(prompts), 0.0, 16, weights_dtype="int8") == fp32_answers
+    sequences = [p + a for p, a in zip(prompts, fp32_answers)]
+    want, got = score_tokens(model, sequences), score_tokens(int8, sequences)
+    for p, w, g in zip(prompts, want, got):
+        moved = [abs(a.logprob - b.logprob) for a, b in zip(w[1:], g[1:])]  # token 0 has no log-prob
+        answer, prompt = moved[len(p) - 1:], moved[:len(p) - 1]
+        assert max(answer) < ANSWER_TOLERANCE and max(prompt) < PROMPT_TOLERANCE, (max(answer), max(prompt))
+        assert max(prompt) > 0  # the int8 weights, not fp32's
+
+
+def test_a_row_decodes_the_same_alone_and_in_a_batch(trained):
+    """Each token's activations are quantized on their own range, so batch-mates change no product, bit for bit
+    (scoring pads rows to the longest, and attention's float rounding may then differ in the last bit, as fp32's)."""
+    decoder = Decoder(load(trained), weights_dtype="int8")
+    prompts = [chat_ids(q) for q, _ in QA] + [encode("Red is")]
+    together = generate(decoder.model, *pad_right(prompts), 0.0, 12, decoder=decoder)
+    alone = [generate(decoder.model, *pad_right([p]), 0.0, 12, decoder=decoder)[0] for p in prompts]
+    assert together == alone
+    batch = score_tokens(decoder, prompts)
+    for p, row in zip(prompts, batch):
+        alone = score_tokens(decoder, [p])[0]
+        assert [t.logprob for t in row[1:]] == pytest.approx([t.logprob for t in alone[1:]], abs=1e-5)
+
+
+def test_released_weights_leave_the_int8_copy_only(trained):
+    model = load(trained)
+    want = generate(model, *pad_right([chat_ids(QA[0][0])]), 0.0, 8, weights_dtype="int8")
+    decoder = Decoder(model, weights_dtype="int8", release_weights=True)
+    assert model.lm_head.weight.device.type == "meta"
+    assert generate(model, *pad_right([chat_ids(QA[0][0])]), 0.0, 8, decoder=decoder) == want
+    assert decoder.status() == {"decoder": "eager", "weights_dtype": "int8"}
+    with pytest.raises(ValueError, match="not compiled"):
+        Decoder(load(trained), compile=True, weights_dtype="int8")
+
+
+def test_chat_and_generate_take_the_flag(trained, capsys):
+    question, answer = QA[1]
+    main(["chat", "--model", str(trained), "--prompt", question, "--temperature", "0", "--max-tokens", "16",
+          "--weights-dtype", "int8", "--device", "cpu"])
+    assert capsys.readouterr().out == answer + "\n"
+    main(["generate", "--model", str(trained), "--temperature", "0", "--max-tokens", "6", "--weights-dtype", "int8",
+          "--device", "cpu", "Red is"])
+    out = capsys.readouterr().out
+    main(["generate", "--model", str(trained), "--temperature", "0", "--max-tokens", "6", "--device", "cpu",
+          "Red is"])
+    assert out == capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["chat", "--prompt", "hi"], ["generate", "hi"], ["serve"], ["cache", "build"]])
+def test_a_bad_value_is_one_line(trained, capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--model", str(trained), "--weights-dtype", "int4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err == (f"gpt2 {' '.join(argv[:2 if argv[0] == 'cache' else 1])}: error: --weights-dtype int4: expected "
+                   "one of float32, bfloat16, float16, int8\n")
+
+
+def test_cache_build_says_int8_has_nothing_to_compile(trained, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_COMPILE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "build", "--model", str(trained), "--weights-dtype", "int8"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "nothing to build" in err, err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_serve_reports_and_answers_with_int8_weights(trained):
+    prompt = chat_ids(QA[2][0])
+    want = generate(load(trained), *pad_right([prompt]), 0.0, 10, weights_dtype="int8")[0]
+    with ServerProcess(trained, "--weights-dtype", "int8") as s:
+        health = httpx.get(s.url + "/health", timeout=10).json()
+        assert health["weights_dtype"] == "int8" and health["decoder"] == "eager"
+        cards = httpx.get(s.url + "/v1/models", timeout=10).json()["data"]
+        assert cards and all(card["weights_dtype"] == "int8" for card in cards)
+        body = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == decode(want)
+
+
+def test_a_cpu_without_avx2_is_told_in_one_line(trained, capsys, monkeypatch):
+    """fbgemm needs AVX2: on an older CPU the command says so instead of failing inside the first product."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(trained), "--weights-dtype", "int8", "--device", "cpu", "Red is"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "AVX2" in err and "--weights-dtype float32" in err, err
