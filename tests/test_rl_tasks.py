@@ -212,7 +212,21 @@ def test_prepare_task_pairs_pairs_right_with_wrong_answers(random_model, tmp_pat
     assert again == meta and (tmp_path / "again" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
 
 
+def test_finetune_from_scratch_on_task_data(tmp_path, tokenizer_ok, one_thread):
+    """`gpt2 finetune --scratch tiny` trains a new model of the preset on `gpt2 prepare task`'s folder."""
+    data = tmp_path / "arith"
+    main(["prepare", "task", "--out", str(data), "--limit", "40"])
+    common = ["--data", str(data), "--max-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--device", "cpu",
+              "--eval-every", "0", "--no-progress", "--save-every", "0", "--sample-prompts", "What is 1 + 2?",
+              "--sample-max-tokens", "2"]
+    main(["finetune", "--scratch", "tiny", "--out", str(tmp_path / "a"), *common])
+    model = GPT.from_pretrained(tmp_path / "a" / "model")
+    assert (model.config.n_layer, model.config.n_embd) == (4, 128)
+    assert "A new `tiny` model fine-tuned on" in (tmp_path / "a" / "samples.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
+    (["finetune", "--scratch", "tiny", "--init", "gpt2"], "--init and --scratch both name the starting model"),
     (["eval", "task", "--task", "chess"], "invalid choice: 'chess'"),
     (["eval", "task", "--task", "gsm8k", "--source", "missing.jsonl"], "--source missing.jsonl: no such file"),
     (["prepare", "task", "--task", "arithmetic", "--source", "x.jsonl"], "reads no file"),
