@@ -31,7 +31,7 @@ gpt2 prepare task --task $TASK --out "$OUT/data"
 echo "== 2/7 fine-tune a new tiny model on them ($SFT_STEPS steps)"
 gpt2 finetune --preset tiny --scratch tiny --data "$OUT/data" --out "$OUT/sft" --device cpu --max-steps "$SFT_STEPS" \
   --batch-size 32 --lr 3e-3 --warmup-steps 50 --eval-every 250 --save-every 0 --no-progress \
-  --sample-prompts "What is 4 7 + 3 8?" "What is 9 + 1 6?" --sample-max-tokens 8
+  --sample-prompts "What is 4 7 + 3 8?" "What is 0 9 + 1 6?" --sample-max-tokens 6
 evaluate sft "$OUT/sft"
 
 echo "== 3/7 GRPO on the task's reward ($GRPO_STEPS steps)"
