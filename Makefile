@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED)/tiktoken_cache),)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED)/tiktoken_cache
 endif
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-rl test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ $(BIN)/.llama: $(BIN)/.installed
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+# Post-training on a task with a checkable answer: fine-tune, then GRPO, DPO, a reward model and PPO, each
+# measured on the same held-out questions.
+demo-rl: install
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo_rl.sh
 
 # One pytest-xdist worker per core, a test file per worker at a time: many tests wait on child processes, servers
 # or compilers, and module fixtures stay built once per file.

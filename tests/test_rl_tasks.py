@@ -59,29 +59,36 @@ def random_model(tmp_path, one_thread):
 
 
 def test_arithmetic_scorer_exact_match_of_the_first_line():
-    q = ArithmeticTask.make(407, 586)
-    assert (q.prompt, q.answer, q.target) == ("What is 4 0 7 + 5 8 6?", "9 9 3", "993")
-    for right in ["9 9 3", "993", " 9 9 3 \nanything after the first line", "9 9 3\n"]:
-        assert ArithmeticTask().score(q, right) == 1.0, right
-    for wrong in ["9 9 4", "9 9", "9 9 3 0", "993 is the answer", "", "\n9 9 3x", "nine", "-993", "9,93"]:
-        assert ArithmeticTask().score(q, wrong) == 0.0, wrong
-    assert ArithmeticTask().score(q, None) == 0.0  # not text: scored, never raised
+    task = ArithmeticTask()
+    q = task.make(7, 48)
+    assert (q.prompt, q.answer, q.target) == ("What is 0 7 + 4 8?", "0 5 5", "55")
+    wide = ArithmeticTask(digits=3).make(407, 586)
+    assert (wide.prompt, wide.answer, wide.target) == ("What is 4 0 7 + 5 8 6?", "0 9 9 3", "993")
+    for right in ["0 5 5", "055", "55", " 0 5 5 \nanything after the first line", "5 5\n", "0 0 5 5"]:
+        assert task.score(q, right) == 1.0, right
+    for wrong in ["0 5 6", "5", "0 5 5 0", "55 is the answer", "", "\n0 5 5x", "fifty-five", "-55", "5,5", "０５５"]:
+        assert task.score(q, wrong) == 0.0, wrong
+    assert task.score(task.make(0, 0), "0 0 0") == 1.0 and task.score(task.make(0, 0), "") == 0.0
+    assert task.score(q, None) == 0.0  # not text: scored, never raised
 
 
 def test_arithmetic_splits_are_deterministic_disjoint_and_correct():
-    a, b = ArithmeticTask(n_train=3000, n_test=500), ArithmeticTask(n_train=3000, n_test=500)
+    a, b = ArithmeticTask(n_train=6000, n_test=500), ArithmeticTask(n_train=6000, n_test=500)
     train, test = a.questions("train"), a.questions("test")
-    assert (len(train), len(test)) == (3000, 500)
+    assert (len(train), len(test)) == (6000, 500) and len(set(train)) == 6000
     assert train == b.questions("train") and test == b.questions("test")
 
     def operands(q: Question) -> frozenset:
         left, right = q.prompt.removeprefix("What is ").removesuffix("?").split(" + ")
         x, y = int(left.replace(" ", "")), int(right.replace(" ", ""))
-        assert str(x + y) == q.target and q.answer.replace(" ", "") == q.target
+        assert str(x + y) == q.target and q.answer.replace(" ", "") == q.target.zfill(3) and len(left) == 3
         return frozenset((x, y))
 
     assert not {operands(q) for q in train} & {operands(q) for q in test}  # also a + b against b + a
-    assert ArithmeticTask(n_train=3000, n_test=500, seed=1).questions("test") != test
+    assert len({operands(q) for q in test}) == 500
+    assert ArithmeticTask(n_train=6000, n_test=500, seed=1).questions("test") != test
+    with pytest.raises(ValueError, match="too many"):
+        ArithmeticTask(digits=1, n_train=80, n_test=10)
     with pytest.raises(UserError, match="unknown split"):
         a.questions("val")
 
@@ -212,7 +219,21 @@ def test_prepare_task_pairs_pairs_right_with_wrong_answers(random_model, tmp_pat
     assert again == meta and (tmp_path / "again" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
 
 
+def test_finetune_from_scratch_on_task_data(tmp_path, tokenizer_ok, one_thread):
+    """`gpt2 finetune --scratch tiny` trains a new model of the preset on `gpt2 prepare task`'s folder."""
+    data = tmp_path / "arith"
+    main(["prepare", "task", "--out", str(data), "--limit", "40"])
+    common = ["--data", str(data), "--max-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--device", "cpu",
+              "--eval-every", "0", "--no-progress", "--save-every", "0", "--sample-prompts", "What is 1 + 2?",
+              "--sample-max-tokens", "2"]
+    main(["finetune", "--scratch", "tiny", "--out", str(tmp_path / "a"), *common])
+    model = GPT.from_pretrained(tmp_path / "a" / "model")
+    assert (model.config.n_layer, model.config.n_embd) == (4, 128)
+    assert "A new `tiny` model fine-tuned on" in (tmp_path / "a" / "samples.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
+    (["finetune", "--scratch", "tiny", "--init", "gpt2"], "--init and --scratch both name the starting model"),
     (["eval", "task", "--task", "chess"], "invalid choice: 'chess'"),
     (["eval", "task", "--task", "gsm8k", "--source", "missing.jsonl"], "--source missing.jsonl: no such file"),
     (["prepare", "task", "--task", "arithmetic", "--source", "x.jsonl"], "reads no file"),

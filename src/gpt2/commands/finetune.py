@@ -28,6 +28,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from gpt2.checkpoint import load_model
@@ -38,6 +39,8 @@ from gpt2.data.batching import Example
 from gpt2.distributed import destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.io import make_folder, write_json_atomic, write_text_atomic
+from gpt2.model import GPT
+from gpt2.model import PRESETS as MODEL_PRESETS
 from gpt2.train.config import EPOCHS_HELP, MAX_STEPS_HELP, TrainConfig, run_length
 from gpt2.train.finetune import FinetuneTask, answer_prompts, render_samples
 from gpt2.train.loop import train
@@ -57,7 +60,10 @@ SAMPLES_BEFORE_FILE = "samples_before.json"
 class FinetuneConfig(TrainConfig):
     init: str = arg("gpt2", "starting model: a training run dir (ours), a Hugging Face checkpoint dir, or a hub "
                             "name such as gpt2")
-    data: str = arg("data/alpaca", "folder written by `gpt2 prepare alpaca --out`")
+    scratch: str | None = arg(None, "start from freshly initialised weights of this model preset (seeded by --seed) "
+                                    "instead of --init: for a task small enough to learn from its own data, such as "
+                                    "`gpt2 prepare task`'s", choices=sorted(MODEL_PRESETS))
+    data: str = arg("data/alpaca", "folder written by `gpt2 prepare alpaca --out` (or `gpt2 prepare task --out`)")
     epochs: float = arg(2.0, EPOCHS_HELP)
     batch_size: int = arg(16, "examples per micro batch on each rank", minimum=1)
     grad_accum: int = arg(2, "micro batches per optimizer step (global batch = batch size x grad accum x ranks)",
@@ -89,6 +95,8 @@ class FinetuneConfig(TrainConfig):
         super().validate()
         if not self.epochs > 0:
             raise UserError(f"--epochs must be > 0 (got {self.epochs})")
+        if self.scratch is not None and "init" in self._given:
+            raise UserError("--init and --scratch both name the starting model: give one")
         if not self.sample_temperature >= 0:
             raise UserError(f"--sample-temperature must be >= 0, 0 = greedy (got {self.sample_temperature})")
 
@@ -118,7 +126,8 @@ PRESETS = {
 
 def samples_header(cfg: FinetuneConfig, done: int, max_steps: int, steps_per_epoch: int) -> str:
     how = "greedy" if cfg.sample_temperature <= 0 else f"sampled at temperature {cfg.sample_temperature}"
-    return (f"Model `{cfg.init}` fine-tuned on `{cfg.data}`: {done} of {max_steps} steps "
+    start = f"A new `{cfg.scratch}` model" if cfg.scratch else f"Model `{cfg.init}`"
+    return (f"{start} fine-tuned on `{cfg.data}`: {done} of {max_steps} steps "
             f"({done / steps_per_epoch:.2f} epochs). Answers {how}, at most {cfg.sample_max_tokens} tokens; "
             "each question is formatted with `gpt2.template.format_prompt`.")
 
@@ -155,13 +164,21 @@ def _load_examples(cfg: FinetuneConfig, block_size: int, is_main: bool) -> tuple
     return splits[0], splits[1]
 
 
+def starting_model(cfg: FinetuneConfig) -> GPT:
+    """`--init`'s model, or with `--scratch` a new one of that preset (the same weights on every rank)."""
+    if cfg.scratch is None:
+        return load_model(cfg.init, reads_text="--init")
+    torch.manual_seed(cfg.seed)
+    return GPT(MODEL_PRESETS[cfg.scratch])
+
+
 def run(cfg: FinetuneConfig):
     cfg.validate()
     run_dir = Path(cfg.out)
     check_run_dir(run_dir, cfg.resume, COMMAND.name)  # before the model loads
     dist = init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        model = load_model(cfg.init, reads_text="--init").to(dist.device)
+        model = starting_model(cfg).to(dist.device)
         train_ex, val_ex = _load_examples(cfg, model.config.block_size, dist.is_main)
         task = FinetuneTask(train_ex, val_ex, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
                             world_size=dist.world_size, group_batches=cfg.group_batches,

@@ -12,17 +12,19 @@ Design decisions:
 - Scores are exact match of an extracted final answer, never a partial credit: the reward of RL and the
   accuracy of evaluation are then the same number. A scorer never raises: malformed, empty or runaway text
   scores 0.0.
-- `arithmetic` (built in, generated from a seed, no download): "What is 4 0 7 + 5 8 6?" -> "9 9 3". The
-  digits are written apart because GPT-2's tokenizer cuts numbers irregularly ("1234" is "12" "34", "579" is
-  one token): spaced, every digit is one token (" 7"), so a small model can learn the column rule instead
-  of memorising a table of number tokens. Three-digit operands: the demo-sized model (`tiny`, trained for a
-  few minutes on a CPU) then gets some held-out sums right and many wrong, mostly in the carries, which
-  leaves room for RL to measurably help; one digit is solved outright, and longer sums only add tokens.
-  Scoring: the completion's first line with all whitespace removed must equal the sum's digits ("993";
-  "9 9 3" and " 993 " both pass, "993 is the answer" does not).
-  Splits: unique unordered operand pairs are drawn from `random.Random(seed)`; the first `n_test` are the test
-  split and the next `n_train` the train split, so the splits are disjoint (also under swapping the
-  operands) and the same for a seed on every machine.
+- `arithmetic` (built in, generated from a seed, no download): "What is 4 7 + 0 8?" -> "0 5 5". Two choices
+  make it learnable by a small model in minutes. The digits are written apart because GPT-2's tokenizer cuts
+  numbers irregularly ("1234" is "12" "34", "579" is one token): spaced, every digit is one token (" 7"). And
+  every number has a fixed width (operands `digits` digits, the sum one more, zero-padded), so each digit sits
+  at the same place in every question: a model learns which places to add instead of first searching the
+  template's long preamble for the numbers (written without padding, the sums were barely learnt in the same
+  time). Two-digit operands: a new `tiny` model fine-tuned for a few minutes on a CPU gets a fair share of the
+  held-out sums right and many wrong (mostly the carries), which leaves room for RL to measurably help.
+  Scoring: the completion's first line, with all whitespace removed, must be the sum's digits, leading zeros
+  allowed ("0 5 5", "055" and " 55 " pass; "5 6", "55 is the answer" and "-55" do not).
+  Splits: the test split is drawn first from `random.Random(seed)` (`n_test` pairs, distinct even with the
+  operands swapped), then the train split (`n_train` distinct ordered pairs, neither order of any test pair),
+  so the splits are disjoint and the same for a seed on every machine.
 - `gsm8k`: grade-school math word problems (the hub's `openai/gsm8k`, config "main", splits "train" and
   "test"; or `source`, a local file or folder with the same fields `question` and `answer`, the answer's last
   line "#### <number>"). The reference answer is the whole solution (calculator annotations included, as
@@ -85,54 +87,63 @@ def check_split(split: str) -> None:
 # ---------------------------------------------------------------- arithmetic
 
 
-def spaced(n: int) -> str:
-    """407 -> "4 0 7": one GPT-2 token per digit."""
-    return " ".join(str(n))
+def spaced(n: int, width: int) -> str:
+    """(407, 4) -> "0 4 0 7": zero-padded to `width` digits, one GPT-2 token per digit."""
+    return " ".join(str(n).zfill(width))
 
 
 class ArithmeticTask(VerifiableTask):
-    """Addition of two numbers drawn uniformly from [0, 10**digits) (so a few are shorter, written without
-    leading zeros), generated from `seed`."""
+    """Addition of two numbers drawn uniformly from [0, 10**digits), written with `digits` digits each, generated
+    from `seed` (module docstring)."""
 
     name = "arithmetic"
 
-    def __init__(self, digits: int = 3, n_train: int = 20_000, n_test: int = 1_000, seed: int = 0) -> None:
+    def __init__(self, digits: int = 2, n_train: int = 7_000, n_test: int = 1_000, seed: int = 0) -> None:
         if digits < 1 or n_train < 0 or n_test < 0:
             raise ValueError("digits must be >= 1 and the split sizes >= 0")
-        if n_train + n_test > (10**digits) ** 2 // 2:
-            raise ValueError(f"{n_train + n_test} questions asked for, too many for {digits}-digit sums")
+        if n_train + 2 * n_test > 0.9 * (10**digits) ** 2:  # room to draw them without drawing for ever
+            raise ValueError(f"{n_train} + {n_test} questions asked for, too many for {digits}-digit sums")
         self.digits, self.n_train, self.n_test, self.seed = digits, n_train, n_test, seed
-        self.max_new_tokens = 2 * digits + 4  # one token per digit of the sum, <|endoftext|>, some slack
+        self.max_new_tokens = digits + 4  # one token per digit of the sum, <|endoftext|>, some slack
         self._splits: dict[str, list[Question]] | None = None
 
     def questions(self, split: str) -> list[Question]:
         check_split(split)
         if self._splits is None:
-            pairs = self._pairs()
-            made = [self.make(a, b) for a, b in pairs]
-            self._splits = {"test": made[: self.n_test], "train": made[self.n_test:]}
+            test, train = self._pairs()
+            self._splits = {"test": [self.make(a, b) for a, b in test], "train": [self.make(a, b) for a, b in train]}
         return list(self._splits[split])
 
-    def _pairs(self) -> list[tuple[int, int]]:
+    def _pairs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(test, train) operand pairs, drawn in one seeded stream: the test split first, one order of each
+        pair; then train pairs in either order, none of them a test pair in either order."""
         rng = random.Random(self.seed)
         top = 10**self.digits
-        seen: set[tuple[int, int]] = set()
-        pairs = []
-        while len(pairs) < self.n_test + self.n_train:
+        test_keys: set[tuple[int, int]] = set()
+        test: list[tuple[int, int]] = []
+        while len(test) < self.n_test:
             a, b = rng.randrange(top), rng.randrange(top)
-            key = (min(a, b), max(a, b))  # a + b and b + a are one question for disjointness
-            if key not in seen:
-                seen.add(key)
-                pairs.append((a, b))
-        return pairs
+            if (min(a, b), max(a, b)) not in test_keys:
+                test_keys.add((min(a, b), max(a, b)))
+                test.append((a, b))
+        seen: set[tuple[int, int]] = set()
+        train: list[tuple[int, int]] = []
+        while len(train) < self.n_train:
+            a, b = rng.randrange(top), rng.randrange(top)
+            if (a, b) not in seen and (min(a, b), max(a, b)) not in test_keys:
+                seen.add((a, b))
+                train.append((a, b))
+        return test, train
 
-    @staticmethod
-    def make(a: int, b: int) -> Question:
-        return Question(prompt=f"What is {spaced(a)} + {spaced(b)}?", answer=spaced(a + b), target=str(a + b))
+    def make(self, a: int, b: int) -> Question:
+        d = self.digits
+        return Question(prompt=f"What is {spaced(a, d)} + {spaced(b, d)}?", answer=spaced(a + b, d + 1),
+                        target=str(a + b))
 
     def score(self, question: Question, completion: str) -> float:
         first = completion.strip().split("\n", 1)[0] if isinstance(completion, str) else ""
-        return float("".join(first.split()) == question.target)
+        digits = "".join(first.split())
+        return float(digits.isdecimal() and digits.isascii() and (digits.lstrip("0") or "0") == question.target)
 
 
 # ---------------------------------------------------------------- GSM8K
