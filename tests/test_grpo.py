@@ -23,8 +23,7 @@ from gpt2.cli import main
 from gpt2.data.batching import collate
 from gpt2.model import GPT, GPTConfig
 from gpt2.rlhf import tasks
-from gpt2.rlhf.losses import group_advantages, grpo_loss, k3_kl
-from gpt2.rlhf.rollout import answer_logprobs
+from gpt2.rlhf.losses import answer_logprobs, group_advantages, grpo_loss, k3_kl
 from gpt2.rlhf.tasks import Question, VerifiableTask
 
 COLOURS = ["red", "green", "blue", "gold"]

@@ -67,6 +67,16 @@ def test_dpo_command(setup):
     GPT.from_pretrained(out / "model")  # the policy is an HF checkpoint
 
 
+def test_dpo_command_with_an_nll_term(setup):
+    tmp, data, sft = setup
+    out = tmp / "rpo"
+    main(["dpo", "--model", str(sft), "--data", str(data), "--out", str(out), "--max-steps", "2", "--nll-coef", "1",
+          *COMMON])
+    train = _records(out, "train")
+    assert len(train) == 2 and all(r["nll"] > 0 for r in train)
+    assert train[0]["loss"] > train[0]["nll"]  # the DPO term (ln 2 at the start) plus the NLL
+
+
 def test_max_steps_wins_over_epochs_in_every_command(setup, capsys):
     """One rule (`run_length`): --max-steps when given, else --epochs x steps per epoch; the same help."""
     tmp, data, sft = setup

@@ -10,6 +10,7 @@ from rlhf_data import one_thread  # noqa: F401 (autouse fixture)
 
 from gpt2.model import GPT, GPTConfig
 from gpt2.rlhf.heads import ActorCritic
+from gpt2.rlhf.losses import token_logprobs
 from gpt2.rlhf.ppo import PPOHyper, PPOTask, rollout
 from gpt2.rlhf.rollout import complete
 from gpt2.tokenizer import EOT
@@ -31,6 +32,18 @@ def test_complete_restores_the_eot_that_ended_an_answer():
     assert complete([1, 2], [5, 6], max_new_tokens=4, block_size=32) == [5, 6, EOT]  # stopped on EOT
     assert complete([1, 2], [5, 6, 7, 8], max_new_tokens=4, block_size=32) == [5, 6, 7, 8]  # out of budget
     assert complete([1, 2], [5, 6], max_new_tokens=8, block_size=4) == [5, 6]  # out of context
+
+
+def test_answer_logprobs_values_equal_the_full_forward():
+    torch.manual_seed(0)
+    actor = ActorCritic(GPT(SMALL))
+    ids = torch.randint(0, 16, (3, 10))
+    targets = torch.full((3, 10), -100)
+    targets[0, 4:9], targets[1, 2:5], targets[2, 6:9] = ids[0, 5:10], ids[1, 3:6], ids[2, 7:10]  # answers
+    logp, values = actor.answer_logprobs_values(ids, targets)
+    logits, full_values = actor(ids)
+    torch.testing.assert_close(logp, token_logprobs(logits, targets))
+    torch.testing.assert_close(values, full_values)
 
 
 def test_rollout_tensors_share_the_answer_mask():

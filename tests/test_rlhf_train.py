@@ -74,3 +74,22 @@ def test_reward_model_reads_the_last_real_token_and_round_trips(tmp_path):
     transformers = pytest.importorskip("transformers")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)  # the backbone is a plain HF GPT-2
     assert hf.config.n_layer == TINY.n_layer
+
+
+def test_dpo_nll_coef_adds_the_chosen_answers_per_token_nll(shared_data, tokenizer_ok):
+    pairs, config = compact(short_hh_pairs(shared_data))
+    torch.manual_seed(0)
+    policy = GPT(config)
+    batch = DPOTask(copy.deepcopy(policy), 0.1, pairs, pairs, batch_size=4).next_batch()
+    plain = DPOTask(copy.deepcopy(policy), 0.1, pairs, pairs, batch_size=4)
+    rpo = DPOTask(copy.deepcopy(policy), 0.1, pairs, pairs, batch_size=4, nll_coef=0.5)
+    base, _ = plain.loss(policy, batch)
+    loss, metrics = rpo.loss(policy, batch)
+    input_ids, targets = batch[0], batch[1]
+    B = input_ids.size(0) // 2
+    logp = torch.log_softmax(policy(input_ids[:B]).float(), dim=-1)
+    mask = targets[:B] != -100
+    picked = logp.gather(-1, targets[:B].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    nll = -(picked * mask).sum() / mask.sum()  # by hand: the mean over the chosen answers' tokens
+    assert metrics["nll"] == pytest.approx(nll.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(base.item() + 0.5 * nll.item(), rel=1e-5)

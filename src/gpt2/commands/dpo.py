@@ -27,6 +27,8 @@ from gpt2.rlhf.pairs import PairStageConfig, run_pair_stage
 class DPOConfig(PairStageConfig):
     out: str = arg("runs/dpo", "run directory: checkpoint.pt, model/ (HF export), metrics.jsonl, loss.png")
     beta: float = arg(0.1, "DPO beta: strength of the implicit KL constraint to the reference")
+    nll_coef: float = arg(0.0, "weight of the chosen answers' per-token NLL added to the DPO loss (RPO, TRL's "
+                               "rpo_alpha); 0 = plain DPO", minimum=0)
 
     def validate(self) -> None:
         super().validate()
@@ -38,7 +40,7 @@ class DPOConfig(PairStageConfig):
 def run(cfg: DPOConfig) -> nn.Module:
     def make_task(start: GPT, train_pairs, val_pairs, dist) -> DPOTask:
         return DPOTask(copy.deepcopy(start), cfg.beta, train_pairs, val_pairs, cfg.batch_size, seed=cfg.seed,
-                       rank=dist.rank, world_size=dist.world_size)
+                       rank=dist.rank, world_size=dist.world_size, nll_coef=cfg.nll_coef)
 
     return run_pair_stage(cfg, COMMAND.name, lambda start: start, make_task)
 

@@ -46,7 +46,7 @@ Design decisions, each beside nanochat's `scripts/chat_rl.py` and TRL's `GRPOTra
   share. The number drawn so far is the Task's whole state: `--resume` continues exactly.
 - Micro batches: the rollout's rows are cut in order into `micro_batch` rows per forward pass (the loop's
   accumulation does not apply: a step is one rollout); log-probs run the LM head on the answer positions only
-  (`gpt2.rlhf.rollout.answer_logprobs`).
+  (`gpt2.rlhf.losses.answer_logprobs`).
 - Metrics of each step: mean reward; accuracy (the share of answers scored 1.0, the same number for the 0/1
   scorers of `gpt2.rlhf.tasks`); answer length and the share that ended with `<|endoftext|>`; the share of
   zero-advantage groups; the loss's clip fraction, approximate KL to pi_old and `kl`. Evaluation: greedy
@@ -65,11 +65,10 @@ import torch.nn as nn
 from gpt2.distributed import all_reduce_sum
 from gpt2.model import GPT
 from gpt2.precision import autocast_context
-from gpt2.rlhf.losses import IGNORE, group_advantages, grpo_loss
+from gpt2.rlhf.losses import IGNORE, answer_logprobs, group_advantages, grpo_loss
 from gpt2.rlhf.rollout import (
     RolloutHyper,
     answer_batch,
-    answer_logprobs,
     answer_stats,
     answer_text,
     sample_answers,

@@ -24,6 +24,7 @@ import torch.nn as nn
 from gpt2.errors import UserError
 from gpt2.io import load_safetensors, save_safetensors
 from gpt2.model import GPT
+from gpt2.rlhf.losses import IGNORE, picked_logprobs, spread
 
 REWARD_HEAD = "reward_head.safetensors"
 VALUE_HEAD = "value_head.safetensors"
@@ -98,6 +99,15 @@ class ActorCritic(nn.Module):
         h = self.policy.hidden_states(input_ids)  # (B, T, C)
         logits = self.policy.lm_head(h)[..., : self.policy.config.vocab_size]
         return logits, self.value_head(h).squeeze(-1).float()
+
+    def answer_logprobs_values(self, input_ids: torch.Tensor, targets: torch.Tensor,
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) rows in the fine-tuning layout -> the answer tokens' log-probs (B, T), 0 elsewhere, and the
+        values (B, T), from one pass of the backbone; the LM head runs on the answer positions only."""
+        h = self.policy.hidden_states(input_ids)  # (B, T, C)
+        mask = targets != IGNORE
+        logits = self.policy.logits(h[mask]).float()  # (N, V)
+        return spread(picked_logprobs(logits, targets[mask]), mask), self.value_head(h).squeeze(-1).float()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """The policy as a Hugging Face checkpoint, the value head beside it."""

@@ -25,6 +25,7 @@ Design decisions:
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE = -100  # target of a prompt or padding position (same as F.cross_entropy's ignore_index)
@@ -42,6 +43,31 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     nll = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), ignore_index=IGNORE,
                           reduction="none")  # (B*T,), exactly 0 at ignored positions
     return -nll.view(B, T)
+
+
+def answer_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """float32 (N, V) next-token logits at the N positions where `mask` (B, T) is true, row by row. `model` is a
+    GPT (or has its `hidden_states` and `logits`); the LM head runs on those positions only: with GPT-2's
+    50257-token vocabulary the head over the prompt's positions would cost more than the rest of a small model
+    and is never read."""
+    return model.logits(model.hidden_states(input_ids)[mask]).float()
+
+
+def picked_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits, (N,) tokens -> (N,) log-probs of those tokens."""
+    return logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+
+
+def spread(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the N true positions of `mask` (B, T) -> (B, T), 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
+def answer_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`token_logprobs` of `model` on (input_ids, targets), float32 (B, T), the LM head run on the answer
+    positions only (`answer_logits`)."""
+    mask = targets != IGNORE
+    return spread(picked_logprobs(answer_logits(model, input_ids, mask), targets[mask]), mask)
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,7 +92,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Exact KL(policy || reference) of the next-token distributions, averaged over masked positions.
-    (B, T, V), (B, T, V), (B, T) -> 0-dim. Used for logging how far a policy has moved."""
+    (..., V), (..., V), (...) -> 0-dim. Used for logging how far a policy has moved."""
     logp = F.log_softmax(policy_logits.float(), dim=-1)
     logq = F.log_softmax(ref_logits.float(), dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T)

@@ -6,7 +6,8 @@ One iteration:
      does (`gpt2.rlhf.rollout`); an answer that stopped on `<|endoftext|>` keeps it as its last action.
      Prompt + answer rows use the fine-tuning layout, so every per-token tensor is (B, T) with `mask` on
      the answer tokens.
-     Record the policy's log-probs and values, the reference's log-probs, and the reward model's score.
+     Record the policy's log-probs and values, the reference's log-probs, and the reward model's score (the
+     LM heads run on the answer positions only: `ActorCritic.answer_logprobs_values`, `answer_logprobs`).
   2. Rewards: -kl_coef * (logp - ref_logp) at every answer token, plus the score at the last one
      (`kl_penalized_rewards`). Advantages by GAE(gamma, lam), whitened over the batch; returns = A + V.
   3. Update: `ppo_epochs` passes over the rollout batch in shuffled minibatches, one optimizer update each,
@@ -40,11 +41,11 @@ from gpt2.model import GPT
 from gpt2.precision import autocast_context
 from gpt2.rlhf.heads import ActorCritic
 from gpt2.rlhf.losses import (
+    answer_logprobs,
     gae,
     kl_penalized_rewards,
     ppo_policy_loss,
     ppo_value_loss,
-    token_logprobs,
     whiten,
 )
 from gpt2.rlhf.rollout import RolloutHyper, answer_batch, answer_stats, sample_answers
@@ -76,10 +77,9 @@ def rollout(actor: ActorCritic, reference: GPT, reward_fn: RewardFn, prompts: li
 
     was_training = actor.training
     actor.eval()
-    logits, values = actor(input_ids)
+    logp, values = actor.answer_logprobs_values(input_ids, targets)
     actor.train(was_training)
-    logp = token_logprobs(logits, targets)
-    ref_logp = token_logprobs(reference(input_ids), targets)
+    ref_logp = answer_logprobs(reference, input_ids, targets)
     values = values * mask
     score = reward_fn(input_ids, targets).float()  # (B,)
     rewards, kl = kl_penalized_rewards(score, logp, ref_logp, mask, hp.kl_coef)
@@ -131,8 +131,7 @@ class PPOTask(Task):
 
     def loss(self, model: nn.Module, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Clipped policy loss + vf_coef * clipped value loss, both means over the minibatch's answer tokens."""
-        logits, values = model(mb["input_ids"])
-        logp = token_logprobs(logits, mb["targets"])
+        logp, values = model.answer_logprobs_values(mb["input_ids"], mb["targets"])
         policy_loss, pm = ppo_policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], self.hp.clip)
         value_loss, vm = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], self.hp.value_clip)
         loss = policy_loss + self.hp.vf_coef * value_loss

@@ -1,15 +1,15 @@
 """What PPO and GRPO share of a rollout: sampling answers through `gpt2.inference.generate` (the one decoding
-engine, the code `gpt2 generate` runs), turning prompt + answer into the fine-tuning layout, the log-probs of
-the answer tokens, and the statistics of the answers; and the knobs and flags of a stage that samples its own
-training data (`RolloutHyper`, `RolloutConfig`, the base of `gpt2 ppo`'s and `gpt2 grpo`'s configs).
+engine, the code `gpt2 generate` runs), turning prompt + answer into the fine-tuning layout, and the statistics
+of the answers; and the knobs and flags of a stage that samples its own training data (`RolloutHyper`,
+`RolloutConfig`, the base of `gpt2 ppo`'s and `gpt2 grpo`'s configs).
 
 Design decisions:
 - An answer that stopped on `<|endoftext|>` keeps it as its last action (`complete`): `generate` drops it, but
   the policy chose it and must be credited or blamed for it.
 - Rows use the fine-tuning layout (`gpt2.data.batching.collate`): `targets[b, t]` is the answer token at
   `t + 1`, -100 elsewhere, so every per-token tensor of the RL math is (B, T) with `targets != -100` the mask.
-- `answer_logprobs` runs the LM head on the answer positions only: with GPT-2's 50257-token vocabulary the
-  head over the prompt's positions would cost more than the rest of the model and is never read.
+- Every stage's log-probs of the answer tokens run the LM head on the answer positions only
+  (`gpt2.rlhf.losses.answer_logprobs`).
 - A rollout stage's defaults differ from pretraining's: a small LR (the policy starts fine-tuned), no weight
   decay, frequent evaluation, and no torch.compile (every rollout has other shapes). FSDP is refused: each
   rank samples from the policy's whole weights, which FSDP keeps in shards.
@@ -26,7 +26,6 @@ from gpt2.config import arg, check_sampling
 from gpt2.data.batching import collate
 from gpt2.errors import UserError
 from gpt2.inference import generate
-from gpt2.losses import IGNORE_INDEX
 from gpt2.model import GPT
 from gpt2.padding import pad_right
 from gpt2.rlhf.tasks import as_text
@@ -98,16 +97,6 @@ def answer_batch(prompts: list[list[int]], answers: list[list[int]], device: tor
     """(input_ids, targets), both (B, T), in the fine-tuning layout, on `device` (None: on the host)."""
     input_ids, targets = collate(list(zip(prompts, answers)))
     return (input_ids, targets) if device is None else (input_ids.to(device), targets.to(device))
-
-
-def answer_logprobs(model: GPT, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets[b, t] | tokens <= t) at answer positions, 0 elsewhere: float32 (B, T), the LM head run on
-    the answer positions only (module docstring)."""
-    mask = targets != IGNORE_INDEX
-    hidden = model.hidden_states(input_ids)[mask]  # (N, C): the answer positions, row by row
-    logits = model.logits(hidden).float()  # (N, V)
-    picked = logits.gather(1, targets[mask][:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
-    return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
 
 def answer_stats(answers: list[list[int]]) -> dict[str, float]:
