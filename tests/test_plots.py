@@ -79,6 +79,12 @@ def test_ema_is_bias_corrected():
     assert 3.0 < smooth[-1] < 7.0
 
 
+def test_a_first_evaluation_without_any_loss_is_drawn(tmp_path):
+    """An RL stage evaluates at step 0 (accuracy, reward-model score) before it has any loss to draw."""
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 0, "accuracy": 0.25, "ci_low": 0.2}\n')
+    png_size(plot_run(tmp_path))
+
+
 def test_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match="metrics.jsonl"):
         plot_run(tmp_path)

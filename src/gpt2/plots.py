@@ -121,8 +121,9 @@ def draw(records: list[dict], out: str | os.PathLike, title: str = "") -> Path:
     val_steps, val_loss = _series(records, "eval", "val_loss")
     lr_steps, lr = _series(records, "train", "lr")
     extra = _eval_metric_keys(records)
-    if not train_steps and not val_steps:
-        raise UserError(f"nothing to plot for {out}: the metrics have no train 'loss' or eval 'val_loss' values")
+    if not train_steps and not val_steps and not extra:
+        raise UserError(f"nothing to plot for {out}: the metrics have no train 'loss', eval 'val_loss' or other "
+                        "eval values")
 
     heights = [3, 1.3] + ([1.5] if extra else [])
     fig = Figure(figsize=(9, 2.2 * sum(heights) / 1.5), layout="constrained")
@@ -136,12 +137,15 @@ def draw(records: list[dict], out: str | os.PathLike, title: str = "") -> Path:
     if val_steps:
         ax.plot(val_steps, val_loss, color="tab:orange", marker="o", markersize=3.5, linewidth=1.2,
                 label=f"val loss (last {val_loss[-1]:.4f})")
+    if not train_steps and not val_steps:  # an RL stage's first evaluation (accuracy, score) comes before any loss
+        ax.text(0.5, 0.5, "no loss values yet", ha="center", va="center", transform=ax.transAxes)
     top = _loss_ylim_top((train_steps, train_loss), (val_steps, val_loss))
     if top is not None:
         ax.set_ylim(top=top)
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    if train_steps or val_steps:
+        ax.legend(loc="upper right", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
 
