@@ -62,6 +62,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from gpt2.decode import Decoder
 from gpt2.distributed import all_reduce_sum
 from gpt2.model import GPT
 from gpt2.precision import autocast_context
@@ -147,12 +148,14 @@ class GRPOTask(Task):
         return draws[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
 
     @torch.no_grad()
-    def sample_group(self, draw: int) -> tuple[list[int], list[list[int]], list[float]]:
+    def sample_group(self, draw: int, decoder: Decoder | None = None,
+                     ) -> tuple[list[int], list[list[int]], list[float]]:
         """(prompt, G answers, their rewards) for draw number `draw` (see "Sampling" in the module docstring)."""
         index = self.order.question(draw)
         prompt, G = self.train_prompts[index], self.hp.samples_per_prompt
         gen = torch.Generator(device=self.device).manual_seed(mix(self.seed, SAMPLE, draw))
-        answers = sample_answers(self.policy, [prompt] * G, self.hp.temperature, self.hp.max_new_tokens, gen)
+        answers = sample_answers(self.policy, [prompt] * G, self.hp.temperature, self.hp.max_new_tokens, gen,
+                                 decoder)
         rewards = [float(self.task.score(self.train[index], answer_text(a))) for a in answers]
         return prompt, answers, rewards
 
@@ -160,8 +163,9 @@ class GRPOTask(Task):
     def rollout(self) -> tuple[list[MicroBatch], dict[str, float]]:
         """This rank's groups of the step, cut into micro batches, and the rollout's metrics."""
         prompts, answers, rewards = [], [], []
+        decoder = Decoder(self.policy)  # one for the rollout's groups: the weights stay as they are until its end
         for draw in self.my_draws():
-            prompt, group, scores = self.sample_group(draw)
+            prompt, group, scores = self.sample_group(draw, decoder)
             prompts += [prompt] * len(group)
             answers += group
             rewards += scores

@@ -24,6 +24,7 @@ import torch
 
 from gpt2.config import arg, check_sampling
 from gpt2.data.batching import collate
+from gpt2.decode import Decoder
 from gpt2.errors import UserError
 from gpt2.inference import generate
 from gpt2.model import GPT
@@ -78,10 +79,12 @@ def complete(prompt: list[int], answer: list[int], max_new_tokens: int, block_si
 
 
 def sample_answers(policy: GPT, prompts: list[list[int]], temperature: float, max_new_tokens: int,
-                   generator: torch.Generator | None = None) -> list[list[int]]:
-    """One sampled answer per prompt, through `generate`, each with its ending `<|endoftext|>` (`complete`)."""
+                   generator: torch.Generator | None = None, decoder: Decoder | None = None) -> list[list[int]]:
+    """One sampled answer per prompt, through `generate`, each with its ending `<|endoftext|>` (`complete`).
+    `decoder`: a `Decoder(policy)` made after the last weight update, to share between the calls of one rollout
+    (default: `generate` makes one per call)."""
     ids, masks = pad_right(prompts)
-    answers = generate(policy, ids, masks, temperature, max_new_tokens, generator=generator)
+    answers = generate(policy, ids, masks, temperature, max_new_tokens, generator=generator, decoder=decoder)
     block = policy.config.block_size
     return [complete(p, a, max_new_tokens, block) for p, a in zip(prompts, answers)]
 
