@@ -120,6 +120,20 @@ def test_reward_command(setup):
     assert (out / "model" / "tokenizer.json").is_file()  # a stage's model folder gets the tokenizer files too
 
 
+def test_reward_command_with_the_likelihood_score_feeds_ppo(setup):
+    tmp, data, sft = setup
+    out = tmp / "reward-lik"
+    main(["reward", "--model", str(sft), "--data", str(data), "--out", str(out), "--max-steps", "2",
+          "--score", "likelihood", *COMMON])
+    assert json.loads((out / "model" / "reward_model.json").read_text()) == {"score": "likelihood"}
+    assert not (out / "model" / "reward_head.safetensors").exists()
+    ppo = tmp / "ppo-lik"
+    main(["ppo", "--model", str(sft), "--reward-model", str(out), "--data", str(data), "--out", str(ppo),
+          "--max-new-tokens", "4", "--minibatch-size", "2", "--max-steps", "1", "--eval-prompts", "2", *COMMON])
+    score = _records(ppo, "eval")[-1]["score"]
+    assert score < 0  # a summed log-probability
+
+
 def ppo_args(setup, out, *extra):
     """`gpt2 ppo` arguments for the tiny SFT model, with a reward model made from it (once)."""
     tmp, data, sft = setup

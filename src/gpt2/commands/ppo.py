@@ -15,8 +15,6 @@ import copy
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import torch
-
 from gpt2.checkpoint import check_ids_fit, check_vocab, load_model
 from gpt2.commands import Command
 from gpt2.config import arg, flag_name
@@ -27,7 +25,6 @@ from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.precision import autocast_dtype
 from gpt2.rlhf.heads import ActorCritic, RewardModel
-from gpt2.rlhf.losses import last_token_index
 from gpt2.rlhf.ppo import PPOHyper, PPOTask
 from gpt2.rlhf.rollout import RolloutConfig
 from gpt2.template import format_prompt
@@ -106,11 +103,8 @@ def run(cfg: PPOConfig) -> ActorCritic:
         seed_everything(cfg.seed)  # the value head's initial weights (DDP broadcasts rank 0's anyway)
         actor = ActorCritic(policy).to(device)
 
-        def reward_fn(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return scorer(input_ids, last_token_index(targets))
-
         hp = PPOHyper(**{f.name: getattr(cfg, f.name) for f in fields(PPOHyper)})
-        task = PPOTask(actor, reference, reward_fn, train_prompts, eval_prompts, hp, cfg.batch_size,
+        task = PPOTask(actor, reference, scorer, train_prompts, eval_prompts, hp, cfg.batch_size,
                        seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=device,
                        amp=autocast_dtype(cfg.dtype, device))
         if dist.is_main:

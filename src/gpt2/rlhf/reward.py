@@ -3,7 +3,8 @@
 
 Design decisions:
 - The model is `RewardModel` (`gpt2.rlhf.heads`): the GPT backbone, initialised from the SFT checkpoint,
-  plus a scalar head read at each answer's last real token (its `<|endoftext|>`).
+  plus a scalar head read at each answer's last real token (its `<|endoftext|>`), or with `score="likelihood"`
+  the answer's summed log-prob under the backbone's own LM head.
 - Loss: -log sigmoid(r_chosen - r_rejected), with chosen and rejected rows scored in one forward pass.
   Logged: loss, mean margin, and pairwise accuracy (r_chosen > r_rejected); evaluation reports the
   held-out pairwise accuracy as `pref_acc`.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gpt2.rlhf.losses import bradley_terry_loss, last_token_index
+from gpt2.rlhf.losses import bradley_terry_loss
 from gpt2.rlhf.pairs import PairTask
 
 
@@ -26,7 +27,7 @@ class RewardTask(PairTask):
 
     def pair_loss(self, model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scores = model(input_ids, last_token_index(targets))  # (2B,)
+        scores = model(input_ids, targets)  # (2B,)
         B = input_ids.size(0) // 2
         loss, metrics = bradley_terry_loss(scores[:B], scores[B:])
         metrics["reward_chosen"] = scores[:B].detach().mean()
