@@ -168,3 +168,21 @@ def test_a_cpu_without_avx2_is_told_in_one_line(trained, capsys, monkeypatch):
         main(["generate", "--model", str(trained), "--weights-dtype", "int8", "--device", "cpu", "Red is"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "AVX2" in err and "--weights-dtype float32" in err, err
+
+
+def test_eval_val_loss_scores_the_int8_weights(trained, tmp_path, capsys):
+    """`gpt2 eval val-loss --weights-dtype int8` scores the quantized copy: close to fp32's loss, not equal."""
+    from gpt2.data.shards import write_shard
+
+    rows = [chat_ids(q) + encode(a) + [EOT] for q, a in QA] * 3
+    stream = torch.tensor([t for row in rows for t in row])
+    write_shard(tmp_path / "qa_val_000000.bin", stream.numpy())
+    losses = {}
+    for dtype in ("float32", "int8"):
+        main(["eval", "val-loss", "--model", str(trained), "--data", str(tmp_path), "--tokens", "256",
+              "--batch-size", "2", "--seq-len", "64", "--device", "cpu", "--weights-dtype", dtype])
+        out = capsys.readouterr().out  # "val loss 1.2345 (perplexity ...) over ... tokens ..., int8 weights"
+        assert f"{dtype} weights" in out, out
+        losses[dtype] = float(out.split("val loss ")[1].split()[0])
+    fp32, int8 = losses["float32"], losses["int8"]
+    assert fp32 != int8 and abs(int8 / fp32 - 1) < 0.05, (fp32, int8)

@@ -24,7 +24,7 @@ from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg
 from gpt2.data.loader import ShardLoader, checked_batch
-from gpt2.decode import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPE_METAVAR, load_dtype
+from gpt2.decode import WEIGHTS_DTYPE_METAVAR, load_dtype
 from gpt2.decode.int8 import quantized
 from gpt2.distributed import pick_device
 from gpt2.errors import UserError
@@ -75,8 +75,9 @@ class ValLossConfig:
     seq_len: int | None = arg(None, help="tokens per sequence; none = the model's context window", minimum=1)
     device: str = arg("auto", help="cpu, cuda, mps or auto")
     dtype: str = arg("auto", help=AUTOCAST_HELP, choices=TRAIN_DTYPES)
-    weights_dtype: str = arg("float32", help=WEIGHTS_DTYPE_HELP + "; int8 measures what 8-bit decoding loses "
-                             "(its logits are materialised per batch: bound them with --batch-size)",
+    weights_dtype: str = arg("float32", help="the weights' dtype: float32, bfloat16 or float16 (cast), or int8 (the "
+                             "8-bit weights of `--weights-dtype int8` decoding, to measure what they lose; their "
+                             "logits are materialised per batch: bound them with --batch-size)",
                              metavar=WEIGHTS_DTYPE_METAVAR)
 
 
