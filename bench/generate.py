@@ -1,5 +1,5 @@
 """Greedy generation speed on CPU: gpt2-scratch (fp32 and int8) vs `transformers` generate vs ONNX Runtime (fp32 and
-int8), one run.
+int8) vs llama.cpp (F32 and Q8_0), one run.
 
 A random-weight GPT-2 124M is saved once in HF format and loaded by every implementation. Each generates
 `--new-tokens` tokens greedily for `--prompt-len`-token prompts at each batch size (stop token disabled, so
@@ -9,7 +9,9 @@ vector extensions, one table of tokens/s (a column per implementation) and one o
 implementation a user would run instead), ours with temperature sampling, the one-time cost, peak memory of ours
 (fp32 and int8) against transformers (each in a fresh process), and checks: ours' greedy tokens equal
 transformers' and ONNX Runtime's at batch 1, each batch row equals that prompt decoded alone, and int8's greedy
-tokens agree with fp32's (ours and ONNX Runtime's) at a share of positions (random weights have many near-ties).
+tokens agree with fp32's (ours and ONNX Runtime's; llama.cpp Q8_0's with its F32) at a share of positions (random
+weights have many near-ties), as llama.cpp F32's agree with ours (at batch 1 with where they first differ and how
+near a tie that was in our logits).
 
 "ours" is the compiled decoder (`Decoder(model, compile=True)`: what `gpt2 chat`, `gpt2 serve` and
 `gpt2 generate --compile` run; its pieces are compiled once per weights, torch and CPU and cached, see
@@ -22,8 +24,17 @@ ONNX Runtime runs an ONNX export of the same fp32 weights: one graph taking the 
 and returning them extended (the plain way to run GPT-2 with a KV cache there); "ORT int8" is that export with
 its weight products as MatMul nodes, quantized by `onnxruntime.quantization.quantize_dynamic` (per-channel
 symmetric int8 weights, as ours). It is an optional bench dependency (`pip install -e ".[bench]"`); without it
-those columns say why they are missing. Another engine is one more `Column` in `columns()` (and, to compare
-against it, one more pair in `RATIOS`).
+those columns say why they are missing.
+
+llama.cpp runs the GGUF export of the same weights (`gpt2.export.gguf.write_gguf`, as `gpt2 export --format gguf
+--outtype f32|q8_0` writes it; Q8_0: blocks of 32 weights with one scale each) through llama-cpp-python's
+low-level API: every row of the batch is one sequence of one context, the prompts are one `llama_decode`, then
+each step decodes one token per row in one `llama_decode` and takes the argmax of each row's logits (no sampler,
+so no stop token and exactly `--new-tokens` tokens; no BOS), with the bench's threads and llama.cpp's default f16
+K/V cache. It needs llama-cpp-python (`pip install -e ".[llama]"`); without it those columns say why they are
+missing.
+
+Another engine is one more `Column` in `columns()` (and, to compare against it, one more pair in `RATIOS`).
 
     python bench/generate.py [--batch-sizes 1 8 16] [--prompt-len 32] [--new-tokens 128] [--threads 2]
 """
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -197,6 +209,87 @@ class OrtGreedy:
         return np.stack(out, 1).tolist()
 
 
+# ---------------------------------------------------------------------------------------------- llama.cpp
+
+
+class LlamaGreedy:
+    """Greedy decoding by llama.cpp on the GGUF export of `model` (`gpt2.export.gguf.write_gguf`, 2-D weights in
+    `outtype`), through llama-cpp-python's low-level API: the prompts go in as one batch of B sequences (one
+    sequence id per row), then each step decodes one token per row in one `llama_decode`, and the next token is
+    the argmax of that row's logits (`llama_get_logits_ith`). No sampler: nothing stops a row early, and the ids go
+    in as given (no BOS). The K/V cache is llama.cpp's default (f16), as its users run it."""
+
+    def __init__(self, model, outtype: str, threads: int, directory: str):
+        import llama_cpp
+        import numpy as np
+
+        from gpt2.export.gguf import write_gguf
+
+        path = write_gguf(model, Path(directory) / f"gpt2-{outtype}.gguf", outtype, name="gpt2-bench",
+                          progress=False)
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its loader logs every tensor otherwise
+        llama_cpp.llama_backend_init()
+        self.lc, self.np, self.threads = llama_cpp, np, threads
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.ctx, self.shape = None, (0, 0)
+
+    def context(self, rows: int, length: int):
+        """A context (and a batch) for `rows` sequences of `length` tokens: made anew when the shape changes (one
+        batch size per table row), so batch 1 runs in a one-sequence context, as a user's would."""
+        lc = self.lc
+        if self.shape != (rows, length):
+            if self.ctx is not None:
+                lc.llama_batch_free(self.batch)
+                lc.llama_free(self.ctx)
+            params = lc.llama_context_default_params()
+            # each sequence gets n_ctx / n_seq_max cells; llama.cpp pads its context to 256 cells (and warns
+            # when the padded size no longer divides among the sequences)
+            params.n_ctx = rows * -(-length // 256) * 256
+            params.n_batch = params.n_ubatch = rows * length  # the whole prefill in one batch
+            params.n_seq_max = rows
+            params.n_threads = params.n_threads_batch = self.threads
+            self.ctx = lc.llama_init_from_model(self.model, params)
+            if not self.ctx:
+                raise RuntimeError(f"llama.cpp could not make a context of {rows} x {length} tokens")
+            self.batch, self.shape = lc.llama_batch_init(rows * length, 0, 1), (rows, length)
+        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
+        return self.ctx
+
+    def generate_for(self, new_tokens: int) -> Callable[[torch.Tensor], list[list[int]]]:
+        return lambda ids: self.generate(ids, new_tokens)
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        B, T = ids.shape
+        ctx = self.context(B, T + new_tokens)
+        prompts = ids.tolist()
+        # (row, position, token, wants logits) for every prompt token; logits only at each row's last one
+        nxt = self.decode(ctx, [(r, t, prompts[r][t], t == T - 1) for r in range(B) for t in range(T)])
+        out = [nxt]
+        for step in range(new_tokens - 1):
+            nxt = self.decode(ctx, [(r, T + step, nxt[r], True) for r in range(B)])
+            out.append(nxt)
+        return [list(row) for row in zip(*out)]
+
+    def decode(self, ctx, tokens: list[tuple[int, int, int, bool]]) -> list[int]:
+        """One `llama_decode` of `tokens` (row = sequence id, position, token, wants logits); the argmax of each
+        row's logits, in row order."""
+        lc, batch = self.lc, self.batch
+        batch.n_tokens = len(tokens)
+        outputs = []
+        for i, (row, pos, token, wanted) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, wanted
+            batch.seq_id[i][0] = row
+            if wanted:
+                outputs.append(i)
+        if (rc := lc.llama_decode(ctx, batch)) != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        return [int(self.np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).argmax())
+                for i in outputs]
+
+
 # ---------------------------------------------------------------------------------------------- peak memory
 
 
@@ -300,8 +393,9 @@ def main() -> None:
     t0 = time.perf_counter()
     int8 = Decoder(ours, weights_dtype="int8")
     print(f"start-up cost (ours int8: quantizing the weights, every start): {time.perf_counter() - t0:.1f} s")
-    ort = {name: ort_session(ours, threads, tmp.name, int8=q) for name, q in (("ORT", False), ("ORT int8", True))}
-    cols = columns(ours, compiled, int8, hf, ort, args.new_tokens)
+    engines = {name: ort_session(ours, threads, tmp.name, int8=q) for name, q in (("ORT", False), ("ORT int8", True))}
+    engines |= {f"llama.cpp {t.upper()}": llama_session(ours, t, threads, tmp.name) for t in ("f32", "q8_0")}
+    cols = columns(ours, compiled, int8, hf, engines, args.new_tokens)
     names = [c.name for c in cols]
     print("\ntok/s (ours: the compiled pieces, as chat, serve and generate --compile run; eager: --no-compile; "
           "ours int8: --weights-dtype int8)")
@@ -333,11 +427,14 @@ class Column:
 
 
 # (ours, theirs) pairs printed as ratios of tokens/s; a pair whose column is missing prints "-"
-RATIOS = [("ours", "ORT"), ("ours int8", "ORT int8"), ("ours int8", "ours"), ("ours", "HF")]
+RATIOS = [("ours", "ORT"), ("ours int8", "ORT int8"), ("ours int8", "ours"), ("ours", "HF"),
+          ("ours", "llama.cpp F32"), ("ours int8", "llama.cpp Q8_0")]
 
 
-def columns(ours, compiled, int8, hf, ort: dict[str, OrtGreedy | None], new_tokens: int) -> list[Column]:
-    """The table's implementations, in column order (ONNX Runtime's only where it could be set up)."""
+def columns(ours, compiled, int8, hf, engines: dict[str, OrtGreedy | LlamaGreedy | None],
+            new_tokens: int) -> list[Column]:
+    """The table's implementations, in column order (ONNX Runtime's and llama.cpp's only where they could be set
+    up)."""
     from gpt2.inference import generate
 
     def ours_with(decoder):
@@ -345,29 +442,52 @@ def columns(ours, compiled, int8, hf, ort: dict[str, OrtGreedy | None], new_toke
 
     cols = [Column("ours", ours_with(compiled)), Column("ours int8", ours_with(int8)),
             Column("eager", ours_with(None)), Column("HF", lambda ids: hf_greedy(hf, ids, new_tokens))]
-    cols += [Column(name, session.generate_for(new_tokens)) for name, session in ort.items() if session is not None]
+    cols += [Column(name, engine.generate_for(new_tokens)) for name, engine in engines.items() if engine is not None]
     return cols
 
 
 def ort_session(model, threads: int, directory: str, int8: bool) -> OrtGreedy | None:
     """ONNX Runtime on an export of `model` (quantized with `int8`), or None with the reason printed."""
-    label = "ONNX Runtime" + (" int8" if int8 else "")
-    try:
-        import onnxruntime
+    return set_up("ONNX Runtime" + (" int8" if int8 else ""), "onnxruntime",
+                  f"export{' + quantize' if int8 else ''} + session", "bench",
+                  lambda: OrtGreedy(model, threads, directory, int8=int8))
 
+
+def llama_session(model, outtype: str, threads: int, directory: str) -> LlamaGreedy | None:
+    """llama.cpp on the GGUF export of `model` at `outtype`, or None with the reason printed."""
+    return set_up(f"llama.cpp {outtype.upper()}", "llama_cpp", "GGUF export + load", "llama",
+                  lambda: LlamaGreedy(model, outtype, threads, directory))
+
+
+def set_up(label: str, package: str, what: str, extra: str, make: Callable[[], object]):
+    """`make()` with its time and `package`'s version printed, or None with the reason printed: the package is
+    absent (install the `extra`) or the export or load failed."""
+    try:
+        version = __import__(package).__version__
         t0 = time.perf_counter()
-        session = OrtGreedy(model, threads, directory, int8=int8)
-        print(f"{label} {onnxruntime.__version__}: export{' + quantize' if int8 else ''} + session "
-              f"{time.perf_counter() - t0:.1f} s")
-        return session
-    except Exception as e:  # ImportError when the bench extra is absent; an export failure says why
-        print(f"{label} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]} (pip install -e '.[bench]')")
+        engine = make()
+        print(f"{label} ({package} {version}): {what} {time.perf_counter() - t0:.1f} s")
+        return engine
+    except Exception as e:  # ImportError when the extra is absent; an export failure says why
+        print(f"{label} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]} (pip install -e '.[{extra}]')")
         return None
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """The share of positions where two greedy outputs have the same token."""
     return sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / max(1, sum(len(r) for r in a))
+
+
+def first_difference(model, ids: torch.Tensor, ours: list[int], theirs: list[int]) -> str:
+    """Where a greedy row `theirs` first leaves `ours` (the continuation of the one prompt `ids`), and how near a
+    tie that was in `model`'s own logits there: their token's logit below ours' top one."""
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if k is None:
+        return " (all equal)"
+    with torch.no_grad():
+        logits = model(torch.cat([ids[0], torch.tensor(ours[:k], dtype=ids.dtype)])[None])[0, -1].float()
+    return (f" (first difference at token {k + 1} of {len(ours)}, where ours' logit of their token is "
+            f"{(logits[ours[k]] - logits[theirs[k]]).item():.4f} below its top one)")
 
 
 def measure_batch(B: int, ours, cols: list[Column], compiled, args) -> dict[str, float]:
@@ -393,6 +513,11 @@ def measure_batch(B: int, ours, cols: list[Column], compiled, args) -> dict[str,
     checks.append(f"int8 agrees with fp32 at {agreement(out['ours int8'], out['ours']):.0%}")
     if "ORT int8" in out and "ORT" in out:
         checks.append(f"ORT int8 with ORT at {agreement(out['ORT int8'], out['ORT']):.0%}")
+    if "llama.cpp F32" in out:
+        checks.append(f"llama.cpp F32 with ours at {agreement(out['llama.cpp F32'], out['ours']):.0%}"
+                      + (first_difference(ours, ids, out["ours"][0], out["llama.cpp F32"][0]) if B == 1 else ""))
+    if "llama.cpp Q8_0" in out and "llama.cpp F32" in out:
+        checks.append(f"llama.cpp Q8_0 with F32 at {agreement(out['llama.cpp Q8_0'], out['llama.cpp F32']):.0%}")
     cells = [f"{rate[c.name]:.1f}" for c in cols]
     print(f"| {B} | " + " | ".join(cells) + f" | {rate['sampled'] / rate['ours']:.2f}x | {', '.join(checks)} |",
           flush=True)
