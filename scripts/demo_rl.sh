@@ -14,11 +14,11 @@ OUT="${GPT2_RL_DEMO_DIR:-runs/demo-rl}"
 TASK=arithmetic
 HELD_OUT="${GPT2_RL_HELD_OUT:-500}"   # held-out questions every model answers
 SFT_STEPS="${GPT2_RL_SFT_STEPS:-600}"
-GRPO_STEPS="${GPT2_RL_GRPO_STEPS:-150}"
+GRPO_STEPS="${GPT2_RL_GRPO_STEPS:-200}"
 PAIR_QUESTIONS="${GPT2_RL_PAIR_QUESTIONS:-3000}"
 DPO_STEPS="${GPT2_RL_DPO_STEPS:-150}"
-REWARD_STEPS="${GPT2_RL_REWARD_STEPS:-600}"
-PPO_STEPS="${GPT2_RL_PPO_STEPS:-40}"
+REWARD_STEPS="${GPT2_RL_REWARD_STEPS:-300}"
+PPO_STEPS="${GPT2_RL_PPO_STEPS:-60}"
 export OMP_NUM_THREADS=1
 
 start=$SECONDS
@@ -41,7 +41,7 @@ echo "== 3/7 GRPO on the task's reward ($GRPO_STEPS steps), in the background: $
 # Samples at temperature 0.7: closer to the greedy answers that are scored, so a group's right and wrong answers
 # differ where the greedy choice is decided.
 ( gpt2 grpo --model "$OUT/sft" --task $TASK --out "$OUT/grpo" --max-steps "$GRPO_STEPS" --prompts-per-step 16 \
-    --samples-per-prompt 8 --temperature 0.7 --lr 1e-4 --warmup-steps 10 --eval-every 50 --eval-questions 300 \
+    --samples-per-prompt 8 --temperature 0.7 --lr 5e-5 --warmup-steps 10 --eval-every 50 --eval-questions 300 \
     --device cpu --save-every 0 --no-progress && evaluate grpo "$OUT/grpo" ) > "$OUT/grpo.log" 2>&1 &
 grpo=$!
 stop_grpo() { if [ -n "${grpo:-}" ]; then pkill -P "$grpo" 2>/dev/null; kill "$grpo" 2>/dev/null; fi; true; }
@@ -53,16 +53,18 @@ gpt2 prepare task-pairs --model "$OUT/sft" --task $TASK --out "$OUT/pairs" --lim
 
 echo "== 5/7 DPO on those pairs ($DPO_STEPS steps), with the chosen answers' NLL (RPO)"
 gpt2 dpo --model "$OUT/sft" --data "$OUT/pairs" --out "$OUT/dpo" --max-steps "$DPO_STEPS" --batch-size 16 \
-  --lr 5e-5 --nll-coef 1 --warmup-steps 10 --eval-every 50 --device cpu --save-every 0 --no-progress
+  --lr 1e-4 --nll-coef 1 --warmup-steps 10 --eval-every 50 --device cpu --save-every 0 --no-progress
 evaluate dpo "$OUT/dpo"
 
-echo "== 6/7 a reward model on the same pairs ($REWARD_STEPS steps)"
+echo "== 6/7 a reward model on the same pairs ($REWARD_STEPS steps), scoring an answer by its likelihood"
+# --score likelihood: the fine-tuned model's own log-probs already rank most held-out pairs right; a scalar head
+# on the last token starts from nothing and, on this many pairs, learns to judge sums slowly (docs/rlhf.md).
 gpt2 reward --model "$OUT/sft" --data "$OUT/pairs" --out "$OUT/reward" --max-steps "$REWARD_STEPS" --batch-size 16 \
-  --lr 3e-4 --eval-every 200 --device cpu --save-every 0 --no-progress
+  --lr 1e-4 --score likelihood --eval-every 100 --device cpu --save-every 0 --no-progress
 
 echo "== 7/7 PPO against the reward model ($PPO_STEPS iterations)"
 gpt2 ppo --model "$OUT/sft" --reward-model "$OUT/reward" --prompts "$OUT/pairs/prompts.txt" --out "$OUT/ppo" \
-  --max-steps "$PPO_STEPS" --batch-size 32 --minibatch-size 16 --max-new-tokens 6 --lr 2e-5 --kl-coef 0.1 \
+  --max-steps "$PPO_STEPS" --batch-size 32 --minibatch-size 16 --max-new-tokens 6 --lr 1e-4 --kl-coef 0.05 \
   --eval-every 20 --device cpu --save-every 0 --no-progress
 evaluate ppo "$OUT/ppo"
 
