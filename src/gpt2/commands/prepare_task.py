@@ -72,7 +72,7 @@ def prepare_task(cfg: PrepareTaskConfig) -> dict:
     task = get_task(cfg.task, cfg.source)
     records = [{"instruction": q.prompt, "input": "", "output": q.answer}
                for q in _train_questions(task, cfg.limit)]
-    examples, n_records, malformed, where = encode_records(records)
+    examples, n_records, malformed, where = encode_records(records, f"{task.name} questions")
     if not examples:  # a task's questions are all well formed: this is an empty split
         raise UserError(f"task {task.name}: no train questions to prepare")
     manifest = write_prepared(Path(cfg.out), examples, source=f"task {task.name}" + (f" ({cfg.source})" if cfg.source

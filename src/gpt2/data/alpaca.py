@@ -214,14 +214,15 @@ def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def encode_records(records: Iterable[Any]) -> tuple[list[Example], int, Counter, dict[str, list[int]]]:
+def encode_records(records: Iterable[Any], label: str = "alpaca records",
+                   ) -> tuple[list[Example], int, Counter, dict[str, list[int]]]:
     """Validate and tokenize a stream of records: (examples, records read, malformed counts by reason,
-    the first few malformed record indices per reason)."""
+    the first few malformed record indices per reason). `label` names them on the progress bar."""
     examples: list[Example] = []
     malformed: Counter = Counter()
     where: dict[str, list[int]] = {}
     n = 0
-    with tqdm(desc="alpaca records", unit=" rec") as bar:
+    with tqdm(desc=label, unit=" rec") as bar:
         for chunk in _chunks(records, 1024):
             good = []
             for record in chunk:
