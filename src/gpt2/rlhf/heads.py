@@ -107,12 +107,13 @@ def saved_score(path: Path) -> str:
     file = path / REWARD_CONFIG
     if not file.is_file():
         return "head"
+    text = file.read_text(errors="replace")
     try:
-        score = json.loads(file.read_text()).get("score")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+        score = json.loads(text).get("score")
+    except (ValueError, AttributeError):
         score = None
     if score not in SCORES:
-        raise UserError(f"{file}: expected {{\"score\": one of {', '.join(SCORES)}}}, got {file.read_text()[:80]!r}")
+        raise UserError(f"{file}: expected {{\"score\": one of {', '.join(SCORES)}}}, got {text[:80]!r}")
     return score
 
 
