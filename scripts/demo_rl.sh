@@ -68,7 +68,7 @@ gpt2 ppo --model "$OUT/sft" --reward-model "$OUT/reward" --prompts "$OUT/pairs/p
   --eval-every 20 --device cpu --save-every 0 --no-progress
 evaluate ppo "$OUT/ppo"
 
-echo "== GRPO (from $OUT/grpo.log)"
+echo "== GRPO: waiting for it to finish if it has not (its steps so far: $(cat "$OUT/grpo/metrics.jsonl" 2>/dev/null | grep -c '"kind": "train"' || true) of $GRPO_STEPS; tail -f $OUT/grpo.log to follow)"
 if ! wait "$grpo"; then
   cat "$OUT/grpo.log" >&2
   echo "demo-rl: GRPO failed (its log is above)" >&2

@@ -1,7 +1,8 @@
 """The training commands themselves under `torchrun` with 2 gloo ranks: `gpt2 pretrain`, `gpt2 finetune` and
-`gpt2 dpo`, each with DDP and FSDP, with and without activation checkpointing, in fp32 and fp16 (loss scaling),
-with AdamW and Muon (not with FSDP, which refuses it). Every run's per-step losses equal one process's
-that takes the same global batch as accumulated micro batches.
+`gpt2 dpo` (plain and with its NLL term), each with DDP and FSDP, with and without activation checkpointing, in
+fp32 and fp16 (loss scaling), with AdamW and Muon (not with FSDP, which refuses it); and `gpt2 reward --score
+likelihood` (its whole LM trained) under DDP. Every run's per-step losses equal one process's that takes the same
+global batch as accumulated micro batches.
 
 Each case is one real `torchrun ... -m gpt2 COMMAND` (the path a user runs, defaults included: the fused loss
 on a CPU) against `gpt2 COMMAND` in this process. The combinations are spread over the cases rather than run as
@@ -62,11 +63,21 @@ def test_finetune(case, tmp_path, tokenizer_ok):
     same_run(tmp_path / "one", tmp_path / "two", case[1], 4)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=case_id)
-def test_dpo(case, tmp_path, shared_data, tokenizer_ok):
+@pytest.mark.parametrize(("case", "extra"), [(CASES[0], []), (CASES[3], ["--nll-coef", "1"])],
+                         ids=lambda v: case_id(v) if isinstance(v, tuple) else " ".join(v) or "plain")
+def test_dpo(case, extra, tmp_path, shared_data, tokenizer_ok):
     data, sft = pair_stage_inputs(tmp_path, shared_data, n=8, n_train=6)
     common = ["dpo", "--model", str(sft), "--data", str(data), "--lr", "1e-3", "--warmup-steps", "0",
-              "--max-steps", "3", "--batch-size", "1", *flags(*case)]
+              "--max-steps", "3", "--batch-size", "1", *extra, *flags(*case)]
     main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
     torchrun([*common, "--grad-accum", "1", "--out", str(tmp_path / "two")], tmp_path)
     same_run(tmp_path / "one", tmp_path / "two", case[1], 3)
+
+
+def test_reward_with_the_likelihood_score(tmp_path, shared_data, tokenizer_ok):
+    data, sft = pair_stage_inputs(tmp_path, shared_data, n=8, n_train=6)
+    common = ["reward", "--model", str(sft), "--data", str(data), "--lr", "1e-3", "--warmup-steps", "0",
+              "--max-steps", "3", "--batch-size", "1", "--score", "likelihood", *flags(*CASES[0])]
+    main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
+    torchrun([*common, "--grad-accum", "1", "--out", str(tmp_path / "two")], tmp_path)
+    same_run(tmp_path / "one", tmp_path / "two", CASES[0][1], 3)
