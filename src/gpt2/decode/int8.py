@@ -8,7 +8,7 @@ below, so attention, the LayerNorms, the KV cache and the masks are the model's 
 Design decisions (the measurements behind them: docs/int8.md):
 - **fbgemm's dynamic int8 linear** (`torch.ao.nn.quantized.dynamic.Linear`, PyTorch's x86 quantized engine)
   multiplies 8-bit activations by 8-bit weights in integer arithmetic, which needs AVX2 and nothing more. The
-  alternatives measured slower than fp32 on an AVX2-only CPU: torchao's int8 configs run its integer matmul or a
+  alternatives measured slower than fp32 on an AVX2-only CPU: torchao's int8 configs run an integer matmul or a
   dequantised copy of the weight eagerly, and compiled, its dynamic-activation config lowers to oneDNN's int8
   linear, which has no fast signed-activation kernel without VNNI; inductor's int8 weight-only GEMM template
   is matched for bfloat16 activations only. `torch.ao.quantization` is deprecated in favour of torchao, whose
