@@ -30,7 +30,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from generate import alternate, cpu_description  # noqa: E402  (bench/generate.py)
 
-from gpt2.decode.int8 import Int8Linear, fbgemm_linear, quantize_rows  # noqa: E402
+from gpt2.decode.int8 import Int8Linear, quantize_rows  # noqa: E402
 
 IN, OUT, LAYERS = 768, 3072, 12
 COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
@@ -65,11 +65,11 @@ class FbgemmPerMatrix(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.linear = fbgemm_linear(quantize_rows(linear.weight))
+        self.packed = torch.ops.quantized.linear_prepack(quantize_rows(linear.weight), None)
         self.bias = nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.bias
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True) + self.bias  # True: reduce_range
 
 
 def fp32_linears() -> list[nn.Linear]:

@@ -6,23 +6,28 @@ class running its own forward, with each `Projection`, the token embedding and t
 below, so attention, the LayerNorms, the KV cache and the masks are the model's code unchanged.
 
 Design decisions (the measurements behind them: docs/int8.md):
-- **fbgemm's dynamic int8 linear** (`torch.ao.nn.quantized.dynamic.Linear`, PyTorch's x86 quantized engine)
-  multiplies 8-bit activations by 8-bit weights in integer arithmetic, which needs AVX2 and nothing more. The
-  alternatives measured slower than fp32 on an AVX2-only CPU: torchao's int8 configs run an integer matmul or a
-  dequantised copy of the weight eagerly, and compiled, its dynamic-activation config lowers to oneDNN's int8
-  linear, which has no fast signed-activation kernel without VNNI; inductor's int8 weight-only GEMM template
-  is matched for bfloat16 activations only. `torch.ao.quantization` is deprecated in favour of torchao, whose
-  CPU int8 kernels are not faster here; this module uses only the quantized `Linear` module and
-  `torch.quantize_per_channel`, and when a later torch drops them `quantized` fails with that error and the
-  commands say to decode with another `--weights-dtype`.
+- **fbgemm's dynamic int8 linear** (`torch.ops.quantized.linear_dynamic` on a weight packed by
+  `torch.ops.quantized.linear_prepack`: PyTorch's x86 quantized engine, the ops that
+  `torch.ao.nn.quantized.dynamic.Linear` calls, called directly to skip that module's per-call lookups) multiplies
+  8-bit activations by 8-bit weights in integer arithmetic, which needs AVX2 and nothing more. The alternatives
+  measured slower than fp32 on an AVX2-only CPU: torchao's int8 configs run an integer matmul or a dequantised copy
+  of the weight eagerly, and compiled, its dynamic-activation config lowers to oneDNN's int8 linear, which has no
+  fast signed-activation kernel without VNNI; inductor's int8 weight-only GEMM template is matched for bfloat16
+  activations only. `torch.ao.quantization` is deprecated in favour of torchao, whose CPU int8 kernels are not
+  faster here; this module uses only those two ops and `torch.quantize_per_channel` (quantized tensors are deprecated as
+  well: `quantized` silences their warning), and where a torch lacks
+  them `quantized` says so in one line (a `UserError`: decode with another `--weights-dtype`).
 - **Weights: per output channel, symmetric**, `round(w / s)` with `s = max|w| / 127` per output channel (per
   vocabulary row for the head), zero points 0. Biases stay fp32 and are added after the product.
 - **Activations: per token, a fixed range.** fbgemm quantizes its input with one scale and zero point for the
   whole matrix, which would make a row's result depend on the other rows of its batch. So each token's
-  activation vector is divided by its largest magnitude, one extra row holding +1 and -1 pins the matrix's
-  range to exactly [-1, 1], and the output rows are multiplied back: every token is quantized alone (7 bits
+  activation vector is divided by its largest magnitude, two extra columns holding +1 and -1 (multiplied by two
+  zero columns of the weight, so they add nothing) pin the matrix's range to exactly [-1, 1], and the output rows
+  are multiplied back: every token is quantized alone (7 bits
   over its own range: the engine keeps `reduce_range`, which avoids 16-bit saturation on CPUs without VNNI),
-  so a prompt's tokens are the same alone, in a batch and in the server, as in fp32 decoding.
+  so a prompt's tokens are the same alone, in a batch and in the server, as in fp32 decoding. (Columns, not
+  an extra row: at one token, fbgemm's product of one row is much faster than of two, and the integer sums are
+  the same.)
 - **The head and the token embedding are 8-bit too**, from one quantized (vocab_size, C) matrix: the head is
   a `Int8Linear` over it (its padding rows dropped), the embedding looks rows up in a plain int8 copy of it
   (fbgemm's packed layout cannot be indexed) and scales them. Position embeddings, LayerNorms and biases are
@@ -42,6 +47,7 @@ from gpt2.model import GPT, Projection
 
 WEIGHTS_DTYPES = ("float32", "bfloat16", "float16", "int8")
 _TINY = 1e-12  # a token whose activations are all zero divides by this instead of by zero
+PIN_COLUMNS = 2  # the activations' extra columns, +1 and -1, that fix their range (see above)
 
 
 def quantize_rows(w: torch.Tensor) -> torch.Tensor:
@@ -52,14 +58,12 @@ def quantize_rows(w: torch.Tensor) -> torch.Tensor:
     return torch.quantize_per_channel(w, scale.double(), torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
 
 
-def fbgemm_linear(qweight: torch.Tensor) -> nn.Module:
-    """fbgemm's dynamic int8 linear holding `qweight` (qint8 (out, in)), without bias."""
-    from torch.ao.nn.quantized.dynamic import Linear  # imported when used: the import warns it is deprecated
-
-    linear = Linear(1, 1, bias_=False, dtype=torch.qint8)  # made 1 x 1: its constructor packs a placeholder
-    linear.set_weight_bias(qweight, None)
-    linear.out_features, linear.in_features = qweight.shape
-    return linear
+def pin_columns(qweight: torch.Tensor) -> torch.Tensor:
+    """`qweight` (out, in) with `PIN_COLUMNS` zero columns appended, same scales: the columns that the pinned
+    activations multiply (see the module docstring)."""
+    padded = torch.cat([qweight.dequantize(), torch.zeros(qweight.size(0), PIN_COLUMNS)], 1)
+    return torch.quantize_per_channel(padded, qweight.q_per_channel_scales(), qweight.q_per_channel_zero_points(),
+                                      0, torch.qint8)
 
 
 class Int8Linear(nn.Module):
@@ -67,21 +71,21 @@ class Int8Linear(nn.Module):
 
     def __init__(self, qweight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.linear = fbgemm_linear(qweight)
+        self.out_features, self.in_features = qweight.shape
+        # fbgemm's packed weight (its dynamic linear's own op, as `torch.ao.nn.quantized.dynamic.Linear` calls
+        # it, without that module's per-call attribute lookups)
+        self.packed = torch.ops.quantized.linear_prepack(pin_columns(qweight), None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        pin = torch.zeros(1, qweight.size(1))
-        pin[0, 0], pin[0, 1] = 1.0, -1.0  # fixes the matrix's range at [-1, 1] (see the module docstring)
-        self.register_buffer("pin", pin)
+        self.register_buffer("pin", torch.tensor([[1.0, -1.0]]))  # (1, PIN_COLUMNS): the range's two ends
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1)).float()  # (N, in)
-        # few operations: at one row, each costs about as much as a tenth of the product itself
-        amax = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True).clamp_(min=_TINY)  # (N, 1)
-        pinned = torch.cat([flat, self.pin])  # (N + 1, in)
-        pinned[:-1].div_(amax)
-        y = self.linear(pinned)[:-1]  # (N, out)
+        flat = x.reshape(-1, self.in_features)  # (N, in), float32
+        # few operations, each chosen for speed at a few rows: at one row, each costs about a tenth of the product
+        amax = flat.abs().amax(1, keepdim=True).clamp_(min=_TINY)  # (N, 1)
+        pinned = torch.cat([flat / amax, self.pin.expand(flat.size(0), PIN_COLUMNS)], 1)  # (N, in + 2)
+        y = torch.ops.quantized.linear_dynamic(pinned, self.packed, True)  # (N, out); True: reduce_range
         y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
-        return y.view(*x.shape[:-1], y.size(-1)).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class Int8Embedding(nn.Module):
@@ -103,13 +107,14 @@ def quantized(model: GPT) -> GPT:
         raise UserError(f"--weights-dtype int8 decodes on a CPU only (the model is on "
                         f"{model.lm_head.weight.device.type}); use bfloat16 or float16 there")
     engines = torch.backends.quantized.supported_engines
-    if not {"fbgemm", "x86"} & set(engines) or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+    ops = all(hasattr(torch.ops.quantized, op) for op in ("linear_prepack", "linear_dynamic"))
+    if not ops or not {"fbgemm", "x86"} & set(engines) or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         raise UserError("--weights-dtype int8 needs PyTorch's x86 int8 engine (fbgemm) and a CPU with AVX2, which "
                         "this build or CPU lacks; decode with --weights-dtype float32")
     config = model.config
     with torch.device("meta"):
         out = GPT(config).eval()
-    with warnings.catch_warnings():  # torch.ao.quantization's deprecation: see the module docstring
+    with warnings.catch_warnings():  # quantized tensors' deprecation (see the module docstring)
         warnings.simplefilter("ignore")
         for name, module in model.named_modules():
             if isinstance(module, Projection):
