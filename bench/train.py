@@ -28,6 +28,14 @@ AdamW's final val loss (goal: within two thirds of the steps) and the ratio of t
 at most 1.3x).
 
     python bench/train.py --compare-muon [--steps 300] [--adamw-lrs 2e-3 4e-3] [--muon-lrs 0.02 0.04]
+
+Precision (`--compare-dtypes`): the same `gpt2 pretrain` run on tinyshakespeare in plain float32 and in bfloat16
+autocast, same seed and data: both val-loss curves, the final val loss's relative difference (goal: within 1%, the
+tolerance under which `--dtype auto` trains in bf16 on CPUs with native bf16; the largest gap along the curve is
+printed too: where the loss falls fastest, a step's lag is a large relative gap) and the ratio of their times per
+step (on a CPU with native bf16 the speed-up; elsewhere bf16 is emulated and slower).
+
+    python bench/train.py --compare-dtypes [--steps 300]
 """
 
 from __future__ import annotations
@@ -235,6 +243,29 @@ def compare_muon(text_path: Path, steps: int, workdir: Path, adamw_lrs: list[flo
           f"(goal: <= {2 * steps // 3}); time per step Muon / AdamW {m_step / a_step:.2f}x (goal: <= 1.3x)")
 
 
+def compare_dtypes(text_path: Path, steps: int, workdir: Path) -> None:
+    """float32 against bfloat16 autocast, the same `gpt2 pretrain` run otherwise (see the module docstring)."""
+    from dataclasses import replace
+
+    from gpt2.precision import cpu_has_native_bf16
+
+    _, _, base = shakespeare(text_path, workdir, steps, eval_every=50)
+    print(f"bench/train.py --compare-dtypes: CPU {cpu_name()} (native bf16: {cpu_has_native_bf16()}), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; tinyshakespeare, {base.n_layer} layers x "
+          f"{base.n_embd} wide, context {base.seq_len}, {base.global_batch:,} tokens/step, {steps} steps", flush=True)
+    (f_curve, f_step), (b_curve, b_step) = (run_curve(replace(base, out=str(workdir / d), dtype=d))
+                                            for d in ("float32", "bfloat16"))
+    print(f"{'step':>6} {'float32':>9} {'bfloat16':>9} {'relative':>9}")
+    for step in sorted(f_curve):
+        print(f"{step:>6} {f_curve[step]:>9.4f} {b_curve[step]:>9.4f} {b_curve[step] / f_curve[step] - 1:>+9.2%}")
+    final = b_curve[steps] / f_curve[steps] - 1
+    worst = max(f_curve, key=lambda s: abs(b_curve[s] / f_curve[s] - 1))
+    print(f"final val loss: bfloat16 {final:+.2%} against float32 ({'within' if abs(final) <= 0.01 else 'outside'} "
+          f"the 1% tolerance; largest gap {b_curve[worst] / f_curve[worst] - 1:+.2%} at step {worst}); time per step "
+          f"float32 {f_step * 1000:.0f} ms, bfloat16 {b_step * 1000:.0f} ms: bf16 runs {f_step / b_step:.2f}x "
+          "float32's speed")
+
+
 def compare_nanogpt(text_path: Path, steps: int, workdir: Path) -> None:
     from gpt2.commands.pretrain import run
     from gpt2.data.loader import ShardLoader
@@ -303,26 +334,33 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of baseline and ours (cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="our autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+                   help="our autocast dtype (auto: what `gpt2 pretrain --dtype auto` picks: bfloat16 on CUDA and "
+                   "on a CPU with native bf16, else float32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our training forward (default: on for CUDA, off on CPU)")
     p.add_argument("--compare-nanogpt", action="store_true", help="val-loss curves of gpt2 pretrain vs a "
                    "nanoGPT-style random-window trainer on tinyshakespeare, same model/optimizer/steps")
     p.add_argument("--compare-muon", action="store_true", help="val-loss curves of --optimizer muon vs adamw on "
                    "tinyshakespeare, each with its LR swept: the step at which Muon reaches AdamW's final loss")
+    p.add_argument("--compare-dtypes", action="store_true", help="val-loss curves and time per step of gpt2 "
+                   "pretrain in float32 vs bfloat16 autocast on tinyshakespeare, same run otherwise")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[2e-3, 4e-3], help="--compare-muon: "
                    "AdamW's peak LRs to sweep")
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.02, 0.04], help="--compare-muon: Muon's "
                    "peak LRs to sweep")
     p.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data" /
-                   "tinyshakespeare.txt", help="corpus for --compare-nanogpt (default: "
-                   "../shared/data/tinyshakespeare.txt)")
+                   "tinyshakespeare.txt", help="corpus for --compare-nanogpt, --compare-muon and --compare-dtypes "
+                   "(default: ../shared/data/tinyshakespeare.txt)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare_nanogpt:
         with tempfile.TemporaryDirectory() as tmp:
             compare_nanogpt(args.text, args.steps or 300, Path(tmp))
+        return
+    if args.compare_dtypes:
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_dtypes(args.text, args.steps or 300, Path(tmp))
         return
     if args.compare_muon:
         with tempfile.TemporaryDirectory() as tmp:

@@ -64,7 +64,7 @@ def train_and_measure(rank: int, world: int, out: str, parallel: str, stop_at: i
         trainer.close()
 
 
-def spawn(out: Path, parallel: str, stop_at: int | None = None, resume: bool = False, dtype: str = "auto") -> None:
+def spawn(out: Path, parallel: str, stop_at: int | None = None, resume: bool = False, dtype: str = "float32") -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(out), parallel, stop_at, resume, dtype), nprocs=2, join=True)
 
 

@@ -69,8 +69,11 @@ def make_model(seed=0, **overrides) -> GPT:
 
 
 def cfg_for(out: Path, **kw) -> TrainConfig:
+    """The loop's tests run in float32 unless they say otherwise: their claims (accumulation, DDP and FSDP equal
+    one process, to 1e-5) are about the loop's arithmetic, and `--dtype auto` trains in bfloat16 on a CPU with
+    native bf16 (tests/test_cpu_bf16.py), whose rounding would blur them on such a machine."""
     base = dict(out=str(out), max_steps=6, lr=3e-3, warmup_steps=2, eval_every=0, save_every=0, device="cpu",
-                compile=False, progress=False)
+                compile=False, progress=False, dtype="float32")
     return TrainConfig(**{**base, **kw})
 
 

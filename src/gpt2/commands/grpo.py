@@ -87,7 +87,7 @@ def run(cfg: GRPOConfig) -> GPT:
         prompt_ids(policy, evals, hp.max_new_tokens)  # refused now rather than at the first evaluation
         grpo = GRPOTask(policy, reference, task, train_questions, prompts, evals, hp, cfg.prompts_per_step,
                         seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=device,
-                        amp=autocast_dtype(cfg.dtype, device))
+                        amp=autocast_dtype(cfg.dtype, device, training=True))
         if dist.is_main:
             print(f"{cfg.task}: {len(train_questions)} training questions ({len(evals)} for evaluation); "
                   f"{cfg.max_steps} steps of {cfg.prompts_per_step} questions x {cfg.samples_per_prompt} answers of "

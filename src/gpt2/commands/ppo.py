@@ -106,7 +106,7 @@ def run(cfg: PPOConfig) -> ActorCritic:
         hp = PPOHyper(**{f.name: getattr(cfg, f.name) for f in fields(PPOHyper)})
         task = PPOTask(actor, reference, scorer, train_prompts, eval_prompts, hp, cfg.batch_size,
                        seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=device,
-                       amp=autocast_dtype(cfg.dtype, device))
+                       amp=autocast_dtype(cfg.dtype, device, training=True))
         if dist.is_main:
             print(f"{len(train_prompts)} prompts ({len(eval_prompts)} for evaluation); {cfg.max_steps} iterations "
                   f"of {cfg.batch_size * dist.world_size} rollouts", flush=True)

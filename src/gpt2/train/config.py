@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from gpt2.config import ANNOUNCE, APPLY, SESSION, arg, check_values
 from gpt2.errors import UserError, note
 from gpt2.io import not_a_folder
-from gpt2.precision import AUTOCAST_HELP, TRAIN_DTYPES
+from gpt2.precision import TRAIN_AUTOCAST_HELP, TRAIN_DTYPES
 from gpt2.train.trackers import DEFAULT_WANDB_PROJECT, EXTRA, check_trackers
 
 
@@ -63,7 +63,7 @@ class TrainConfig:
                                            "the longest time one process works alone (its first compiled step, "
                                            "rank 0 finishing a checkpoint write); default: torch's (10 with NCCL, "
                                            "30 with gloo)", on_resume=APPLY)
-    dtype: str = arg("auto", AUTOCAST_HELP + "; float16 trains with dynamic loss scaling",
+    dtype: str = arg("auto", TRAIN_AUTOCAST_HELP + "; float16 trains with dynamic loss scaling",
                      choices=TRAIN_DTYPES, on_resume=APPLY)
     compile: bool | None = arg(None, "torch.compile the training forward (default: on for CUDA, off on CPU)",
                                on_resume=APPLY)

@@ -206,7 +206,10 @@ class Trainer:
         model.to(self.device)
         if cfg.activation_checkpointing:
             checkpoint_activations(model)
-        self.amp = autocast_dtype(cfg.dtype, self.device)
+        self.amp = autocast_dtype(cfg.dtype, self.device, training=True)
+        if cfg.dtype == "auto" and self.device.type == "cpu" and self.amp is not None:
+            self._say("note: --dtype auto trains in bfloat16 autocast on this CPU (it has native bf16); "
+                      "--dtype float32 trains in plain float32")
         self.sharded = cfg.parallel == "fsdp" and dist.is_distributed
         if cfg.parallel == "fsdp" and not dist.is_distributed:
             self._say("note: --parallel fsdp shards over the processes of torchrun; one process trains unsharded")
