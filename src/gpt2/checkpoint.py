@@ -72,13 +72,6 @@ def restore_rng_state(state: dict[str, Any], device: torch.device | None = None)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# `--dtype` of the commands that load a model for inference: the weights' dtype
-WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# --weights-dtype of the commands that load a model to decode with (chat, serve, cache build): the weights
-# themselves are cast, unlike training's --dtype (autocast over fp32 weights); --dtype stays its alias there.
-WEIGHTS_DTYPE_HELP = "dtype the weights are loaded in, and so the dtype decoding computes in"
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, reads_text: str | None = None):
     """A `GPT` from a training run directory (its `model/` export), a `checkpoint.pt` file, a Hugging Face
