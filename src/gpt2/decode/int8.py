@@ -14,20 +14,19 @@ Design decisions (the measurements behind them: docs/int8.md):
   of the weight eagerly, and compiled, its dynamic-activation config lowers to oneDNN's int8 linear, which has no
   fast signed-activation kernel without VNNI; inductor's int8 weight-only GEMM template is matched for bfloat16
   activations only. `torch.ao.quantization` is deprecated in favour of torchao, whose CPU int8 kernels are not
-  faster here; this module uses only those two ops and `torch.quantize_per_channel` (quantized tensors are deprecated as
-  well: `quantized` silences their warning), and where a torch lacks
-  them `quantized` says so in one line (a `UserError`: decode with another `--weights-dtype`).
+  faster here; this module uses only those two ops and `torch.quantize_per_channel` (quantized tensors are
+  deprecated as well: `quantized` silences their warning), and where a torch lacks them `quantized` says so in one
+  line (a `UserError`: decode with another `--weights-dtype`).
 - **Weights: per output channel, symmetric**, `round(w / s)` with `s = max|w| / 127` per output channel (per
   vocabulary row for the head), zero points 0. Biases stay fp32 and are added after the product.
-- **Activations: per token, a fixed range.** fbgemm quantizes its input with one scale and zero point for the
-  whole matrix, which would make a row's result depend on the other rows of its batch. So each token's
-  activation vector is divided by its largest magnitude, two extra columns holding +1 and -1 (multiplied by two
-  zero columns of the weight, so they add nothing) pin the matrix's range to exactly [-1, 1], and the output rows
-  are multiplied back: every token is quantized alone (7 bits
-  over its own range: the engine keeps `reduce_range`, which avoids 16-bit saturation on CPUs without VNNI),
-  so a prompt's tokens are the same alone, in a batch and in the server, as in fp32 decoding. (Columns, not
-  an extra row: at one token, fbgemm's product of one row is much faster than of two, and the integer sums are
-  the same.)
+- **Activations: per token, a fixed range.** fbgemm quantizes its input with one scale and zero point for the whole
+  matrix, which would make a row's result depend on the other rows of its batch. So each token's activation vector
+  is divided by its largest magnitude, two extra columns holding +1 and -1 (multiplied by two zero columns of the
+  weight, so they add nothing) pin the matrix's range to exactly [-1, 1], and the output rows are multiplied back:
+  every token is quantized alone (7 bits over its own range: the engine keeps `reduce_range`, which avoids 16-bit
+  saturation on CPUs without VNNI), so a prompt's tokens are the same alone, in a batch and in the server, as in
+  fp32 decoding. (Columns, not an extra row: at one token, fbgemm's product of one row is much faster than of two,
+  and the integer sums are the same.)
 - **The head and the token embedding are 8-bit too**, from one quantized (vocab_size, C) matrix: the head is
   a `Int8Linear` over it (its padding rows dropped), the embedding looks rows up in a plain int8 copy of it
   (fbgemm's packed layout cannot be indexed) and scales them. Position embeddings, LayerNorms and biases are
@@ -80,7 +79,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (N, in), float32
-        # few operations, each chosen for speed at a few rows: at one row, each costs about a tenth of the product
+        # few operations, each chosen for speed at a few rows: at one row they are a visible share of the product
         amax = flat.abs().amax(1, keepdim=True).clamp_(min=_TINY)  # (N, 1)
         pinned = torch.cat([flat / amax, self.pin.expand(flat.size(0), PIN_COLUMNS)], 1)  # (N, in + 2)
         y = torch.ops.quantized.linear_dynamic(pinned, self.packed, True)  # (N, out); True: reduce_range
