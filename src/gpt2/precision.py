@@ -25,7 +25,7 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), from Linux's `cpuinfo` flags; False
     where the file is absent or unreadable (other systems: float32 stays the safe choice)."""
     try:
-        lines = cpuinfo.read_text().splitlines()
+        lines = cpuinfo.read_text(errors="replace").splitlines()
     except OSError:
         return False
     flags = {flag for line in lines if line.startswith("flags") for flag in line.partition(":")[2].split()}
