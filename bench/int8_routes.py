@@ -98,7 +98,7 @@ def linear_routes(compiled: bool) -> dict[str, Callable[[torch.Tensor], object]]
         "fp32 eager (x @ W)": Stack([MatmulIn(lin) for lin in base]).eval(),
         "int8 fbgemm, per-matrix range": Stack([FbgemmPerMatrix(lin) for lin in base]).eval(),
         "int8 fbgemm, per-token range (ours)":
-            Stack([Int8Linear(quantize_rows(lin.weight), lin.bias) for lin in base]).eval(),
+            Stack([Int8Linear(lin.weight, lin.bias) for lin in base]).eval(),
     }
     makers: dict[str, Callable[[], nn.Module]] = {
         "torchao int8 dyn-act eager": lambda: torchao_stack("Int8DynamicActivationInt8WeightConfig"),

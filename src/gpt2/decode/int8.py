@@ -27,9 +27,9 @@ Design decisions (the measurements behind them: docs/int8.md):
   saturation on CPUs without VNNI), so a prompt's tokens are the same alone, in a batch and in the server, as in
   fp32 decoding. (Columns, not an extra row: at one token, fbgemm's product of one row is much faster than of two,
   and the integer sums are the same.)
-- **The head and the token embedding are 8-bit too**, from one quantized (vocab_size, C) matrix: the head is
-  a `Int8Linear` over it (its padding rows dropped), the embedding looks rows up in a plain int8 copy of it
-  (fbgemm's packed layout cannot be indexed) and scales them. Position embeddings, LayerNorms and biases are
+- **The head and the token embedding are 8-bit too**, with the same per-row codes of the tied (vocab_size, C)
+  matrix (its padding rows dropped): the head is an `Int8Linear` over it, the embedding looks rows up in a plain
+  int8 copy (fbgemm's packed layout cannot be indexed) and scales them. Position embeddings, LayerNorms and biases are
   small and stay fp32.
 """
 
@@ -49,31 +49,26 @@ _TINY = 1e-12  # a token whose activations are all zero divides by this instead 
 PIN_COLUMNS = 2  # the activations' extra columns, +1 and -1, that fix their range (see above)
 
 
-def quantize_rows(w: torch.Tensor) -> torch.Tensor:
+def quantize_rows(w: torch.Tensor, pad: int = 0) -> torch.Tensor:
     """`w` (out, in) as a qint8 tensor quantized per row (output channel), symmetric: round(w / s) with
-    s = max|w| / 127 per row, zero points 0."""
+    s = max|w| / 127 per row, zero points 0; with `pad`, that many zero columns appended (the scales are `w`'s),
+    made before quantizing so that no float copy of the quantized matrix is needed."""
     w = w.detach().float()
-    scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=_TINY).div_(127)  # (out,)
+    scale = w.abs().amax(1).clamp_(min=_TINY).div_(127)  # (out,)
+    if pad:
+        w = torch.cat([w, w.new_zeros(w.size(0), pad)], 1)
     return torch.quantize_per_channel(w, scale.double(), torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
-
-
-def pin_columns(qweight: torch.Tensor) -> torch.Tensor:
-    """`qweight` (out, in) with `PIN_COLUMNS` zero columns appended, same scales: the columns that the pinned
-    activations multiply (see the module docstring)."""
-    padded = torch.cat([qweight.dequantize(), torch.zeros(qweight.size(0), PIN_COLUMNS)], 1)
-    return torch.quantize_per_channel(padded, qweight.q_per_channel_scales(), qweight.q_per_channel_zero_points(),
-                                      0, torch.qint8)
 
 
 class Int8Linear(nn.Module):
     """`x @ W.T + b` (W (out, in)) with W in int8 and each token's activations quantized on their own range."""
 
-    def __init__(self, qweight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.out_features, self.in_features = qweight.shape
+        self.out_features, self.in_features = weight.shape  # weight: (out, in), float
         # fbgemm's packed weight (its dynamic linear's own op, as `torch.ao.nn.quantized.dynamic.Linear` calls
-        # it, without that module's per-call attribute lookups)
-        self.packed = torch.ops.quantized.linear_prepack(pin_columns(qweight), None)
+        # it, without that module's per-call attribute lookups), with the zero columns the pin multiplies
+        self.packed = torch.ops.quantized.linear_prepack(quantize_rows(weight, pad=PIN_COLUMNS), None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("pin", torch.tensor([[1.0, -1.0]]))  # (1, PIN_COLUMNS): the range's two ends
 
@@ -117,11 +112,11 @@ def quantized(model: GPT) -> GPT:
         warnings.simplefilter("ignore")
         for name, module in model.named_modules():
             if isinstance(module, Projection):
-                out.set_submodule(name, Int8Linear(quantize_rows(module.weight.t()), module.bias))  # (in, out)
+                out.set_submodule(name, Int8Linear(module.weight.t(), module.bias))  # weight stored (in, out)
             elif isinstance(module, (nn.LayerNorm, nn.Embedding)) and module is not model.transformer.wte:
                 out.set_submodule(name, copy.deepcopy(module).float())  # position embeddings, LayerNorms
-        head = quantize_rows(model.transformer.wte.weight[: config.vocab_size])
-        out.transformer.wte = Int8Embedding(head)
+        head = model.transformer.wte.weight[: config.vocab_size]  # the same codes in both: padding adds columns
+        out.transformer.wte = Int8Embedding(quantize_rows(head))
         out.lm_head = Int8Linear(head, None)
     left = [k for k, v in [*out.named_parameters(), *out.named_buffers()] if v.is_meta]  # (state_dict() would
     # unpack every fbgemm weight)
