@@ -29,6 +29,7 @@ from gpt2.checkpoint import load_model  # noqa: E402
 from gpt2.data.loader import ShardLoader  # noqa: E402
 from gpt2.decode import Decoder  # noqa: E402
 from gpt2.decode.int8 import quantized  # noqa: E402
+from gpt2.errors import UserError  # noqa: E402
 from gpt2.inference import generate, pad_right  # noqa: E402
 from gpt2.template import format_prompt  # noqa: E402
 from gpt2.tokenizer import EOT, decode, encode  # noqa: E402
@@ -130,4 +131,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad --model, --data or --answers: one line, as the commands say it
+        print(f"bench/int8_quality.py: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -35,7 +35,7 @@ tolerance under which `--dtype auto` trains in bf16 on CPUs with native bf16; th
 printed too: where the loss falls fastest, a step's lag is a large relative gap) and the ratio of their times per
 step (on a CPU with native bf16 the speed-up; elsewhere bf16 is emulated and slower).
 
-    python bench/train.py --compare-dtypes [--steps 300]
+    python bench/train.py --compare-dtypes [--steps 300] [--val-tokens N]
 """
 
 from __future__ import annotations
@@ -243,13 +243,15 @@ def compare_muon(text_path: Path, steps: int, workdir: Path, adamw_lrs: list[flo
           f"(goal: <= {2 * steps // 3}); time per step Muon / AdamW {m_step / a_step:.2f}x (goal: <= 1.3x)")
 
 
-def compare_dtypes(text_path: Path, steps: int, workdir: Path) -> None:
-    """float32 against bfloat16 autocast, the same `gpt2 pretrain` run otherwise (see the module docstring)."""
+def compare_dtypes(text_path: Path, steps: int, workdir: Path, val_tokens: int | None) -> None:
+    """float32 against bfloat16 autocast, the same `gpt2 pretrain` run otherwise (see the module docstring), each
+    evaluated on `val_tokens` of the validation split (None: all of it)."""
     from dataclasses import replace
 
     from gpt2.precision import cpu_has_native_bf16
 
     _, _, base = shakespeare(text_path, workdir, steps, eval_every=50)
+    base = replace(base, val_tokens=val_tokens or base.val_tokens)
     print(f"bench/train.py --compare-dtypes: CPU {cpu_name()} (native bf16: {cpu_has_native_bf16()}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; tinyshakespeare, {base.n_layer} layers x "
           f"{base.n_embd} wide, context {base.seq_len}, {base.global_batch:,} tokens/step, {steps} steps", flush=True)
@@ -326,11 +328,22 @@ def write_random_shards(workdir: Path, vocab: int, n_tokens: int) -> tuple[Path,
     return data, tokens
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number above zero")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: tiny preset vs baseline; "
                    "cuda: 124M preset tokens/s and MFU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 8 cpu, 20 cuda)")
+    p.add_argument("--steps", type=positive, default=None, help="timed steps per round (default: 8 cpu, 20 cuda)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of baseline and ours (cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -344,6 +357,8 @@ def main() -> None:
                    "tinyshakespeare, each with its LR swept: the step at which Muon reaches AdamW's final loss")
     p.add_argument("--compare-dtypes", action="store_true", help="val-loss curves and time per step of gpt2 "
                    "pretrain in float32 vs bfloat16 autocast on tinyshakespeare, same run otherwise")
+    p.add_argument("--val-tokens", type=positive, default=None, help="--compare-dtypes: validation tokens per "
+                   "evaluation (default: the whole validation split)")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[2e-3, 4e-3], help="--compare-muon: "
                    "AdamW's peak LRs to sweep")
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.02, 0.04], help="--compare-muon: Muon's "
@@ -360,7 +375,7 @@ def main() -> None:
         return
     if args.compare_dtypes:
         with tempfile.TemporaryDirectory() as tmp:
-            compare_dtypes(args.text, args.steps or 300, Path(tmp))
+            compare_dtypes(args.text, args.steps or 300, Path(tmp), args.val_tokens)
         return
     if args.compare_muon:
         with tempfile.TemporaryDirectory() as tmp:

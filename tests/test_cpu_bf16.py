@@ -48,11 +48,49 @@ def test_pretrain_auto_says_when_it_trains_in_bf16(shards, tmp_path, capsys):  #
 
 def test_pretrain_bfloat16_on_a_cpu_is_close_to_float32(shards, tmp_path):  # noqa: F811
     """bf16 autocast rounds the matmuls' inputs to 8 bits of mantissa (relative 2**-9 each) over fp32 master
-    weights: on this tiny model four steps' losses stay within 0.1% of fp32's (measured on a Zen 3, where bf16
-    is emulated: 1.4e-5 relative at most), far from the gap a wrong dtype path would open."""
+    weights: on this tiny model four steps' losses stay within 0.1% of fp32's with a wide margin (emulated or
+    native bf16 round alike), far from the gap a wrong dtype path would open."""
     pretrain(shards, tmp_path / "fp32", "--dtype", "float32")
     pretrain(shards, tmp_path / "bf16", "--dtype", "bfloat16")
     fp32, bf16 = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
     assert len(fp32) == len(bf16) == 4
     assert bf16 == pytest.approx(fp32, rel=1e-3)
     assert bf16 != fp32  # autocast did run in bf16
+
+
+def test_bench_train_compare_dtypes_prints_both_curves_and_the_verdict(shared_data):
+    """`python bench/train.py --compare-dtypes`, as a user runs it (two steps, a short evaluation): both curves at
+    every evaluated step, each relative gap the one its two columns give, and the verdict on the final step's."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+    proc = subprocess.run([sys.executable, str(script), "--compare-dtypes", "--steps", "2", "--val-tokens", "2048",
+                           "--threads", "1", "--text", str(shared_data / "tinyshakespeare.txt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert f"(native bf16: {cpu_has_native_bf16()})" in out, out
+    rows = [(int(s), float(f), float(b), float(r)) for s, f, b, r in
+            re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)%$", out, re.MULTILINE)]
+    assert [r[0] for r in rows] == [0, 2], out
+    for _, fp32, bf16, relative in rows:
+        assert 5 < fp32 < 12 and relative == pytest.approx((bf16 / fp32 - 1) * 100, abs=0.01)
+    final = re.search(r"final val loss: bfloat16 ([+-][\d.]+)% against float32 \((within|outside) the 1% tolerance",
+                      out)
+    assert final and float(final[1]) == rows[-1][3], out
+    assert final[2] == ("within" if abs(float(final[1])) <= 1 else "outside")
+
+
+def test_bench_train_steps_must_be_positive():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+    proc = subprocess.run([sys.executable, str(script), "--compare-dtypes", "--steps", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--steps: '0': give a whole number above "
+                                                                           "zero"), proc.stderr
