@@ -116,12 +116,16 @@ def test_released_weights_leave_the_int8_copy_only(trained):
 
 def test_chat_and_generate_take_the_flag(trained, capsys):
     question, answer = QA[1]
+    quantizing = "note: quantizing the weights to int8 ("  # said before the wait, on stderr
     main(["chat", "--model", str(trained), "--prompt", question, "--temperature", "0", "--max-tokens", "16",
           "--weights-dtype", "int8", "--device", "cpu"])
-    assert capsys.readouterr().out == answer + "\n"
+    said = capsys.readouterr()
+    assert said.out == answer + "\n" and said.err.count(quantizing) == 1, said.err
     main(["generate", "--model", str(trained), "--temperature", "0", "--max-tokens", "6", "--weights-dtype", "int8",
           "--device", "cpu", "Red is"])
-    out = capsys.readouterr().out
+    said = capsys.readouterr()
+    out = said.out
+    assert said.err.count(quantizing) == 1, said.err
     main(["generate", "--model", str(trained), "--temperature", "0", "--max-tokens", "6", "--device", "cpu",
           "Red is"])
     assert out == capsys.readouterr().out

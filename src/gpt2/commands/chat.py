@@ -32,7 +32,7 @@ from gpt2.checkpoint import load_model
 from gpt2.commands import Command
 from gpt2.config import arg, check_sampling, check_values
 from gpt2.decode import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPE_METAVAR, Decoder, TextStream, decoder_for, load_dtype
-from gpt2.errors import UserError
+from gpt2.errors import UserError, note
 from gpt2.inference import generate_stream, pad_right
 from gpt2.model import GPT
 from gpt2.template import format_chat
@@ -174,7 +174,8 @@ def run(cfg: ChatConfig) -> list[dict]:
     # them (minutes) would pay, and an exit has to wait for a load in progress
     compile = cfg.compile if cfg.prompt is None else bool(cfg.compile)
     notes: list[str] = []  # the switch's line, printed between answers rather than inside one
-    decoder = decoder_for(model, compile, label=cfg.model, say=notes.append, weights_dtype=cfg.weights_dtype)
+    decoder = decoder_for(model, compile, label=cfg.model, say=notes.append, weights_dtype=cfg.weights_dtype,
+                          now=note)
     session = ChatSession(model, cfg, decoder=decoder, notes=notes)
     if cfg.prompt is not None:
         session.reply(cfg.prompt)

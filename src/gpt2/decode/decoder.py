@@ -23,7 +23,7 @@ import torch
 
 from gpt2.decode.compiled import BackgroundCompile, CompiledForward, head_matrix
 from gpt2.decode.compiled import load as load_compiled
-from gpt2.decode.int8 import WEIGHTS_DTYPES, quantized
+from gpt2.decode.int8 import WEIGHTS_DTYPES, check_supported, quantized
 from gpt2.decode.kv_cache import KVCache, Rows
 from gpt2.decode.sampling import TokenLogprob
 from gpt2.errors import UserError
@@ -249,13 +249,20 @@ def load_dtype(weights_dtype: str, flag: str = "--weights-dtype") -> torch.dtype
 
 
 def decoder_for(model: GPT, compile: bool | None, build: bool = True, label: str = "",
-                say: Callable[[str], None] = _silent, weights_dtype: str | None = None) -> Decoder:
+                say: Callable[[str], None] = _silent, weights_dtype: str | None = None,
+                now: Callable[[str], None] | None = None) -> Decoder:
     """The decoder a command runs on, holding the weights in `weights_dtype` (None: the model's). It decodes
     eagerly from the first token; where compiling is wanted (`wants_compile`; never for int8 weights, whose
     kernels are fbgemm's) the compiled pieces are made ready in the background (built when not cached, if
     `build`) and the decoder switches to them between two steps, taking the model's weights over
     (`release_weights`: the command uses the model only through the decoder). Nothing ever waits for the
-    compiler. `say` gets the lines a user should see (the commands pass stderr)."""
+    compiler. `say` gets the lines a user should see (the commands pass stderr); `now` (default `say`) the line
+    that announces a wait before this returns (quantizing int8 weights), which a command that defers `say`'s
+    lines must still print at once."""
+    if weights_dtype == "int8":
+        check_supported(model)  # an unsupported CPU is one line, not an announced wait and then an error
+        (now or say)(f"note: quantizing the weights to int8 ({model.num_params() / 1e6:.1f}M parameters, at "
+                     "each start; nothing is cached)")
     decoder = Decoder(model, release_weights=True, weights_dtype=weights_dtype)
     if decoder.weights_dtype == "int8":
         if compile:

@@ -94,9 +94,9 @@ class Int8Embedding(nn.Module):
         return self.q[idx].float() * self.scale[idx].unsqueeze(-1)
 
 
-def quantized(model: GPT) -> GPT:
-    """A copy of `model` (any float dtype, on the CPU) with int8 weights, computing in fp32; `model` is unchanged.
-    Raises `UserError` where this torch has no int8 engine for this CPU."""
+def check_supported(model: GPT) -> None:
+    """Raises `UserError` where `quantized(model)` cannot run: a model off the CPU, or no int8 engine for this
+    torch and CPU."""
     if model.lm_head.weight.device.type != "cpu":
         raise UserError(f"--weights-dtype int8 decodes on a CPU only (the model is on "
                         f"{model.lm_head.weight.device.type}); use bfloat16 or float16 there")
@@ -105,6 +105,12 @@ def quantized(model: GPT) -> GPT:
     if not ops or not {"fbgemm", "x86"} & set(engines) or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         raise UserError("--weights-dtype int8 needs PyTorch's x86 int8 engine (fbgemm) and a CPU with AVX2, which "
                         "this build or CPU lacks; decode with --weights-dtype float32")
+
+
+def quantized(model: GPT) -> GPT:
+    """A copy of `model` (any float dtype, on the CPU) with int8 weights, computing in fp32; `model` is unchanged.
+    Raises `UserError` where this torch has no int8 engine for this CPU (`check_supported`)."""
+    check_supported(model)
     config = model.config
     with torch.device("meta"):
         out = GPT(config).eval()
