@@ -185,8 +185,10 @@ def test_eval_val_loss_scores_the_int8_weights(trained, tmp_path, capsys):
     for dtype in ("float32", "int8"):
         main(["eval", "val-loss", "--model", str(trained), "--data", str(tmp_path), "--tokens", "256",
               "--batch-size", "2", "--seq-len", "64", "--device", "cpu", "--weights-dtype", dtype])
-        out = capsys.readouterr().out  # "val loss 1.2345 (perplexity ...) over ... tokens ..., int8 weights"
+        said = capsys.readouterr()
+        out = said.out  # "val loss 1.2345 (perplexity ...) over ... tokens ..., int8 weights"
         assert f"{dtype} weights" in out, out
+        assert ("note: quantizing the weights to int8 (" in said.err) is (dtype == "int8"), said.err
         losses[dtype] = float(out.split("val loss ")[1].split()[0])
     fp32, int8 = losses["float32"], losses["int8"]
     assert fp32 != int8 and abs(int8 / fp32 - 1) < 0.05, (fp32, int8)

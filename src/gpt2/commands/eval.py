@@ -25,9 +25,9 @@ from gpt2.commands import Command
 from gpt2.config import arg
 from gpt2.data.loader import ShardLoader, checked_batch
 from gpt2.decode import WEIGHTS_DTYPE_METAVAR, load_dtype
-from gpt2.decode.int8 import quantized
+from gpt2.decode.int8 import check_supported, quantized, quantizing_note
 from gpt2.distributed import pick_device
-from gpt2.errors import UserError
+from gpt2.errors import UserError, note
 from gpt2.evaluate import HELLASWAG_DIR, HELLASWAG_URLS, hellaswag_eval, load_hellaswag, val_loss
 from gpt2.io import write_json_atomic
 from gpt2.precision import AUTOCAST_HELP, TRAIN_DTYPES, autocast_dtype
@@ -40,7 +40,11 @@ def _prepare(model_name: str, device_name: str, dtype_name: str, reads_text: str
     `gpt2.decode.int8`), and the autocast dtype for `--dtype`."""
     device = pick_device(device_name)
     model = load_model(model_name, device, load_dtype(weights_dtype), reads_text=reads_text).eval()
-    return (quantized(model) if weights_dtype == "int8" else model), device, autocast_dtype(dtype_name, device)
+    if weights_dtype == "int8":
+        check_supported(model)
+        note(quantizing_note(model))
+        model = quantized(model)
+    return model, device, autocast_dtype(dtype_name, device)
 
 
 @dataclass

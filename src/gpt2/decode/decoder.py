@@ -23,7 +23,7 @@ import torch
 
 from gpt2.decode.compiled import BackgroundCompile, CompiledForward, head_matrix
 from gpt2.decode.compiled import load as load_compiled
-from gpt2.decode.int8 import WEIGHTS_DTYPES, check_supported, quantized
+from gpt2.decode.int8 import WEIGHTS_DTYPES, check_supported, quantized, quantizing_note
 from gpt2.decode.kv_cache import KVCache, Rows
 from gpt2.decode.sampling import TokenLogprob
 from gpt2.errors import UserError
@@ -261,8 +261,7 @@ def decoder_for(model: GPT, compile: bool | None, build: bool = True, label: str
     lines must still print at once."""
     if weights_dtype == "int8":
         check_supported(model)  # an unsupported CPU is one line, not an announced wait and then an error
-        (now or say)(f"note: quantizing the weights to int8 ({model.num_params() / 1e6:.1f}M parameters, at "
-                     "each start; nothing is cached)")
+        (now or say)(quantizing_note(model))
     decoder = Decoder(model, release_weights=True, weights_dtype=weights_dtype)
     if decoder.weights_dtype == "int8":
         if compile:

@@ -107,6 +107,12 @@ def check_supported(model: GPT) -> None:
                         "this build or CPU lacks; decode with --weights-dtype float32")
 
 
+def quantizing_note(model: GPT) -> str:
+    """The line a command says before `quantized(model)`, whose seconds grow with the model."""
+    return (f"note: quantizing the weights to int8 ({model.num_params() / 1e6:.1f}M parameters, at each start; "
+            "nothing is cached)")
+
+
 def quantized(model: GPT) -> GPT:
     """A copy of `model` (any float dtype, on the CPU) with int8 weights, computing in fp32; `model` is unchanged.
     Raises `UserError` where this torch has no int8 engine for this CPU (`check_supported`)."""
